@@ -1,0 +1,33 @@
+# Two commands for a new user: `make tune` (the main job on the embedded dataset) and
+# `make test` (the whole test suite, slow end-to-end tests included, as CI runs it).
+# Both create .venv and install the package the first time, and reuse it afterwards.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install tune pregenerate test test-fast benchmarks clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+tune: $(STAMP)
+	$(PY) launch/pregenerate.py --source embedded --strength medium --per-image 5
+
+pregenerate: $(STAMP)
+	$(PY) launch/pregenerate.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "slow or not slow" -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

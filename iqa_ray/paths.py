@@ -1,0 +1,16 @@
+"""Default locations of generated data and results (overridable by environment variables)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    """Root of pre-generated datasets: ``$IQA_RAY_DATA`` or ``~/.cache/iqa_ray/datasets``."""
+    return Path(os.environ.get("IQA_RAY_DATA", Path.home() / ".cache" / "iqa_ray" / "datasets")).expanduser()
+
+
+def default_results_dir() -> Path:
+    """Root of experiment results: ``$IQA_RAY_RESULTS`` or ``./results``."""
+    return Path(os.environ.get("IQA_RAY_RESULTS", "results")).expanduser().resolve()
