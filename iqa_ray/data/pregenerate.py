@@ -1,0 +1,699 @@
+"""Pre-generation: references -> distorted versions -> parquet shards, once, on Ray Data.
+
+Distorting images on the fly repeats the same work every epoch of every trial; the seeds'
+users split generation from training (seed 003) and so do we. A generated dataset is a folder::
+
+    <out>/<source>-<strength>-<hash>/
+        manifest.json           generating config + hash, references with licences, split,
+                                severity table, shard list, schema, git revision
+        processing_stats.json   processed, failed (with path and error), per-type counts,
+                                elapsed, images/s
+        shards/shard-00000.parquet ...   one row per image (PNG bytes + labels)
+
+How it runs. The driver lists the references and plans the work: each photo is scaled so
+its short side is at most ``max_short_side``, cut into a grid of non-overlapping
+``crop_size`` crops, and the crops are grouped into *work units* of a few crops of the same
+photo. Ray Data maps a function over the units, one block per unit, across every CPU of the
+cluster. A unit decodes its photo once, writes its own shard atomically and returns only a
+small stats row, so image bytes never travel back through the driver. Blocks are sized to
+units of real work (tens of images) because a block per single image costs more in
+scheduling than the work it holds.
+
+Two passes: a *calibration* pass distorts the centre crop of every photo at a grid of levels
+for every type and averages the full-reference label, giving the content-free ``severity``
+table; the *generation* pass then writes both labels for every image.
+
+Crash safety. Work happens in ``<out>/.partial-<name>/``. Each shard and its stats sidecar are
+written atomically, so a killed run leaves only complete shards, and a re-run with the same
+config skips the units already done. The folder is renamed to its final name only after the
+manifest is written: a folder without the ``.partial-`` prefix is always complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from iqa_ray.data import distortions as dist
+from iqa_ray.data.errors import DatasetError
+from iqa_ray.data.labels import quality_label
+from iqa_ray.data.sources import (
+    SOURCE_KINDS,
+    ReferenceInfo,
+    embedded_references,
+    folder_references,
+    hf_disk_references,
+    hf_hub_references,
+    load_reference,
+)
+from iqa_ray.data.splits import DEFAULT_FRACTIONS, assign_group_splits, validate_fractions
+from iqa_ray.utils.io import atomic_path, atomic_write_json, git_revision, stable_hash
+
+FORMAT_VERSION = 1
+LABELS = ("severity", "ssim")
+DEFAULT_LABEL = "severity"  # why: docs/DATA.md ("Which label is the default")
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image", pa.binary()),
+        ("ref_id", pa.string()),
+        ("photo", pa.string()),
+        ("group", pa.string()),
+        ("split", pa.string()),
+        ("distortion", pa.string()),
+        ("level", pa.float64()),
+        ("parameter", pa.string()),
+        ("mos_ssim", pa.float64()),
+        ("mos_severity", pa.float64()),
+        ("seed", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PregenConfig:
+    """Everything that determines a generated dataset; its hash names the output folder.
+
+    Attributes:
+        source: one of ``embedded``, ``folder``, ``hf_disk``, ``hf``.
+        source_path: folder or saved-dataset path (``folder``/``hf_disk``) or hub name (``hf``).
+        hf_split: split of a Hugging Face dataset.
+        image_column: image column of a Hugging Face dataset (default: the first image column).
+        limit: use only the first ``limit`` references (Hugging Face sources are large).
+        strength: distortion strength preset (``light``, ``medium``, ``heavy``).
+        per_image: distorted versions generated per reference crop.
+        crop_size: side of the square reference crops, in pixels.
+        max_crops_per_photo: at most this many crops per photo (evenly spread), so a huge
+            photo does not dominate the set.
+        max_short_side: photos are downscaled (never upscaled) so the short side is at most
+            this, keeping crops at a similar scale of content across sources.
+        distortions: distortion types to draw from; empty means all registered types.
+        include_references: also store each pristine crop (label 100).
+        split_fractions: train/val/test share of source photos.
+        seed: seed of the split, the distortion choice and the distortions themselves.
+        sample: fraction of crops to generate (``--sample 0.1`` for a quick run).
+        severity_levels: number of levels in the calibration grid of the severity table.
+    """
+
+    source: str = "embedded"
+    source_path: str | None = None
+    hf_split: str | None = None
+    image_column: str | None = None
+    limit: int | None = None
+    strength: str = "medium"
+    per_image: int = 5
+    crop_size: int = 160
+    max_crops_per_photo: int = 6
+    max_short_side: int = 384
+    distortions: tuple[str, ...] = ()
+    include_references: bool = True
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    seed: int = 0
+    sample: float = 1.0
+    severity_levels: int = 6
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCE_KINDS:
+            raise ValueError(f"unknown source {self.source!r}; valid: {', '.join(SOURCE_KINDS)}")
+        if self.source != "embedded" and not self.source_path:
+            raise ValueError(f"source {self.source!r} needs source_path (a folder, saved dataset or hub name)")
+        if self.strength not in dist.STRENGTH_PRESETS:
+            raise ValueError(f"unknown strength {self.strength!r}; valid: {', '.join(dist.STRENGTH_PRESETS)}")
+        if self.per_image < 1:
+            raise ValueError(f"per_image must be >= 1, got {self.per_image}")
+        if self.crop_size < 32:
+            raise ValueError(f"crop_size must be >= 32 pixels, got {self.crop_size}")
+        if self.max_crops_per_photo < 1:
+            raise ValueError(f"max_crops_per_photo must be >= 1, got {self.max_crops_per_photo}")
+        if self.max_short_side < self.crop_size:
+            raise ValueError(f"max_short_side ({self.max_short_side}) must be >= crop_size ({self.crop_size})")
+        if not 0.0 < self.sample <= 1.0:
+            raise ValueError(f"sample must be in (0, 1], got {self.sample}")
+        if self.severity_levels < 3:
+            raise ValueError(f"severity_levels must be >= 3, got {self.severity_levels}")
+        for name in self.distortions:
+            dist.get_distortion(name)  # raises, listing the valid names
+        object.__setattr__(self, "distortions", tuple(self.distortions))
+        object.__setattr__(self, "split_fractions", validate_fractions(self.split_fractions))
+
+    def distortion_names(self) -> tuple[str, ...]:
+        return self.distortions or tuple(dist.DISTORTIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CropTask:
+    """One reference crop to generate: the unit of randomness (its own seeded rng)."""
+
+    ref_index: int
+    crop_id: str
+    box: tuple[int, int, int, int]  # left, top, right, bottom in the scaled photo
+    split: str
+
+
+@dataclass
+class GeneratedDataset:
+    """Handle on a finished dataset folder."""
+
+    path: Path
+    manifest: dict[str, Any]
+    stats: dict[str, Any]
+    reused: bool = False
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.path / s["file"] for s in self.manifest["shards"]]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def list_references(config: PregenConfig) -> tuple[list[ReferenceInfo], list[dict[str, str]]]:
+    """References of the configured source, plus files that could not even be listed."""
+    if config.source == "embedded":
+        refs, failed = embedded_references(), []
+    elif config.source == "folder":
+        refs, failed = folder_references(config.source_path)
+    elif config.source == "hf_disk":
+        refs, failed = hf_disk_references(config.source_path, split=config.hf_split,
+                                          image_column=config.image_column, limit=config.limit), []
+    else:
+        refs, failed = hf_hub_references(config.source_path, split=config.hf_split or "train",
+                                         image_column=config.image_column, limit=config.limit), []
+    if config.limit is not None:
+        refs = refs[: config.limit]
+    return refs, failed
+
+
+def scaled_size(width: int, height: int, max_short_side: int) -> tuple[int, int]:
+    """Size after downscaling so the short side is at most ``max_short_side`` (never upscaled)."""
+    short = min(width, height)
+    if short <= max_short_side:
+        return width, height
+    factor = max_short_side / short
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def crop_grid(width: int, height: int, crop: int, max_crops: int) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping ``crop`` x ``crop`` boxes centred on the image, at most ``max_crops``.
+
+    When more fit, an evenly spaced subset (in raster order) is kept, so the crops still cover
+    the whole photo rather than one corner.
+    """
+    nx, ny = width // crop, height // crop
+    if nx == 0 or ny == 0:
+        return []
+    x0, y0 = (width - nx * crop) // 2, (height - ny * crop) // 2
+    boxes = [(x0 + i * crop, y0 + j * crop, x0 + (i + 1) * crop, y0 + (j + 1) * crop) for j in range(ny) for i in range(nx)]
+    if len(boxes) > max_crops:
+        keep = np.linspace(0, len(boxes) - 1, max_crops).round().astype(int)
+        boxes = [boxes[k] for k in keep]
+    return boxes
+
+
+def reference_size(ref: ReferenceInfo) -> tuple[int, int]:
+    """Width and height of a reference, decoding it only when the listing did not know them."""
+    if ref.width and ref.height:
+        return ref.width, ref.height
+    image = load_reference(ref)
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def plan_boxes(
+    refs: Sequence[ReferenceInfo], config: PregenConfig
+) -> tuple[dict[int, list[tuple[int, int, int, int]]], list[dict[str, str]]]:
+    """Crop boxes of every usable reference, and the references rejected while planning.
+
+    A reference is rejected (with its path and reason) when its header cannot be read or it is
+    smaller than one crop.
+    """
+    rejected: list[dict[str, str]] = []
+    boxes_by_ref: dict[int, list[tuple[int, int, int, int]]] = {}
+    for i, ref in enumerate(refs):
+        try:
+            w, h = scaled_size(*reference_size(ref), config.max_short_side)
+        except DatasetError as exc:
+            rejected.append({"path": ref.locator, "error": str(exc)})
+            continue
+        boxes = crop_grid(w, h, config.crop_size, config.max_crops_per_photo)
+        if not boxes:
+            rejected.append({
+                "path": ref.locator,
+                "error": f"image {w}x{h} is smaller than the crop size {config.crop_size}x{config.crop_size}",
+            })
+            continue
+        boxes_by_ref[i] = boxes
+    return boxes_by_ref, rejected
+
+
+def make_tasks(
+    refs: Sequence[ReferenceInfo], boxes_by_ref: dict[int, list[tuple[int, int, int, int]]], config: PregenConfig
+) -> tuple[list[CropTask], dict[str, str]]:
+    """Assign splits by photo group and turn every box into a crop task.
+
+    ``config.sample`` is not applied here, so the split does not depend on it.
+    """
+    split_of_group = assign_group_splits((refs[i].group for i in boxes_by_ref), config.split_fractions, config.seed)
+    tasks = [
+        CropTask(ref_index=i, crop_id=f"{refs[i].key}@{box[0]},{box[1]}", box=box, split=split_of_group[refs[i].group])
+        for i, boxes in sorted(boxes_by_ref.items())
+        for box in boxes
+    ]
+    return tasks, split_of_group
+
+
+def _sample_tasks(tasks: list[CropTask], fraction: float, seed: int) -> list[CropTask]:
+    """Keep ``fraction`` of the crops of each split (at least one per split), in original order."""
+    rng = np.random.default_rng([seed, 1])
+    keep: set[int] = set()
+    for split in ("train", "val", "test"):
+        idx = [i for i, t in enumerate(tasks) if t.split == split]
+        if idx:
+            n = max(1, math.ceil(fraction * len(idx)))
+            keep.update(rng.choice(idx, size=n, replace=False).tolist())
+    return [t for i, t in enumerate(tasks) if i in keep]
+
+
+def make_units(tasks: Sequence[CropTask], crops_per_unit: int) -> list[list[CropTask]]:
+    """Group crop tasks into work units of at most ``crops_per_unit`` crops of one photo."""
+    by_ref: dict[int, list[CropTask]] = {}
+    for task in tasks:
+        by_ref.setdefault(task.ref_index, []).append(task)
+    units = []
+    for ref_tasks in by_ref.values():
+        for start in range(0, len(ref_tasks), crops_per_unit):
+            units.append(ref_tasks[start : start + crops_per_unit])
+    return units
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+@functools.lru_cache(maxsize=4)
+def _scaled_reference(ref: ReferenceInfo, max_short_side: int) -> np.ndarray:
+    """Decode and downscale a photo once per worker process (units of one photo reuse it)."""
+    image = load_reference(ref)
+    w, h = scaled_size(image.shape[1], image.shape[0], max_short_side)
+    if (w, h) != (image.shape[1], image.shape[0]):
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.LANCZOS))
+    return image
+
+
+def _crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    left, top, right, bottom = box
+    return np.ascontiguousarray(image[top:bottom, left:right])
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG bytes of an RGB uint8 array (codec artefacts are stored exactly)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def crop_rng(seed: int, crop_id: str) -> np.random.Generator:
+    """The crop's own generator: independent of execution order, worker and unit size."""
+    return np.random.default_rng([seed, zlib.crc32(crop_id.encode("utf-8"))])
+
+
+def allowed_types(config: PregenConfig, grey: bool) -> list[str]:
+    """Distortion types that change this reference (colour-only types are skipped on grey photos)."""
+    names = [n for n in config.distortion_names() if not (grey and dist.get_distortion(n).needs_color)]
+    if not names:
+        raise DatasetError(f"no distortion type applies to a grey reference among {config.distortion_names()}")
+    return names
+
+
+def severity_of(table: dict[str, dict[str, list[float]]], name: str, level: float) -> float:
+    """Content-free label: the calibration table's mean label for ``name``, interpolated at ``level``."""
+    entry = table[name]
+    return float(np.interp(level, entry["levels"], entry["mos"]))
+
+
+def _calibrate_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    """Labels of one photo's centre crop at every (type, grid level): a calibration row."""
+    config: PregenConfig = unit["config"]
+    ref: ReferenceInfo = unit["ref"]
+    try:
+        image = _scaled_reference(ref, config.max_short_side)
+    except DatasetError as exc:  # corrupt or truncated: reported once, the photo is left out
+        return {"ref": ref.key, "labels": "{}", "error": json.dumps({"path": ref.locator, "error": str(exc)})}
+    h, w = image.shape[:2]
+    c = config.crop_size
+    box = ((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c)
+    crop = _crop(image, box)
+    levels = np.linspace(0.0, 1.0, config.severity_levels)
+    out = {}
+    for name in allowed_types(config, dist.is_grey(crop)):
+        rng = crop_rng(config.seed, f"calibration:{ref.key}:{name}")
+        out[name] = [quality_label(crop, dist.apply_distortion(name, crop, float(lv), rng)) for lv in levels]
+    return {"ref": ref.key, "labels": json.dumps(out), "error": ""}
+
+
+def severity_table(rows: Sequence[dict[str, Any]], config: PregenConfig) -> dict[str, dict[str, list[float]]]:
+    """Average the calibration rows into ``{type: {levels, mos, n_photos}}``.
+
+    The mean is made monotone (a running minimum over levels) so that the severity label
+    can never rise with level, even where two adjacent grid points tie within noise.
+    """
+    levels = np.linspace(0.0, 1.0, config.severity_levels)
+    per_type: dict[str, list[list[float]]] = {}
+    for row in rows:
+        for name, labels in json.loads(row["labels"]).items():
+            per_type.setdefault(name, []).append(labels)
+    table = {}
+    for name in config.distortion_names():
+        if name not in per_type:
+            continue
+        mean = np.minimum.accumulate(np.mean(per_type[name], axis=0))
+        table[name] = {"levels": levels.round(6).tolist(), "mos": mean.round(4).tolist(), "n_photos": len(per_type[name])}
+    return table
+
+
+def _generate_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    """Distort every crop of one work unit, write its shard atomically, return its stats."""
+    config: PregenConfig = unit["config"]
+    ref: ReferenceInfo = unit["ref"]
+    tasks: list[CropTask] = unit["tasks"]
+    shard_path = Path(unit["shard_path"])
+    stats_path = shard_path.with_suffix(".stats.json")
+    table = unit["severity"]
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    try:
+        photo = _scaled_reference(ref, config.max_short_side)
+    except DatasetError as exc:  # truncated or corrupt: counted and listed, the run goes on
+        photo = None
+        failed.append({"path": ref.locator, "error": str(exc)})
+    if photo is not None:
+        lo, hi = dist.STRENGTH_PRESETS[config.strength]
+        for task in tasks:
+            crop = _crop(photo, task.box)
+            rng = crop_rng(config.seed, task.crop_id)
+            base = {"ref_id": task.crop_id, "photo": ref.key, "group": ref.group, "split": task.split,
+                    "seed": config.seed, "width": crop.shape[1], "height": crop.shape[0]}
+            if config.include_references:
+                rows.append({**base, "image_id": f"{task.crop_id}|none", "image": encode_png(crop), "distortion": "none",
+                             "level": 0.0, "parameter": "", "mos_ssim": 100.0, "mos_severity": 100.0})
+            types = allowed_types(config, dist.is_grey(crop))
+            chosen = rng.choice(types, size=config.per_image, replace=config.per_image > len(types))
+            levels = rng.uniform(lo, hi, size=config.per_image)
+            for k, (name, level) in enumerate(zip(chosen.tolist(), levels.tolist())):
+                distorted = dist.apply_distortion(name, crop, level, rng)
+                rows.append({
+                    **base, "image_id": f"{task.crop_id}|{k}:{name}", "image": encode_png(distorted),
+                    "distortion": name, "level": float(level),
+                    "parameter": dist.get_distortion(name).parameter(level),
+                    "mos_ssim": quality_label(crop, distorted),
+                    "mos_severity": severity_of(table, name, level),
+                })
+    table_out = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    with atomic_path(shard_path) as tmp:
+        pq.write_table(table_out, tmp)
+    per_type: dict[str, int] = {}
+    for row in rows:
+        per_type[row["distortion"]] = per_type.get(row["distortion"], 0) + 1
+    stats = {
+        "unit": unit["unit_id"], "file": shard_path.name, "rows": len(rows), "per_type": per_type,
+        "per_split": {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "val", "test")},
+        "failed": failed, "seconds": time.perf_counter() - start,
+    }
+    atomic_write_json(stats_path, stats)
+    return {"unit": unit["unit_id"], "stats": json.dumps(stats)}
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+Mapper = Callable[[Callable[[dict[str, Any]], dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def local_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``fn`` over ``items`` in this process, one after another (the baseline engine)."""
+    return [fn(item) for item in items]
+
+
+def ray_data_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``fn`` over ``items`` with Ray Data, one block per item, on every CPU of the cluster.
+
+    Each item is a work unit of tens of images, so a block carries enough work to pay for its
+    scheduling. Ray must already be initialised (the launcher decides local vs. ``--address``).
+    """
+    import ray
+
+    if not items:
+        return []
+    if not ray.is_initialized():
+        raise RuntimeError("ray_data_map needs ray.init() first (the launcher does it)")
+    # Items are wrapped in a single column so Arrow never has to infer a schema for dataclasses.
+    ds = ray.data.from_items([{"item": item} for item in items], override_num_blocks=len(items))
+    ds = ds.map(lambda row: fn(row["item"]), num_cpus=1)
+    return ds.take_all()
+
+
+def dataset_name(config: PregenConfig, fingerprint: str) -> str:
+    return f"{config.source}-{config.strength}-{fingerprint}"
+
+
+def config_fingerprint(config: PregenConfig, refs: Sequence[ReferenceInfo]) -> str:
+    """Hash of the config and the reference list (keys and sizes), so changed inputs regenerate."""
+    return stable_hash({
+        "format": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "refs": [(r.key, r.width, r.height) for r in refs],
+        "distortions": list(config.distortion_names()),
+    })
+
+
+def find_existing(out_dir: str | os.PathLike[str], config: PregenConfig) -> GeneratedDataset | None:
+    """A finished dataset for ``config`` under ``out_dir``, if one exists."""
+    refs, _ = list_references(config)
+    path = Path(out_dir) / dataset_name(config, config_fingerprint(config, refs))
+    if (path / "manifest.json").exists():
+        return open_generated(path, reused=True)
+    return None
+
+
+def open_generated(path: str | os.PathLike[str], *, reused: bool = False) -> GeneratedDataset:
+    """Open a finished dataset folder (one with a manifest)."""
+    path = Path(path)
+    manifest_file = path / "manifest.json"
+    if not manifest_file.exists():
+        raise DatasetError(
+            f"{path} is not a finished pre-generated dataset (no manifest.json); "
+            "run `python launch/pregenerate.py --out DIR` to create one"
+        )
+    manifest = json.loads(manifest_file.read_text())
+    stats = json.loads((path / "processing_stats.json").read_text())
+    return GeneratedDataset(path=path, manifest=manifest, stats=stats, reused=reused)
+
+
+def pregenerate(
+    config: PregenConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    engine: str = "ray",
+    crops_per_unit: int = 4,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> GeneratedDataset:
+    """Generate (or reuse) the dataset described by ``config`` under ``out_dir``.
+
+    Args:
+        config: what to generate.
+        out_dir: root folder; the dataset lands in ``out_dir/<source>-<strength>-<hash>``.
+        engine: ``"ray"`` (Ray Data over the running cluster; call ``ray.init`` first) or
+            ``"local"`` (a plain loop in this process, the benchmark's baseline).
+        crops_per_unit: crops per work unit (one Ray Data block each).
+        force: regenerate even when a finished dataset with this config exists.
+        progress: called with one-line progress messages.
+
+    Returns:
+        The finished dataset.
+    """
+    say = progress or (lambda _msg: None)
+    mapper: Mapper = {"ray": ray_data_map, "local": local_map}.get(engine)  # type: ignore[assignment]
+    if mapper is None:
+        raise ValueError(f"unknown engine {engine!r}; valid: ray, local")
+    if crops_per_unit < 1:
+        raise ValueError(f"crops_per_unit must be >= 1, got {crops_per_unit}")
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    refs, listing_failed = list_references(config)
+    name = dataset_name(config, config_fingerprint(config, refs))
+    final = out_dir / name
+    if (final / "manifest.json").exists() and not force:
+        say(f"reusing {final} (same config hash)")
+        return open_generated(final, reused=True)
+    partial = out_dir / f".partial-{name}"
+    shards_dir = partial / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+
+    boxes_by_ref, rejected = plan_boxes(refs, config)
+    # Calibration decodes every usable photo once (always all of them, also with --sample, so a
+    # quick run labels images exactly like a full run); photos that fail to decode are dropped
+    # before the split is drawn.
+    calib_file = partial / "calibration.json"
+    if calib_file.exists():
+        calibration = json.loads(calib_file.read_text())
+    else:
+        calib_items = [{"config": config, "ref": refs[i]} for i in sorted(boxes_by_ref)]
+        rows = mapper(_calibrate_unit, calib_items)
+        calibration = {"table": severity_table([r for r in rows if not r["error"]], config),
+                       "failed": [json.loads(r["error"]) for r in rows if r["error"]]}
+        atomic_write_json(calib_file, calibration)
+    table = calibration["table"]
+    rejected += calibration["failed"]
+    failed_paths = {f["path"] for f in calibration["failed"]}
+    boxes_by_ref = {i: b for i, b in boxes_by_ref.items() if refs[i].locator not in failed_paths}
+    if not boxes_by_ref:
+        problems = "; ".join(f"{r['path']}: {r['error']}" for r in (listing_failed + rejected)[:5])
+        raise DatasetError(f"no usable reference images in source {config.source!r} "
+                           f"({len(refs)} listed); problems: {problems or 'none listed'}")
+    say(f"severity table calibrated on {len(boxes_by_ref)} photos")
+
+    all_tasks, split_of_group = make_tasks(refs, boxes_by_ref, config)
+    tasks = _sample_tasks(all_tasks, config.sample, config.seed) if config.sample < 1.0 else all_tasks
+    used_refs = sorted({t.ref_index for t in tasks})
+    say(f"{len(refs)} references, {len(tasks)} crops planned, {len(rejected) + len(listing_failed)} rejected")
+
+    units = make_units(tasks, crops_per_unit)
+    items, done_stats = [], []
+    for unit_id, unit_tasks in enumerate(units):
+        shard = shards_dir / f"shard-{unit_id:05d}.parquet"
+        sidecar = shard.with_suffix(".stats.json")
+        if shard.exists() and sidecar.exists():  # finished by an earlier, interrupted run
+            done_stats.append(json.loads(sidecar.read_text()))
+            continue
+        items.append({"config": config, "ref": refs[unit_tasks[0].ref_index], "tasks": unit_tasks,
+                      "shard_path": str(shard), "unit_id": unit_id, "severity": table})
+    if done_stats:
+        say(f"resuming: {len(done_stats)} of {len(units)} units already written")
+    gen_start = time.perf_counter()
+    results = mapper(_generate_unit, items)
+    gen_seconds = time.perf_counter() - gen_start
+    new_stats = [json.loads(r["stats"]) for r in results]
+    unit_stats = sorted(done_stats + new_stats, key=lambda s: s["unit"])
+    # Shards from a different plan (e.g. a crash during an older format) must not leak in.
+    expected = {f"shard-{i:05d}.parquet" for i in range(len(units))}
+    for stray in shards_dir.glob("*.parquet"):
+        if stray.name not in expected:
+            stray.unlink()
+
+    stats = _summarise(unit_stats, listing_failed + rejected, time.perf_counter() - start, gen_seconds,
+                       engine, sum(s["rows"] for s in new_stats))
+    manifest = {
+        "name": name,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "config_hash": name.rsplit("-", 1)[-1],
+        "default_label": DEFAULT_LABEL,
+        "labels": {
+            "mos_ssim": "100 * clip(SSIM(reference crop, image), 0, 1); content-dependent (iqa_ray.data.labels)",
+            "mos_severity": "mean of mos_ssim over all source photos for this distortion type, interpolated at "
+                            "this level (severity_table); content-free",
+        },
+        "severity_table": table,
+        "splits": {"by": "source photo group", "fractions": list(config.split_fractions), "seed": config.seed,
+                   "groups": dict(sorted(split_of_group.items()))},
+        "references": [
+            {**refs[i].to_dict(), "split": split_of_group[refs[i].group],
+             "crops": sum(1 for t in tasks if t.ref_index == i)}
+            for i in used_refs
+        ],
+        "shards": [{"file": f"shards/{s['file']}", "rows": s["rows"]} for s in unit_stats],
+        "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "distortion_types": {n: dist.get_distortion(n).description for n in config.distortion_names()},
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(partial / "processing_stats.json", stats)
+    atomic_write_json(partial / "manifest.json", manifest)
+    for sidecar in shards_dir.glob("*.stats.json"):
+        sidecar.unlink()
+    calib_file.unlink()
+    if final.exists():  # a forced re-run replaces the old folder only once the new one is complete
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    say(f"wrote {stats['processed']} images to {final} in {stats['elapsed_s']:.1f} s")
+    return open_generated(final)
+
+
+def _summarise(unit_stats: list[dict[str, Any]], planning_failed: list[dict[str, str]], elapsed: float,
+               gen_seconds: float, engine: str, made_now: int) -> dict[str, Any]:
+    per_type: dict[str, int] = {}
+    per_split = {"train": 0, "val": 0, "test": 0}
+    failed = list(planning_failed)
+    for s in unit_stats:
+        for k, v in s["per_type"].items():
+            per_type[k] = per_type.get(k, 0) + v
+        for k, v in s["per_split"].items():
+            per_split[k] += v
+        failed.extend(s["failed"])
+    processed = sum(s["rows"] for s in unit_stats)
+    return {
+        "processed": processed,
+        "failed": len(failed),
+        "failures": failed,
+        "per_type": dict(sorted(per_type.items())),
+        "per_split": per_split,
+        "units": len(unit_stats),
+        "engine": engine,
+        "elapsed_s": round(elapsed, 3),
+        "generation_s": round(gen_seconds, 3),
+        "images_per_s": round(made_now / gen_seconds, 2) if gen_seconds > 0 and made_now else None,
+    }
+
+
+def read_shards(dataset: GeneratedDataset | str | os.PathLike[str], *, columns: Sequence[str] | None = None) -> pa.Table:
+    """All rows of a generated dataset as one Arrow table (sorted by image_id for stability)."""
+    ds = dataset if isinstance(dataset, GeneratedDataset) else open_generated(dataset)
+    tables = [pq.read_table(p, columns=list(columns) if columns else None) for p in ds.shard_paths]
+    table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+    if "image_id" in table.column_names:
+        table = table.sort_by("image_id")
+    return table
+
+
+def summary_lines(ds: GeneratedDataset) -> list[str]:
+    """A short human summary of a generated dataset (what `make tune` prints for now)."""
+    m, s = ds.manifest, ds.stats
+    refs = m["references"]
+    lines = [
+        f"dataset   {ds.path}{'  (reused)' if ds.reused else ''}",
+        f"images    {s['processed']} ({s['per_split']['train']} train / {s['per_split']['val']} val / "
+        f"{s['per_split']['test']} test), failed {s['failed']}",
+        f"photos    {len(refs)} source photos, split by photo: "
+        + ", ".join(f"{sp}={sum(1 for r in refs if r['split'] == sp)}" for sp in ("train", "val", "test")),
+        f"types     " + ", ".join(f"{k}:{v}" for k, v in s["per_type"].items()),
+        f"labels    default={m['default_label']} (columns mos_severity, mos_ssim; 0-100, higher is better)",
+        f"speed     {s['images_per_s']} images/s with engine={s['engine']}, elapsed {s['elapsed_s']} s",
+    ]
+    return lines
+
+
+__all__ = [
+    "PregenConfig", "GeneratedDataset", "CropTask", "pregenerate", "open_generated", "find_existing",
+    "read_shards", "summary_lines", "plan_boxes", "make_tasks", "crop_grid", "scaled_size", "severity_of", "LABELS",
+    "DEFAULT_LABEL", "SHARD_SCHEMA",
+]
