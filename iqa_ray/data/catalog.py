@@ -1,0 +1,88 @@
+"""Resolve a dataset name (``--dataset``) to one labelled table.
+
+Accepted forms:
+
+``embedded``
+    The default pre-generated dataset over the embedded photos (generated on first use, in
+    this process, into :func:`iqa_ray.paths.default_data_dir`; a few seconds on 2 cores).
+``/path/to/generated/folder``
+    Any folder written by ``launch/pregenerate.py`` (it holds ``manifest.json``).
+``<adapter>:<root>``
+    A real IQA dataset on disk, e.g. ``koniq10k:/data/koniq10k`` or ``kadid10k:~/kadid10k``;
+    see :mod:`iqa_ray.data.real` for the adapters and their layouts.
+
+Every form yields the same columns: ``image_id``, ``split``, ``mos`` (0-100, higher is
+better), ``group`` and either ``image`` (encoded bytes) or ``path``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from iqa_ray.data.errors import DatasetError
+from iqa_ray.data.pregenerate import DEFAULT_LABEL, LABELS, PregenConfig, open_generated, pregenerate, read_shards
+from iqa_ray.paths import default_data_dir
+
+EMBEDDED = "embedded"
+
+
+def describe_valid_specs() -> str:
+    from iqa_ray.data.real import ADAPTERS
+
+    return (f"'{EMBEDDED}', a folder made by launch/pregenerate.py, or '<adapter>:<root>' with adapter in "
+            f"{sorted(ADAPTERS)}")
+
+
+def generated_table(path: str | os.PathLike[str], *, label: str = DEFAULT_LABEL) -> pd.DataFrame:
+    """Rows of a pre-generated dataset with ``mos`` taken from the chosen label column."""
+    if label not in LABELS:
+        raise ValueError(f"unknown label {label!r}; valid: {', '.join(LABELS)}")
+    ds = open_generated(path)
+    table = read_shards(ds).to_pandas()
+    table["mos"] = table[f"mos_{label}"]
+    table.attrs.update({"dataset": ds.manifest["name"], "label": label, "root": str(ds.path),
+                        "mos_scale": ds.manifest["labels"][f"mos_{label}"], "split_source": "by source photo"})
+    return table
+
+
+def ensure_embedded(data_dir: str | os.PathLike[str] | None = None, *, engine: str = "local",
+                    progress: Any = None) -> Path:
+    """Path of the default embedded dataset, generating it first if it does not exist yet."""
+    ds = pregenerate(PregenConfig(), Path(data_dir) if data_dir else default_data_dir(), engine=engine,
+                     progress=progress)
+    return ds.path
+
+
+def load_table(
+    spec: str,
+    *,
+    label: str = DEFAULT_LABEL,
+    data_dir: str | os.PathLike[str] | None = None,
+    split_seed: int = 0,
+    on_error: str = "raise",
+) -> pd.DataFrame:
+    """The labelled table named by ``spec`` (see the module docstring for the forms).
+
+    Raises:
+        DatasetError: ``spec`` names nothing usable; the message lists the valid forms.
+    """
+    if spec == EMBEDDED:
+        return generated_table(ensure_embedded(data_dir), label=label)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "manifest.json").exists():
+            return generated_table(path, label=label)
+        raise DatasetError(f"{path} is a folder but not a pre-generated dataset (no manifest.json); "
+                           f"valid: {describe_valid_specs()}")
+    if ":" in spec:
+        from iqa_ray.data.real import load_iqa_dataset
+
+        name, root = spec.split(":", 1)
+        table = load_iqa_dataset(name, Path(root).expanduser(), split_seed=split_seed, on_error=on_error)
+        table.attrs.setdefault("label", "mos")
+        return table
+    raise DatasetError(f"unknown dataset {spec!r}; valid: {describe_valid_specs()}")
