@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from iqa_ray.data.errors import DatasetError
+from iqa_ray.utils.net import hub_reachable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SOURCE_KINDS = ("embedded", "folder", "hf_disk", "hf")
@@ -263,17 +263,6 @@ def hf_disk_references(
     ]
 
 
-def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to the hub opens within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
-        return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def hf_hub_references(name: str, *, split: str = "train", image_column: str | None = None,
                       limit: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> list[ReferenceInfo]:
     """Download a Hugging Face dataset by name, save it locally, and list it like ``hf_disk``.
@@ -281,10 +270,11 @@ def hf_hub_references(name: str, *, split: str = "train", image_column: str | No
     Requires internet. Offline (or with ``HF_HUB_OFFLINE=1``) it fails within seconds with a
     message naming the offline options instead of hanging in retries.
     """
-    if not hub_reachable():
+    reachable, reason = hub_reachable()
+    if not reachable:
         raise DatasetError(
-            f"cannot load Hugging Face dataset {name!r} by name: the hub (huggingface.co) is not reachable "
-            "from this machine. Offline options: --source embedded (photos shipped in pip packages), "
+            f"cannot load Hugging Face dataset {name!r} by name: the hub is not reachable ({reason}). "
+            "Offline options: --source embedded (photos shipped in pip packages), "
             "--source folder --source-path DIR (your own images), or --source hf_disk --source-path DIR "
             "(a dataset saved earlier with datasets.Dataset.save_to_disk on a machine with internet)."
         )
