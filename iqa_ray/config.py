@@ -1,0 +1,321 @@
+"""Frozen, validated configuration of one training run: data, model, optimisation.
+
+One config type per concern, each a frozen dataclass validated when it is built, so a bad value
+fails before any work starts with a message naming the key and what is valid. Search spaces and
+the command line speak in *flat* keys (``lr``, ``alpha``, ``n_clusters``, ...): every field name is
+unique across the three sections, and :meth:`TrainConfig.from_dict` routes each key to its section
+(nested ``{"data": {...}, "model": {...}, "optim": {...}}`` works too). The resolved config is
+written next to every result (:meth:`TrainConfig.to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from iqa_ray.data.pregenerate import LABELS
+from iqa_ray.models.backbones import SUPPORTED_BACKBONES
+from iqa_ray.models.losses import LOSSES
+from iqa_ray.models.registry import FAMILIES, family_arguments
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "step", "plateau", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the valid values."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What data a run sees and how it is cropped and batched.
+
+    Attributes:
+        dataset: ``embedded``, a pre-generated folder, or ``<adapter>:<root>`` (see
+            :mod:`iqa_ray.data.catalog`).
+        label: label column of pre-generated data (``severity`` or ``ssim``).
+        crop_size: training crop and evaluation patch side, in pixels.
+        eval_patches: deterministic evaluation patches per image (1 = centre crop).
+        image_size: resize every image to (width, height) when decoding (real datasets; the
+            seeds used 512x384 for KonIQ-10k); ``None`` keeps sizes.
+        batch_size: training batch size.
+        eval_batch_size: images per evaluation batch.
+        num_workers: DataLoader worker processes (0 = in the training process).
+        label_fraction: fraction of training *groups* (source photos) whose labels are used
+            (the 10% / 100% label budgets of the pre-training study); val/test are untouched.
+        split_seed: seed of seeded splits of real datasets.
+    """
+
+    dataset: str = "embedded"
+    label: str = "severity"
+    crop_size: int = 128
+    eval_patches: int = 1
+    image_size: tuple[int, int] | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    label_fraction: float = 1.0
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.dataset, str) and self.dataset != "", "dataset must be a non-empty string")
+        _check(self.label in LABELS, f"label must be one of {LABELS}, got {self.label!r}")
+        _check(isinstance(self.crop_size, int) and 16 <= self.crop_size <= 2048,
+               f"crop_size must be an integer in [16, 2048], got {self.crop_size!r}")
+        _check(isinstance(self.eval_patches, int) and self.eval_patches >= 1,
+               f"eval_patches must be an integer >= 1, got {self.eval_patches!r}")
+        if self.image_size is not None:
+            size = tuple(self.image_size)
+            _check(len(size) == 2 and all(isinstance(v, int) and v >= self.crop_size for v in size),
+                   f"image_size must be (width, height), each >= crop_size {self.crop_size}, got {self.image_size!r}")
+            object.__setattr__(self, "image_size", size)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 2,
+               f"batch_size must be an integer >= 2 (ranking pairs need two images), got {self.batch_size!r}")
+        _check(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
+               f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
+               f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        _check(_finite(self.label_fraction) and 0 < self.label_fraction <= 1,
+               f"label_fraction must be in (0, 1], got {self.label_fraction!r}")
+
+
+# Family-specific model fields, and the family that takes each.
+_FAMILY_FIELDS = {
+    "hidden_dim": ("mlp", "gmm"),
+    "dropout": ("mlp", "gmm"),
+    "n_clusters": ("gmm",),
+    "feature_dim": ("gmm",),
+    "cluster_loss_weight": ("gmm",),
+    "balance_weight": ("gmm",),
+    "refit_interval": ("gmm",),
+    "multiscale": ("hyperiqa",),
+    "hypernet_lr_mult": ("hyperiqa",),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model is trained and with which loss.
+
+    Attributes:
+        family: ``mlp``, ``gmm`` or ``hyperiqa``.
+        backbone: a timm backbone (see ``iqa_ray.models.SUPPORTED_BACKBONES``).
+        pretrained: ``none``, ``hub``, ``offline`` (EfficientNet-Lite0 ImageNet weights shipped in
+            a pip package) or a path to a weights file.
+        frozen_backbone: freeze the backbone (seed 001's ``resnet18_frozen``).
+        img_size: input size of fixed-size backbones (ViT, Swin); defaults to ``crop_size``.
+        loss: ``l1``, ``mse`` or ``ranking``.
+        alpha: ranking-loss weight in ``(1 - alpha) * L1 + alpha * L_rank``, in [0, 1].
+        margin: ranking-loss margin on the 0-100 MOS scale, >= 0.
+        hidden_dim, dropout: MLP head (mlp, gmm).
+        n_clusters, feature_dim, cluster_loss_weight, balance_weight, refit_interval: the GMM
+            cluster model (gmm).
+        multiscale, hypernet_lr_mult: HyperIQA (hyperiqa).
+    """
+
+    family: str = "hyperiqa"
+    backbone: str = "efficientnet_lite0"
+    pretrained: str = "offline"
+    frozen_backbone: bool = False
+    img_size: int | None = None
+    loss: str = "l1"
+    alpha: float = 0.0
+    margin: float = 0.5
+    hidden_dim: int = 512
+    dropout: float = 0.3
+    n_clusters: int = 8
+    feature_dim: int = 512
+    cluster_loss_weight: float = 0.1
+    balance_weight: float = 1.0
+    refit_interval: int = 0
+    multiscale: bool = False
+    hypernet_lr_mult: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(self.family in FAMILIES, f"unknown model family {self.family!r}; valid: {', '.join(FAMILIES)}")
+        _check(self.backbone in SUPPORTED_BACKBONES,
+               f"unknown backbone {self.backbone!r}; valid: {', '.join(SUPPORTED_BACKBONES)}")
+        _check(isinstance(self.pretrained, str) and self.pretrained != "", "pretrained must be a non-empty string")
+        _check(self.loss in LOSSES, f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
+        _check(_finite(self.alpha) and 0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha!r}")
+        _check(_finite(self.margin) and self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
+        _check(isinstance(self.n_clusters, int) and self.n_clusters >= 1,
+               f"n_clusters must be an integer >= 1, got {self.n_clusters!r}")
+        _check(isinstance(self.hidden_dim, int) and self.hidden_dim >= 1, f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
+        _check(isinstance(self.feature_dim, int) and self.feature_dim >= 1,
+               f"feature_dim must be >= 1, got {self.feature_dim!r}")
+        _check(_finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("cluster_loss_weight", "balance_weight"):
+            value = getattr(self, name)
+            _check(_finite(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
+        _check(isinstance(self.refit_interval, int) and self.refit_interval >= 0,
+               f"refit_interval must be an integer >= 0 (0 = never refit), got {self.refit_interval!r}")
+        _check(_finite(self.hypernet_lr_mult) and self.hypernet_lr_mult > 0,
+               f"hypernet_lr_mult must be > 0, got {self.hypernet_lr_mult!r}")
+        _check(self.img_size is None or (isinstance(self.img_size, int) and self.img_size >= 16),
+               f"img_size must be None or an integer >= 16, got {self.img_size!r}")
+        if self.loss != "ranking":
+            _check(self.alpha == 0.0, f"alpha={self.alpha} only applies to loss='ranking' (loss is {self.loss!r})")
+
+    def family_kwargs(self) -> dict[str, Any]:
+        """The family-specific arguments of this config's family."""
+        accepted = set(family_arguments(self.family))
+        return {k: getattr(self, k) for k in _FAMILY_FIELDS if k in accepted}
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "margin": self.margin} if self.loss == "ranking" else {}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How a run is optimised.
+
+    Attributes:
+        epochs: training epochs (an upper bound under early stopping or a Tune scheduler).
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
+        lr: learning rate of the head (HyperIQA's hypernetwork gets ``lr * hypernet_lr_mult``).
+        backbone_lr: learning rate of the backbone; ``None`` means ``lr * backbone_lr_mult``.
+        backbone_lr_mult: backbone LR as a fraction of ``lr`` when ``backbone_lr`` is None.
+        weight_decay: decoupled for AdamW, L2 for Adam/SGD.
+        momentum: SGD momentum.
+        scheduler: ``cosine``, ``step``, ``plateau`` or ``none``.
+        t_max: cosine period in epochs (default: the run's epochs).
+        eta_min: cosine floor, as a fraction of each group's base LR.
+        step_size, gamma: step schedule (every ``step_size`` epochs multiply by ``gamma``).
+        plateau_patience, plateau_factor: reduce-on-plateau on validation SRCC.
+        warmup_epochs: linear warm-up from 0 over this many epochs (fractions allowed).
+        grad_clip: clip the global gradient norm to this (``None`` = off).
+        amp: mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
+        seed: seed of initialisation, shuffling and augmentation.
+        early_stopping_patience: stop after this many epochs without a better validation SRCC
+            (standalone runs; under Tune the scheduler stops trials). ``None`` = off.
+    """
+
+    epochs: int = 10
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    backbone_lr: float | None = None
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    t_max: int | None = None
+    eta_min: float = 0.01
+    step_size: int = 6
+    gamma: float = 0.1
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = 5.0
+    amp: bool = True
+    seed: int = 0
+    early_stopping_patience: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
+        _check(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        _check(self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        _check(_finite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        _check(self.backbone_lr is None or (_finite(self.backbone_lr) and self.backbone_lr >= 0),
+               f"backbone_lr must be None or >= 0, got {self.backbone_lr!r}")
+        _check(_finite(self.backbone_lr_mult) and self.backbone_lr_mult >= 0,
+               f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult!r}")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check(_finite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
+        _check(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
+               f"t_max must be None or an integer >= 1, got {self.t_max!r}")
+        _check(_finite(self.eta_min) and 0 <= self.eta_min <= 1, f"eta_min must be in [0, 1], got {self.eta_min!r}")
+        _check(isinstance(self.step_size, int) and self.step_size >= 1, f"step_size must be >= 1, got {self.step_size!r}")
+        _check(_finite(self.gamma) and 0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma!r}")
+        _check(isinstance(self.plateau_patience, int) and self.plateau_patience >= 0,
+               f"plateau_patience must be >= 0, got {self.plateau_patience!r}")
+        _check(_finite(self.plateau_factor) and 0 < self.plateau_factor < 1,
+               f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
+        _check(_finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+               f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
+        _check(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+               f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+        _check(self.early_stopping_patience is None or
+               (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 1),
+               f"early_stopping_patience must be None or >= 1, got {self.early_stopping_patience!r}")
+
+    @property
+    def resolved_backbone_lr(self) -> float:
+        return self.backbone_lr if self.backbone_lr is not None else self.lr * self.backbone_lr_mult
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}
+_KEY_SECTION = {f.name: section for section, cls in _SECTIONS.items() for f in fields(cls)}
+assert len(_KEY_SECTION) == sum(len(fields(c)) for c in _SECTIONS.values()), "config field names must be unique"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole resolved configuration of one training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        # Family-specific knobs set away from their defaults on a family that ignores them are
+        # almost always a mistake in a search space (e.g. n_clusters searched for an mlp).
+        defaults = ModelConfig(family=self.model.family)
+        for name, families in _FAMILY_FIELDS.items():
+            if self.model.family not in families and getattr(self.model, name) != getattr(defaults, name):
+                raise ConfigError(f"{name} applies to family {'/'.join(families)} only, not {self.model.family!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+        """Build from flat keys (``{"lr": 1e-3, "alpha": 0.3}``), nested sections, or both.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones) or an invalid value.
+        """
+        merged: dict[str, Any] = {}
+        for source in (values or {}, overrides):
+            for key, value in source.items():
+                if key in _SECTIONS and isinstance(value, Mapping):
+                    merged.update(value)
+                else:
+                    merged[key] = value
+        unknown = sorted(k for k in merged if k not in _KEY_SECTION)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(_KEY_SECTION)}")
+        parts: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for key, value in merged.items():
+            if key == "image_size" and isinstance(value, list):
+                value = tuple(value)
+            parts[_KEY_SECTION[key]][key] = value
+        try:
+            return cls(**{s: _SECTIONS[s](**kw) for s, kw in parts.items()})
+        except TypeError as exc:  # a wrongly typed value that a comparison choked on
+            raise ConfigError(str(exc)) from exc
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain-data form (JSON-serialisable), written next to every result."""
+        return {s: dataclasses.asdict(getattr(self, s)) for s in _SECTIONS}
+
+    def flat(self) -> dict[str, Any]:
+        """All fields as one flat dict (the form search spaces and exports use)."""
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
+    def replace(self, **flat_overrides: Any) -> TrainConfig:
+        """A copy with some flat keys changed (validated again)."""
+        return TrainConfig.from_dict(self.flat(), **flat_overrides)
+
+
+def valid_keys() -> list[str]:
+    """Every flat config key."""
+    return sorted(_KEY_SECTION)

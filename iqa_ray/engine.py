@@ -1,0 +1,521 @@
+"""The one training engine: every model family is trained and evaluated by this loop.
+
+The seed scripts had four copies of the loop and three optimiser bugs in them; this engine is
+written against those bugs:
+
+* parameter groups are lists built once (an exhausted ``filter()`` iterator froze HyperIQA's
+  hypernetwork after the first epoch);
+* the optimiser and scheduler are built once per run and saved in every checkpoint (one was
+  re-created every epoch, losing Adam's moments);
+* the scheduler scales *every* group, backbone included (the backbone LR never decayed).
+
+Model selection uses the validation split only: the best epoch by validation SRCC is kept, and
+the test split is evaluated once, for that model, at the end. Randomness is re-seeded from
+``(seed, epoch)`` at the start of every epoch, so a run resumed from the checkpoint of epoch k
+reproduces exactly the epochs an uninterrupted run would have trained.
+
+The engine knows models, losses, metrics and datasets; it does not know Ray. Callers observe
+epochs through ``on_epoch_end`` and decide where checkpoints go.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from iqa_ray.config import TrainConfig
+from iqa_ray.data.catalog import load_table
+from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
+from iqa_ray.metrics import all_metrics
+from iqa_ray.models import IQAModel, build_loss, build_model
+from iqa_ray.utils.io import atomic_path, git_revision
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, tampered with or from another config."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_decoded(config: TrainConfig) -> DecodedImages:
+    """Decode the run's dataset once (all splits), ready to be shared by many runs."""
+    data = config.data
+    table = load_table(data.dataset, label=data.label, split_seed=data.split_seed)
+    return decode_table(table, image_size=data.image_size, min_size=data.crop_size)
+
+
+def train_indices(decoded: DecodedImages, label_fraction: float, seed: int) -> np.ndarray:
+    """Rows of the training split, restricted to a seeded fraction of its groups (photos)."""
+    idx = decoded.split_indices("train")
+    if label_fraction >= 1.0:
+        return idx
+    groups = decoded.table["group"].to_numpy()[idx] if "group" in decoded.table else idx.astype(str)
+    unique = np.array(sorted(set(groups.tolist())))
+    rng = np.random.default_rng([seed, 7])
+    keep = set(rng.choice(unique, size=max(1, round(label_fraction * len(unique))), replace=False).tolist())
+    return idx[np.array([g in keep for g in groups])]
+
+
+@dataclass
+class SplitLoaders:
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader | None
+    train_eval: DataLoader  # deterministic crops of the training split (GMM fitting)
+    train_mos: np.ndarray
+
+
+def make_loaders(config: TrainConfig, decoded: DecodedImages) -> SplitLoaders:
+    d = config.data
+    tr = train_indices(decoded, d.label_fraction, config.optim.seed)
+    has_test = bool((decoded.table["split"] == "test").any())
+    kw = {"num_workers": d.num_workers, "persistent_workers": d.num_workers > 0, "pin_memory": torch.cuda.is_available()}
+    train_ds = IQADataset(decoded, tr, train=True, crop_size=d.crop_size)
+    evaluation = {"train": False, "crop_size": d.crop_size, "eval_patches": d.eval_patches}
+    return SplitLoaders(
+        # drop_last keeps every step's batch statistics (BatchNorm, ranking pairs) comparable
+        train=DataLoader(train_ds, batch_size=d.batch_size, shuffle=True, drop_last=len(tr) > d.batch_size, **kw),
+        val=DataLoader(IQADataset(decoded, "val", **evaluation), batch_size=d.eval_batch_size, **kw),
+        test=DataLoader(IQADataset(decoded, "test", **evaluation), batch_size=d.eval_batch_size, **kw) if has_test else None,
+        train_eval=DataLoader(IQADataset(decoded, tr, train=False, crop_size=d.crop_size),
+                              batch_size=d.eval_batch_size, **kw),
+        train_mos=decoded.table["mos"].to_numpy(np.float64)[tr],
+    )
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build(config: TrainConfig, device: torch.device) -> IQAModel:
+    m = config.model
+    img_size = m.img_size or config.data.crop_size
+    model = build_model(m.family, backbone=m.backbone, pretrained=m.pretrained, frozen_backbone=m.frozen_backbone,
+                        img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()), **m.family_kwargs())
+    return model.to(device)
+
+
+def build_optimizer(config: TrainConfig, model: IQAModel) -> torch.optim.Optimizer:
+    o = config.optim
+    groups = model.param_groups(o.lr, o.resolved_backbone_lr)
+    groups = [g for g in groups if g["params"] and g["lr"] > 0]
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen or has learning rate 0")
+    if o.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of every group's base LR after ``step`` optimiser steps (warm-up x schedule).
+
+    Computed per step, so a short run's warm-up and cosine are smooth rather than three jumps.
+    ``plateau`` contributes 1 here; its reductions are applied on top, per epoch.
+    """
+    o = config.optim
+    epoch = step / steps_per_epoch
+    warm = min(1.0, epoch / o.warmup_epochs) if o.warmup_epochs > 0 else 1.0
+    if o.scheduler == "cosine":
+        t_max = o.t_max or o.epochs
+        progress = min(1.0, max(0.0, epoch - o.warmup_epochs) / max(t_max - o.warmup_epochs, 1e-9))
+        factor = o.eta_min + (1 - o.eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif o.scheduler == "step":
+        factor = o.gamma ** int(epoch // o.step_size)
+    else:
+        factor = 1.0
+    return warm * factor
+
+
+class Schedule:
+    """Per-step LR schedule plus the per-epoch plateau reductions, with a saveable state."""
+
+    def __init__(self, config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> None:
+        self.config = config
+        self.optimizer = optimizer
+        self.steps_per_epoch = steps_per_epoch
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.step_count = 0
+        self.plateau_scale = 1.0
+        self.plateau_best = -math.inf
+        self.plateau_bad_epochs = 0
+        self.apply()
+
+    def apply(self) -> None:
+        factor = lr_factor(self.config, self.step_count, self.steps_per_epoch) * self.plateau_scale
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def step(self) -> None:
+        self.step_count += 1
+        self.apply()
+
+    def epoch_end(self, epoch: int, val_srcc: float) -> None:
+        o = self.config.optim
+        if o.scheduler != "plateau" or epoch + 1 <= o.warmup_epochs:
+            return
+        if val_srcc > self.plateau_best + 1e-4:
+            self.plateau_best, self.plateau_bad_epochs = val_srcc, 0
+        else:
+            self.plateau_bad_epochs += 1
+            if self.plateau_bad_epochs > o.plateau_patience:
+                self.plateau_scale *= o.plateau_factor
+                self.plateau_bad_epochs = 0
+        self.apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "plateau_scale": self.plateau_scale,
+                "plateau_best": self.plateau_best, "plateau_bad_epochs": self.plateau_bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.plateau_scale = float(state["plateau_scale"])
+        self.plateau_best = float(state["plateau_best"])
+        self.plateau_bad_epochs = int(state["plateau_bad_epochs"])
+        self.apply()
+
+
+# ----------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**31
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": json.dumps(random.getstate()),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (..., 3, H, W) on CPU -> float in [0, 1] on ``device`` (converted after the copy)."""
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+@torch.no_grad()
+def predict(model: IQAModel, loader: DataLoader, device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and MOS of every image of ``loader``; patch scores are averaged per image."""
+    was_training = model.training
+    model.eval()
+    preds, mos = [], []
+    try:
+        for batch in loader:
+            images = batch["image"]
+            b, p = images.shape[:2]
+            with _autocast(device, amp):
+                scores = model(to_float(images.flatten(0, 1), device))["score"].float()
+            preds.append(scores.view(b, p).mean(dim=1).cpu().numpy())
+            mos.append(batch["mos"].numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(preds).astype(np.float64), np.concatenate(mos).astype(np.float64)
+
+
+def evaluate(model: IQAModel, loader: DataLoader, device: torch.device, amp: bool = False) -> dict[str, float]:
+    """SRCC, PLCC, KRCC, RMSE and logistic PLCC of ``model`` on ``loader``."""
+    pred, mos = predict(model, loader, device, amp)
+    return all_metrics(pred, mos)
+
+
+def evaluate_dataset(model: IQAModel, config: TrainConfig, spec: str, *, split: str = "all",
+                     device: torch.device | None = None) -> dict[str, float]:
+    """Score a trained model on another dataset (cross-dataset evaluation), with the run's crops.
+
+    Args:
+        model: the trained model.
+        config: the run's config (crop size, patches, label, image size are reused).
+        spec: the dataset to score (any ``--dataset`` form).
+        split: ``"all"`` (the usual cross-dataset protocol: the model never saw this dataset) or
+            one split name.
+        device: where to run.
+
+    Returns:
+        The metrics plus ``n``, the number of images scored.
+    """
+    device = device or default_device()
+    d = config.data
+    table = load_table(spec, label=d.label, split_seed=d.split_seed)
+    if split != "all":
+        table = table[table["split"] == split].reset_index(drop=True)
+    decoded = decode_table(table, image_size=d.image_size, min_size=d.crop_size)
+    rows = np.arange(len(decoded.table))
+    loader = DataLoader(IQADataset(decoded, rows, train=False, crop_size=d.crop_size, eval_patches=d.eval_patches),
+                        batch_size=d.eval_batch_size)
+    return {**evaluate(model, loader, device), "n": int(len(rows))}
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (a crash leaves the old file or the new one)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``).
+
+    Raises:
+        CheckpointError: missing, not a checkpoint, or containing anything but tensors and plain
+            data (a tampered file with pickled code is refused, not executed).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise CheckpointError(
+            f"refusing to load {path}: not a valid iqa-ray checkpoint or it contains objects other than "
+            f"tensors and plain data ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != "iqa-ray" or "model" not in state:
+        raise CheckpointError(f"{path} is not an iqa-ray checkpoint (missing format marker or model weights)")
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class EpochResult:
+    """What one epoch produced; ``save(dir)`` writes a full, resumable checkpoint of this moment."""
+
+    epoch: int
+    metrics: dict[str, float]
+    is_best: bool
+    save: Callable[[str | os.PathLike[str]], Path]
+
+
+@dataclass
+class FitResult:
+    config: TrainConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val: dict[str, float]
+    test: dict[str, float] | None
+    stopped_early: bool
+    model: IQAModel = field(repr=False)
+    test_predictions: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fit(
+    config: TrainConfig,
+    decoded: DecodedImages | None = None,
+    *,
+    device: torch.device | str | None = None,
+    resume: str | os.PathLike[str] | dict[str, Any] | None = None,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    max_epochs: int | None = None,
+) -> FitResult:
+    """Train ``config`` and evaluate the best-by-validation model on the test split.
+
+    Args:
+        config: the resolved run config.
+        decoded: the decoded dataset (shared between runs); loaded from ``config.data`` if None.
+        device: where to train (default: CUDA if available).
+        resume: a checkpoint (path, folder or loaded dict) to continue from.
+        on_epoch_end: called after every epoch with its metrics and a ``save`` function.
+        max_epochs: stop after this epoch count even if ``config.optim.epochs`` is larger (for
+            tests that simulate an interruption).
+
+    Returns:
+        History, best epoch and validation metrics, and test metrics of the best model.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (names the epoch and step).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    o = config.optim
+    seed_everything(o.seed)
+    decoded = decoded if decoded is not None else load_decoded(config)
+    loaders = make_loaders(config, decoded)
+    model = build(config, device)
+    model.set_label_stats(float(loaders.train_mos.mean()), float(max(loaders.train_mos.std(), 1e-3)))
+    optimizer = build_optimizer(config, model)
+    schedule = Schedule(config, optimizer, max(1, len(loaders.train)))
+    amp = o.amp and device.type == "cuda"
+
+    history: list[dict[str, float]] = []
+    start_epoch, best_epoch, best_val, best_state = 0, -1, {"srcc": -math.inf}, None
+    bad_epochs = 0
+    if resume is not None:
+        state = resume if isinstance(resume, dict) else load_checkpoint(resume)
+        saved_config = json.loads(state["config"])
+        if saved_config != config.to_dict():
+            raise CheckpointError("the checkpoint was written by a different config; resume needs the same config")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads(state["history"])
+        best_epoch = int(state["best_epoch"])
+        best_val = json.loads(state["best_val"])
+        best_state = state["best_model"]
+        bad_epochs = int(state["bad_epochs"])
+
+    def feature_batches() -> Iterator[torch.Tensor]:
+        for batch in loaders.train_eval:
+            yield to_float(batch["image"][:, 0], device)
+
+    model.train()
+    if start_epoch == 0:
+        model.on_train_start(feature_batches())
+
+    end_epoch = min(o.epochs, max_epochs) if max_epochs is not None else o.epochs
+    stopped_early = False
+    for epoch in range(start_epoch, end_epoch):
+        seed_everything(epoch_seed(o.seed, epoch))
+        model.on_epoch_start(epoch, feature_batches())
+        model.train()
+        sums: dict[str, float] = {}
+        n_images, n_steps = 0, 0
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        started = time.perf_counter()
+        for batch in loaders.train:
+            images = to_float(batch["image"], device)
+            target = batch["mos"].to(device, non_blocking=True).float()
+            with _autocast(device, amp):
+                outputs = model(images)
+            outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
+            losses = model.compute_loss(outputs, target)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"training loss became {loss.item()} at epoch {epoch} (0-based), step {n_steps}; "
+                    f"lr={o.lr}, backbone_lr={o.resolved_backbone_lr}. Lower the learning rate or enable grad_clip."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            schedule.step()
+            n_steps += 1
+            n_images += images.shape[0]
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * images.shape[0]
+        train_seconds = time.perf_counter() - started
+        val = evaluate(model, loaders.val, device, amp)
+        schedule.epoch_end(epoch, val["srcc"])
+        is_best = bool(np.isfinite(val["srcc"]) and val["srcc"] > best_val["srcc"])
+        if is_best:
+            best_epoch, best_val = epoch, dict(val)
+            best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        metrics = {
+            "epoch": epoch + 1,  # epochs completed, as Tune's training_iteration counts
+            **{f"train_{k}": v / max(n_images, 1) for k, v in sums.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+            **{f"lr_{k}": v for k, v in lrs.items()},
+            "images_per_s": n_images / train_seconds if train_seconds > 0 else float("nan"),
+            "epoch_seconds": time.perf_counter() - started,
+            "best_val_srcc": best_val["srcc"],
+            "best_epoch": best_epoch + 1,
+        }
+        history.append(metrics)
+
+        def save(directory: str | os.PathLike[str], _epoch: int = epoch) -> Path:
+            target = Path(directory) / CHECKPOINT_FILE
+            save_checkpoint(target, {
+                "format": "iqa-ray", "version": CHECKPOINT_VERSION, "epoch": _epoch,
+                "config": json.dumps(config.to_dict()), "git_revision": git_revision(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "rng": rng_state(), "history": json.dumps(history), "best_epoch": best_epoch,
+                "best_val": json.dumps(best_val), "best_model": best_state, "bad_epochs": bad_epochs,
+            })
+            return target
+
+        if on_epoch_end is not None:
+            on_epoch_end(EpochResult(epoch=epoch, metrics=metrics, is_best=is_best, save=save))
+        if o.early_stopping_patience is not None and bad_epochs >= o.early_stopping_patience:
+            stopped_early = True
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test, test_predictions = None, None
+    if loaders.test is not None and best_state is not None:
+        test_predictions = predict(model, loaders.test, device, amp)
+        test = all_metrics(*test_predictions)
+    return FitResult(config=config, history=history, best_epoch=best_epoch + 1, best_val=best_val, test=test,
+                     stopped_early=stopped_early, model=model, test_predictions=test_predictions)
+
+
+def best_model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The best-by-validation weights stored in a checkpoint."""
+    return checkpoint["best_model"] if checkpoint.get("best_model") is not None else checkpoint["model"]
+
+
+def model_from_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                          best: bool = True) -> tuple[IQAModel, TrainConfig]:
+    """Rebuild a trained model (best-by-validation weights by default) and its config."""
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(json.loads(state["config"]))
+    # The weights come from the checkpoint, so the backbone is built without any download.
+    blank = config.replace(pretrained="none")
+    model = build(blank, torch.device(device))
+    model.load_state_dict(best_model_state(state) if best else state["model"])
+    model.eval()
+    return model, config
+

@@ -1,0 +1,54 @@
+import pytest
+
+from iqa_ray.config import ConfigError, TrainConfig, valid_keys
+
+
+def test_flat_and_nested_keys_build_the_same_config():
+    flat = TrainConfig.from_dict({"lr": 3e-4, "alpha": 0.3, "loss": "ranking", "crop_size": 96})
+    nested = TrainConfig.from_dict({"optim": {"lr": 3e-4}, "model": {"alpha": 0.3, "loss": "ranking"},
+                                    "data": {"crop_size": 96}})
+    assert flat == nested
+    assert flat.optim.lr == 3e-4 and flat.model.alpha == 0.3 and flat.data.crop_size == 96
+    assert TrainConfig.from_dict(flat.to_dict()) == flat
+    assert flat.replace(lr=1e-2).optim.lr == 1e-2 and flat.optim.lr == 3e-4  # frozen, copied
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"learning_rate": 1e-3}, "unknown config keys \\['learning_rate'\\]; valid keys"),
+        ({"family": "transformer"}, "unknown model family 'transformer'; valid: mlp, gmm, hyperiqa"),
+        ({"backbone": "resnet9000"}, "unknown backbone 'resnet9000'; valid: .*resnet18"),
+        ({"loss": "ranking", "alpha": 1.5}, "alpha must be in \\[0, 1\\], got 1.5"),
+        ({"loss": "ranking", "alpha": -0.1}, "alpha must be in \\[0, 1\\]"),
+        ({"loss": "ranking", "margin": -0.5}, "margin must be >= 0, got -0.5"),
+        ({"family": "gmm", "n_clusters": 0}, "n_clusters must be an integer >= 1, got 0"),
+        ({"lr": 0}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be > 0"),
+        ({"scheduler": "linear"}, "unknown scheduler 'linear'; valid: cosine, step, plateau, none"),
+        ({"optimizer": "lamb"}, "unknown optimizer 'lamb'"),
+        ({"batch_size": 1}, "batch_size must be an integer >= 2"),
+        ({"epochs": 3, "warmup_epochs": 3}, "warmup_epochs must be in \\[0, epochs=3\\)"),
+        ({"label": "psnr"}, "label must be one of"),
+        ({"alpha": 0.3}, "alpha=0.3 only applies to loss='ranking'"),
+        ({"family": "mlp", "n_clusters": 4}, "n_clusters applies to family gmm only, not 'mlp'"),
+        ({"family": "hyperiqa", "hidden_dim": 64}, "hidden_dim applies to family mlp/gmm only"),
+        ({"crop_size": "128"}, "crop_size must be an integer"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_and_what_is_valid(values, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(values)
+
+
+def test_family_kwargs_pick_only_the_familys_arguments():
+    gmm = TrainConfig.from_dict({"family": "gmm", "n_clusters": 4}).model.family_kwargs()
+    assert gmm["n_clusters"] == 4 and "multiscale" not in gmm
+    hyper = TrainConfig.from_dict({"family": "hyperiqa", "multiscale": True}).model.family_kwargs()
+    assert hyper == {"multiscale": True, "hypernet_lr_mult": 10.0}
+
+
+def test_valid_keys_cover_every_section():
+    keys = valid_keys()
+    for k in ("dataset", "crop_size", "family", "backbone", "alpha", "margin", "n_clusters", "lr", "scheduler"):
+        assert k in keys
