@@ -25,6 +25,7 @@ from iqa_ray.paths import default_data_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = PregenConfig()  # defaults live in one place: the config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=SOURCE_KINDS, default="embedded",
                    help="where reference photos come from (default: embedded, photos shipped in pip packages)")
@@ -32,19 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-split", help="split of a Hugging Face dataset (default: train)")
     p.add_argument("--image-column", help="image column of a Hugging Face dataset (default: first image column)")
     p.add_argument("--limit", type=positive_int, help="use only the first N references")
-    p.add_argument("--strength", choices=list(dist.STRENGTH_PRESETS), default="medium",
-                   help="level range: light 0.1-0.4, medium 0.2-0.6, heavy 0.3-1.0 (default: medium)")
-    p.add_argument("--per-image", type=positive_int, default=5, help="distorted versions per reference crop (default: 5)")
-    p.add_argument("--crop-size", type=positive_int, default=160, help="reference crop side in pixels (default: 160)")
-    p.add_argument("--max-crops-per-photo", type=positive_int, default=6, help="crops per source photo at most (default: 6)")
-    p.add_argument("--max-short-side", type=positive_int, default=384,
-                   help="downscale photos so the short side is at most this (default: 384)")
+    p.add_argument("--strength", choices=list(dist.STRENGTH_PRESETS), default=d.strength,
+                   help=f"level range: light 0.1-0.4, medium 0.2-0.6, heavy 0.3-1.0 (default: {d.strength})")
+    p.add_argument("--per-image", type=positive_int, default=d.per_image,
+                   help=f"distorted versions per reference crop (default: {d.per_image})")
+    p.add_argument("--crop-size", type=positive_int, default=d.crop_size,
+                   help=f"reference crop side in pixels (default: {d.crop_size})")
+    p.add_argument("--max-crops-per-photo", type=positive_int, default=d.max_crops_per_photo,
+                   help=f"crops per source photo at most (default: {d.max_crops_per_photo})")
+    p.add_argument("--max-short-side", type=positive_int, default=d.max_short_side,
+                   help=f"downscale photos so the short side is at most this (default: {d.max_short_side})")
     p.add_argument("--distortions", nargs="+", metavar="TYPE", default=[],
                    help=f"distortion types to use (default: all): {' '.join(dist.DISTORTIONS)}")
     p.add_argument("--no-references", action="store_true", help="do not store the pristine crops")
-    p.add_argument("--split", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"), default=(0.6, 0.2, 0.2),
-                   help="fractions of source photos per split (default: 0.6 0.2 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of split, choices and distortions (default: 0)")
+    p.add_argument("--split", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"), default=d.split_fractions,
+                   help="fractions of source photos per split (default: %s)" % " ".join(map(str, d.split_fractions)))
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of split, choices and distortions (default: {d.seed})")
     p.add_argument("--sample", type=float, default=1.0, help="fraction of crops to generate, e.g. 0.1 (default: 1.0)")
     p.add_argument("--out", type=Path, default=None, help=f"output root (default: {default_data_dir()})")
     p.add_argument("--engine", choices=["ray", "local"], default="ray",

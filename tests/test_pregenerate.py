@@ -51,6 +51,9 @@ def test_split_is_by_photo_and_recorded(tiny_dataset):
     assert not (groups_per_split["train"] & groups_per_split["val"])
     assert not (groups_per_split["train"] & groups_per_split["test"])
     assert not (groups_per_split["val"] & groups_per_split["test"])
+    grey = {r["group"]: r["grey"] for r in tiny_dataset.manifest["references"]}
+    for split, groups in groups_per_split.items():  # stratified: both kinds of photo everywhere
+        assert {grey[g] for g in groups} == {True, False}, split
     recorded = tiny_dataset.manifest["splits"]["groups"]
     assert all(recorded[g] == s for s, gs in groups_per_split.items() for g in gs)
 

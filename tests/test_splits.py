@@ -33,3 +33,14 @@ def test_bad_fractions_are_rejected(bad):
 def test_empty_groups_rejected():
     with pytest.raises(ValueError, match="empty"):
         assign_group_splits([])
+
+
+def test_strata_are_split_separately_so_every_split_gets_each_kind():
+    grey = [f"grey{i}" for i in range(9)]
+    colour = [f"colour{i}" for i in range(10)]
+    strata = {g: "grey" for g in grey} | {c: "colour" for c in colour}
+    split = assign_group_splits(strata, (0.6, 0.2, 0.2), seed=0, strata=strata)
+    for kind in (grey, colour):
+        got = sorted(split[g] for g in kind)
+        assert got.count("val") == 2 and got.count("test") == 2
+    assert split == assign_group_splits(list(strata), (0.6, 0.2, 0.2), seed=0, strata=strata)

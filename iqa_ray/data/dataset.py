@@ -39,14 +39,14 @@ class DecodedImages:
     """Decoded images of a whole labelled table, ready to be cropped.
 
     Attributes:
-        images: one ``uint8`` (H, W, 3) array per row; rows of equal size are views into a
-            single contiguous block, so the whole set can be shared through Ray's object store
-            without copies.
+        images: the ``uint8`` (H, W, 3) image of each row: one contiguous (N, H, W, 3) array
+            when all rows have the same size (shared through Ray's object store without
+            copies), else a list of arrays.
         table: the label table (without image bytes), aligned with ``images``.
         skipped: rows that could not be decoded (``on_error="skip"``), with their reasons.
     """
 
-    images: list[np.ndarray]
+    images: np.ndarray | list[np.ndarray]
     table: pd.DataFrame
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
@@ -151,11 +151,10 @@ def decode_table(
     return DecodedImages(images=images, table=label_table, skipped=skipped)
 
 
-def _pack(images: list[np.ndarray]) -> list[np.ndarray]:
-    """Store equal-sized images in one contiguous array (cheap to pickle and to share)."""
+def _pack(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """Store equal-sized images in one contiguous array (one buffer to pickle and to share)."""
     if len({im.shape for im in images}) == 1:
-        block = np.stack(images)
-        return list(block)
+        return np.stack(images)
     return images
 
 

@@ -121,8 +121,8 @@ class PregenConfig:
     strength: str = "medium"
     per_image: int = 5
     crop_size: int = 160
-    max_crops_per_photo: int = 6
-    max_short_side: int = 384
+    max_crops_per_photo: int = 9
+    max_short_side: int = 512
     distortions: tuple[str, ...] = ()
     include_references: bool = True
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
@@ -273,7 +273,10 @@ def make_tasks(
 
     ``config.sample`` is not applied here, so the split does not depend on it.
     """
-    split_of_group = assign_group_splits((refs[i].group for i in boxes_by_ref), config.split_fractions, config.seed)
+    # Stratified by grey vs colour so every split holds both kinds of photo (colour-only
+    # distortions, e.g. saturation, then appear in every split).
+    strata = {refs[i].group: ("grey" if refs[i].grey else "colour") for i in boxes_by_ref}
+    split_of_group = assign_group_splits(strata, config.split_fractions, config.seed, strata=strata)
     tasks = [
         CropTask(ref_index=i, crop_id=f"{refs[i].key}@{box[0]},{box[1]}", box=box, split=split_of_group[refs[i].group])
         for i, boxes in sorted(boxes_by_ref.items())

@@ -8,7 +8,7 @@ measures generalisation to unseen content rather than memorised photos.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,36 +27,47 @@ def validate_fractions(fractions: Sequence[float]) -> tuple[float, float, float]
 
 
 def assign_group_splits(
-    groups: Iterable[str], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
+    groups: Iterable[str],
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    strata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Assign each distinct group to a split, deterministically for (groups, fractions, seed).
 
     Groups are sorted before a seeded permutation, so the result does not depend on input
-    order. With at least three groups and all fractions > 0, every split receives at least one
-    group: an empty validation or test split would make model selection or reporting silently
-    meaningless.
+    order. With at least three groups (per stratum) and all fractions > 0, every split receives
+    at least one group: an empty validation or test split would make model selection or
+    reporting silently meaningless.
 
     Args:
         groups: group names (duplicates allowed; each distinct name is assigned once).
         fractions: target share of *groups* for train, val and test.
         seed: seed of the permutation.
+        strata: optional stratum of each group (e.g. "grey" / "colour"); each stratum is split
+            by the fractions on its own, so every split gets its share of each kind. Without
+            it, a small set can put every photo of one kind in one split (the embedded set once
+            drew four grey photos as its whole test split).
 
     Returns:
         Mapping from group name to "train", "val" or "test".
     """
     fr = validate_fractions(fractions)
     unique = sorted(set(groups))
-    n = len(unique)
-    if n == 0:
+    if not unique:
         raise ValueError("cannot split an empty set of groups")
-    order = np.random.default_rng(seed).permutation(n)
-    counts = _split_counts(n, fr)
+    by_stratum: dict[str, list[str]] = {}
+    for g in unique:
+        by_stratum.setdefault(strata[g] if strata is not None else "", []).append(g)
     assignment: dict[str, str] = {}
-    start = 0
-    for split, count in zip(SPLITS, counts):
-        for idx in order[start : start + count]:
-            assignment[unique[idx]] = split
-        start += count
+    for k, stratum in enumerate(sorted(by_stratum)):
+        members = by_stratum[stratum]
+        order = np.random.default_rng([seed, k]).permutation(len(members)) if strata is not None \
+            else np.random.default_rng(seed).permutation(len(members))
+        start = 0
+        for split, count in zip(SPLITS, _split_counts(len(members), fr)):
+            for idx in order[start : start + count]:
+                assignment[members[idx]] = split
+            start += count
     return assignment
 
 
