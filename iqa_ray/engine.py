@@ -422,6 +422,8 @@ def fit(
 
     end_epoch = min(o.epochs, max_epochs) if max_epochs is not None else o.epochs
     stopped_early = False
+    test: dict[str, float] | None = None
+    test_predictions: tuple[np.ndarray, np.ndarray] | None = None
     for epoch in range(start_epoch, end_epoch):
         seed_everything(epoch_seed(o.seed, epoch))
         model.on_epoch_start(epoch, feature_batches())
@@ -486,16 +488,25 @@ def fit(
             })
             return target
 
+        stop_early = o.early_stopping_patience is not None and bad_epochs >= o.early_stopping_patience
+        if (epoch == o.epochs - 1 or stop_early) and loaders.test is not None and best_state is not None:
+            # The run ends here: score the selected (best-by-validation) weights on the test split
+            # once, and report them with this last epoch, so a Tune trial's final result holds them.
+            current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(best_state)
+            test_predictions = predict(model, loaders.test, device, amp)
+            model.load_state_dict(current)
+            test = all_metrics(*test_predictions)
+            metrics.update({f"test_{k}": v for k, v in test.items()})
         if on_epoch_end is not None:
             on_epoch_end(EpochResult(epoch=epoch, metrics=metrics, is_best=is_best, save=save))
-        if o.early_stopping_patience is not None and bad_epochs >= o.early_stopping_patience:
+        if stop_early:
             stopped_early = True
             break
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    test, test_predictions = None, None
-    if loaders.test is not None and best_state is not None:
+    if test is None and loaders.test is not None and best_state is not None:  # resumed after the end
         test_predictions = predict(model, loaders.test, device, amp)
         test = all_metrics(*test_predictions)
     return FitResult(config=config, history=history, best_epoch=best_epoch + 1, best_val=best_val, test=test,
