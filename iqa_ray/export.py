@@ -1,0 +1,165 @@
+"""Export a Tune experiment folder to ``trials.parquet`` and ``epochs.parquet``.
+
+    python -m iqa_ray.export RESULTS_DIR/EXPERIMENT
+
+Reads only what Tune wrote (each trial's ``params.json``, ``result.json`` and ``error.txt``, and
+the experiment state for trial status), so it works on finished, interrupted and resumed
+experiments alike, and is run automatically at the end of every search.
+
+Schema (documented in docs/RESULTS.md):
+
+``epochs.parquet`` - one row per trial and reported epoch:
+    ``trial_id``, ``epoch``, every reported metric (``train_loss``, ``val_srcc``, ``val_plcc``,
+    ``val_krcc``, ``val_rmse``, ``val_plcc_logistic``, ``lr_*``, ``images_per_s``,
+    ``epoch_seconds``, ``best_val_srcc``, ``test_*`` on a trial's last epoch), ``node_id``,
+    ``hostname``, ``time_total_s``, ``timestamp``.
+``trials.parquet`` - one row per trial:
+    ``trial_id``, ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
+    mid-run), ``stopped_by_scheduler`` (ended before max epochs without error), ``stop_epoch``,
+    ``max_epochs``, ``config.<key>`` for every trial config key, ``best_val_srcc``,
+    ``best_epoch``, ``best_val_plcc`` (at the best epoch), ``last_*`` metrics, ``test_srcc`` /
+    ``test_plcc`` / ``test_krcc`` / ``test_rmse`` (the best-by-validation weights, when the trial
+    reached its end), ``time_total_s``, ``checkpoint_path``, ``node_id``, ``git_revision``,
+    ``error`` (first line of the error, if any), ``trial_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from iqa_ray.utils.io import atomic_path, git_revision
+
+METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
+_KEEP = ("epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "node_id", "hostname",
+         "time_total_s", "timestamp", "training_iteration")
+
+
+def _read_results(trial_dir: Path) -> list[dict[str, Any]]:
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash mid-write: the rest still count
+                continue
+    return rows
+
+
+def _trial_states(experiment: Path) -> dict[str, str]:
+    """trial_id -> status from Tune's newest experiment state file."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    data = json.loads(states[-1].read_text())
+    out = {}
+    for entry in data.get("trial_data", []):
+        trial = json.loads(entry[0]) if isinstance(entry, list) else entry
+        if isinstance(trial, dict) and "trial_id" in trial:
+            out[trial["trial_id"]] = trial.get("status", "UNKNOWN")
+    return out
+
+
+def _latest_checkpoint(trial_dir: Path) -> str | None:
+    checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, epochs) data frames of an experiment folder."""
+    experiment = Path(experiment)
+    if not experiment.is_dir():
+        raise FileNotFoundError(f"no experiment folder at {experiment}")
+    states = _trial_states(experiment)
+    revision = git_revision()
+    trial_rows, epoch_rows = [], []
+    for trial_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "params.json").exists()):
+        params = json.loads((trial_dir / "params.json").read_text())
+        results = _read_results(trial_dir)
+        # A trial restored from a checkpoint re-reports nothing twice, but a retried epoch can
+        # appear twice in result.json: keep the last report of each epoch.
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for r in results:
+            if "epoch" in r:
+                by_epoch[int(r["epoch"])] = r
+        trial_id = results[-1]["trial_id"] if results else trial_dir.name.removeprefix("trial_")
+        for epoch, r in sorted(by_epoch.items()):
+            row = {"trial_id": trial_id, **{k: r[k] for k in r if k.startswith(METRIC_PREFIXES) or k in _KEEP}}
+            epoch_rows.append(row)
+        error_file = trial_dir / "error.txt"
+        error = error_file.read_text().strip().splitlines()[-1][:500] if error_file.exists() else None
+        status = states.get(trial_id, "ERROR" if error else ("TERMINATED" if by_epoch else "PENDING"))
+        max_epochs = params.get("epochs")
+        row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+        row.update({f"config.{k}": v for k, v in sorted(params.items())})
+        if by_epoch:
+            epochs = [by_epoch[e] for e in sorted(by_epoch)]
+            best = max(epochs, key=lambda r: r.get("val_srcc", float("-inf")))
+            last = epochs[-1]
+            row.update({
+                "stop_epoch": int(last["epoch"]), "max_epochs": max_epochs,
+                "stopped_by_scheduler": bool(status == "TERMINATED" and max_epochs and last["epoch"] < max_epochs),
+                "best_val_srcc": best.get("val_srcc"), "best_epoch": int(best["epoch"]),
+                "best_val_plcc": best.get("val_plcc"), "best_val_krcc": best.get("val_krcc"),
+                "best_val_rmse": best.get("val_rmse"),
+                **{f"last_{k}": v for k, v in last.items() if k.startswith(("train_", "val_"))},
+                **{k: v for k, v in last.items() if k.startswith("test_")},
+                "time_total_s": last.get("time_total_s"), "node_id": last.get("node_id"),
+                "hostname": last.get("hostname"),
+            })
+        else:
+            row.update({"stop_epoch": 0, "max_epochs": max_epochs, "stopped_by_scheduler": False})
+        row.update({"checkpoint_path": _latest_checkpoint(trial_dir), "git_revision": revision, "error": error,
+                    "trial_dir": str(trial_dir)})
+        trial_rows.append(row)
+    return pd.DataFrame(trial_rows), pd.DataFrame(epoch_rows)
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    # Mixed-type config columns (e.g. a choice of numbers and strings) become strings, so the
+    # file always writes; the original values stay in each trial's params.json.
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            kinds = {type(v) for v in frame[column].dropna()}
+            if len(kinds) > 1 or (kinds and not kinds <= {str, bool, int, float}):
+                frame[column] = frame[column].map(lambda v: None if v is None else json.dumps(v) if not isinstance(v, str) else v)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def export_experiment(experiment: str | Path) -> dict[str, Path]:
+    """Write ``trials.parquet`` and ``epochs.parquet`` into the experiment folder (atomically)."""
+    experiment = Path(experiment)
+    trials, epochs = collect(experiment)
+    out = {"trials": experiment / "trials.parquet", "epochs": experiment / "epochs.parquet"}
+    _write_parquet(trials, out["trials"])
+    _write_parquet(epochs, out["epochs"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m iqa_ray.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", type=Path, help="an experiment folder (RESULTS_DIR/<name>)")
+    args = p.parse_args(argv)
+    try:
+        paths = export_experiment(args.experiment)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name}: {path} ({len(pd.read_parquet(path))} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Search: studies as data, searchers, schedulers, the Tuner and the launcher."""

@@ -1,0 +1,178 @@
+"""The one launcher behind ``launch/tune_<study>.py``: flags -> checks -> Ray -> data -> Tuner.
+
+Everything that can be rejected is rejected before Ray starts or any trial runs: the study
+file, flag values, GPU shares, an unreachable ``--address``, a ``--resume`` of an experiment
+that does not exist, and a request for more GPUs than the cluster has (a trial asking for a GPU
+share on a cluster without one would otherwise stay PENDING forever).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.data.errors import DatasetError
+from iqa_ray.paths import default_results_dir
+from iqa_ray.search.study import StudyError, available_studies, load_study
+from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS, SearchSettings, per_gpu
+
+ADDRESS_TIMEOUT_S = 10.0
+
+
+class LaunchError(RuntimeError):
+    """A launch request that cannot work; the message says why and what would."""
+
+
+def build_parser(study: str | None = None) -> argparse.ArgumentParser:
+    prog = f"launch/tune_{study}.py" if study else "launch/tune.py"
+    p = argparse.ArgumentParser(prog=prog, description=(
+        f"Run the {study or '<study>'} hyperparameter search on Ray Tune. With no flags on a machine without "
+        "a GPU it runs a small, real search on the embedded dataset on CPU."))
+    if study is None:
+        p.add_argument("--study", required=True, help=f"study name or .toml path; available: {available_studies()}")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="GPUs to use (0 = CPU only; default: every GPU of the cluster)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPU share per trial, e.g. 0.25 = four trials per GPU (default: 0.25 when GPUs are used)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores (torch threads) per trial (default: 1)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials to sample (grid: repeats of the grid)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
+    p.add_argument("--searcher", choices=SEARCHERS, default=None, help="optuna (TPE), random or grid (default: the study's)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="asha, hyperband or none (default: the study's)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs a trial may train at most (default: the study's)")
+    p.add_argument("--grace-period", type=int, default=None, help="epochs before ASHA may stop a trial")
+    p.add_argument("--reduction-factor", type=int, default=None, help="ASHA/HyperBand reduction factor")
+    p.add_argument("--seed", type=int, default=None, help="searcher seed (default: the study's)")
+    p.add_argument("--dataset", default="embedded",
+                   help="embedded (default), a pre-generated folder, or ADAPTER:ROOT (e.g. koniq10k:/data/koniq10k)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key for every trial (repeatable), e.g. --set crop_size=96")
+    p.add_argument("--address", default=None, help="address of an existing Ray cluster, e.g. 10.0.0.5:6379 or auto")
+    p.add_argument("--storage", default=None,
+                   help=f"results root: a local path or a pyarrow URI such as s3://bucket/iqa (default: {default_results_dir()})")
+    p.add_argument("--name", default=None, help="experiment name (default: <study>-<date>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment --name under --storage")
+    p.add_argument("--smoke-test", action="store_true", help="a tiny search (2 trials, 1 epoch, a sample of the data)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default: 2)")
+    return p
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise LaunchError(f"--set expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
+
+
+def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSettings:
+    """Validate every flag and build the search settings; nothing has started yet."""
+    study = load_study(study_name)
+    overrides = _parse_sets(args.set)
+    overrides["dataset"] = args.dataset
+    if args.smoke_test:
+        overrides.setdefault("eval_patches", 1)
+    # Every override must make a valid config with the study's fixed values.
+    TrainConfig.from_dict({**study.fixed, **overrides})
+    gpus = args.gpus
+    if gpus is not None and gpus < 0:
+        raise LaunchError(f"--gpus must be >= 0, got {gpus}")
+    gpt = args.gpus_per_trial
+    if gpt is not None:
+        per_gpu(gpt)  # raises with the valid shares
+        if gpus == 0:
+            raise LaunchError("--gpus-per-trial was given with --gpus 0; drop one of them")
+    if args.cpus_per_trial <= 0:
+        raise LaunchError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    for flag in ("num_samples", "max_concurrent", "max_epochs", "grace_period"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise LaunchError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.reduction_factor is not None and args.reduction_factor < 2:
+        raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
+    if args.resume and not args.name:
+        raise LaunchError("--resume needs --name (the experiment to continue)")
+    num_samples = args.num_samples or study.num_samples
+    max_epochs = args.max_epochs or study.max_epochs
+    grace = args.grace_period or min(study.grace_period, max_epochs)
+    if args.smoke_test:
+        num_samples, max_epochs, grace = min(num_samples, 2), 1, 1
+    return SearchSettings(
+        study=study, name=args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage=args.storage or str(default_results_dir()),
+        searcher=args.searcher or study.searcher, scheduler=args.scheduler or study.scheduler,
+        num_samples=num_samples, max_epochs=max_epochs, grace_period=grace,
+        reduction_factor=args.reduction_factor or study.reduction_factor, max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
+        seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
+        overrides=tuple(sorted(overrides.items())),
+    )
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds when ``host:port`` does not accept connections."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"--address {address!r} must be HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        raise LaunchError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
+                          f"`ray start --head --port {port}` or check the address") from None
+
+
+def resolve_gpus(args: argparse.Namespace, resources: dict[str, float]) -> tuple[float, float]:
+    """(GPUs to use, share per trial), checked against what the cluster really has."""
+    available = float(resources.get("GPU", 0.0))
+    gpus = available if args.gpus is None else float(args.gpus)
+    if gpus > available:
+        raise LaunchError(
+            f"--gpus {args.gpus:g} asks for more GPUs than the Ray cluster has ({available:g}); trials would wait "
+            f"forever. Use --gpus {available:g}" + (" (CPU only)" if available == 0 else "") + " or add GPU nodes."
+        )
+    if gpus == 0:
+        return 0.0, 0.0
+    share = args.gpus_per_trial if args.gpus_per_trial is not None else 0.25
+    per_gpu(share)
+    return gpus, share
+
+
+def main(argv: list[str] | None = None, study: str | None = None) -> int:
+    args = build_parser(study).parse_args(argv)
+    study_name = study or args.study
+    try:
+        settings = settings_from_args(args, study_name)
+        if args.address:
+            check_address(args.address)
+    except (StudyError, ConfigError, LaunchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from iqa_ray.search.run import run_search
+
+    try:
+        return run_search(settings, args)
+    except (LaunchError, StudyError, ConfigError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def experiment_dir_hint(settings: SearchSettings) -> str:
+    local = settings.local_experiment_dir()
+    return str(local) if local is not None else settings.experiment_path()
+
+
+__all__ = ["main", "build_parser", "settings_from_args", "LaunchError", "check_address", "resolve_gpus"]

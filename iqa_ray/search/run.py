@@ -1,0 +1,165 @@
+"""Run a validated search: start Ray, prepare the data once, run or resume the Tuner, report.
+
+At the end it prints the best configuration (selected on validation SRCC only), its validation
+and test SRCC/PLCC, where the results are, and the exact TensorBoard command; and it exports
+``trials.parquet`` / ``epochs.parquet`` into the experiment folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+from iqa_ray.config import TrainConfig
+from iqa_ray.search.launcher import LaunchError, experiment_dir_hint, resolve_gpus
+from iqa_ray.search.tuner import SELECTION_METRIC, SearchSettings, build_tuner, restore_tuner
+from iqa_ray.utils.io import atomic_write_json, git_revision
+
+
+def prepare_dataset(settings: SearchSettings, smoke: bool) -> Any:
+    """Pre-generate (embedded, on Ray Data) if needed and decode the dataset once for all trials."""
+    from iqa_ray.data.catalog import EMBEDDED, generated_table, load_table
+    from iqa_ray.data.dataset import decode_table
+    from iqa_ray.data.pregenerate import PregenConfig, pregenerate
+    from iqa_ray.paths import default_data_dir
+
+    config = TrainConfig.from_dict(settings.effective_study.constants())
+    d = config.data
+    if d.dataset == EMBEDDED:
+        pregen = PregenConfig(sample=0.25) if smoke else PregenConfig()
+        generated = pregenerate(pregen, default_data_dir(), engine="ray",
+                                progress=lambda m: print(f"[pregenerate] {m}", flush=True))
+        table = generated_table(generated.path, label=d.label)
+    else:
+        table = load_table(d.dataset, label=d.label, split_seed=d.split_seed)
+    decoded = decode_table(table, image_size=d.image_size, min_size=d.crop_size)
+    counts = decoded.table["split"].value_counts().to_dict()
+    print(f"[data] {d.dataset}: {len(decoded.table)} images decoded once "
+          f"({counts.get('train', 0)} train / {counts.get('val', 0)} val / {counts.get('test', 0)} test), "
+          f"{decoded.nbytes / 1e6:.0f} MB shared with every trial", flush=True)
+    return decoded
+
+
+def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
+    import ray
+    from ray import tune
+
+    from iqa_ray.cli import init_ray
+    from iqa_ray.trainables import iqa_trainable
+
+    if settings.local_experiment_dir() is not None and not args.resume:
+        existing = settings.local_experiment_dir()
+        if existing.exists() and any(existing.iterdir()):
+            raise LaunchError(f"experiment {settings.name!r} already exists in {existing}; use --resume to continue "
+                              "it or choose another --name")
+    resources = init_ray(address=args.address)
+    try:
+        gpus, share = resolve_gpus(args, resources)
+        cpus = float(resources.get("CPU", 1))
+        if settings.cpus_per_trial > cpus:
+            raise LaunchError(f"--cpus-per-trial {settings.cpus_per_trial:g} exceeds the cluster's {cpus:g} CPUs")
+        settings = _with_gpu(settings, share)
+        print("\n".join(settings.effective_study.describe()), flush=True)
+        print(f"[search] searcher={settings.searcher} scheduler={settings.scheduler} samples={settings.num_samples} "
+              f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
+              f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
+        decoded = prepare_dataset(settings, args.smoke_test)
+        trainable = tune.with_resources(
+            tune.with_parameters(iqa_trainable, decoded=decoded, resolve=settings.effective_study.resolve,
+                                 cpus_per_trial=settings.cpus_per_trial),
+            {"cpu": settings.cpus_per_trial, "gpu": share},
+        )
+        started = time.perf_counter()
+        tuner = restore_tuner(settings, trainable) if args.resume else build_tuner(settings, trainable)
+        results = tuner.fit()
+        elapsed = time.perf_counter() - started
+        summary = summarise(settings, results, decoded, elapsed)
+    finally:
+        if ray.is_initialized() and not args.address:
+            ray.shutdown()
+    print_summary(settings, summary)
+    return 0
+
+
+def _with_gpu(settings: SearchSettings, share: float) -> SearchSettings:
+    from dataclasses import replace
+
+    return replace(settings, gpus_per_trial=share)
+
+
+def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float) -> dict[str, Any]:
+    """Pick the best trial on validation SRCC; make sure its test metrics exist; export."""
+    from iqa_ray.export import export_experiment
+
+    errors = [r for r in results if r.error is not None]
+    finished = [r for r in results if r.metrics and SELECTION_METRIC in r.metrics]
+    if not finished:
+        raise LaunchError(f"no trial reported any epoch ({len(errors)} errored); see {experiment_dir_hint(settings)}")
+    best = max(finished, key=lambda r: _finite(r.metrics[SELECTION_METRIC]))
+    test = {k.removeprefix("test_"): v for k, v in best.metrics.items() if k.startswith("test_")}
+    if not test and best.checkpoint is not None:
+        test = _test_from_checkpoint(best.checkpoint, decoded)
+    config = settings.effective_study.resolve(best.config)
+    history = best.metrics_dataframe
+    best_row = history.loc[history["val_srcc"].idxmax()] if "val_srcc" in history else None
+    local = settings.local_experiment_dir()
+    exports = export_experiment(local) if local is not None else {}
+    summary = {
+        "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
+        "searcher": settings.searcher, "scheduler": settings.scheduler, "trials": len(results),
+        "errored_trials": len(errors), "elapsed_s": round(elapsed, 1),
+        "best_trial": best.path.rsplit("/", 1)[-1] if best.path else None,
+        "best_config": {k: v for k, v in config.items()},
+        "best_val": {"srcc": float(best_row["val_srcc"]), "plcc": float(best_row["val_plcc"]),
+                     "epoch": int(best_row["epoch"])} if best_row is not None else {},
+        "test": test, "exports": {k: str(v) for k, v in exports.items()},
+    }
+    if local is not None:
+        atomic_write_json(local / "summary.json", summary)
+    return summary
+
+
+def _finite(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else -math.inf
+
+
+def _test_from_checkpoint(checkpoint: Any, decoded: Any) -> dict[str, float]:
+    """Score the best-by-validation weights stored in a trial's checkpoint on the test split."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from iqa_ray.data.dataset import IQADataset
+    from iqa_ray.engine import evaluate, model_from_checkpoint
+
+    with checkpoint.as_directory() as directory:
+        model, config = model_from_checkpoint(directory)
+    loader = DataLoader(IQADataset(decoded, "test", train=False, crop_size=config.data.crop_size,
+                                   eval_patches=config.data.eval_patches), batch_size=config.data.eval_batch_size)
+    return evaluate(model, loader, torch.device("cpu"))
+
+
+def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
+    print("\n" + "=" * 78)
+    print(f"study {s['study']}: {s['trials']} trials ({s['errored_trials']} errored) in {s['elapsed_s']:.0f} s, "
+          f"searcher={s['searcher']}, scheduler={s['scheduler']}")
+    print("best config (selected on validation SRCC):")
+    searched = {p.name for p in settings.study.params}
+    for k in sorted(s["best_config"]):
+        if k in searched:
+            print(f"  {k} = {s['best_config'][k]}")
+    if s["best_val"]:
+        print(f"validation: SRCC {s['best_val']['srcc']:.4f}  PLCC {s['best_val']['plcc']:.4f}  (epoch {s['best_val']['epoch']})")
+    if s["test"]:
+        print(f"test (selected model, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}")
+    print(f"results: {s['experiment']}")
+    for name, path in s["exports"].items():
+        print(f"  {name}: {path}")
+    print(f"TensorBoard: tensorboard --logdir {s['experiment']} --host 127.0.0.1")
+    print("=" * 78)
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,366 @@
+"""Studies: a search written as data (one TOML file in ``search_spaces/``), validated up front.
+
+A study names what is searched and how, following the tuning playbook's vocabulary: every
+hyperparameter is *scientific* (what the study is about, e.g. the ranking loss's alpha and
+margin), *nuisance* (must be tuned for a fair comparison, e.g. the learning rate) or *fixed*
+(held constant, listed under ``[fixed]``). Example::
+
+    [study]
+    description = "HyperIQA with the pairwise ranking loss"
+    metric = "val_srcc"
+    mode = "max"
+    num_samples = 12
+    max_epochs = 6
+
+    [fixed]
+    family = "hyperiqa"
+    loss = "ranking"
+
+    [params.alpha]
+    role = "scientific"
+    type = "uniform"              # uniform | loguniform | int | logint | choice
+    low = 0.0
+    high = 0.7
+    grid = [0.1, 0.2, 0.3, 0.5, 0.7]   # used by the grid searcher
+
+    [params.lr]
+    role = "nuisance"
+    type = "loguniform"
+    low = 1e-4
+    high = 3e-3
+    [params.lr.range_by.backbone]      # optional: the range depends on another parameter
+    resnet18 = [1e-4, 1e-3]
+
+Everything is checked before any trial starts: keys must be config keys, ranges must be
+ordered and inside what the config accepts (both ends are built into a real config), grids
+must lie in their ranges, and the space may not be empty. A parameter with ``range_by`` is
+searched as a unit value in [0, 1] (``<name>__unit``) that :meth:`Study.resolve` maps, log-scaled
+when the type is ``loguniform``, into the range of the chosen value: every searcher (grid,
+random, TPE) handles that without conditional spaces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from iqa_ray.config import ConfigError, TrainConfig, valid_keys
+
+ROLES = ("scientific", "nuisance")
+TYPES = ("uniform", "loguniform", "int", "logint", "choice")
+MODES = ("max", "min")
+UNIT_SUFFIX = "__unit"
+STUDY_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+_STUDY_KEYS = {"name", "description", "metric", "mode", "num_samples", "max_epochs", "grace_period",
+               "reduction_factor", "searcher", "scheduler", "seed"}
+_PARAM_KEYS = {"role", "type", "low", "high", "values", "grid", "range_by", "description"}
+
+
+class StudyError(ConfigError):
+    """A study file is malformed; the message names the file, the key and what is valid."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched hyperparameter."""
+
+    name: str
+    role: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    values: tuple[Any, ...] = ()
+    grid: tuple[Any, ...] = ()
+    range_by: tuple[str, dict[Any, tuple[float, float]]] | None = None
+    description: str = ""
+
+    @property
+    def searched_name(self) -> str:
+        """The key the searcher sees (``<name>__unit`` for parameters with a ``range_by``)."""
+        return self.name + UNIT_SUFFIX if self.range_by else self.name
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study."""
+
+    name: str
+    path: Path | None
+    description: str
+    fixed: dict[str, Any]
+    params: tuple[Param, ...]
+    metric: str = "val_srcc"
+    mode: str = "max"
+    num_samples: int = 12
+    max_epochs: int = 6
+    grace_period: int = 1
+    reduction_factor: int = 3
+    searcher: str = "optuna"
+    scheduler: str = "asha"
+    seed: int = 0
+    roles: dict[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ spaces for each searcher
+
+    def tune_space(self) -> dict[str, Any]:
+        """Ray Tune sampling space (random search): fixed values plus one sampler per parameter."""
+        from ray import tune
+
+        space: dict[str, Any] = dict(self.fixed)
+        space["epochs"] = self.max_epochs
+        for p in self.params:
+            if p.range_by:
+                space[p.searched_name] = tune.uniform(0.0, 1.0)
+            elif p.type == "uniform":
+                space[p.name] = tune.uniform(p.low, p.high)
+            elif p.type == "loguniform":
+                space[p.name] = tune.loguniform(p.low, p.high)
+            elif p.type == "int":
+                space[p.name] = tune.randint(int(p.low), int(p.high) + 1)
+            elif p.type == "logint":
+                space[p.name] = tune.lograndint(int(p.low), int(p.high) + 1)
+            else:
+                space[p.name] = tune.choice(list(p.values))
+        return space
+
+    def grid_space(self) -> dict[str, Any]:
+        """Ray Tune grid: every combination of the parameters' ``grid`` values."""
+        from ray import tune
+
+        missing = [p.name for p in self.params if not p.grid]
+        if missing:
+            raise StudyError(f"study {self.name!r}: the grid searcher needs `grid = [...]` for {missing}")
+        space: dict[str, Any] = dict(self.fixed)
+        space["epochs"] = self.max_epochs
+        for p in self.params:
+            space[p.name] = tune.grid_search(list(p.grid))
+        return space
+
+    def grid_size(self) -> int:
+        return math.prod(len(p.grid) for p in self.params) if all(p.grid for p in self.params) else 0
+
+    def optuna_space(self) -> dict[str, Any]:
+        """Optuna distributions of the searched keys (fixed values go to Tune's param_space)."""
+        from optuna import distributions as d
+
+        space: dict[str, Any] = {}
+        for p in self.params:
+            if p.range_by:
+                space[p.searched_name] = d.FloatDistribution(0.0, 1.0)
+            elif p.type in ("uniform", "loguniform"):
+                space[p.name] = d.FloatDistribution(p.low, p.high, log=p.type == "loguniform")
+            elif p.type in ("int", "logint"):
+                space[p.name] = d.IntDistribution(int(p.low), int(p.high), log=p.type == "logint")
+            else:
+                space[p.name] = d.CategoricalDistribution(list(p.values))
+        return space
+
+    def constants(self) -> dict[str, Any]:
+        """What every trial gets besides the searched keys."""
+        return {**self.fixed, "epochs": self.max_epochs}
+
+    # ------------------------------------------------------------------ trial config -> run config
+
+    def resolve(self, trial_config: Mapping[str, Any]) -> dict[str, Any]:
+        """Flat :class:`TrainConfig` keys of a trial: unit values mapped into their ranges."""
+        out = {k: v for k, v in trial_config.items() if not k.endswith(UNIT_SUFFIX)}
+        for p in self.params:
+            if not p.range_by or p.searched_name not in trial_config:
+                continue
+            by, ranges = p.range_by
+            choice = out.get(by, self.fixed.get(by))
+            if choice not in ranges:
+                raise StudyError(f"study {self.name!r}: {p.name} has no range for {by}={choice!r}; ranges: {sorted(ranges)}")
+            lo, hi = ranges[choice]
+            u = float(trial_config[p.searched_name])
+            out[p.name] = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if p.type == "loguniform" \
+                else lo + u * (hi - lo)
+        return out
+
+    def describe(self) -> list[str]:
+        lines = [f"study {self.name}: {self.description}",
+                 f"  optimise {self.metric} ({self.mode}); {self.num_samples} samples, up to {self.max_epochs} epochs"]
+        for p in self.params:
+            rng = (f"{p.values}" if p.type == "choice" else f"[{p.low}, {p.high}]")
+            if p.range_by:
+                rng = f"by {p.range_by[0]}: " + ", ".join(f"{k}=[{a:g}, {b:g}]" for k, (a, b) in p.range_by[1].items())
+            lines.append(f"  {p.role:10s} {p.name} ~ {p.type} {rng}")
+        for k, v in self.fixed.items():
+            lines.append(f"  {'fixed':10s} {k} = {v!r}")
+        return lines
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def available_studies(directory: Path = STUDY_DIR) -> list[str]:
+    """Names of the studies in ``search_spaces/`` (one ``.toml`` file each)."""
+    return sorted(p.stem for p in directory.glob("*.toml"))
+
+
+def load_study(name_or_path: str | Path, directory: Path = STUDY_DIR) -> Study:
+    """Load and validate a study by name (``ranking``) or path (``my/study.toml``).
+
+    Raises:
+        StudyError: the file is missing or invalid; the message says what is valid.
+    """
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = directory / f"{name_or_path}.toml"
+    if not path.exists():
+        raise StudyError(f"no study {str(name_or_path)!r} (looked for {path}); available: {available_studies(directory)}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_study(data, name=path.stem, path=path)
+
+
+def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None) -> Study:
+    """Validate the contents of a study file (see the module docstring for the format)."""
+    where = str(path) if path else name
+    unknown_tables = sorted(set(data) - {"study", "fixed", "params"})
+    if unknown_tables:
+        raise StudyError(f"{where}: unknown tables {unknown_tables}; valid: [study], [fixed], [params.<name>]")
+    meta = dict(data.get("study", {}))
+    unknown = sorted(set(meta) - _STUDY_KEYS)
+    if unknown:
+        raise StudyError(f"{where}: unknown [study] keys {unknown}; valid: {sorted(_STUDY_KEYS)}")
+    fixed = dict(data.get("fixed", {}))
+    keys = set(valid_keys())
+    bad_fixed = sorted(k for k in fixed if k not in keys)
+    if bad_fixed:
+        raise StudyError(f"{where}: [fixed] keys {bad_fixed} are not config keys; valid: {sorted(keys)}")
+    if "epochs" in fixed:
+        raise StudyError(f"{where}: set the epoch budget with [study] max_epochs, not [fixed] epochs")
+    raw_params = data.get("params", {})
+    if not raw_params:
+        raise StudyError(f"{where}: the search space is empty: add at least one [params.<name>] table")
+    params = tuple(_parse_param(where, pname, spec, keys, fixed) for pname, spec in raw_params.items())
+    study = Study(
+        name=str(meta.get("name", name)), path=path, description=str(meta.get("description", "")),
+        fixed=fixed, params=params, metric=str(meta.get("metric", "val_srcc")), mode=str(meta.get("mode", "max")),
+        num_samples=int(meta.get("num_samples", 12)), max_epochs=int(meta.get("max_epochs", 6)),
+        grace_period=int(meta.get("grace_period", 1)), reduction_factor=int(meta.get("reduction_factor", 3)),
+        searcher=str(meta.get("searcher", "optuna")), scheduler=str(meta.get("scheduler", "asha")),
+        seed=int(meta.get("seed", 0)), roles={p.name: p.role for p in params} | {k: "fixed" for k in fixed},
+    )
+    _check_study(where, study)
+    return study
+
+
+def _parse_param(where: str, name: str, spec: Mapping[str, Any], keys: set[str], fixed: Mapping[str, Any]) -> Param:
+    at = f"{where}: [params.{name}]"
+    if name not in keys:
+        raise StudyError(f"{at}: {name!r} is not a config key; valid: {sorted(keys)}")
+    if name in fixed:
+        raise StudyError(f"{at}: {name!r} is both fixed and searched")
+    unknown = sorted(set(spec) - _PARAM_KEYS)
+    if unknown:
+        raise StudyError(f"{at}: unknown keys {unknown}; valid: {sorted(_PARAM_KEYS)}")
+    role = spec.get("role")
+    if role not in ROLES:
+        raise StudyError(f"{at}: role must be one of {ROLES} (fixed values go in [fixed]), got {role!r}")
+    kind = spec.get("type")
+    if kind not in TYPES:
+        raise StudyError(f"{at}: type must be one of {TYPES}, got {kind!r}")
+    grid = tuple(spec.get("grid", ()))
+    range_by = None
+    if kind == "choice":
+        values = tuple(spec.get("values", ()))
+        if not values:
+            raise StudyError(f"{at}: type 'choice' needs a non-empty `values = [...]`")
+        bad = [g for g in grid if g not in values]
+        if bad:
+            raise StudyError(f"{at}: grid values {bad} are not among values {list(values)}")
+        return Param(name, role, kind, values=values, grid=grid, description=str(spec.get("description", "")))
+    low, high = spec.get("low"), spec.get("high")
+    if "range_by" in spec:
+        by_table = spec["range_by"]
+        if not isinstance(by_table, Mapping) or len(by_table) != 1:
+            raise StudyError(f"{at}: range_by must be one table, e.g. [params.{name}.range_by.backbone]")
+        (by, ranges), = by_table.items()
+        parsed = {}
+        for choice, bounds in ranges.items():
+            if not (isinstance(bounds, list) and len(bounds) == 2):
+                raise StudyError(f"{at}: range_by.{by}.{choice} must be [low, high], got {bounds!r}")
+            parsed[choice] = _check_range(at + f" range_by.{by}.{choice}", kind, *bounds)
+        range_by = (by, parsed)
+        low = min(b[0] for b in parsed.values())
+        high = max(b[1] for b in parsed.values())
+    else:
+        low, high = _check_range(at, kind, low, high)
+    out_of_range = [g for g in grid if not (isinstance(g, (int, float)) and low <= g <= high)]
+    if out_of_range:
+        raise StudyError(f"{at}: grid values {out_of_range} lie outside [{low}, {high}]")
+    return Param(name, role, kind, low=low, high=high, grid=grid, range_by=range_by,
+                 description=str(spec.get("description", "")))
+
+
+def _check_range(at: str, kind: str, low: Any, high: Any) -> tuple[float, float]:
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
+    if not numeric:
+        raise StudyError(f"{at}: type {kind!r} needs numeric `low` and `high`, got low={low!r}, high={high!r}")
+    if not low < high:
+        raise StudyError(f"{at}: low ({low}) must be < high ({high})")
+    if kind in ("loguniform", "logint") and low <= 0:
+        raise StudyError(f"{at}: a log scale needs low > 0, got {low}")
+    if kind in ("int", "logint") and not (float(low).is_integer() and float(high).is_integer()):
+        raise StudyError(f"{at}: integer parameters need integer bounds, got [{low}, {high}]")
+    return (int(low), int(high)) if kind in ("int", "logint") else (float(low), float(high))
+
+
+def _check_study(where: str, study: Study) -> None:
+    from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS
+
+    if study.mode not in MODES:
+        raise StudyError(f"{where}: mode must be one of {MODES}, got {study.mode!r}")
+    if study.searcher not in SEARCHERS:
+        raise StudyError(f"{where}: searcher must be one of {SEARCHERS}, got {study.searcher!r}")
+    if study.scheduler not in SCHEDULERS:
+        raise StudyError(f"{where}: scheduler must be one of {SCHEDULERS}, got {study.scheduler!r}")
+    for key, value, lo in (("num_samples", study.num_samples, 1), ("max_epochs", study.max_epochs, 1),
+                           ("grace_period", study.grace_period, 1), ("reduction_factor", study.reduction_factor, 2)):
+        if value < lo:
+            raise StudyError(f"{where}: {key} must be >= {lo}, got {value}")
+    if study.grace_period > study.max_epochs:
+        raise StudyError(f"{where}: grace_period ({study.grace_period}) exceeds max_epochs ({study.max_epochs})")
+    by_name = {q.name: q for q in study.params}
+    for p in study.params:
+        if not p.range_by:
+            continue
+        by, ranges = p.range_by
+        if by in study.fixed:
+            choices = [study.fixed[by]]
+        elif by in by_name and by_name[by].type == "choice":
+            choices = list(by_name[by].values)
+        else:
+            raise StudyError(f"{where}: {p.name} has range_by {by!r}, which must be a fixed value or a searched choice")
+        missing = [c for c in choices if c not in ranges]
+        if missing:
+            raise StudyError(f"{where}: {p.name}.range_by.{by} has no range for {missing}")
+    # Build real configs at the corners of the space: every value the searcher can propose must
+    # be a valid run config, so no trial can fail hours in on a value caught here in a second.
+    corners = [_corner_values(p) for p in study.params]
+    for combo in itertools.islice(itertools.product(*corners), 512):
+        values = {**study.fixed, "epochs": study.max_epochs}
+        for p, v in zip(study.params, combo):
+            values[p.name] = v
+        try:
+            TrainConfig.from_dict(values)
+        except ConfigError as exc:
+            raise StudyError(f"{where}: the space contains an invalid config ({exc}); values: "
+                             f"{ {p.name: v for p, v in zip(study.params, combo)} }") from exc
+
+
+def _corner_values(p: Param) -> list[Any]:
+    if p.type == "choice":
+        return list(p.values)
+    values = [p.low, p.high, *p.grid]
+    if p.range_by:
+        values += [b for bounds in p.range_by[1].values() for b in bounds]
+    return sorted(set(values))

@@ -1,0 +1,197 @@
+"""Searchers, schedulers and the Tuner: how a study runs on Ray Tune.
+
+Searchers: ``optuna`` (TPE, seeded; the study is also stored in the experiment folder with
+Optuna's SQLite storage, so ``optuna-dashboard sqlite:///.../optuna.db`` shows parameter
+importances and history), ``random`` (seeded) and ``grid`` (every combination of the
+parameters' ``grid`` values). Schedulers: ``asha`` (asynchronous successive halving),
+``hyperband`` and ``none``. Early stopping is the scheduler's job: trials report every epoch
+and ASHA stops the unpromising ones at its rungs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from iqa_ray.search.study import Study, StudyError
+
+SEARCHERS = ("optuna", "random", "grid")
+SCHEDULERS = ("asha", "hyperband", "none")
+SELECTION_METRIC = "best_val_srcc"  # running max of validation SRCC, reported every epoch
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def check_experiment_name(name: str) -> str:
+    """Experiment names become folder names: letters, digits, ``_ . -`` only, no path parts."""
+    if not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise StudyError(f"experiment name {name!r} must match {_SAFE_NAME.pattern} (it becomes a folder name)")
+    return name
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything the launcher decided: the study plus how to run it."""
+
+    study: Study
+    name: str
+    storage: str
+    searcher: str
+    scheduler: str
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: int
+    max_concurrent: int | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    seed: int
+    max_failures: int = 2
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_experiment_name(self.name)
+        if self.searcher not in SEARCHERS:
+            raise StudyError(f"searcher must be one of {SEARCHERS}, got {self.searcher!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise StudyError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.num_samples < 1 or self.max_epochs < 1 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise StudyError("num_samples, max_epochs and grace_period must be >= 1 and reduction_factor >= 2")
+        if self.grace_period > self.max_epochs:
+            raise StudyError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
+        if self.cpus_per_trial <= 0:
+            raise StudyError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+
+    @property
+    def effective_study(self) -> Study:
+        """The study with this run's epoch budget and fixed overrides (e.g. dataset, crop size)."""
+        return replace(self.study, max_epochs=self.max_epochs, fixed={**self.study.fixed, **dict(self.overrides)})
+
+    def is_remote_storage(self) -> bool:
+        return "://" in self.storage and not self.storage.startswith("file://")
+
+    def experiment_path(self) -> str:
+        return self.storage.rstrip("/") + "/" + self.name
+
+    def local_experiment_dir(self) -> Path | None:
+        if self.is_remote_storage():
+            return None
+        return Path(self.storage.removeprefix("file://")).expanduser().resolve() / self.name
+
+
+def make_searcher(settings: SearchSettings, optuna_db: Path | None) -> tuple[Any, dict[str, Any], int]:
+    """The search algorithm, the Tuner's param_space and its num_samples for these settings."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    study = settings.effective_study
+    if settings.searcher == "grid":
+        # num_samples repeats the whole grid; each repeat is one pass over every combination.
+        return BasicVariantGenerator(random_state=settings.seed), study.grid_space(), settings.num_samples
+    if settings.searcher == "random":
+        return BasicVariantGenerator(random_state=settings.seed), study.tune_space(), settings.num_samples
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = None
+    if optuna_db is not None:
+        optuna_db.parent.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_db}")
+    searcher = OptunaSearch(
+        space=study.optuna_space(),
+        metric=study.metric,
+        mode=study.mode,
+        sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(5, settings.num_samples // 3))),
+        study_name=settings.name,
+        storage=storage,
+        seed=settings.seed,
+    )
+    if settings.max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
+    return searcher, study.constants(), settings.num_samples
+
+
+def make_scheduler(settings: SearchSettings) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    if settings.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
+                             grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+    if settings.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
+                                  reduction_factor=settings.reduction_factor)
+    return FIFOScheduler()
+
+
+def trial_dirname(trial: Any) -> str:
+    """Trial folders are named from the trial id only, never from config values (no path escape)."""
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(settings: SearchSettings, trainable: Any, *, callbacks: list[Any] | None = None) -> Any:
+    """A new Tuner for ``settings`` (see :func:`restore_tuner` to continue one)."""
+    from ray import tune
+
+    local_dir = settings.local_experiment_dir()
+    optuna_db = local_dir / "optuna.db" if local_dir is not None else None
+    searcher, param_space, num_samples = make_searcher(settings, optuna_db)
+    max_concurrent = settings.max_concurrent if settings.searcher != "optuna" else None
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=settings.study.metric, mode=settings.study.mode, search_alg=searcher,
+            scheduler=make_scheduler(settings), num_samples=num_samples, max_concurrent_trials=max_concurrent,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=run_config(settings, callbacks),
+    )
+
+
+def run_config(settings: SearchSettings, callbacks: list[Any] | None) -> Any:
+    from ray import tune
+
+    return tune.RunConfig(
+        name=settings.name,
+        storage_path=settings.storage,
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        # Each checkpoint holds the best-by-validation weights as well as the latest state, so
+        # two per trial (the newest and one before it, in case the newest is being written when
+        # a worker dies) are enough; a resnet18 + AdamW checkpoint is ~130 MB.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=callbacks,
+        verbose=1,
+    )
+
+
+def restore_tuner(settings: SearchSettings, trainable: Any) -> Any:
+    """Continue an interrupted experiment: finished trials keep their results, unfinished ones
+    resume from their checkpoints and the searcher keeps its state."""
+    from ray import tune
+
+    path = settings.experiment_path()
+    if not tune.Tuner.can_restore(path):
+        raise StudyError(f"--resume: no experiment named {settings.name!r} under {settings.storage} "
+                         f"(looked for {path}); start it without --resume, or check --name/--storage")
+    return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+
+
+def per_gpu(gpus_per_trial: float) -> int:
+    """Trials that share one GPU at this share, if it divides a GPU sensibly (1, 1/2, 1/3, ...)."""
+    if gpus_per_trial <= 0 or gpus_per_trial > 1:
+        raise StudyError(f"--gpus-per-trial must be in (0, 1], got {gpus_per_trial}")
+    n = 1.0 / gpus_per_trial
+    if not math.isclose(n, round(n), rel_tol=1e-6):
+        raise StudyError(f"--gpus-per-trial {gpus_per_trial} does not divide a GPU into whole trials "
+                         f"(1/{gpus_per_trial} = {n:.3g}); use 1, 0.5, 0.25, 0.2, ...")
+    return int(round(n))
+
+
+def cpu_threads(cpus_per_trial: float) -> int:
+    return max(1, int(cpus_per_trial))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

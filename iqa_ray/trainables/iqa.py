@@ -1,0 +1,82 @@
+"""One function trainable for every model family (the family is a config key).
+
+Data reaches trials through ``tune.with_parameters(iqa_trainable, decoded=...)``: the decoded
+dataset is put in Ray's object store once, as one contiguous array, and every trial on a node
+maps the same buffer instead of decoding the images again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from iqa_ray.config import TrainConfig
+from iqa_ray.data.dataset import DecodedImages
+from iqa_ray.engine import EpochResult, NonFiniteLossError, fit
+
+NONFINITE_MARKER = "nonfinite_loss.json"
+
+
+def _device() -> torch.device:
+    import ray
+
+    # Ray sets CUDA_VISIBLE_DEVICES to the trial's share, so "cuda" is the assigned GPU.
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
+def iqa_trainable(
+    config: Mapping[str, Any],
+    *,
+    decoded: DecodedImages,
+    resolve: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+    cpus_per_trial: float = 1,
+) -> None:
+    """Train one trial and report every epoch to Tune.
+
+    Args:
+        config: the trial's config from the search space (flat config keys, possibly with
+            search-only keys that ``resolve`` maps to config keys).
+        decoded: the decoded dataset, shared through the object store.
+        resolve: maps a trial config to flat :class:`~iqa_ray.config.TrainConfig` keys (a study's
+            derived parameters, e.g. a learning rate drawn inside its backbone's range).
+        cpus_per_trial: CPU threads this trial may use.
+    """
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(cpus_per_trial)))
+    flat = resolve(config) if resolve is not None else dict(config)
+    train_config = TrainConfig.from_dict(flat)
+    context = tune.get_context()
+    trial_dir = Path(context.get_trial_dir())
+    marker = trial_dir / NONFINITE_MARKER
+    if marker.exists():
+        # A retry after a non-finite loss would fail the same way (runs are seeded): fail at once.
+        raise NonFiniteLossError(json.loads(marker.read_text())["message"])
+
+    import ray
+
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename}
+    checkpoint = tune.get_checkpoint()
+    resume_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            from iqa_ray.engine import load_checkpoint
+
+            resume_state = load_checkpoint(directory)
+
+    def report(epoch: EpochResult) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            epoch.save(directory)
+            tune.report({**epoch.metrics, **node}, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    try:
+        fit(train_config, decoded, device=_device(), resume=resume_state, on_epoch_end=report)
+    except NonFiniteLossError as exc:
+        message = f"trial {context.get_trial_name()}: {exc}"
+        marker.write_text(json.dumps({"message": message}))
+        raise NonFiniteLossError(message) from None

@@ -1,0 +1,95 @@
+"""Flag and resource checks that must fail before Ray starts or any trial runs."""
+
+import argparse
+import time
+
+import pytest
+
+from iqa_ray.search.launcher import LaunchError, build_parser, check_address, main, resolve_gpus, settings_from_args
+from iqa_ray.search.tuner import per_gpu
+
+
+def parse(*argv, study="ranking"):
+    return build_parser(study).parse_args(list(argv))
+
+
+def test_help_lists_the_flags_users_need():
+    text = build_parser("ranking").format_help()
+    for flag in ("--gpus", "--gpus-per-trial", "--cpus-per-trial", "--num-samples", "--max-concurrent", "--searcher",
+                 "--scheduler", "--dataset", "--address", "--storage", "--name", "--resume", "--smoke-test",
+                 "--grace-period", "--reduction-factor", "--max-epochs"):
+        assert flag in text
+
+
+def test_defaults_come_from_the_study():
+    s = settings_from_args(parse(), "ranking")
+    assert (s.searcher, s.scheduler) == ("optuna", "asha")
+    assert s.num_samples == s.study.num_samples and s.max_epochs == s.study.max_epochs
+    assert s.gpus_per_trial == 0.0 and s.cpus_per_trial == 1.0
+    assert dict(s.overrides)["dataset"] == "embedded"
+    smoke = settings_from_args(parse("--smoke-test"), "ranking")
+    assert smoke.num_samples == 2 and smoke.max_epochs == 1
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--gpus-per-trial", "1.5"], "must be in \\(0, 1\\]"),
+        (["--gpus-per-trial", "0.3"], "does not divide a GPU"),
+        (["--gpus", "0", "--gpus-per-trial", "0.5"], "--gpus 0"),
+        (["--gpus", "-1"], "--gpus must be >= 0"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--reduction-factor", "1"], "--reduction-factor must be >= 2"),
+        (["--resume"], "--resume needs --name"),
+        (["--set", "alpha=2"], "alpha must be in \\[0, 1\\]"),
+        (["--set", "margin=-1"], "margin must be >= 0"),
+        (["--set", "backbone=resnet9000"], "unknown backbone"),
+        (["--name", "../../etc"], "must match"),
+        (["--max-epochs", "1", "--grace-period", "2"], "grace_period \\(2\\) exceeds max_epochs"),
+    ],
+)
+def test_bad_flags_are_rejected_with_what_is_valid(argv, match, capsys):
+    assert main(argv, study="ranking") == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_unknown_study_is_rejected(capsys):
+    assert main(["--study", "nope"]) == 2
+    assert "available:" in capsys.readouterr().err
+
+
+def test_more_gpus_than_the_cluster_has_is_an_error_not_a_hang():
+    with pytest.raises(LaunchError, match="more GPUs than the Ray cluster has \\(0\\)"):
+        resolve_gpus(argparse.Namespace(gpus=4, gpus_per_trial=None), {"CPU": 2.0})
+    with pytest.raises(LaunchError, match="more GPUs than the Ray cluster has \\(2\\)"):
+        resolve_gpus(argparse.Namespace(gpus=4, gpus_per_trial=None), {"CPU": 8.0, "GPU": 2.0})
+    assert resolve_gpus(argparse.Namespace(gpus=None, gpus_per_trial=None), {"CPU": 2.0}) == (0.0, 0.0)
+    assert resolve_gpus(argparse.Namespace(gpus=None, gpus_per_trial=None), {"GPU": 4.0}) == (4.0, 0.25)
+    assert resolve_gpus(argparse.Namespace(gpus=2, gpus_per_trial=0.5), {"GPU": 4.0}) == (2.0, 0.5)
+
+
+def test_gpu_shares():
+    assert [per_gpu(x) for x in (1, 0.5, 0.25, 0.2)] == [1, 2, 4, 5]
+
+
+def test_unreachable_address_fails_within_a_bounded_time():
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="no Ray cluster answers"):
+        check_address("127.0.0.1:9", timeout=3)  # the discard port: nothing listens
+    with pytest.raises(LaunchError, match="no Ray cluster answers"):
+        check_address("192.0.2.1:6379", timeout=2)  # TEST-NET-1: never routed
+    assert time.monotonic() - start < 10
+    with pytest.raises(LaunchError, match="HOST:PORT"):
+        check_address("not-an-address")
+
+
+def test_resume_of_an_unknown_experiment_is_a_clear_error(tmp_path, capsys):
+    from iqa_ray.search.tuner import restore_tuner
+
+    s = settings_from_args(parse("--name", "never-ran", "--storage", str(tmp_path), "--resume"), "ranking")
+    from iqa_ray.search.study import StudyError
+
+    with pytest.raises(StudyError, match="no experiment named 'never-ran'"):
+        restore_tuner(s, trainable=lambda config: None)
