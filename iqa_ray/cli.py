@@ -35,5 +35,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         init_kwargs["num_cpus"] = num_cpus
         init_kwargs["_node_ip_address"] = "127.0.0.1"
     init_kwargs.update(kwargs)
-    ray.init(**init_kwargs)
+    try:
+        ray.init(**init_kwargs)
+    except ConnectionError as exc:
+        if not address:
+            raise
+        raise ConnectionError(_connection_hint(address, exc)) from None
     return ray.cluster_resources()
+
+
+def _connection_hint(address: str, exc: BaseException) -> str:
+    """Why ``ray.init(address=...)`` failed, in one message that says what to do.
+
+    The usual cause (Ray 2.60, this venv): ``ray start --head`` enables token authentication when it
+    finds a token (``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset, but a driver connecting to
+    an explicit address never sends a token unless ``RAY_AUTH_MODE=token`` is set.
+    """
+    causes: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(causes) < 8:
+        causes.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(causes)
+    if "InvalidAuthToken" in text or "AuthenticationError" in text or "uthentication token" in text:
+        return (f"the Ray cluster at {address} requires token authentication and this process sent no valid "
+                "token. Set RAY_AUTH_MODE=token and make the cluster's token available here (RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, the same token on every node), then run again. "
+                "See docs/CLUSTER.md.")
+    return (f"could not connect to the Ray cluster at {address} ({causes[0]}). Check that `ray status --address "
+            f"{address}` works from this machine and that it runs the cluster's Ray and Python versions.")
