@@ -36,8 +36,8 @@ import pandas as pd
 from iqa_ray.utils.io import atomic_path, git_revision
 
 METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
-_KEEP = ("epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "node_id", "hostname",
-         "time_total_s", "timestamp", "training_iteration")
+_KEEP = ("epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "node_id", "hostname", "pid",
+         "resumed_from_epoch", "time_total_s", "timestamp", "training_iteration")
 
 
 def _read_results(trial_dir: Path) -> list[dict[str, Any]]:

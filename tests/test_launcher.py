@@ -93,3 +93,26 @@ def test_resume_of_an_unknown_experiment_is_a_clear_error(tmp_path, capsys):
 
     with pytest.raises(StudyError, match="no experiment named 'never-ran'"):
         restore_tuner(s, trainable=lambda config: None)
+
+
+def test_trial_folders_are_named_from_ids_not_config_values():
+    from types import SimpleNamespace
+
+    from iqa_ray.search.tuner import trial_dirname
+
+    trial = SimpleNamespace(trial_id="ab12", config={"dataset": "../../etc", "backbone": "/abs"})
+    assert trial_dirname(trial) == "trial_ab12"
+
+
+def test_gpus_flag_caps_concurrency_and_shares_need_a_gpu():
+    from iqa_ray.search.launcher import check_cpus_per_trial, gpu_concurrency
+
+    assert gpu_concurrency(4, 0.25, None) == 16
+    assert gpu_concurrency(1, 0.25, 2) == 2
+    assert gpu_concurrency(2, 0.5, None) == 4
+    assert gpu_concurrency(0, 0.0, None) is None
+    with pytest.raises(LaunchError, match="no GPU"):
+        resolve_gpus(argparse.Namespace(gpus=None, gpus_per_trial=0.5), {"CPU": 2.0})
+    with pytest.raises(LaunchError, match="largest node's 1 CPUs"):
+        check_cpus_per_trial(2, [1.0, 1.0])
+    check_cpus_per_trial(1, [1.0, 1.0])

@@ -562,6 +562,8 @@ def pregenerate(
     partial = out_dir / f".partial-{name}"
     shards_dir = partial / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
+    for torn in partial.rglob(".*.tmp"):  # half-written by a killed run; never renamed into place
+        torn.unlink()
 
     boxes_by_ref, rejected = plan_boxes(refs, config)
     # Calibration decodes every usable photo once (always all of them, also with --sample, so a

@@ -145,10 +145,29 @@ def resolve_gpus(args: argparse.Namespace, resources: dict[str, float]) -> tuple
             f"forever. Use --gpus {available:g}" + (" (CPU only)" if available == 0 else "") + " or add GPU nodes."
         )
     if gpus == 0:
+        if args.gpus_per_trial is not None:
+            raise LaunchError(f"--gpus-per-trial {args.gpus_per_trial:g} was given but the Ray cluster has no GPU; "
+                              "drop it to run on CPU, or connect to a cluster with GPUs (--address)")
         return 0.0, 0.0
     share = args.gpus_per_trial if args.gpus_per_trial is not None else 0.25
     per_gpu(share)
     return gpus, share
+
+
+def gpu_concurrency(gpus: float, share: float, max_concurrent: int | None) -> int | None:
+    """Trials that may run at once so the search uses at most ``gpus`` GPUs at ``share`` each."""
+    if gpus <= 0:
+        return max_concurrent
+    cap = max(1, int(round(gpus / share, 6)))
+    return cap if max_concurrent is None else min(cap, max_concurrent)
+
+
+def check_cpus_per_trial(cpus_per_trial: float, node_cpus: list[float]) -> None:
+    """A trial must fit on one node: the cluster total is not enough."""
+    largest = max(node_cpus, default=0.0)
+    if cpus_per_trial > largest:
+        raise LaunchError(f"--cpus-per-trial {cpus_per_trial:g} exceeds the largest node's {largest:g} CPUs "
+                          f"(nodes: {', '.join(f'{c:g}' for c in node_cpus)}); the trial could never be placed")
 
 
 def main(argv: list[str] | None = None, study: str | None = None) -> int:
@@ -161,6 +180,14 @@ def main(argv: list[str] | None = None, study: str | None = None) -> int:
     except (StudyError, ConfigError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import os
+
+    # Tune snapshots the experiment state whenever a trial has checkpointed num_to_keep times; with
+    # a checkpoint every epoch that is often and wanted (it is what --resume restores from).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Snapshot the experiment state at least every 2 s (Tune's automatic period is >= 10 s): it
+    # bounds how much a killed driver's --resume has to redo.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     from iqa_ray.search.run import run_search
 
     try:
@@ -175,4 +202,5 @@ def experiment_dir_hint(settings: SearchSettings) -> str:
     return str(local) if local is not None else settings.experiment_path()
 
 
-__all__ = ["main", "build_parser", "settings_from_args", "LaunchError", "check_address", "resolve_gpus"]
+__all__ = ["main", "build_parser", "settings_from_args", "LaunchError", "check_address", "resolve_gpus",
+           "gpu_concurrency", "check_cpus_per_trial"]

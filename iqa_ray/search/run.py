@@ -11,11 +11,25 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from iqa_ray.config import TrainConfig
-from iqa_ray.search.launcher import LaunchError, experiment_dir_hint, resolve_gpus
-from iqa_ray.search.tuner import SELECTION_METRIC, SearchSettings, build_tuner, restore_tuner
+from iqa_ray.search.launcher import (
+    LaunchError,
+    check_cpus_per_trial,
+    experiment_dir_hint,
+    gpu_concurrency,
+    resolve_gpus,
+)
+from iqa_ray.search.tuner import (
+    SELECTION_METRIC,
+    SearchSettings,
+    build_tuner,
+    close_orphaned_optuna_trials,
+    restore_tuner,
+)
+from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
 
@@ -55,13 +69,20 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         if existing.exists() and any(existing.iterdir()):
             raise LaunchError(f"experiment {settings.name!r} already exists in {existing}; use --resume to continue "
                               "it or choose another --name")
-    resources = init_ray(address=args.address)
+    try:
+        resources = init_ray(address=args.address)
+    except ConnectionError as exc:
+        if not args.address:
+            raise
+        raise LaunchError(str(exc)) from None
     try:
         gpus, share = resolve_gpus(args, resources)
         cpus = float(resources.get("CPU", 1))
-        if settings.cpus_per_trial > cpus:
-            raise LaunchError(f"--cpus-per-trial {settings.cpus_per_trial:g} exceeds the cluster's {cpus:g} CPUs")
-        settings = _with_gpu(settings, share)
+        check_cpus_per_trial(settings.cpus_per_trial,
+                             [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")])
+        # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
+        settings = replace(settings, gpus_per_trial=share,
+                           max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
         print("\n".join(settings.effective_study.describe()), flush=True)
         print(f"[search] searcher={settings.searcher} scheduler={settings.scheduler} samples={settings.num_samples} "
               f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
@@ -84,12 +105,6 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_gpu(settings: SearchSettings, share: float) -> SearchSettings:
-    from dataclasses import replace
-
-    return replace(settings, gpus_per_trial=share)
-
-
 def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float) -> dict[str, Any]:
     """Pick the best trial on validation SRCC; make sure its test metrics exist; export."""
     from iqa_ray.export import export_experiment
@@ -106,6 +121,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     history = best.metrics_dataframe
     best_row = history.loc[history["val_srcc"].idxmax()] if "val_srcc" in history else None
     local = settings.local_experiment_dir()
+    if local is not None:
+        close_orphaned_optuna_trials(local / "optuna.db")
     exports = export_experiment(local) if local is not None else {}
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
@@ -157,7 +174,7 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     print(f"results: {s['experiment']}")
     for name, path in s["exports"].items():
         print(f"  {name}: {path}")
-    print(f"TensorBoard: tensorboard --logdir {s['experiment']} --host 127.0.0.1")
+    print(f"TensorBoard: {tensorboard_command(s['experiment'])}")
     print("=" * 78)
 
 

@@ -93,13 +93,12 @@ def make_searcher(settings: SearchSettings, optuna_db: Path | None) -> tuple[Any
     if settings.searcher == "random":
         return BasicVariantGenerator(random_state=settings.seed), study.tune_space(), settings.num_samples
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     storage = None
     if optuna_db is not None:
         optuna_db.parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_db}")
-    searcher = OptunaSearch(
+    searcher = ResumableOptunaSearch(
         space=study.optuna_space(),
         metric=study.metric,
         mode=study.mode,
@@ -111,6 +110,60 @@ def make_searcher(settings: SearchSettings, optuna_db: Path | None) -> tuple[Any
     if settings.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
     return searcher, study.constants(), settings.num_samples
+
+
+def _resumable_optuna_class() -> type:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class _ResumableOptunaSearch(OptunaSearch):
+        """OptunaSearch whose SQLite study may be ahead of Tune's experiment snapshot.
+
+        The Optuna study lives in the experiment folder (for optuna-dashboard) and is written at
+        once, while Tune snapshots its own state every few seconds. After a crash in between,
+        ``--resume`` can replay a trial that the database already closed; its recorded result
+        stands, and the replayed report is ignored instead of crashing the driver.
+        """
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            try:
+                super().on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self._completed_trials.add(trial_id)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    return _ResumableOptunaSearch
+
+
+def ResumableOptunaSearch(**kwargs: Any) -> Any:  # noqa: N802 - a class factory, used like a class
+    """An :class:`~ray.tune.search.optuna.OptunaSearch` that survives a resume after a crash."""
+    return _resumable_optuna_class()(**kwargs)
+
+
+def close_orphaned_optuna_trials(optuna_db: Path) -> int:
+    """Mark Optuna trials left RUNNING by a crashed driver as FAIL (none can run after the search).
+
+    Returns:
+        How many trials were closed.
+    """
+    import optuna
+
+    if not optuna_db.exists():
+        return 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_db}")
+    closed = 0
+    for summary in optuna.get_all_study_summaries(storage):
+        for trial in storage.get_all_trials(storage.get_study_id_from_name(summary.study_name), deepcopy=False):
+            if trial.state == optuna.trial.TrialState.RUNNING:
+                storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                closed += 1
+    return closed
 
 
 def make_scheduler(settings: SearchSettings) -> Any:
@@ -153,15 +206,19 @@ def build_tuner(settings: SearchSettings, trainable: Any, *, callbacks: list[Any
 def run_config(settings: SearchSettings, callbacks: list[Any] | None) -> Any:
     from ray import tune
 
+    from iqa_ray.search.tensorboard import HParamsCallback
+
     return tune.RunConfig(
         name=settings.name,
         storage_path=settings.storage,
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-        # Each checkpoint holds the best-by-validation weights as well as the latest state, so
-        # two per trial (the newest and one before it, in case the newest is being written when
-        # a worker dies) are enough; a resnet18 + AdamW checkpoint is ~130 MB.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=callbacks,
+        # One checkpoint per trial: it holds the best-by-validation weights as well as the latest
+        # state (a resnet18 + AdamW checkpoint is ~130 MB), and num_to_keep=1 also makes Tune
+        # snapshot the experiment after every checkpoint, so a crash loses at most one epoch.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # Tune's TensorBoard logger (per-epoch scalars) with HParams sessions of the resolved
+        # config; being a TBXLoggerCallback, it replaces Tune's default one.
+        callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study)],
         verbose=1,
     )
 

@@ -60,7 +60,6 @@ def iqa_trainable(
 
     import ray
 
-    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename}
     checkpoint = tune.get_checkpoint()
     resume_state = None
     if checkpoint is not None:
@@ -68,6 +67,10 @@ def iqa_trainable(
             from iqa_ray.engine import load_checkpoint
 
             resume_state = load_checkpoint(directory)
+    # Where and from what this process runs: a restarted trial reports a new pid and the epoch
+    # it resumed from, so "nothing before the checkpoint was trained twice" can be checked.
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
+            "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
 
     def report(epoch: EpochResult) -> None:
         with tempfile.TemporaryDirectory() as directory:
