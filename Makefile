@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install tune pregenerate test test-fast benchmarks clean-venv
+.PHONY: install tune pregenerate test test-fast clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 tune: $(STAMP)
-	$(PY) launch/pregenerate.py --source embedded --strength medium --per-image 5
+	$(PY) launch/tune_ranking.py $(ARGS)
 
 pregenerate: $(STAMP)
 	$(PY) launch/pregenerate.py $(ARGS)
