@@ -1,0 +1,233 @@
+"""The analysis notebooks run top to bottom, headless, on the results of a real (small) search.
+
+One module fixture runs two real searches through the launcher on the tiny pre-generated dataset: the
+ranking study (4 trials x up to 3 epochs, ASHA with a grace period of 1, so some trials are stopped at a rung
+and others run to the end) and a smoke run of the gmm study (so the cluster-distribution cell runs). Every
+notebook is then executed with nbclient in a ``python3`` kernel of this interpreter (the kernel spec's
+``python`` is replaced by ``sys.executable``, i.e. the venv's own ipykernel), the experiment passed through the
+``IQA_EXPERIMENT`` / ``IQA_EXPERIMENTS`` environment variables, and the figures it saves are checked.
+
+The executed copies are written next to each test's ``tmp_path`` for a look when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MIN_PNG_BYTES = 5_000
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def run_notebook(name: str, out_dir: Path, **env: str) -> tuple[object, str]:
+    """Execute ``analysis/<name>.ipynb`` with ``env`` added; return the notebook and its text outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ANALYSIS / f"{name}.ipynb", as_version=4)
+    client = NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(ANALYSIS)}})
+    try:
+        client.execute(env={**os.environ, **env})
+    finally:
+        nbformat.write(nb, out_dir / f"{name}.executed.ipynb")
+    return nb, notebook_text(nb)
+
+
+def notebook_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                parts.append(output.get("text", ""))
+            elif output.get("output_type") in ("execute_result", "display_data"):
+                data = output.get("data", {})
+                parts.append(data.get("text/plain", ""))
+                parts.append(data.get("text/html", ""))
+    return "\n".join(parts)
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), f"figure not written: {path}"
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG image"
+    assert len(data) > MIN_PNG_BYTES, f"{path} is only {len(data)} bytes: an empty figure?"
+
+
+def best_trial(experiment: Path) -> str:
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    return str(trials.loc[trials["best_val_srcc"].idxmax(), "trial_id"])
+
+
+def varying_config_keys(experiment: Path) -> list[str]:
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    return [c.removeprefix("config.") for c in trials.columns
+            if c.startswith("config.") and trials[c].nunique(dropna=True) > 1]
+
+
+def copy_parquet_only(experiment: Path, target: Path) -> Path:
+    """The two exported files alone, as when results are copied from another machine without checkpoints."""
+    target.mkdir(parents=True)
+    for name in ("trials.parquet", "epochs.parquet"):
+        shutil.copy(experiment / name, target / name)
+    trials = pd.read_parquet(target / "trials.parquet")
+    trials["checkpoint_path"] = trials["checkpoint_path"].map(
+        lambda p: None if p is None else "/elsewhere/" + "/".join(Path(p).parts[-3:]))
+    trials.to_parquet(target / "trials.parquet", index=False)
+    return target
+
+
+# ----------------------------------------------------------------------------- the searches
+
+
+@pytest.fixture(scope="module")
+def experiments(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+    from iqa_ray.search.launcher import main
+
+    root = tmp_path_factory.mktemp("results")
+    common = ["--storage", str(root), "--dataset", str(tiny_dataset.path), "--cpus-per-trial", "1",
+              "--set", "crop_size=64", "--set", "eval_patches=1"]
+    assert main([*common, "--name", "ranking", "--num-samples", "4", "--max-epochs", "3", "--grace-period", "1"],
+                study="ranking") == 0
+    assert main([*common, "--name", "gmm", "--smoke-test"], study="gmm") == 0
+    out = {"ranking": root / "ranking", "gmm": root / "gmm"}
+    for path in out.values():
+        assert (path / "trials.parquet").exists() and (path / "epochs.parquet").exists()
+    return out
+
+
+# ----------------------------------------------------------------------------- ranking_study
+
+
+@pytest.mark.slow
+def test_ranking_study_notebook(experiments, tmp_path):
+    experiment = experiments["ranking"]
+    _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(experiment))
+    for name in ("ranking_alpha_margin_scatter", "ranking_learning_curves", "ranking_asha_stops"):
+        assert_png(experiment / "figures" / f"{name}.png")
+    best = best_trial(experiment)
+    assert f"best trial (selected on validation SRCC): {best}" in text
+    # the notebook selects the trial the launcher reported at the end of the search
+    assert json.loads((experiment / "summary.json").read_text())["best_trial"] == f"trial_{best}"
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    for trial_id in trials["trial_id"]:  # every trial is in the stop-epoch table
+        assert trial_id in text
+    assert f"ASHA stopped {int(trials['stopped_by_scheduler'].sum())} of {len(trials)} trials" in text
+    # TPE samples continuous values: no grid, no heatmap
+    assert "no grid to pivot" in text
+    assert not (experiment / "figures" / "ranking_alpha_margin_heatmap.png").exists()
+
+
+@pytest.mark.slow
+def test_grid_values_categorical_axes_and_a_copy_without_checkpoints(experiments, tmp_path):
+    copy = copy_parquet_only(experiments["ranking"], tmp_path / "copied")
+    trials = pd.read_parquet(copy / "trials.parquet")
+    # Put the real trials on a 2 x 2 grid of alpha x margin, as the grid searcher would have.
+    for column, (low, high) in (("config.alpha", (0.1, 0.5)), ("config.margin", (0.3, 1.0))):
+        trials[column] = np.where(trials[column] > trials[column].median(), high, low)
+    # and give them a categorical axis too (as the lr_schedule study searches the scheduler)
+    trials["config.scheduler"] = ["cosine", "step"] * (len(trials) // 2) + ["cosine"] * (len(trials) % 2)
+    trials.to_parquet(copy / "trials.parquet", index=False)
+    _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert_png(copy / "figures" / "ranking_alpha_margin_heatmap.png")
+    assert_png(copy / "figures" / "ranking_alpha_margin_scatter.png")
+    assert "no grid to pivot" not in text
+
+    _, text = run_notebook("hyperparameters", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert "edge check scheduler: ok: best scheduler = " in text and "(categorical" in text
+    assert_png(copy / "figures" / "hparam_scheduler.png")
+    # two grid values per axis: the best is at an edge by construction, and the notebook says so
+    assert "edge check alpha: WARNING: " in text and "only 2 values tried" in text
+
+    # the run report draws what the parquet files hold and explains why the model plots are skipped
+    _, text = run_notebook("run_report", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert_png(copy / "figures" / "run_training_curves.png")
+    assert "skipping the prediction scatter, feature PCA and cluster plots" in text
+    assert "results copied without checkpoints?" in text
+    assert not (copy / "figures" / "run_prediction_scatter.png").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_column_fails_the_notebook_with_its_name(experiments, tmp_path):
+    from nbclient.exceptions import CellExecutionError
+
+    copy = copy_parquet_only(experiments["ranking"], tmp_path / "broken")
+    pd.read_parquet(copy / "trials.parquet").drop(columns=["best_val_srcc"]).to_parquet(copy / "trials.parquet")
+    with pytest.raises(CellExecutionError, match="best_val_srcc"):
+        run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(copy))
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", ["ranking", "gmm"])
+def test_hyperparameters_notebook_checks_every_searched_axis(experiments, tmp_path, study):
+    from iqa_ray.search.study import load_study
+
+    experiment = experiments[study]
+    axes = varying_config_keys(experiment)
+    continuous = {p.name for p in load_study(study).params if p.type in ("uniform", "loguniform")}
+    assert continuous and continuous <= set(axes), f"searched keys {continuous} should vary across trials: {axes}"
+    _, text = run_notebook("hyperparameters", tmp_path, IQA_EXPERIMENT=str(experiment))
+    for axis in axes:
+        assert f"edge check {axis}: " in text, f"no edge check line for {axis}"
+        assert_png(experiment / "figures" / f"hparam_{axis}.png")
+    for line in text.splitlines():
+        if line.startswith("edge check "):
+            assert ": ok: " in line or ": WARNING: " in line
+
+
+# ----------------------------------------------------------------------------- family_comparison
+
+
+@pytest.mark.slow
+def test_family_comparison_notebook_over_several_experiments_and_one(experiments, tmp_path):
+    both = os.pathsep.join(str(experiments[k]) for k in ("ranking", "gmm"))
+    figures = tmp_path / "figures"
+    _, text = run_notebook("family_comparison", tmp_path, IQA_EXPERIMENTS=both, IQA_FIGURES=str(figures))
+    assert_png(figures / "family_comparison.png")
+    for group in ("hyperiqa / efficientnet_lite0", "gmm / efficientnet_lite0"):
+        assert group in text
+    for study in ("ranking", "gmm"):
+        assert f"{study}/{best_trial(experiments[study])}" in text  # each family's selected trial
+    assert "WARNING: the trials differ in epochs" in text  # 3-epoch ranking trials vs a 1-epoch smoke run
+
+    experiment = experiments["gmm"]
+    _, text = run_notebook("family_comparison", tmp_path, IQA_EXPERIMENT=str(experiment))
+    assert_png(experiment / "figures" / "family_comparison.png")
+    assert "gmm / efficientnet_lite0" in text and "hyperiqa" not in text
+
+
+# ----------------------------------------------------------------------------- run_report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", ["ranking", "gmm"])
+def test_run_report_notebook_draws_the_selected_runs_plots(experiments, tmp_path, study):
+    experiment = experiments[study]
+    _, text = run_notebook("run_report", tmp_path, IQA_EXPERIMENT=str(experiment))
+    best = best_trial(experiment)
+    assert f"trial {best} (selected on validation SRCC)" in text
+    figures = experiment / "figures"
+    for name in ("run_training_curves", "run_prediction_scatter", "run_feature_pca"):
+        assert_png(figures / f"{name}.png")
+    # the test split rebuilt from the checkpoint's config is the one the trial was scored on
+    trials = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id")
+    if pd.notna(trials.at[best, "test_srcc"]):
+        assert "test_srcc" in text and ": agrees" in text
+    if study == "gmm":
+        assert_png(figures / "run_cluster_distribution.png")
+        assert "mean posterior" in text  # the per-cluster table
+    else:
+        assert not (figures / "run_cluster_distribution.png").exists()
+        assert "has no clusters" in text
