@@ -12,15 +12,27 @@ Schema (documented in docs/RESULTS.md):
     ``trial_id``, ``epoch``, every reported metric (``train_loss``, ``val_srcc``, ``val_plcc``,
     ``val_krcc``, ``val_rmse``, ``val_plcc_logistic``, ``lr_*``, ``images_per_s``,
     ``epoch_seconds``, ``best_val_srcc``, ``test_*`` on a trial's last epoch), ``node_id``,
-    ``hostname``, ``time_total_s``, ``timestamp``.
+    ``hostname``, ``pid`` (the trial process), ``resumed_from_epoch`` (epochs done before this
+    process started: > 0 after a restart from a checkpoint), ``time_total_s``, ``timestamp``.
 ``trials.parquet`` - one row per trial:
     ``trial_id``, ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
-    mid-run), ``stopped_by_scheduler`` (ended before max epochs without error), ``stop_epoch``,
-    ``max_epochs``, ``config.<key>`` for every trial config key, ``best_val_srcc``,
-    ``best_epoch``, ``best_val_plcc`` (at the best epoch), ``last_*`` metrics, ``test_srcc`` /
-    ``test_plcc`` / ``test_krcc`` / ``test_rmse`` (the best-by-validation weights, when the trial
-    reached its end), ``time_total_s``, ``checkpoint_path``, ``node_id``, ``git_revision``,
-    ``error`` (first line of the error, if any), ``trial_dir``.
+    mid-run), ``ended_by`` (``completed``: reached max epochs; ``scheduler``: stopped by ASHA /
+    HyperBand; ``early_stopping``: the engine's own patience; ``error``; ``interrupted``; ``not
+    started``), ``stopped_by_scheduler`` (``ended_by == "scheduler"``), ``stop_epoch``,
+    ``max_epochs``, ``config.<key>`` for every run-config key of the trial (derived search keys
+    resolved, e.g. ``config.lr`` from ``config.lr__unit``, which is kept too), ``best_val_srcc``,
+    ``best_epoch``, ``best_val_plcc`` / ``_krcc`` / ``_rmse`` (at the best epoch), ``last_*``
+    metrics, ``test_srcc`` / ``test_plcc`` / ``test_krcc`` / ``test_rmse`` /
+    ``test_plcc_logistic`` (the trial's best-by-validation weights; reported by trials that reached
+    their end, and for the selected trial computed from its checkpoint when it was stopped early),
+    ``test_source`` (``reported`` / ``checkpoint``), ``selected`` (the trial the launcher selected
+    on validation SRCC), ``time_total_s``, ``checkpoint_path`` (relative to the experiment folder),
+    ``node_id``, ``hostname``, ``git_revision`` (of the code that trained the trial), ``error``
+    (last line of the error, if any), ``trial_dir`` (folder name).
+
+``lr_*`` columns are each parameter group's learning rate at the start of the epoch. The
+experiment folder also holds ``experiment.json`` (searcher, scheduler, budgets, and every searched
+parameter with its role, type, declared range and grid) and ``summary.json`` (the selection).
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -37,6 +49,7 @@ from iqa_ray.utils.io import atomic_path, git_revision
 
 METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
 _KEEP = ("epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "node_id", "hostname", "pid",
+         "git_revision",
          "resumed_from_epoch", "time_total_s", "timestamp", "training_iteration")
 
 
@@ -74,13 +87,42 @@ def _latest_checkpoint(trial_dir: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
+def _resolver(experiment: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Maps a trial's params to its run config (derived keys such as ``lr__unit`` -> ``lr``)."""
+    info_file = experiment / "experiment.json"
+    if not info_file.exists():
+        return dict
+    from iqa_ray.search.study import parse_study
+
+    info = json.loads(info_file.read_text())
+    definition = dict(info.get("study_definition") or {})
+    definition["fixed"] = info.get("fixed", definition.get("fixed", {}))
+    return parse_study(definition, name=info.get("study", "study")).resolve
+
+
+def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any) -> str:
+    if error or status == "ERROR":
+        return "error"
+    if last is None:
+        return "not started"
+    if status in ("RUNNING", "PENDING", "PAUSED"):
+        return "interrupted"
+    if max_epochs and last["epoch"] >= max_epochs:
+        return "completed"
+    # The engine scores the test split only when it ends the run itself (early stopping).
+    return "early_stopping" if any(k.startswith("test_") for k in last) else "scheduler"
+
+
 def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, epochs) data frames of an experiment folder."""
     experiment = Path(experiment)
     if not experiment.is_dir():
         raise FileNotFoundError(f"no experiment folder at {experiment}")
     states = _trial_states(experiment)
-    revision = git_revision()
+    resolve = _resolver(experiment)
+    summary_file = experiment / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    export_revision = git_revision()
     trial_rows, epoch_rows = [], []
     for trial_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "params.json").exists()):
         params = json.loads((trial_dir / "params.json").read_text())
@@ -100,14 +142,15 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         status = states.get(trial_id, "ERROR" if error else ("TERMINATED" if by_epoch else "PENDING"))
         max_epochs = params.get("epochs")
         row: dict[str, Any] = {"trial_id": trial_id, "status": status}
-        row.update({f"config.{k}": v for k, v in sorted(params.items())})
+        row.update({f"config.{k}": v for k, v in sorted(resolve(params).items())})
+        row.update({f"config.{k}": v for k, v in params.items() if k not in resolve(params)})  # e.g. lr__unit
         if by_epoch:
             epochs = [by_epoch[e] for e in sorted(by_epoch)]
             best = max(epochs, key=lambda r: r.get("val_srcc", float("-inf")))
             last = epochs[-1]
             row.update({
                 "stop_epoch": int(last["epoch"]), "max_epochs": max_epochs,
-                "stopped_by_scheduler": bool(status == "TERMINATED" and max_epochs and last["epoch"] < max_epochs),
+                "ended_by": _ended_by(status, error, last, max_epochs),
                 "best_val_srcc": best.get("val_srcc"), "best_epoch": int(best["epoch"]),
                 "best_val_plcc": best.get("val_plcc"), "best_val_krcc": best.get("val_krcc"),
                 "best_val_rmse": best.get("val_rmse"),
@@ -117,9 +160,20 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "hostname": last.get("hostname"),
             })
         else:
-            row.update({"stop_epoch": 0, "max_epochs": max_epochs, "stopped_by_scheduler": False})
-        row.update({"checkpoint_path": _latest_checkpoint(trial_dir), "git_revision": revision, "error": error,
-                    "trial_dir": str(trial_dir)})
+            row.update({"stop_epoch": 0, "max_epochs": max_epochs, "ended_by": _ended_by(status, error, None, max_epochs)})
+        row["stopped_by_scheduler"] = row["ended_by"] == "scheduler"
+        selected = summary.get("best_trial_id") == trial_id
+        row["selected"] = selected
+        row["test_source"] = "reported" if "test_srcc" in row else None
+        if selected and "test_srcc" not in row and summary.get("test"):
+            row.update({f"test_{k}": v for k, v in summary["test"].items()})
+            row["test_source"] = "checkpoint"
+        checkpoint = _latest_checkpoint(trial_dir)
+        row.update({
+            "checkpoint_path": str(Path(checkpoint).relative_to(experiment)) if checkpoint else None,
+            "git_revision": (by_epoch[max(by_epoch)].get("git_revision") if by_epoch else None) or export_revision,
+            "error": error, "trial_dir": trial_dir.name,
+        })
         trial_rows.append(row)
     return pd.DataFrame(trial_rows), pd.DataFrame(epoch_rows)
 

@@ -8,8 +8,8 @@ and test SRCC/PLCC, where the results are, and the exact TensorBoard command; an
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -33,8 +33,13 @@ from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
 
-def prepare_dataset(settings: SearchSettings, smoke: bool) -> Any:
-    """Pre-generate (embedded, on Ray Data) if needed and decode the dataset once for all trials."""
+def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
+    """Pre-generate (embedded, on Ray Data) if needed and decode the dataset once for all trials.
+
+    Returns:
+        The decoded dataset and the exact dataset spec it came from (for ``embedded``, the
+        generated folder), which is what trial configs record.
+    """
     from iqa_ray.data.catalog import EMBEDDED, generated_table, load_table
     from iqa_ray.data.dataset import decode_table
     from iqa_ray.data.pregenerate import PregenConfig, pregenerate
@@ -47,14 +52,38 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> Any:
         generated = pregenerate(pregen, default_data_dir(), engine="ray",
                                 progress=lambda m: print(f"[pregenerate] {m}", flush=True))
         table = generated_table(generated.path, label=d.label)
+        spec = str(generated.path)
     else:
+        spec = d.dataset
         table = load_table(d.dataset, label=d.label, split_seed=d.split_seed)
     decoded = decode_table(table, image_size=d.image_size, min_size=d.crop_size)
     counts = decoded.table["split"].value_counts().to_dict()
     print(f"[data] {d.dataset}: {len(decoded.table)} images decoded once "
           f"({counts.get('train', 0)} train / {counts.get('val', 0)} val / {counts.get('test', 0)} test), "
           f"{decoded.nbytes / 1e6:.0f} MB shared with every trial", flush=True)
-    return decoded
+    return decoded, spec
+
+
+def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) -> None:
+    """``experiment.json``: how the search was set up, for exports and notebooks (local storage)."""
+    local = settings.local_experiment_dir()
+    if local is None:
+        return
+    study = settings.effective_study
+    atomic_write_json(local / "experiment.json", {
+        "study": study.name, "study_file": str(study.path) if study.path else None,
+        "study_definition": study.definition, "metric": study.metric, "mode": study.mode,
+        "searcher": settings.searcher, "scheduler": settings.scheduler, "num_samples": settings.num_samples,
+        "max_epochs": settings.max_epochs, "grace_period": settings.grace_period,
+        "reduction_factor": settings.reduction_factor, "seed": settings.seed,
+        "cpus_per_trial": settings.cpus_per_trial, "gpus_per_trial": settings.gpus_per_trial,
+        "max_concurrent": settings.max_concurrent, "fixed": study.fixed,
+        "params": [{"name": p.name, "role": p.role, "type": p.type, "low": p.low, "high": p.high,
+                    "values": list(p.values), "grid": list(p.grid),
+                    "range_by": [p.range_by[0], {str(k): list(v) for k, v in p.range_by[1].items()}] if p.range_by else None}
+                   for p in study.params],
+        "command": " ".join(sys.argv), "git_revision": git_revision(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
 
 
 def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
@@ -87,7 +116,10 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         print(f"[search] searcher={settings.searcher} scheduler={settings.scheduler} samples={settings.num_samples} "
               f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
               f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
-        decoded = prepare_dataset(settings, args.smoke_test)
+        decoded, spec = prepare_dataset(settings, args.smoke_test)
+        if not args.resume:  # a resumed Tuner keeps the configs it was started with
+            settings = replace(settings, overrides=tuple(sorted({**dict(settings.overrides), "dataset": spec}.items())))
+            write_experiment_info(settings, args)
         trainable = tune.with_resources(
             tune.with_parameters(iqa_trainable, decoded=decoded, resolve=settings.effective_study.resolve,
                                  cpus_per_trial=settings.cpus_per_trial),
@@ -115,15 +147,14 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         raise LaunchError(f"no trial reported any epoch ({len(errors)} errored); see {experiment_dir_hint(settings)}")
     best = max(finished, key=lambda r: _finite(r.metrics[SELECTION_METRIC]))
     test = {k.removeprefix("test_"): v for k, v in best.metrics.items() if k.startswith("test_")}
-    if not test and best.checkpoint is not None:
+    test_source = "reported by the trial"
+    if not test and best.checkpoint is not None:  # stopped by the scheduler before its last epoch
         test = _test_from_checkpoint(best.checkpoint, decoded)
+        test_source = "computed from the trial's checkpoint (best-by-validation weights)"
     config = settings.effective_study.resolve(best.config)
     history = best.metrics_dataframe
     best_row = history.loc[history["val_srcc"].idxmax()] if "val_srcc" in history else None
     local = settings.local_experiment_dir()
-    if local is not None:
-        close_orphaned_optuna_trials(local / "optuna.db")
-    exports = export_experiment(local) if local is not None else {}
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
         "searcher": settings.searcher, "scheduler": settings.scheduler, "trials": len(results),
@@ -132,10 +163,14 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         "best_config": {k: v for k, v in config.items()},
         "best_val": {"srcc": float(best_row["val_srcc"]), "plcc": float(best_row["val_plcc"]),
                      "epoch": int(best_row["epoch"])} if best_row is not None else {},
-        "test": test, "exports": {k: str(v) for k, v in exports.items()},
+        "best_trial_id": best.metrics.get("trial_id"), "test": test, "test_source": test_source,
     }
     if local is not None:
-        atomic_write_json(local / "summary.json", summary)
+        close_orphaned_optuna_trials(local / "optuna.db")
+        atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
+        summary["exports"] = {k: str(v) for k, v in export_experiment(local).items()}
+    else:
+        summary["exports"] = {}
     return summary
 
 
@@ -177,6 +212,3 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     print(f"TensorBoard: {tensorboard_command(s['experiment'])}")
     print("=" * 78)
 
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)

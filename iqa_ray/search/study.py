@@ -103,6 +103,7 @@ class Study:
     scheduler: str = "asha"
     seed: int = 0
     roles: dict[str, str] = field(default_factory=dict)
+    definition: dict[str, Any] = field(default_factory=dict)  # the parsed file, as written
 
     # ------------------------------------------------------------------ spaces for each searcher
 
@@ -248,6 +249,7 @@ def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None)
         grace_period=int(meta.get("grace_period", 1)), reduction_factor=int(meta.get("reduction_factor", 3)),
         searcher=str(meta.get("searcher", "optuna")), scheduler=str(meta.get("scheduler", "asha")),
         seed=int(meta.get("seed", 0)), roles={p.name: p.role for p in params} | {k: "fixed" for k in fixed},
+        definition={k: dict(v) for k, v in data.items()},
     )
     _check_study(where, study)
     return study

@@ -18,6 +18,7 @@ import torch
 from iqa_ray.config import TrainConfig
 from iqa_ray.data.dataset import DecodedImages
 from iqa_ray.engine import EpochResult, NonFiniteLossError, fit
+from iqa_ray.utils.io import git_revision
 
 NONFINITE_MARKER = "nonfinite_loss.json"
 
@@ -70,6 +71,7 @@ def iqa_trainable(
     # Where and from what this process runs: a restarted trial reports a new pid and the epoch
     # it resumed from, so "nothing before the checkpoint was trained twice" can be checked.
     node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
+            "git_revision": git_revision(),
             "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
 
     def report(epoch: EpochResult) -> None:
