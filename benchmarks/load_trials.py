@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +78,9 @@ def run(trials: int, storage: str) -> dict:
     from ray import tune
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # This file is a script, not part of the installed package: ship the trainable by value so
+    # Ray workers need not import it (the tests import it from benchmarks/).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[tiny_trainable.__module__])
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     probe = MemoryProbe((20, trials))
     start = time.perf_counter()
