@@ -116,3 +116,12 @@ def test_gpus_flag_caps_concurrency_and_shares_need_a_gpu():
     with pytest.raises(LaunchError, match="largest node's 1 CPUs"):
         check_cpus_per_trial(2, [1.0, 1.0])
     check_cpus_per_trial(1, [1.0, 1.0])
+
+
+def test_a_study_that_needs_hub_weights_fails_at_once_offline(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    assert main(["--smoke-test"], study="backbone") == 2
+    err = capsys.readouterr().err
+    assert "not reachable" in err and "--set pretrained=none" in err
+    assert time.monotonic() - start < 15

@@ -84,6 +84,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         overrides.setdefault("eval_patches", 1)
     # Every override must make a valid config with the study's fixed values.
     TrainConfig.from_dict({**study.fixed, **overrides})
+    check_weights_reachable(study, overrides)
     gpus = args.gpus
     if gpus is not None and gpus < 0:
         raise LaunchError(f"--gpus must be >= 0, got {gpus}")
@@ -117,6 +118,26 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
         overrides=tuple(sorted(overrides.items())),
     )
+
+
+def check_weights_reachable(study: Any, overrides: dict[str, Any]) -> None:
+    """A study that downloads ImageNet weights (``pretrained = "hub"``) fails now when offline,
+    not once per trial after Ray has started."""
+    from iqa_ray.utils.net import hub_reachable
+
+    fixed = {**study.fixed, **overrides}
+    searched = next((p for p in study.params if p.name == "pretrained"), None)
+    wants_hub = fixed.get("pretrained") == "hub" or (searched is not None and "hub" in searched.values)
+    if not wants_hub:
+        return
+    reachable, reason = hub_reachable()
+    if not reachable:
+        raise LaunchError(
+            f"study {study.name!r} loads backbone weights from the Hugging Face hub (pretrained = \"hub\"), which is "
+            f"not reachable ({reason}). Offline options: --set pretrained=none (random initialisation), "
+            "--set pretrained=/path/to/weights.safetensors (a local file for the backbone), or a study on "
+            "efficientnet_lite0 with pretrained = \"offline\" (ImageNet weights shipped in a pip package)."
+        )
 
 
 def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:

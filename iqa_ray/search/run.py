@@ -209,6 +209,9 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     print(f"results: {s['experiment']}")
     for name, path in s["exports"].items():
         print(f"  {name}: {path}")
+    if not s["exports"]:
+        print("  (remote storage: copy the experiment folder locally, then `python -m iqa_ray.export FOLDER` "
+              "writes trials.parquet / epochs.parquet)")
     print(f"TensorBoard: {tensorboard_command(s['experiment'])}")
     print("=" * 78)
 

@@ -1,0 +1,30 @@
+"""Every launcher's --smoke-test runs a real (tiny) search end to end, as the Ray Tune examples do in CI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [
+    ("tune_ranking.py", []),
+    ("tune_gmm.py", []),
+    ("tune_schedule.py", []),
+    ("tune_backbone.py", ["--set", "pretrained=none"]),  # hub weights need internet; this runs offline
+])
+def test_smoke_test_of_every_launcher(tmp_path, script, extra):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--smoke-test", "--storage", str(tmp_path),
+                           "--name", "smoke", *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "best config (selected on validation SRCC)" in proc.stdout
+    assert "tensorboard --logdir" in proc.stdout
+    trials = pd.read_parquet(tmp_path / "smoke" / "trials.parquet")
+    assert len(trials) == 2 and (trials.status == "TERMINATED").all()
+    selected = trials[trials.selected]
+    assert len(selected) == 1 and selected.test_srcc.notna().all()
+    assert (tmp_path / "smoke" / "experiment.json").exists() and (tmp_path / "smoke" / "summary.json").exists()
