@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -114,6 +115,9 @@ class ModelConfig:
         backbone: a timm backbone (see ``iqa_ray.models.SUPPORTED_BACKBONES``).
         pretrained: ``none``, ``hub``, ``offline`` (EfficientNet-Lite0 ImageNet weights shipped in
             a pip package) or a path to a weights file.
+        pretrained_encoder: an ``iqa-ray-encoder`` file (``python -m iqa_ray.pretrain``) loaded
+            into the backbone after it is built, replacing the ``pretrained`` weights; fine-tune
+            it with a smaller ``backbone_lr`` than the head's ``lr`` (seed 004: 1e-5 vs 1e-4).
         frozen_backbone: freeze the backbone (seed 001's ``resnet18_frozen``).
         img_size: input size of fixed-size backbones (ViT, Swin); defaults to ``crop_size``.
         loss: ``l1``, ``mse`` or ``ranking``.
@@ -128,6 +132,7 @@ class ModelConfig:
     family: str = "hyperiqa"
     backbone: str = "efficientnet_lite0"
     pretrained: str = "offline"
+    pretrained_encoder: str | None = None
     frozen_backbone: bool = False
     img_size: int | None = None
     loss: str = "l1"
@@ -148,6 +153,9 @@ class ModelConfig:
         _check(self.backbone in SUPPORTED_BACKBONES,
                f"unknown backbone {self.backbone!r}; valid: {', '.join(SUPPORTED_BACKBONES)}")
         _check(isinstance(self.pretrained, str) and self.pretrained != "", "pretrained must be a non-empty string")
+        _check(self.pretrained_encoder is None or (isinstance(self.pretrained_encoder, str)
+                                                   and os.path.isfile(os.path.expanduser(self.pretrained_encoder))),
+               f"pretrained_encoder must be None or an existing encoder file, got {self.pretrained_encoder!r}")
         _check(self.loss in LOSSES, f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         _check(_finite(self.alpha) and 0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha!r}")
         _check(_finite(self.margin) and self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from iqa_ray.config import TrainConfig
+from iqa_ray.config import ConfigError, TrainConfig
 from iqa_ray.data.catalog import load_table
 from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
 from iqa_ray.metrics import all_metrics
@@ -110,6 +110,10 @@ def build(config: TrainConfig, device: torch.device) -> IQAModel:
     img_size = m.img_size or config.data.crop_size
     model = build_model(m.family, backbone=m.backbone, pretrained=m.pretrained, frozen_backbone=m.frozen_backbone,
                         img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()), **m.family_kwargs())
+    if m.pretrained_encoder:
+        from iqa_ray.ssl import load_encoder_into  # ssl imports the engine, so import here
+
+        load_encoder_into(model.backbone, os.path.expanduser(m.pretrained_encoder))
     return model.to(device)
 
 
@@ -475,6 +479,8 @@ def fit(
             "best_val_srcc": best_val["srcc"],
             "best_epoch": best_epoch + 1,
         }
+        if device.type == "cuda":  # what a fractional-GPU trial really needs
+            metrics["gpu_peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         history.append(metrics)
 
         def save(directory: str | os.PathLike[str], _epoch: int = epoch) -> Path:
@@ -522,9 +528,16 @@ def model_from_checkpoint(path: str | os.PathLike[str], device: torch.device | s
                           best: bool = True) -> tuple[IQAModel, TrainConfig]:
     """Rebuild a trained model (best-by-validation weights by default) and its config."""
     state = load_checkpoint(path)
-    config = TrainConfig.from_dict(json.loads(state["config"]))
-    # The weights come from the checkpoint, so the backbone is built without any download.
-    blank = config.replace(pretrained="none")
+    saved = json.loads(state["config"])
+    try:
+        config = TrainConfig.from_dict(saved)
+    except ConfigError:
+        if not saved.get("model", {}).get("pretrained_encoder"):
+            raise
+        # The encoder file the run started from is gone; its weights are in the checkpoint anyway.
+        config = TrainConfig.from_dict(saved, pretrained_encoder=None)
+    # The weights come from the checkpoint, so the backbone is built without any download or encoder.
+    blank = config.replace(pretrained="none", pretrained_encoder=None)
     model = build(blank, torch.device(device))
     model.load_state_dict(best_model_state(state) if best else state["model"])
     model.eval()

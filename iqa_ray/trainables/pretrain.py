@@ -1,0 +1,49 @@
+"""Function trainable for quality-aware pre-training (:func:`iqa_ray.ssl.pretrain`) under Ray Tune.
+
+The unlabelled images reach trials through
+``tune.with_parameters(pretrain_trainable, images=load_unlabelled(...).images)`` (put in the
+object store once). Every epoch is reported with a checkpoint folder holding ``checkpoint.pt``
+(resumable) and ``encoder.pt`` (what fine-tuning starts from: ``pretrained_encoder``), so the best
+trial's encoder is ``result.checkpoint.path / "encoder.pt"``. Searchable keys are the
+:class:`~iqa_ray.ssl.PretrainConfig` fields (``epochs``, ``levels``, ``lr``, ``margin``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from iqa_ray.ssl import PretrainConfig, PretrainEpoch, load_pretrain_checkpoint, pretrain
+
+
+def pretrain_trainable(config: Mapping[str, Any], *, images: Sequence[np.ndarray], cpus_per_trial: float = 1) -> None:
+    """Pre-train one trial and report every epoch to Tune.
+
+    Args:
+        config: the trial's flat :class:`~iqa_ray.ssl.PretrainConfig` keys.
+        images: the unlabelled RGB uint8 images, shared through the object store.
+        cpus_per_trial: CPU threads this trial may use.
+    """
+    import ray
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(cpus_per_trial)))
+    pretrain_config = PretrainConfig.from_dict(dict(config))
+    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    checkpoint = tune.get_checkpoint()
+    resume_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume_state = load_pretrain_checkpoint(directory)
+    node = {"pid": os.getpid(), "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
+
+    def report(epoch: PretrainEpoch) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            epoch.save(directory)
+            tune.report({**epoch.metrics, **node}, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    pretrain(pretrain_config, images, device=device, resume=resume_state, on_epoch_end=report)
