@@ -97,7 +97,8 @@ def _resolver(experiment: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
     info = json.loads(info_file.read_text())
     definition = dict(info.get("study_definition") or {})
     definition["fixed"] = info.get("fixed", definition.get("fixed", {}))
-    return parse_study(definition, name=info.get("study", "study")).resolve
+    study = parse_study(definition, name=info.get("study", "study"))
+    return study.with_encoders(info.get("encoders") or {}).resolve
 
 
 def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any) -> str:

@@ -14,3 +14,8 @@ def default_data_dir() -> Path:
 def default_results_dir() -> Path:
     """Root of experiment results: ``$IQA_RAY_RESULTS`` or ``./results``."""
     return Path(os.environ.get("IQA_RAY_RESULTS", "results")).expanduser().resolve()
+
+
+def default_encoders_dir() -> Path:
+    """Cache of SSL encoders pre-trained for searches: ``$IQA_RAY_ENCODERS`` or ``<data dir>/encoders``."""
+    return Path(os.environ.get("IQA_RAY_ENCODERS", default_data_dir() / "encoders")).expanduser()

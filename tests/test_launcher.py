@@ -44,6 +44,7 @@ def test_defaults_come_from_the_study():
         (["--set", "alpha=2"], "alpha must be in \\[0, 1\\]"),
         (["--set", "margin=-1"], "margin must be >= 0"),
         (["--set", "backbone=resnet9000"], "unknown backbone"),
+        (["--set", "alpha=0.3"], "--set alpha: searched by study 'ranking'"),
         (["--name", "../../etc"], "must match"),
         (["--max-epochs", "1", "--grace-period", "2"], "grace_period \\(2\\) exceeds max_epochs"),
     ],

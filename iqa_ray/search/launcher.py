@@ -84,6 +84,10 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         overrides.setdefault("eval_patches", 1)
     # Every override must make a valid config with the study's fixed values.
     TrainConfig.from_dict({**study.fixed, **overrides})
+    searched = sorted(set(overrides) & {p.name for p in study.params})
+    if searched:
+        raise LaunchError(f"--set {', '.join(searched)}: searched by study {study.name!r}, so a fixed value would be "
+                          "overridden by the searcher; drop the --set, or copy the study file and move the key to [fixed]")
     check_weights_reachable(study, overrides)
     gpus = args.gpus
     if gpus is not None and gpus < 0:

@@ -22,6 +22,7 @@ from iqa_ray.search.launcher import (
     gpu_concurrency,
     resolve_gpus,
 )
+from iqa_ray.search.pretraining import prepare_encoders
 from iqa_ray.search.tuner import (
     SELECTION_METRIC,
     SearchSettings,
@@ -77,7 +78,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "max_epochs": settings.max_epochs, "grace_period": settings.grace_period,
         "reduction_factor": settings.reduction_factor, "seed": settings.seed,
         "cpus_per_trial": settings.cpus_per_trial, "gpus_per_trial": settings.gpus_per_trial,
-        "max_concurrent": settings.max_concurrent, "fixed": study.fixed,
+        "max_concurrent": settings.max_concurrent, "fixed": study.fixed, "encoders": study.encoders,
         "params": [{"name": p.name, "role": p.role, "type": p.type, "low": p.low, "high": p.high,
                     "values": list(p.values), "grid": list(p.grid),
                     "range_by": [p.range_by[0], {str(k): list(v) for k, v in p.range_by[1].items()}] if p.range_by else None}
@@ -117,6 +118,11 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
               f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
               f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
         decoded, spec = prepare_dataset(settings, args.smoke_test)
+        # Studies with `pretraining = "ssl"` get their encoders now, before any trial is started.
+        encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=share,
+                                    smoke=args.smoke_test)
+        if encoders:
+            settings = replace(settings, study=settings.study.with_encoders(encoders))
         if not args.resume:  # a resumed Tuner keeps the configs it was started with
             settings = replace(settings, overrides=tuple(sorted({**dict(settings.overrides), "dataset": spec}.items())))
             write_experiment_info(settings, args)
@@ -152,6 +158,9 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         test = _test_from_checkpoint(best.checkpoint, decoded)
         test_source = "computed from the trial's checkpoint (best-by-validation weights)"
     config = settings.effective_study.resolve(best.config)
+    # study-only keys (``pretraining``) are resolved into others; keep the value that was searched
+    config.update({p.name: best.config[p.name] for p in settings.study.params
+                   if p.name not in config and p.name in best.config})
     history = best.metrics_dataframe
     best_row = history.loc[history["val_srcc"].idxmax()] if "val_srcc" in history else None
     local = settings.local_experiment_dir()

@@ -31,6 +31,26 @@ margin), *nuisance* (must be tuned for a fair comparison, e.g. the learning rate
     [params.lr.range_by.backbone]      # optional: the range depends on another parameter
     resnet18 = [1e-4, 1e-3]
 
+Quality-aware pre-training (seed 004) is a searchable choice: the study-only key
+``pretraining`` (``none`` or ``ssl``, fixed or a ``choice``) decides whether a trial's backbone
+starts from a self-supervised encoder, and an optional ``[pretraining]`` table holds the
+:class:`~iqa_ray.ssl.PretrainConfig` keys of that encoder (plus ``source`` and ``splits``: the
+unlabelled images, by default the training dataset's ``train`` split)::
+
+    [pretraining]
+    epochs = 4
+    crop_size = 96
+
+    [params.pretraining]
+    role = "scientific"
+    type = "choice"
+    values = ["none", "ssl"]
+
+The launcher pre-trains one encoder per backbone the space can use before any trial starts
+(:mod:`iqa_ray.search.pretraining`) and hands their paths to :meth:`Study.with_encoders`;
+:meth:`Study.resolve` then turns ``pretraining = "ssl"`` into ``pretrained_encoder = <path>``.
+Search the encoder's learning rate with ``backbone_lr``.
+
 Everything is checked before any trial starts: keys must be config keys, ranges must be
 ordered and inside what the config accepts (both ends are built into a real config), grids
 must lie in their ranges, and the space may not be empty. A parameter with ``range_by`` is
@@ -44,7 +64,7 @@ from __future__ import annotations
 import itertools
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,6 +78,9 @@ STUDY_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 _STUDY_KEYS = {"name", "description", "metric", "mode", "num_samples", "max_epochs", "grace_period",
                "reduction_factor", "searcher", "scheduler", "seed"}
 _PARAM_KEYS = {"role", "type", "low", "high", "values", "grid", "range_by", "description"}
+PRETRAINING = "pretraining"  # study-only key: "none" or "ssl" (resolved to pretrained_encoder)
+PRETRAINING_CHOICES = ("none", "ssl")
+_PRETRAINING_DATA_KEYS = {"source", "splits"}  # [pretraining] keys that are not PretrainConfig fields
 
 
 class StudyError(ConfigError):
@@ -104,6 +127,41 @@ class Study:
     seed: int = 0
     roles: dict[str, str] = field(default_factory=dict)
     definition: dict[str, Any] = field(default_factory=dict)  # the parsed file, as written
+    pretraining: dict[str, Any] = field(default_factory=dict)  # the [pretraining] table
+    encoders: dict[str, str] = field(default_factory=dict)  # backbone -> SSL encoder file (set by the launcher)
+
+    # ------------------------------------------------------------------ pre-training
+
+    def pretraining_values(self) -> tuple[str, ...]:
+        """The values ``pretraining`` can take in this study (``("none",)`` when it is not used)."""
+        searched = next((p for p in self.params if p.name == PRETRAINING), None)
+        if searched is not None:
+            return tuple(searched.values)
+        return (str(self.fixed.get(PRETRAINING, "none")),)
+
+    def backbones(self) -> tuple[str, ...]:
+        """Every backbone a trial of this study can use."""
+        searched = next((p for p in self.params if p.name == "backbone"), None)
+        if searched is not None:
+            return tuple(searched.values)
+        return (str(self.fixed.get("backbone", TrainConfig().model.backbone)),)
+
+    def encoder_backbones(self) -> tuple[str, ...]:
+        """Backbones that need a pre-trained SSL encoder before the search starts (may be empty)."""
+        return self.backbones() if "ssl" in self.pretraining_values() else ()
+
+    def pretrain_config(self, backbone: str) -> Any:
+        """The :class:`~iqa_ray.ssl.PretrainConfig` of ``backbone``'s encoder (from ``[pretraining]``)."""
+        from iqa_ray.ssl import PretrainConfig
+
+        values = {k: v for k, v in self.pretraining.items() if k not in _PRETRAINING_DATA_KEYS}
+        # The encoder starts where the trials' backbones would (e.g. the offline ImageNet weights).
+        values.setdefault("pretrained", self.fixed.get("pretrained", TrainConfig().model.pretrained))
+        return PretrainConfig.from_dict(values, backbone=backbone)
+
+    def with_encoders(self, encoders: Mapping[str, str]) -> "Study":
+        """This study with the SSL encoder file of each backbone (what ``pretraining = "ssl"`` loads)."""
+        return replace(self, encoders=dict(encoders))
 
     # ------------------------------------------------------------------ spaces for each searcher
 
@@ -168,7 +226,14 @@ class Study:
 
     def resolve(self, trial_config: Mapping[str, Any]) -> dict[str, Any]:
         """Flat :class:`TrainConfig` keys of a trial: unit values mapped into their ranges."""
-        out = {k: v for k, v in trial_config.items() if not k.endswith(UNIT_SUFFIX)}
+        out = {k: v for k, v in trial_config.items() if not k.endswith(UNIT_SUFFIX) and k != PRETRAINING}
+        if trial_config.get(PRETRAINING, self.fixed.get(PRETRAINING, "none")) == "ssl":
+            backbone = out.get("backbone", self.fixed.get("backbone", TrainConfig().model.backbone))
+            if backbone not in self.encoders:
+                raise StudyError(f"study {self.name!r}: pretraining = 'ssl' but no pre-trained encoder was prepared for "
+                                 f"backbone {backbone!r} (prepared: {sorted(self.encoders)}); the launcher pre-trains "
+                                 "them before the search (iqa_ray.search.pretraining.prepare_encoders)")
+            out["pretrained_encoder"] = self.encoders[backbone]
         for p in self.params:
             if not p.range_by or p.searched_name not in trial_config:
                 continue
@@ -192,6 +257,9 @@ class Study:
             lines.append(f"  {p.role:10s} {p.name} ~ {p.type} {rng}")
         for k, v in self.fixed.items():
             lines.append(f"  {'fixed':10s} {k} = {v!r}")
+        if self.encoder_backbones():
+            table = {k: v for k, v in self.pretraining.items()}
+            lines.append(f"  pre-training of the ssl encoder ({', '.join(self.encoder_backbones())}): {table}")
         return lines
 
 
@@ -224,15 +292,16 @@ def load_study(name_or_path: str | Path, directory: Path = STUDY_DIR) -> Study:
 def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None) -> Study:
     """Validate the contents of a study file (see the module docstring for the format)."""
     where = str(path) if path else name
-    unknown_tables = sorted(set(data) - {"study", "fixed", "params"})
+    unknown_tables = sorted(set(data) - {"study", "fixed", "params", "pretraining"})
     if unknown_tables:
-        raise StudyError(f"{where}: unknown tables {unknown_tables}; valid: [study], [fixed], [params.<name>]")
+        raise StudyError(f"{where}: unknown tables {unknown_tables}; valid: [study], [fixed], [params.<name>], "
+                         "[pretraining]")
     meta = dict(data.get("study", {}))
     unknown = sorted(set(meta) - _STUDY_KEYS)
     if unknown:
         raise StudyError(f"{where}: unknown [study] keys {unknown}; valid: {sorted(_STUDY_KEYS)}")
     fixed = dict(data.get("fixed", {}))
-    keys = set(valid_keys())
+    keys = set(valid_keys()) | {PRETRAINING}
     bad_fixed = sorted(k for k in fixed if k not in keys)
     if bad_fixed:
         raise StudyError(f"{where}: [fixed] keys {bad_fixed} are not config keys; valid: {sorted(keys)}")
@@ -250,6 +319,7 @@ def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None)
         searcher=str(meta.get("searcher", "optuna")), scheduler=str(meta.get("scheduler", "asha")),
         seed=int(meta.get("seed", 0)), roles={p.name: p.role for p in params} | {k: "fixed" for k in fixed},
         definition={k: dict(v) for k, v in data.items()},
+        pretraining=dict(data.get("pretraining", {})),
     )
     _check_study(where, study)
     return study
@@ -261,6 +331,8 @@ def _parse_param(where: str, name: str, spec: Mapping[str, Any], keys: set[str],
         raise StudyError(f"{at}: {name!r} is not a config key; valid: {sorted(keys)}")
     if name in fixed:
         raise StudyError(f"{at}: {name!r} is both fixed and searched")
+    if name == PRETRAINING and spec.get("type") != "choice":
+        raise StudyError(f"{at}: pretraining is searched as type = \"choice\" with values among {list(PRETRAINING_CHOICES)}")
     unknown = sorted(set(spec) - _PARAM_KEYS)
     if unknown:
         raise StudyError(f"{at}: unknown keys {unknown}; valid: {sorted(_PARAM_KEYS)}")
@@ -279,6 +351,8 @@ def _parse_param(where: str, name: str, spec: Mapping[str, Any], keys: set[str],
         bad = [g for g in grid if g not in values]
         if bad:
             raise StudyError(f"{at}: grid values {bad} are not among values {list(values)}")
+        if name == PRETRAINING and not set(values) <= set(PRETRAINING_CHOICES):
+            raise StudyError(f"{at}: values must be among {list(PRETRAINING_CHOICES)}, got {list(values)}")
         return Param(name, role, kind, values=values, grid=grid, description=str(spec.get("description", "")))
     low, high = spec.get("low"), spec.get("high")
     if "range_by" in spec:
@@ -331,6 +405,7 @@ def _check_study(where: str, study: Study) -> None:
             raise StudyError(f"{where}: {key} must be >= {lo}, got {value}")
     if study.grace_period > study.max_epochs:
         raise StudyError(f"{where}: grace_period ({study.grace_period}) exceeds max_epochs ({study.max_epochs})")
+    _check_pretraining(where, study)
     by_name = {q.name: q for q in study.params}
     for p in study.params:
         if not p.range_by:
@@ -352,11 +427,39 @@ def _check_study(where: str, study: Study) -> None:
         values = {**study.fixed, "epochs": study.max_epochs}
         for p, v in zip(study.params, combo):
             values[p.name] = v
+        values.pop(PRETRAINING, None)  # a study-only key: resolved to an encoder file at launch
         try:
             TrainConfig.from_dict(values)
         except ConfigError as exc:
             raise StudyError(f"{where}: the space contains an invalid config ({exc}); values: "
                              f"{ {p.name: v for p, v in zip(study.params, combo)} }") from exc
+
+
+def _check_pretraining(where: str, study: Study) -> None:
+    """``pretraining`` values and the ``[pretraining]`` table must make valid pre-training configs."""
+    fixed = study.fixed.get(PRETRAINING)
+    if fixed is not None and fixed not in PRETRAINING_CHOICES:
+        raise StudyError(f"{where}: [fixed] pretraining must be one of {list(PRETRAINING_CHOICES)}, got {fixed!r}")
+    table = study.pretraining
+    if "backbone" in table:
+        raise StudyError(f"{where}: [pretraining] takes no backbone: each trial's backbone is pre-trained "
+                         "(set it in [fixed] or search it)")
+    splits = table.get("splits", ["train"])
+    if not (isinstance(splits, list) and splits and all(s in ("train", "val", "test") for s in splits)):
+        raise StudyError(f"{where}: [pretraining] splits must be a non-empty list of train / val / test, got {splits!r}")
+    if "test" in splits:
+        raise StudyError(f"{where}: [pretraining] splits may not include 'test': pre-training on the test photos, even "
+                         "without labels, would flatter the test metrics")
+    if "source" in table and not (isinstance(table["source"], str) and table["source"]):
+        raise StudyError(f"{where}: [pretraining] source must be a dataset spec or folder, got {table['source']!r}")
+    if table and "ssl" not in study.pretraining_values():
+        raise StudyError(f"{where}: a [pretraining] table is given but no trial can use it; add "
+                         "[params.pretraining] with values [\"none\", \"ssl\"] or fix pretraining = \"ssl\"")
+    for backbone in study.encoder_backbones():
+        try:
+            study.pretrain_config(backbone)
+        except ConfigError as exc:
+            raise StudyError(f"{where}: [pretraining]: {exc}") from exc
 
 
 def _corner_values(p: Param) -> list[Any]:

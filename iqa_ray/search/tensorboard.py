@@ -156,7 +156,8 @@ def trial_hparams(study: Study, config: Mapping[str, Any]) -> dict[str, bool | i
         resolved = dict(config)
     out = {}
     for name in hparam_names(study):
-        value = _hparam_value(resolved.get(name))
+        # study-only keys (``pretraining``) are resolved into others; log the value searched
+        value = _hparam_value(resolved.get(name, config.get(name)))
         if value is not None:
             out[name] = value
     return out
