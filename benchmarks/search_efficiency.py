@@ -38,6 +38,7 @@ from iqa_ray.data.catalog import ensure_embedded, generated_table
 from iqa_ray.data.dataset import decode_table
 from iqa_ray.search.study import load_study
 from iqa_ray.search.tuner import SearchSettings, make_scheduler, make_searcher
+from iqa_ray.utils.io import atomic_write_json
 
 METHODS = ("grid", "random", "random_asha", "optuna_asha")
 
@@ -123,30 +124,40 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="CPU-search scale: 128 px crops, 6 epochs (a GPU box)")
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/search_efficiency"))
+    p.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the saved runs")
     args = p.parse_args()
     scale = {"crop_size": 128, "max_epochs": 6, "reduction_factor": 3} if args.full else \
         {"crop_size": 64, "max_epochs": 3, "reduction_factor": 3}
-    study = load_study("ranking")
-    dataset = ensure_embedded()
-    scale["dataset"] = str(dataset)
-    decoded = decode_table(generated_table(dataset), min_size=scale["crop_size"])
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "search_efficiency.json"
+    # Every finished (method, seed) run is saved at once, so an interrupted benchmark keeps what it
+    # measured and a re-run with the same settings only runs what is missing.
+    saved = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if saved and saved.get("scale", {}).get("crop_size") != scale["crop_size"]:
+        saved = {}
+    runs = [r for r in saved.get("runs", []) if r["seed"] in args.seeds and r["method"] in args.methods]
+    summary = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+               "date": time.strftime("%Y-%m-%d"), "scale": scale, "seeds": args.seeds, "runs": runs}
+    todo = [(seed, m) for seed in args.seeds for m in args.methods
+            if not any(r["seed"] == seed and r["method"] == m for r in runs)]
+    if todo and not args.report_only:
+        study = load_study("ranking")
+        dataset = ensure_embedded()
+        scale["dataset"] = str(dataset)
+        decoded = decode_table(generated_table(dataset), min_size=scale["crop_size"])
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    runs = []
-    with tempfile.TemporaryDirectory() as storage:
-        for seed in args.seeds:
-            for method in args.methods:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        with tempfile.TemporaryDirectory() as storage:
+            for seed, method in todo:
                 r = run_method(method, seed, study, scale, decoded, storage, args.cpus)
                 runs.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
-    ray.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
-               "scale": scale, "seeds": args.seeds, "runs": runs}
-    (args.out / "search_efficiency.json").write_text(json.dumps(summary, indent=2, default=str))
+                atomic_write_json(results_file, summary)
+        ray.shutdown()
+    summary["seeds"] = sorted({r["seed"] for r in runs})
     report(summary, args.out)
 
 
