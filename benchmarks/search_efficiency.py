@@ -13,8 +13,9 @@ embedded dataset, run four ways at the same total compute budget counted in trai
 Each is repeated for a few seeds (searcher seed and training seed). Reported: best validation
 SRCC reached vs cumulative epochs (plot + table), the epochs each method needed to get within
 0.01 of the grid's best validation SRCC, and the test SRCC of each method's selected
-configuration (selected on validation only). Small defaults fit a 2-core machine; ``--full`` is
-the same study at the CPU-search scale (128 px, 6 epochs), for a GPU box.
+configuration (selected on validation only). Small defaults fit a 2-core machine (64 px crops,
+3 epochs, labels of half the training photos); ``--full`` is the same study at the CPU-search
+scale (128 px, 6 epochs, every label), for a GPU box.
 
     python benchmarks/search_efficiency.py [--seeds 0 1] [--full] [--out DIR]
 """
@@ -69,7 +70,8 @@ def run_method(method: str, seed: int, study: Any, scale: dict, decoded: Any, st
 
     max_epochs = scale["max_epochs"]
     budget = study.grid_size() * max_epochs
-    overrides = {"crop_size": scale["crop_size"], "eval_patches": 1, "seed": seed, "dataset": scale["dataset"]}
+    overrides = {"crop_size": scale["crop_size"], "eval_patches": 1, "seed": seed, "dataset": scale["dataset"],
+                 "label_fraction": scale["label_fraction"]}
     settings = SearchSettings(
         study=study, name=f"{method}-s{seed}", storage=storage,
         searcher={"grid": "grid", "random": "random", "random_asha": "random", "optuna_asha": "optuna"}[method],
@@ -126,14 +128,17 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/search_efficiency"))
     p.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the saved runs")
     args = p.parse_args()
-    scale = {"crop_size": 128, "max_epochs": 6, "reduction_factor": 3} if args.full else \
-        {"crop_size": 64, "max_epochs": 3, "reduction_factor": 3}
+    # Small mode: 64 px crops, 3 epochs and the labels of half the training photos (label_fraction,
+    # drawn per seed, the same for every method of that seed), so the 4 methods x 2 seeds fit in
+    # about an hour on 2 CPUs. --full uses every label at the CPU-search scale.
+    scale = {"crop_size": 128, "max_epochs": 6, "reduction_factor": 3, "label_fraction": 1.0} if args.full else \
+        {"crop_size": 64, "max_epochs": 3, "reduction_factor": 3, "label_fraction": 0.5}
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "search_efficiency.json"
     # Every finished (method, seed) run is saved at once, so an interrupted benchmark keeps what it
     # measured and a re-run with the same settings only runs what is missing.
     saved = json.loads(results_file.read_text()) if results_file.exists() else {}
-    if saved and saved.get("scale", {}).get("crop_size") != scale["crop_size"]:
+    if saved and any(saved.get("scale", {}).get(k) != v for k, v in scale.items()):
         saved = {}
     runs = [r for r in saved.get("runs", []) if r["seed"] in args.seeds and r["method"] in args.methods]
     summary = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
