@@ -3,7 +3,7 @@
 
 Seed 004's experiment on this machine's data. Three start points for the same backbone:
 
-* ``ssl``: the offline ImageNet EfficientNet-Lite0 further pre-trained (12 epochs of 192 samples
+* ``ssl``: the offline ImageNet EfficientNet-Lite0 further pre-trained (4 epochs of 96 samples
   at 96 px by default; ``--pretrain-epochs``, ``--pretrain-images``) with
   :func:`iqa_ray.ssl.pretrain` on the *training photos only* (unlabelled, the training
   distortion types only);
@@ -22,7 +22,7 @@ of the training photos' labels (``label_fraction``), then scored by
   outside scikit-image / scikit-learn here), cut into crops and degraded with the training types.
   One photo: a content-shift check, not a dataset.
 
-    python benchmarks/pretraining.py                 # 2 CPUs, 3 seeds: ~13 min on an idle machine
+    python benchmarks/pretraining.py                 # 2 CPUs, 3 seeds: ~6 min on an idle machine
     python benchmarks/pretraining.py --seeds 0       # one seed
     python benchmarks/pretraining.py --full          # GPU budget (longer, larger crops, 3 seeds)
 """
@@ -56,7 +56,8 @@ STARTS = ("ssl", "imagenet", "scratch")
 
 SETTINGS = {
     "default": {  # 2 CPUs
-        "pretrain": {"epochs": 12, "crop_size": 96, "batch_size": 8, "images_per_epoch": 192, "levels": 4,
+        # --pretrain-epochs 12 --pretrain-images 192 is the longer variant (about 4x the CPU time).
+        "pretrain": {"epochs": 4, "crop_size": 96, "batch_size": 8, "images_per_epoch": 96, "levels": 4,
                      "lr": 1e-4, "holdout_images": 2, "eval_samples": 16},
         "finetune": {"family": "mlp", "hidden_dim": 256, "crop_size": 96, "eval_patches": 1, "epochs": 4,
                      "lr": 1e-3, "backbone_lr": 1e-4, "batch_size": 16},
