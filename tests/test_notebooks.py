@@ -157,6 +157,22 @@ def test_grid_values_categorical_axes_and_a_copy_without_checkpoints(experiments
 
 
 @pytest.mark.slow
+def test_a_selected_trial_that_asha_stopped_counts_as_stopped_although_it_has_test_metrics(experiments, tmp_path):
+    # The export fills the selected trial's test metrics from its checkpoint when ASHA stopped it;
+    # whether the selected trial was stopped depends on trial timing, so build that case here.
+    copy = copy_parquet_only(experiments["ranking"], tmp_path / "stopped-best")
+    trials = pd.read_parquet(copy / "trials.parquet")
+    best = trials["best_val_srcc"].idxmax()
+    trials.loc[best, ["ended_by", "stopped_by_scheduler"]] = ["scheduler", True]
+    trials.loc[best, ["test_srcc", "test_plcc"]] = [0.5, 0.5]
+    trials.loc[best, "stop_epoch"] = 1
+    trials.to_parquet(copy / "trials.parquet", index=False)
+    _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert f"ASHA stopped {int(trials['stopped_by_scheduler'].sum())} of {len(trials)} trials" in text
+    assert "(stopped by ASHA)" in text  # the selected trial's line says how it ended
+
+
+@pytest.mark.slow
 def test_a_missing_column_fails_the_notebook_with_its_name(experiments, tmp_path):
     from nbclient.exceptions import CellExecutionError
 
