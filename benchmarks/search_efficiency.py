@@ -115,7 +115,10 @@ def run_method(method: str, seed: int, study: Any, scale: dict, decoded: Any, st
         test = _test_from_checkpoint(best_result.checkpoint, decoded)
     return {"method": method, "seed": seed, "budget": budget, "epochs": len(curve), "curve": curve,
             "best_val_srcc": best, "test_srcc": test.get("srcc"), "test_plcc": test.get("plcc"),
-            "trials": sum(1 for r in grid if r.metrics), "elapsed_s": round(elapsed, 1),
+            # trials that trained at least one epoch (random/grid pre-sample num_samples trials, and
+            # those the epoch budget never started still appear in the ResultGrid)
+            "trials": sum(1 for r in grid if r.metrics_dataframe is not None and not r.metrics_dataframe.empty),
+            "elapsed_s": round(elapsed, 1),
             "best_config": {k: best_result.config.get(k) for k in ("alpha", "margin", "lr")}}
 
 
