@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from iqa_ray.config import ConfigError
+from iqa_ray.config import ConfigError, _check, _finite  # the config module's validators
 from iqa_ray.data import distortions as dist
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.engine import CheckpointError, default_device, epoch_seed, save_checkpoint, seed_everything
@@ -101,15 +101,6 @@ _EVAL_STREAM = 1_000_000
 
 class EncoderError(ValueError):
     """An encoder file is missing, not an encoder, or does not fit the backbone it is loaded into."""
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _int(x: Any) -> bool:
