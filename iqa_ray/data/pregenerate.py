@@ -577,7 +577,11 @@ def pregenerate(
         names = config.distortion_names()
         chunks = [names[k : k + CALIBRATION_TYPES_PER_ITEM] for k in range(0, len(names), CALIBRATION_TYPES_PER_ITEM)]
         calib_items = [{"config": config, "ref": refs[i], "types": chunk} for i in sorted(boxes_by_ref) for chunk in chunks]
-        rows = mapper(_calibrate_unit, calib_items)
+        # Largest items first, so that no big item starts last and leaves the other CPUs idle
+        # (grey photos have fewer types). Ray Data returns rows in completion order: sort them so
+        # the table's float sums do not depend on scheduling.
+        calib_items.sort(key=lambda it: -len(set(it["types"]) & set(allowed_types(config, it["ref"].grey))))
+        rows = sorted(mapper(_calibrate_unit, calib_items), key=lambda r: (r["ref"], r["labels"]))
         failed = {r["error"]: json.loads(r["error"]) for r in rows if r["error"]}  # one entry per photo
         calibration = {"table": severity_table([r for r in rows if not r["error"]], config),
                        "failed": list(failed.values())}
@@ -609,6 +613,8 @@ def pregenerate(
                       "shard_path": str(shard), "unit_id": unit_id, "severity": table})
     if done_stats:
         say(f"resuming: {len(done_stats)} of {len(units)} units already written")
+    # Largest units first (a photo's last unit may hold fewer crops): the small ones fill the tail.
+    items.sort(key=lambda it: -len(it["tasks"]))
     gen_start = time.perf_counter()
     results = mapper(_generate_unit, items)
     gen_seconds = time.perf_counter() - gen_start
