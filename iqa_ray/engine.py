@@ -39,7 +39,7 @@ from iqa_ray.data.catalog import load_table
 from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
 from iqa_ray.metrics import all_metrics
 from iqa_ray.models import IQAModel, build_loss, build_model
-from iqa_ray.utils.io import atomic_path, git_revision
+from iqa_ray.utils.io import atomic_path, git_revision, load_weights_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -314,18 +314,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: missing, not a checkpoint, or containing anything but tensors and plain
             data (a tampered file with pickled code is refused, not executed).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        raise CheckpointError(
-            f"refusing to load {path}: not a valid iqa-ray checkpoint or it contains objects other than "
-            f"tensors and plain data ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
-        ) from exc
+    path, state = load_weights_file(path, default_file=CHECKPOINT_FILE, what="iqa-ray checkpoint", error=CheckpointError)
     if not isinstance(state, dict) or state.get("format") != "iqa-ray" or "model" not in state:
         raise CheckpointError(f"{path} is not an iqa-ray checkpoint (missing format marker or model weights)")
     return state

@@ -62,7 +62,7 @@ from iqa_ray.data import distortions as dist
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.engine import CheckpointError, default_device, epoch_seed, save_checkpoint, seed_everything
 from iqa_ray.models.backbones import SUPPORTED_BACKBONES, Backbone, create_backbone
-from iqa_ray.utils.io import git_revision
+from iqa_ray.utils.io import git_revision, load_weights_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -522,16 +522,7 @@ def read_encoder(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         EncoderError: missing, unreadable, or not an ``iqa-ray-encoder`` file.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / ENCODER_FILE
-    if not path.is_file():
-        raise EncoderError(f"encoder file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        raise EncoderError(f"refusing to load {path}: not a valid encoder file or it holds objects other than tensors "
-                           f"and plain data ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+    path, state = load_weights_file(path, default_file=ENCODER_FILE, what="encoder file", error=EncoderError)
     if not isinstance(state, dict) or state.get("format") != ENCODER_FORMAT or "state_dict" not in state:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise EncoderError(f"{path} is not an {ENCODER_FORMAT} file (format {found!r}); write one with "
@@ -665,16 +656,8 @@ def load_pretrain_checkpoint(resume: str | os.PathLike[str] | dict[str, Any]) ->
     """
     if isinstance(resume, dict):
         return resume
-    path = Path(resume)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise CheckpointError(f"pre-training checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"refusing to load {path}: not a valid pre-training checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+    path, state = load_weights_file(resume, default_file=CHECKPOINT_FILE, what="pre-training checkpoint",
+                                    error=CheckpointError)
     if not isinstance(state, dict) or state.get("format") != PRETRAIN_FORMAT:
         raise CheckpointError(f"{path} is not an {PRETRAIN_FORMAT} checkpoint")
     return state

@@ -89,3 +89,34 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev + ("-dirty" if dirty else "")
+
+
+def load_weights_file(path: str | os.PathLike[str], *, default_file: str, what: str,
+                      error: type[Exception]) -> tuple[Path, Any]:
+    """``torch.load`` a file of tensors and plain data (``weights_only=True``), on the CPU.
+
+    Args:
+        path: the file, or a folder holding ``default_file`` (a run folder, a Tune checkpoint).
+        default_file: the file name looked for inside a folder.
+        what: what the file is, for the messages (e.g. "checkpoint", "encoder file").
+        error: the exception class raised for a missing or unloadable file.
+
+    Returns:
+        The resolved file and what it holds; the caller checks its format marker.
+
+    Raises:
+        error: the file is missing, or is not a torch file of tensors and plain data (a tampered
+            file with pickled code is refused, not executed).
+    """
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_file
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return path, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise error(f"refusing to load {path}: not a valid {what} or it contains objects other than tensors and "
+                    f"plain data ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
