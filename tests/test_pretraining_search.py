@@ -46,6 +46,19 @@ def test_resolve_turns_ssl_into_the_backbones_encoder_file_and_none_into_nothing
     assert ready.resolve({"pretraining": "none", "backbone_lr": 1e-4}) == {"backbone_lr": 1e-4}
 
 
+def test_reports_and_hparams_show_the_searched_pretraining_choice_next_to_its_encoder(tmp_path):
+    from iqa_ray.search.tensorboard import trial_hparams
+
+    study = parse_study(ssl_study(epochs=1), name="s").with_encoders({"efficientnet_lite0": str(tmp_path / "e.pt")})
+    ssl = {"pretraining": "ssl", "backbone_lr": 1e-4}
+    assert study.reported_config(ssl) == {"pretraining": "ssl", "backbone_lr": 1e-4,
+                                          "pretrained_encoder": str(tmp_path / "e.pt")}
+    assert study.reported_config({"pretraining": "none", "backbone_lr": 1e-4}) == {
+        "pretraining": "none", "backbone_lr": 1e-4}
+    hparams = trial_hparams(study, ssl)
+    assert hparams["pretraining"] == "ssl" and hparams["backbone_lr"] == 1e-4
+
+
 def test_one_encoder_per_searched_backbone():
     data = ssl_study()
     data["fixed"]["pretrained"] = "none"

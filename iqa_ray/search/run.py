@@ -157,10 +157,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if not test and best.checkpoint is not None:  # stopped by the scheduler before its last epoch
         test = _test_from_checkpoint(best.checkpoint, decoded)
         test_source = "computed from the trial's checkpoint (best-by-validation weights)"
-    config = settings.effective_study.resolve(best.config)
-    # study-only keys (``pretraining``) are resolved into others; keep the value that was searched
-    config.update({p.name: best.config[p.name] for p in settings.study.params
-                   if p.name not in config and p.name in best.config})
+    config = settings.effective_study.reported_config(best.config)
     history = best.metrics_dataframe
     best_row = history.loc[history["val_srcc"].idxmax()] if "val_srcc" in history else None
     local = settings.local_experiment_dir()

@@ -247,6 +247,13 @@ class Study:
                 else lo + u * (hi - lo)
         return out
 
+    def reported_config(self, trial_config: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's config as reports show it: :meth:`resolve`, plus the study-only keys it
+        searched (``pretraining``), which resolve into others and would otherwise vanish."""
+        out = self.resolve(trial_config)
+        out.update({p.name: trial_config[p.name] for p in self.params if p.name not in out and p.name in trial_config})
+        return out
+
     def describe(self) -> list[str]:
         lines = [f"study {self.name}: {self.description}",
                  f"  optimise {self.metric} ({self.mode}); {self.num_samples} samples, up to {self.max_epochs} epochs"]

@@ -150,14 +150,13 @@ def experiment_summary(study: Study) -> Any:
 def trial_hparams(study: Study, config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
     """The hyperparameters of a trial as the HParams plugin gets them: resolved, listed keys only."""
     try:
-        resolved = study.resolve(config)
+        resolved = study.reported_config(config)
     except Exception:  # never lose a trial's session over a config the study cannot resolve
         logger.exception("could not resolve trial config %s; logging it unresolved", dict(config))
         resolved = dict(config)
     out = {}
     for name in hparam_names(study):
-        # study-only keys (``pretraining``) are resolved into others; log the value searched
-        value = _hparam_value(resolved.get(name, config.get(name)))
+        value = _hparam_value(resolved.get(name))
         if value is not None:
             out[name] = value
     return out
