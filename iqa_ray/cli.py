@@ -1,10 +1,19 @@
-"""Shared command-line helpers: argument types and Ray start-up. Only launchers import this."""
+"""Shared command-line helpers: argument types, run folders and Ray start-up.
+
+Only command-line entry points (launchers, ``iqa-train``, ``iqa-pretrain``) import this.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
+from pathlib import Path
 from typing import Any
+
+
+class UsageError(Exception):
+    """A bad command line or run folder; entry points print it as ``error: ...`` and exit with 2."""
 
 
 def positive_int(text: str) -> int:
@@ -16,6 +25,24 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def run_folder(out: Path | None, default_name: str, resume: bool, checkpoint_file: str) -> tuple[Path, Path | None]:
+    """A standalone run's folder and, with ``--resume``, the checkpoint to continue from.
+
+    ``out`` defaults to ``runs/<default_name>-<date>-<time>``. Raises :class:`UsageError`, before
+    anything is written, when ``--resume`` finds no ``checkpoint_file`` there, or when a new run
+    would write over one that is already in the folder (its ``metrics.jsonl``).
+    """
+    out = out or Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume:
+        checkpoint = out / checkpoint_file
+        if not checkpoint.exists():
+            raise UsageError(f"--resume: no {checkpoint_file} in {out}")
+        return out, checkpoint
+    if (out / "metrics.jsonl").exists():
+        raise UsageError(f"{out} already holds a run; use --resume to continue it or another --out")
+    return out, None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict[str, float]:

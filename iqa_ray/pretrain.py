@@ -26,13 +26,13 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from iqa_ray.cli import UsageError, run_folder
 from iqa_ray.config import ConfigError
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.engine import CheckpointError
@@ -134,13 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or Path("runs") / f"pretrain-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resume = None
-    if args.resume:
-        if not (out / CHECKPOINT_FILE).exists():
-            print(f"error: --resume: no {CHECKPOINT_FILE} in {out}", file=sys.stderr)
-            return 2
-        resume = out / CHECKPOINT_FILE
+    try:
+        out, resume = run_folder(args.out, f"pretrain-{config.backbone}", args.resume, CHECKPOINT_FILE)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if resume is not None:
         try:
             state = load_pretrain_checkpoint(resume)
         except CheckpointError as exc:
@@ -151,9 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {out} was pre-trained with a different config; --resume needs the same flags",
                   file=sys.stderr)
             return 2
-    elif (out / "metrics.jsonl").exists():
-        print(f"error: {out} already holds a run; use --resume to continue it or another --out", file=sys.stderr)
-        return 2
     splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
     data = {"source": args.source, "splits": splits, "pristine_only": args.pristine_only,
             "max_short_side": args.max_short_side, "split_seed": args.split_seed}

@@ -22,12 +22,12 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from iqa_ray.cli import UsageError, run_folder
 from iqa_ray.config import ConfigError, TrainConfig, valid_keys
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.engine import CheckpointError, EpochResult, fit, load_checkpoint, save_checkpoint
@@ -144,15 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or Path("runs") / f"{config.model.family}-{config.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resume = None
-    if args.resume:
-        if not (out / "checkpoint.pt").exists():
-            print(f"error: --resume: no checkpoint.pt in {out}", file=sys.stderr)
-            return 2
-        resume = out / "checkpoint.pt"
-    elif (out / "metrics.jsonl").exists():
-        print(f"error: {out} already holds a run; use --resume to continue it or another --out", file=sys.stderr)
+    try:
+        out, resume = run_folder(args.out, f"{config.model.family}-{config.model.backbone}", args.resume,
+                                 "checkpoint.pt")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     from tqdm import tqdm
 

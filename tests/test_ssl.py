@@ -296,6 +296,9 @@ def test_pretrain_command_writes_its_run_folder_and_resumes(tmp_path, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
     assert main([*args, "--epochs", "1"]) == 2  # the same folder is not overwritten
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--epochs", "1", "--resume", "--out", str(tmp_path / "empty")]) == 2
+    assert "--resume: no checkpoint.pt in" in capsys.readouterr().err and not (tmp_path / "empty").exists()
     assert main([*args, "--epochs", "2", "--resume"]) == 2  # another config is refused
     assert "different config" in capsys.readouterr().err
     assert main([*args, "--levels", "1", "--out", str(tmp_path / "other")]) == 2
