@@ -23,8 +23,12 @@ tune: $(STAMP)
 pregenerate: $(STAMP)
 	$(PY) launch/pregenerate.py $(ARGS)
 
+# Two pytest-xdist workers: the end-to-end tests run one at a time on one of them (see
+# tests/conftest.py), the fast tests beside them on the other.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -m "slow or not slow" -q
+	$(PY) -m pytest -m "slow or not slow" -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q

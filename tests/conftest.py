@@ -6,8 +6,26 @@ import os
 
 import pytest
 
-# Keep torch/numpy from oversubscribing the 2 CI cores when tests run beside Ray workers.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep torch/numpy from oversubscribing the 2 CI cores when tests run beside Ray workers. Under
+# pytest-xdist (`make test` runs two workers) each worker is one of two processes sharing the
+# cores, and OpenMP threads spin-wait when their core is taken, so each worker computes on one
+# thread. Ray trials set their own thread count from their CPU share either way.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+
+E2E_GROUP = "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` the end-to-end tests run one at a time, on one worker.
+
+    Each of them starts its own Ray instance (or `ray start` cluster) sized to the whole machine,
+    trains, and has timeouts set for an otherwise idle machine; two at once would each see every
+    CPU and share them. The fast tests run beside them on the other workers. Without xdist the
+    marker does nothing.
+    """
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
 
 TINY_TYPES = ("gaussian_blur", "jpeg", "gaussian_noise", "saturation", "contrast")
 
