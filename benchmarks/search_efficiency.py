@@ -183,13 +183,19 @@ def report(summary: dict, out: Path) -> None:
     runs = summary["runs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = dict(zip(METHODS, ("black", "tab:blue", "tab:orange", "tab:green")))
+    styles = ("-", "--", ":", "-.")  # one line style per seed, one colour per method
+    style_names = dict(zip(styles, ("solid", "dashed", "dotted", "dash-dot")))
+    seed_style = {seed: styles[i % len(styles)] for i, seed in enumerate(summary["seeds"])}
     for r in runs:
         ax.plot(np.arange(1, len(r["curve"]) + 1), r["curve"], color=colours[r["method"]], alpha=0.8,
-                label=r["method"] if r["seed"] == summary["seeds"][0] else None)
+                linestyle=seed_style[r["seed"]], label=r["method"] if r["seed"] == summary["seeds"][0] else None)
     ax.set_xlabel("cumulative trained epochs")
     ax.set_ylabel("best validation SRCC so far")
     ax.set_title("Ranking study: search efficiency at equal epoch budget")
-    ax.legend()
+    if len(seed_style) > 1:
+        ax.text(0.99, 0.02, ", ".join(f"seed {seed} {style_names[style]}" for seed, style in seed_style.items()),
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(out / "search_efficiency.png", dpi=120)
     print("\n| method | seed | best val SRCC | epochs to within 0.01 of grid best | % of grid budget | test SRCC (selected) | trials |")
