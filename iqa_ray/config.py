@@ -76,22 +76,22 @@ class DataConfig:
         require(isinstance(self.dataset, str) and self.dataset != "", "dataset must be a non-empty string")
         require(self.label in LABELS, f"label must be one of {LABELS}, got {self.label!r}")
         require(isinstance(self.crop_size, int) and 16 <= self.crop_size <= 2048,
-               f"crop_size must be an integer in [16, 2048], got {self.crop_size!r}")
+                f"crop_size must be an integer in [16, 2048], got {self.crop_size!r}")
         require(isinstance(self.eval_patches, int) and self.eval_patches >= 1,
-               f"eval_patches must be an integer >= 1, got {self.eval_patches!r}")
+                f"eval_patches must be an integer >= 1, got {self.eval_patches!r}")
         if self.image_size is not None:
             size = tuple(self.image_size)
             require(len(size) == 2 and all(isinstance(v, int) and v >= self.crop_size for v in size),
-                   f"image_size must be (width, height), each >= crop_size {self.crop_size}, got {self.image_size!r}")
+                    f"image_size must be (width, height), each >= crop_size {self.crop_size}, got {self.image_size!r}")
             object.__setattr__(self, "image_size", size)
         require(isinstance(self.batch_size, int) and self.batch_size >= 2,
-               f"batch_size must be an integer >= 2 (ranking pairs need two images), got {self.batch_size!r}")
+                f"batch_size must be an integer >= 2 (ranking pairs need two images), got {self.batch_size!r}")
         require(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
-               f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}")
+                f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}")
         require(isinstance(self.num_workers, int) and self.num_workers >= 0,
-               f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+                f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         require(finite(self.label_fraction) and 0 < self.label_fraction <= 1,
-               f"label_fraction must be in (0, 1], got {self.label_fraction!r}")
+                f"label_fraction must be in (0, 1], got {self.label_fraction!r}")
 
 
 # Family-specific model fields, and the family that takes each.
@@ -153,29 +153,29 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require(self.family in FAMILIES, f"unknown model family {self.family!r}; valid: {', '.join(FAMILIES)}")
         require(self.backbone in SUPPORTED_BACKBONES,
-               f"unknown backbone {self.backbone!r}; valid: {', '.join(SUPPORTED_BACKBONES)}")
+                f"unknown backbone {self.backbone!r}; valid: {', '.join(SUPPORTED_BACKBONES)}")
         require(isinstance(self.pretrained, str) and self.pretrained != "", "pretrained must be a non-empty string")
         require(self.pretrained_encoder is None or (isinstance(self.pretrained_encoder, str)
-                                                   and os.path.isfile(os.path.expanduser(self.pretrained_encoder))),
-               f"pretrained_encoder must be None or an existing encoder file, got {self.pretrained_encoder!r}")
+                                                    and os.path.isfile(os.path.expanduser(self.pretrained_encoder))),
+                f"pretrained_encoder must be None or an existing encoder file, got {self.pretrained_encoder!r}")
         require(self.loss in LOSSES, f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         require(finite(self.alpha) and 0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha!r}")
         require(finite(self.margin) and self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
         require(isinstance(self.n_clusters, int) and self.n_clusters >= 1,
-               f"n_clusters must be an integer >= 1, got {self.n_clusters!r}")
+                f"n_clusters must be an integer >= 1, got {self.n_clusters!r}")
         require(isinstance(self.hidden_dim, int) and self.hidden_dim >= 1, f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
         require(isinstance(self.feature_dim, int) and self.feature_dim >= 1,
-               f"feature_dim must be >= 1, got {self.feature_dim!r}")
+                f"feature_dim must be >= 1, got {self.feature_dim!r}")
         require(finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("cluster_loss_weight", "balance_weight"):
             value = getattr(self, name)
             require(finite(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
         require(isinstance(self.refit_interval, int) and self.refit_interval >= 0,
-               f"refit_interval must be an integer >= 0 (0 = never refit), got {self.refit_interval!r}")
+                f"refit_interval must be an integer >= 0 (0 = never refit), got {self.refit_interval!r}")
         require(finite(self.hypernet_lr_mult) and self.hypernet_lr_mult > 0,
-               f"hypernet_lr_mult must be > 0, got {self.hypernet_lr_mult!r}")
+                f"hypernet_lr_mult must be > 0, got {self.hypernet_lr_mult!r}")
         require(self.img_size is None or (isinstance(self.img_size, int) and self.img_size >= 16),
-               f"img_size must be None or an integer >= 16, got {self.img_size!r}")
+                f"img_size must be None or an integer >= 16, got {self.img_size!r}")
         if self.loss != "ranking":
             require(self.alpha == 0.0, f"alpha={self.alpha} only applies to loss='ranking' (loss is {self.loss!r})")
 
@@ -239,27 +239,27 @@ class OptimConfig:
         require(self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
         require(finite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         require(self.backbone_lr is None or (finite(self.backbone_lr) and self.backbone_lr >= 0),
-               f"backbone_lr must be None or >= 0, got {self.backbone_lr!r}")
+                f"backbone_lr must be None or >= 0, got {self.backbone_lr!r}")
         require(finite(self.backbone_lr_mult) and self.backbone_lr_mult >= 0,
-               f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult!r}")
+                f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult!r}")
         require(finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         require(finite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
         require(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1),
-               f"t_max must be None or an integer >= 1, got {self.t_max!r}")
+                f"t_max must be None or an integer >= 1, got {self.t_max!r}")
         require(finite(self.eta_min) and 0 <= self.eta_min <= 1, f"eta_min must be in [0, 1], got {self.eta_min!r}")
         require(isinstance(self.step_size, int) and self.step_size >= 1, f"step_size must be >= 1, got {self.step_size!r}")
         require(finite(self.gamma) and 0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma!r}")
         require(isinstance(self.plateau_patience, int) and self.plateau_patience >= 0,
-               f"plateau_patience must be >= 0, got {self.plateau_patience!r}")
+                f"plateau_patience must be >= 0, got {self.plateau_patience!r}")
         require(finite(self.plateau_factor) and 0 < self.plateau_factor < 1,
-               f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
+                f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
         require(finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
-               f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
+                f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
         require(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
-               f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+                f"grad_clip must be None or > 0, got {self.grad_clip!r}")
         require(self.early_stopping_patience is None or
-               (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 1),
-               f"early_stopping_patience must be None or >= 1, got {self.early_stopping_patience!r}")
+                (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 1),
+                f"early_stopping_patience must be None or >= 1, got {self.early_stopping_patience!r}")
 
     @property
     def resolved_backbone_lr(self) -> float:
