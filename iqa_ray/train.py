@@ -30,7 +30,7 @@ import torch
 from iqa_ray.cli import UsageError, run_folder
 from iqa_ray.config import ConfigError, TrainConfig, valid_keys
 from iqa_ray.data.errors import DatasetError
-from iqa_ray.engine import CheckpointError, EpochResult, fit, load_checkpoint, save_checkpoint
+from iqa_ray.engine import CHECKPOINT_FILE, CheckpointError, EpochResult, fit, load_checkpoint, save_checkpoint
 from iqa_ray.utils.io import atomic_write_json, atomic_write_text, git_revision
 
 # Flags with their own option: (flag, config key, type, help).
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         out, resume = run_folder(args.out, f"{config.model.family}-{config.model.backbone}", args.resume,
-                                 "checkpoint.pt")
+                                 CHECKPOINT_FILE)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
