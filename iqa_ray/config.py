@@ -179,10 +179,20 @@ class ModelConfig:
         if self.loss != "ranking":
             require(self.alpha == 0.0, f"alpha={self.alpha} only applies to loss='ranking' (loss is {self.loss!r})")
 
-    def family_kwargs(self) -> dict[str, Any]:
-        """The family-specific arguments of this config's family."""
+    def family_kwargs(self, *, seed: int | None = None) -> dict[str, Any]:
+        """The family-specific arguments of this config's family.
+
+        Args:
+            seed: the run's seed (``OptimConfig.seed``); given, it becomes the ``random_state`` of
+                families that take one (the GMM's EM initialisation), so that runs with different
+                seeds differ in their mixture fit too, not only in their weights and batches.
+        """
         accepted = set(family_arguments(self.family))
-        return {k: getattr(self, k) for k in _FAMILY_FIELDS if k in accepted}
+        kwargs = {k: getattr(self, k) for k in _FAMILY_FIELDS if k in accepted}
+        if seed is not None and "random_state" in accepted:
+            # scikit-learn takes seeds in [0, 2**32); the engine's seed_everything reduces the same way.
+            kwargs["random_state"] = seed % 2**32
+        return kwargs
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "margin": self.margin} if self.loss == "ranking" else {}

@@ -109,7 +109,7 @@ def build(config: TrainConfig, device: torch.device) -> IQAModel:
     m = config.model
     img_size = m.img_size or config.data.crop_size
     model = build_model(m.family, backbone=m.backbone, pretrained=m.pretrained, frozen_backbone=m.frozen_backbone,
-                        img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()), **m.family_kwargs())
+                        img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()), **m.family_kwargs(seed=config.optim.seed))
     if m.pretrained_encoder:
         from iqa_ray.ssl import load_encoder_into  # ssl imports the engine, so import here
 

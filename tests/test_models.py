@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,6 +276,106 @@ def test_gmm_on_train_start_keeps_a_fit_loaded_from_a_checkpoint():
     resumed.on_train_start([torch.rand(8, 3, SIZE, SIZE)])
     assert resumed.num_fits == 0
     assert torch.equal(resumed.means, fitted.means)
+
+
+def _three_groups(per_group: int = 4) -> torch.Tensor:
+    """Dark, mid-grey and bright noise images, interleaved: three clusters, so 6 possible orders."""
+    generator = torch.Generator().manual_seed(2)
+    groups = [low + 0.15 * torch.rand(per_group, 3, SIZE, SIZE, generator=generator) for low in (0.0, 0.45, 0.85)]
+    return torch.stack(groups, dim=1).flatten(0, 1)
+
+
+def _gate_and_scores(model: GMMIQA, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard clusters and scores of images, in train mode like the features the mixture is fitted on."""
+    model.train()
+    with torch.no_grad():
+        outputs = model(images)
+    return GMMIQA.cluster_assignments(outputs), outputs["score"]
+
+
+def _fitted_three_cluster_model() -> tuple[GMMIQA, torch.Tensor]:
+    model = _model("gmm", n_clusters=3, refit_interval=1, random_state=0)
+    model.set_label_stats(50.0, 10.0)
+    images = _three_groups()
+    model.on_train_start([images])
+    # Distinct expert offsets (-1, 0, +1 standard deviations): a cluster handed to another expert
+    # then moves the score by 10 points instead of by the near-zero spread of fresh experts.
+    with torch.no_grad():
+        model.expert_b2.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+    return model, images
+
+
+def test_gmm_refit_on_the_same_features_keeps_clusters_and_scores():
+    model, images = _fitted_three_cluster_model()
+    clusters, scores = _gate_and_scores(model, images)
+    assert clusters.unique().numel() == 3  # three real clusters, so a permutation would show
+    # Another seed: a cold k-means start with it finds the same clusters in a rotated order.
+    model.random_state = 2
+    model.on_epoch_start(epoch=1, feature_batches=[images])
+    assert model.num_fits == 2
+    refit_clusters, refit_scores = _gate_and_scores(model, images)
+    assert torch.equal(refit_clusters, clusters)
+    torch.testing.assert_close(refit_scores, scores, rtol=1e-3, atol=0.0)
+
+
+def test_gmm_refit_after_training_keeps_each_components_identity():
+    model, images = _fitted_three_cluster_model()
+    old_means = model.means.detach().clone()
+    _, targets = _batch(images.shape[0])
+    # A few small steps: they move the backbone and projection, hence the features the refit sees,
+    # by about a tenth of the distance between clusters. (The means themselves barely get a
+    # gradient: the gate's posteriors are saturated on such well-separated clusters.)
+    optimizer = torch.optim.Adam(model.param_groups(lr=1e-4, backbone_lr=1e-6))
+    for _ in range(3):
+        parts = model.compute_loss(model(images), targets)
+        optimizer.zero_grad()
+        parts["loss"].backward()
+        optimizer.step()
+    model.random_state = 2  # a cold k-means start with this seed returns the clusters in a rotated order
+    model.on_epoch_start(epoch=1, feature_batches=[images])
+    assert model.num_fits == 2
+    moved = (model.means.detach() - old_means).norm(dim=1)
+    assert torch.all(moved > 0.05), moved  # the refit did follow the moved features
+    # Each refitted component is nearest to the old component of the same index.
+    nearest_old = torch.cdist(model.means.detach(), old_means).argmin(dim=1)
+    assert nearest_old.tolist() == [0, 1, 2]
+    assert _gate_and_scores(model, images)[0].unique().numel() == 3  # the refit kept three clusters
+
+
+def test_gmm_component_matching_undoes_a_permutation_and_breaks_ties_by_distance():
+    old_means = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]])
+    variances = np.ones((4, 2))
+    # Old components 2 and 3 claim no sample, so overlap alone cannot tell them apart: their means do.
+    old_posteriors = np.array([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 1.0, 0, 0]])
+    permutation = np.array([3, 2, 0, 1])  # new component j is old component permutation[j], moved a little
+    order = GMMIQA._match_components(
+        old_posteriors=old_posteriors,
+        new_posteriors=old_posteriors[:, permutation],
+        old_means=old_means,
+        old_vars=variances,
+        new_means=old_means[permutation] + 0.1,
+        new_vars=variances,
+    )
+    # order[k] is the new component that takes old component k's place.
+    assert permutation[order].tolist() == [0, 1, 2, 3]
+
+
+def test_gmm_random_state_follows_the_run_seed():
+    from iqa_ray.config import TrainConfig
+    from iqa_ray.engine import build
+
+    seen = {}
+    for seed in (3, 11):
+        config = TrainConfig.from_dict(
+            {"family": "gmm", "backbone": "resnet18", "pretrained": "none", "crop_size": SIZE, "seed": seed,
+             **SMALL["gmm"]}
+        )
+        model = build(config, torch.device("cpu"))
+        assert isinstance(model, GMMIQA)
+        seen[seed] = model.random_state
+    assert seen == {3: 3, 11: 11}
+    # Families without an EM fit are not handed a random_state they would reject.
+    assert "random_state" not in TrainConfig.from_dict({"family": "mlp", "seed": 3}).model.family_kwargs(seed=3)
 
 
 def test_gmm_balance_and_cluster_terms():

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
@@ -75,7 +76,8 @@ class GMMIQA(IQAModel):
         cluster_loss_weight: Weight of the posterior-entropy term.
         balance_weight: Weight of the cluster-usage balance term.
         refit_interval: Refit the mixture by EM every this many epochs; 0 never refits.
-        random_state: Seed of the EM fit (k-means initialisation), for reproducibility.
+        random_state: Seed of the first EM fit's k-means initialisation, for reproducibility; the
+            engine passes the run's seed.
         loss: Regression loss; L1 by default.
 
     Outputs of ``forward``: ``"score"`` (B,), ``"features"`` (B, feature_dim) projected features,
@@ -188,6 +190,11 @@ class GMMIQA(IQAModel):
         Features are computed in the mode the model is in (train mode when the engine calls the
         hooks), with BatchNorm running statistics left as they were.
 
+        The first fit starts EM from a k-means initialisation seeded by ``random_state``. A refit
+        (``mixture_fitted`` already True) starts EM from the current mixture and then matches the
+        new components to the old ones (see :meth:`_match_components`), so that component k
+        still gates expert k, the expert trained on that cluster.
+
         Args:
             feature_batches: Batches of training images (float, [0, 1], (B, 3, H, W)) or
                 ``(images, ...)`` tuples; moved to the model's device.
@@ -212,6 +219,20 @@ class GMMIQA(IQAModel):
                 f"cannot fit {self.n_clusters} clusters to {features.shape[0]} samples; give at least "
                 "n_clusters training images"
             )
+        refit = bool(self.mixture_fitted)
+        if refit:
+            # The mixture the gate uses now, in float64 like the features; the clamp is the one
+            # log_posteriors applies, so EM starts from exactly the gate the experts were trained with.
+            old_means = self.means.detach().double().cpu().numpy()
+            old_vars = self.log_vars.detach().clamp(*_LOG_VAR_RANGE).double().exp().cpu().numpy()
+            old_weights = torch.softmax(self.mix_logits.detach().double(), dim=0).cpu().numpy()
+            old_posteriors = self.log_posteriors(torch.as_tensor(features, dtype=self.means.dtype, device=device))
+            old_posteriors = old_posteriors.exp().double().cpu().numpy()
+            # Warm start: EM then mostly refines the current components instead of re-deriving
+            # them from a k-means run whose cluster order is arbitrary.
+            init = {"means_init": old_means, "weights_init": old_weights, "precisions_init": 1.0 / old_vars}
+        else:
+            init = {}
         # Regularise covariances relative to the features' own scale: a fixed reg_covar is either
         # negligible or dominant depending on how large the projected features happen to be.
         reg_covar = 1e-3 * float(np.mean(features.var(axis=0))) + 1e-8
@@ -221,14 +242,64 @@ class GMMIQA(IQAModel):
             reg_covar=reg_covar,
             max_iter=200,
             random_state=self.random_state,
+            **init,
         ).fit(features)
-        dtype, device = self.means.dtype, self.means.device
+        means, variances, weights = mixture.means_, mixture.covariances_, mixture.weights_
+        if refit:
+            # EM can still wander from its warm start (components swap or merge-and-split), so
+            # identity is enforced rather than assumed: new component order[k] becomes component k.
+            order = self._match_components(
+                old_posteriors=old_posteriors,
+                new_posteriors=mixture.predict_proba(features),
+                old_means=old_means,
+                old_vars=old_vars,
+                new_means=means,
+                new_vars=variances,
+            )
+            means, variances, weights = means[order], variances[order], weights[order]
+        dtype = self.means.dtype
         # In place, so that optimisers keep pointing at the same tensors.
-        self.means.copy_(torch.as_tensor(mixture.means_, dtype=dtype, device=device))
-        self.log_vars.copy_(torch.as_tensor(np.log(mixture.covariances_), dtype=dtype, device=device))
-        self.mix_logits.copy_(torch.as_tensor(np.log(mixture.weights_), dtype=dtype, device=device))
+        self.means.copy_(torch.as_tensor(means, dtype=dtype, device=device))
+        self.log_vars.copy_(torch.as_tensor(np.log(variances), dtype=dtype, device=device))
+        self.mix_logits.copy_(torch.as_tensor(np.log(weights), dtype=dtype, device=device))
         self.mixture_fitted.fill_(True)
         self.num_fits += 1
+
+    @staticmethod
+    def _match_components(
+        *,
+        old_posteriors: np.ndarray,
+        new_posteriors: np.ndarray,
+        old_means: np.ndarray,
+        old_vars: np.ndarray,
+        new_means: np.ndarray,
+        new_vars: np.ndarray,
+    ) -> np.ndarray:
+        """The new component to put in each old component's place: ``order[k]`` replaces k.
+
+        Components are matched one to one (Hungarian algorithm) to maximise the overlap of old and
+        new responsibilities on the same features: the share of samples that old component k and
+        new component j both claim. That is the quantity that matters here, because expert k was
+        trained on the samples old component k claimed. Components that claim (almost) no samples
+        overlap with nothing, so the distance between means, scaled by the components' average
+        variance, breaks such ties; it is scaled into [0, 1e-6], so it only decides between
+        matchings whose total overlaps differ by less than K x 1e-6.
+
+        Args:
+            old_posteriors, new_posteriors: (N, K) responsibilities of the old and new mixture.
+            old_means, new_means: (K, D) component means.
+            old_vars, new_vars: (K, D) diagonal variances.
+
+        Returns:
+            (K,) permutation of the new components.
+        """
+        overlap = old_posteriors.T @ new_posteriors / old_posteriors.shape[0]  # (K old, K new), sums to 1
+        gaps = old_means[:, None, :] - new_means[None, :, :]
+        distance = (gaps**2 / (0.5 * (old_vars[:, None, :] + new_vars[None, :, :]))).sum(-1)
+        # 1e-6: a tie-break weight; overlap differences of a millionth of the samples are noise.
+        cost = -overlap + 1e-6 * distance / (distance.max() + 1e-12)
+        old_index, new_index = linear_sum_assignment(cost)
+        return new_index[np.argsort(old_index)]
 
     def on_train_start(self, feature_batches: Iterable[Tensor]) -> None:
         """Fit the mixture on training features, unless a loaded checkpoint already holds a fit."""
