@@ -23,6 +23,7 @@ from iqa_ray.models.registry import FAMILIES, family_arguments
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
+AMP_FORCED = "bf16"  # the one amp value that is not a bool: bfloat16 autocast on every device
 
 
 class ConfigError(ValueError):
@@ -217,7 +218,10 @@ class OptimConfig:
         plateau_patience, plateau_factor: reduce-on-plateau on validation SRCC.
         warmup_epochs: linear warm-up from 0 over this many epochs (fractions allowed).
         grad_clip: clip the global gradient norm to this (``None`` = off).
-        amp: mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
+        amp: mixed precision of the backbone: ``True`` = bfloat16 autocast on CUDA, off on CPU;
+            ``"bf16"`` = bfloat16 autocast on every device, CPU included (how the tests run the
+            path a GPU runs); ``False`` = off. Heads, scores, losses and metrics are float32
+            either way.
         seed: seed of initialisation, shuffling and augmentation.
         early_stopping_patience: stop after this many epochs without a better validation SRCC
             (standalone runs; under Tune the scheduler stops trials). ``None`` = off.
@@ -239,7 +243,7 @@ class OptimConfig:
     plateau_factor: float = 0.5
     warmup_epochs: float = 0.0
     grad_clip: float | None = 5.0
-    amp: bool = True
+    amp: bool | str = True
     seed: int = 0
     early_stopping_patience: int | None = None
 
@@ -267,6 +271,8 @@ class OptimConfig:
                 f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
         require(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
                 f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+        require(isinstance(self.amp, bool) or self.amp == AMP_FORCED,
+                f"amp must be true, false or \"{AMP_FORCED}\", got {self.amp!r}")
         require(self.early_stopping_patience is None or
                 (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 1),
                 f"early_stopping_patience must be None or >= 1, got {self.early_stopping_patience!r}")

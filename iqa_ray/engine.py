@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.config import AMP_FORCED, ConfigError, TrainConfig
 from iqa_ray.data.catalog import load_table
 from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
 from iqa_ray.metrics import all_metrics
@@ -241,8 +241,12 @@ def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: IQAModel, loader: DataLoader, device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and MOS of every image of ``loader``; patch scores are averaged per image."""
+def predict(model: IQAModel, loader: DataLoader, device: torch.device,
+            amp: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and MOS of every image of ``loader``; patch scores are averaged per image.
+
+    ``amp`` is the backbone's autocast dtype (``None``: float32); scores are float32 either way.
+    """
     was_training = model.training
     model.eval()
     preds, mos = [], []
@@ -259,7 +263,8 @@ def predict(model: IQAModel, loader: DataLoader, device: torch.device, amp: bool
     return np.concatenate(preds).astype(np.float64), np.concatenate(mos).astype(np.float64)
 
 
-def evaluate(model: IQAModel, loader: DataLoader, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate(model: IQAModel, loader: DataLoader, device: torch.device,
+             amp: torch.dtype | None = None) -> dict[str, float]:
     """SRCC, PLCC, KRCC, RMSE and logistic PLCC of ``model`` on ``loader``."""
     pred, mos = predict(model, loader, device, amp)
     return all_metrics(pred, mos)
@@ -292,10 +297,20 @@ def evaluate_dataset(model: IQAModel, config: TrainConfig, spec: str, *, split: 
     return {**evaluate(model, loader, device), "n": int(len(rows))}
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)
+def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run's ``amp`` setting on ``device``, or ``None`` for float32.
+
+    ``True`` turns bfloat16 on for CUDA only (CPU autocast is slow on CPUs without bfloat16 units);
+    ``"bf16"`` turns it on everywhere, so the CPU tests run the code path a GPU runs.
+    """
+    if amp == AMP_FORCED or (amp is True and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    # Only the backbone runs in ``dtype``: IQAModel.forward switches autocast off for its head.
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -384,7 +399,7 @@ def fit(
     model.set_label_stats(float(loaders.train_mos.mean()), float(max(loaders.train_mos.std(), 1e-3)))
     optimizer = build_optimizer(config, model)
     schedule = Schedule(config, optimizer, max(1, len(loaders.train)))
-    amp = o.amp and device.type == "cuda"
+    amp = autocast_dtype(o.amp, device)
 
     history: list[dict[str, float]] = []
     start_epoch, best_epoch, best_val, best_state = 0, -1, {"srcc": -math.inf}, None

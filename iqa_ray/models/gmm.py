@@ -30,7 +30,7 @@ from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
 from iqa_ray.models.backbones import Backbone
-from iqa_ray.models.base import IQAModel
+from iqa_ray.models.base import IQAModel, full_precision
 from iqa_ray.models.losses import RegressionLoss
 
 __all__ = ["GMMIQA", "balance_term", "posterior_entropy", "images_of"]
@@ -138,8 +138,13 @@ class GMMIQA(IQAModel):
         self.expert_dropout = nn.Dropout(dropout)
 
     def project(self, images: Tensor) -> Tensor:
-        """Projected features of images, the space the mixture lives in: (B, feature_dim)."""
-        return self.projection(self.backbone(images)[-1].mean(dim=(2, 3)))
+        """Projected features of images, the space the mixture lives in: (B, feature_dim), float32."""
+        stages = self.backbone(images)
+        with full_precision(images.device):
+            return self._project(stages[-1].float())
+
+    def _project(self, last_stage: Tensor) -> Tensor:
+        return self.projection(last_stage.mean(dim=(2, 3)))
 
     def log_posteriors(self, features: Tensor) -> Tensor:
         """Log cluster responsibilities of projected features under the current mixture: (B, K)."""
@@ -149,8 +154,8 @@ class GMMIQA(IQAModel):
         log_joint = F.log_softmax(self.mix_logits, dim=0) + log_density
         return log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        features = self.project(images)
+    def forward_head(self, stages: list[Tensor]) -> dict[str, Tensor]:
+        features = self._project(stages[-1])
         log_posteriors = self.log_posteriors(features)
         posteriors = log_posteriors.exp()
         hidden = F.gelu(torch.einsum("bd,kdh->bkh", features, self.expert_w1) + self.expert_b1)

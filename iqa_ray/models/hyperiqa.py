@@ -134,8 +134,7 @@ class HyperIQA(IQAModel):
         pooled = [F.adaptive_avg_pool2d(s, size) for s in stages[:-1]]
         return self.fusion(torch.cat([*pooled, last], dim=1))
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        stages = self.backbone(images)
+    def forward_head(self, stages: list[Tensor]) -> dict[str, Tensor]:
         local = [branch(s) for branch, s in zip(self.lda, stages[:-1])]
         local.append(self.lda_last(stages[-1].mean(dim=(2, 3))))
         target_input = torch.cat(local, dim=1)

@@ -57,7 +57,7 @@ class MLPIQA(IQAModel):
         )
         init_small_output(self.head[-1])
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        features = self.backbone(images)[-1].mean(dim=(2, 3))
+    def forward_head(self, stages: list[Tensor]) -> dict[str, Tensor]:
+        features = stages[-1].mean(dim=(2, 3))
         standardised = self.head(features).squeeze(1)
         return {"score": self.to_label_scale(standardised), "features": features}
