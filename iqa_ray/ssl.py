@@ -286,7 +286,10 @@ def load_unlabelled(
             ``None`` keeps sizes.
         pristine_only: for pre-generated tables, keep only the undistorted crops
             (``distortion == "none"``), so pre-training degrades clean images.
-        split_seed: seed of seeded splits of real datasets.
+        split_seed: seed of seeded splits of real datasets (``<adapter>:<root>`` without an
+            official split). Pass the ``split_seed`` of the runs the encoder is for: another seed
+            draws another ``train`` split, holding photos those runs validate and test on.
+            Embedded and pre-generated data have their split fixed at generation and ignore it.
 
     Returns:
         The images and their names.

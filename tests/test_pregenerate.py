@@ -71,6 +71,52 @@ def test_severity_label_is_content_free_and_falls_with_level(tiny_dataset):
     assert severity["saturation"]["n_photos"] <= n_colour
 
 
+def _textured_photo(path, seed):
+    """A 96x96 colour photo of smooth random texture (distortions change it measurably)."""
+    coarse = np.random.default_rng(seed).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((96, 96), Image.Resampling.BILINEAR).save(path)
+
+
+def test_severity_table_is_calibrated_on_the_training_photos_only(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(6):
+        _textured_photo(src / f"p{i}.png", seed=i)
+    config = PregenConfig(source="folder", source_path=str(src), crop_size=64, max_short_side=96, per_image=1,
+                          distortions=("gaussian_blur", "gaussian_noise", "jpeg"), severity_levels=3)
+
+    def generate(out):
+        # A repainted file keeps its ReferenceInfo (path, size), so the decode cache would hand back the old pixels.
+        pg._scaled_reference.cache_clear()
+        return pregenerate(config, tmp_path / out, engine="local")
+
+    first = generate("a")
+    split = {r["key"]: r["split"] for r in first.manifest["references"]}
+    train = sorted(k for k, s in split.items() if s == "train")
+    held_out = sorted(k for k, s in split.items() if s != "train")
+    assert train and held_out
+    # Repaint every validation and test photo: the labels' table must not move.
+    for k, name in enumerate(held_out):
+        _textured_photo(src / name, seed=100 + k)
+    second = generate("b")
+    assert {r["key"]: r["split"] for r in second.manifest["references"]} == split
+    assert second.manifest["severity_table"] == first.manifest["severity_table"]
+    # Repainting one training photo does move it: the comparison above can see a change.
+    _textured_photo(src / train[0], seed=200)
+    third = generate("c")
+    assert third.manifest["severity_table"] != first.manifest["severity_table"]
+    # The manifest says what the table averages.
+    assert first.manifest["calibrated_on"] == {"split": "train", "photos": train}
+    assert all(entry["n_photos"] == len(train) for entry in first.manifest["severity_table"].values())
+
+
+def test_a_change_of_labelling_recipe_is_a_new_dataset_not_a_reused_one(tiny_config, monkeypatch):
+    refs, _ = pg.list_references(tiny_config)
+    before = pg.config_fingerprint(tiny_config, refs)
+    monkeypatch.setattr(pg, "LABEL_VERSION", pg.LABEL_VERSION + 1)
+    assert pg.config_fingerprint(tiny_config, refs) != before
+
+
 def test_generation_is_deterministic(tiny_dataset, tiny_config, tmp_path):
     again = pregenerate(tiny_config, tmp_path, engine="local")
     assert again.path.name == tiny_dataset.path.name
@@ -137,6 +183,9 @@ def test_corrupt_inputs_are_counted_and_listed_and_the_run_goes_on(tmp_path):
     table = read_shards(ds).to_pandas()
     assert set(table["photo"]) == {f"p{i}.png" for i in range(4)}
     assert len(table) == 4 * 3
+    # The truncated photo is found before the split is drawn: it takes no split's place.
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert "truncated.png" not in ds.manifest["splits"]["groups"]
 
 
 def test_no_usable_image_is_an_error(tmp_path):

@@ -9,9 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from iqa_ray.search.pretraining import encoder_dir, pretraining_source, prepare_encoders
 from iqa_ray.search.study import StudyError, load_study, parse_study
+from iqa_ray.ssl import load_unlabelled as _REAL_LOAD_UNLABELLED  # the spy below wraps it
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,7 @@ def test_the_shipped_pretraining_study_searches_the_choice_and_the_encoder_lr():
     assert study.encoder_backbones() == ("efficientnet_lite0",)
     config = study.pretrain_config("efficientnet_lite0")
     assert config.backbone == "efficientnet_lite0" and config.pretrained == "offline"  # from [fixed]
-    assert pretraining_source(study) == ("embedded", ("train",), False)
+    assert pretraining_source(study) == ("embedded", ("train",), False, 0)
     for name in ("ranking", "gmm", "lr_schedule", "backbone"):  # nothing else pre-trains
         assert load_study(name).encoder_backbones() == ()
 
@@ -74,6 +76,9 @@ def test_one_encoder_per_searched_backbone():
     (ssl_study(backbone="resnet18"), "takes no backbone"),
     (ssl_study(splits=["train", "test"]), "may not include 'test'"),
     (ssl_study(splits=["training"]), "splits must be a non-empty list"),
+    ({**ssl_study(), "params": {**ssl_study()["params"],
+                                "split_seed": {"role": "nuisance", "type": "choice", "values": [0, 1]}}},
+     "split_seed is searched, but pretraining = 'ssl' is possible"),
     ({"fixed": {"family": "mlp", "pretraining": "imagenet"},
       "params": {"lr": {"role": "nuisance", "type": "loguniform", "low": 1e-4, "high": 1e-3}}}, "must be one of"),
     ({"fixed": {"family": "mlp"}, "params": {"pretraining": {"role": "scientific", "type": "choice",
@@ -91,7 +96,7 @@ def test_bad_pretraining_settings_are_rejected_when_the_study_loads(data, match)
 def test_a_cached_encoder_is_reused_without_pre_training_again(tmp_path):
     study = parse_study(ssl_study(epochs=2), name="s")
     config = study.pretrain_config("efficientnet_lite0")
-    folder = encoder_dir(config, "embedded", ("train",), tmp_path)
+    folder = encoder_dir(config, "embedded", ("train",), tmp_path, split_seed=0)
     folder.mkdir(parents=True)
     (folder / "encoder.pt").write_bytes(b"cached")
     messages = []
@@ -100,8 +105,87 @@ def test_a_cached_encoder_is_reused_without_pre_training_again(tmp_path):
     assert "reusing" in messages[0]
     # another pre-training config is another cache entry
     other = parse_study(ssl_study(epochs=3), name="s").pretrain_config("efficientnet_lite0")
-    assert encoder_dir(other, "embedded", ("train",), tmp_path) != folder
-    assert encoder_dir(config, "embedded", ("train", "val"), tmp_path) != folder
+    assert encoder_dir(other, "embedded", ("train",), tmp_path, split_seed=0) != folder
+    assert encoder_dir(config, "embedded", ("train", "val"), tmp_path, split_seed=0) != folder
+    assert encoder_dir(config, "embedded", ("train",), tmp_path, split_seed=1) != folder
+
+
+def test_searching_split_seed_is_fine_when_no_trial_pre_trains():
+    data = {"fixed": {"family": "mlp"},
+            "params": {"split_seed": {"role": "nuisance", "type": "choice", "values": [0, 1]}}}
+    assert parse_study(data, name="s").encoder_backbones() == ()
+
+
+# --------------------------------------------------------------- pre-training sees the trials' train split
+
+KONIQ_HEADER = '"image_name","c1","c2","c3","c4","c5","c_total","MOS","SD","MOS_zscore"'
+
+
+def _koniq_without_official_split(tmp_path: Path, n: int = 12) -> str:
+    """A tiny KonIQ-10k copy without the sets file, so the adapter draws a split from split_seed."""
+    root = tmp_path / "koniq10k"
+    (root / "1024x768").mkdir(parents=True)
+    lines = [KONIQ_HEADER]
+    for i in range(n):
+        name = f"{10_000 + i}.jpg"
+        Image.new("RGB", (40, 30), (10 * i, 255 - 10 * i, 60)).save(root / "1024x768" / name)
+        lines.append(f'"{name}",1,2,50,40,7,100,{1 + 4 * i / (n - 1):.3f},0.5,{100 * i / (n - 1):.3f}')
+    (root / "koniq10k_scores_and_distributions.csv").write_text("\n".join(lines) + "\n")
+    return f"koniq10k:{root}"
+
+
+class _Loaded(Exception):
+    """Raised by the spy once the pre-training images are loaded: nothing after that is under test."""
+
+
+def _images_pre_training_would_see(study, monkeypatch, root: Path) -> list[str]:
+    import iqa_ray.ssl as ssl
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(_REAL_LOAD_UNLABELLED(*args, **kwargs))
+        raise _Loaded  # stop before Ray is needed
+
+    monkeypatch.setattr(ssl, "load_unlabelled", spy)
+    with pytest.raises(_Loaded):
+        prepare_encoders(study, root=root, progress=lambda _m: None)
+    return seen[0].names
+
+
+def test_pre_training_sees_exactly_the_trials_training_photos_of_their_split_seed(tmp_path, monkeypatch):
+    from iqa_ray.data.catalog import load_table
+
+    spec, seed = _koniq_without_official_split(tmp_path), 3
+    trials = load_table(spec, split_seed=seed)  # what every trial of the study trains, validates and tests on
+    train = set(trials.loc[trials["split"] == "train", "image_id"])
+    held_out = set(trials.loc[trials["split"] != "train", "image_id"])
+    default = load_table(spec, split_seed=0)
+    assert set(default.loc[default["split"] == "train", "image_id"]) != train, "seed 0 must draw another split"
+
+    data = ssl_study(epochs=1)
+    data["fixed"].update(dataset=spec, split_seed=seed)
+    names = _images_pre_training_would_see(parse_study(data, name="s"), monkeypatch, tmp_path / "encoders")
+    assert sorted(names) == sorted(train)
+    assert not set(names) & held_out
+
+    # [pretraining] source naming the training dataset again gets the same split: the same photos.
+    data["pretraining"]["source"] = spec
+    assert sorted(_images_pre_training_would_see(parse_study(data, name="s"), monkeypatch,
+                                                 tmp_path / "encoders")) == sorted(train)
+
+
+def test_an_encoder_cached_for_another_split_seed_is_not_reused(tmp_path, monkeypatch):
+    spec = _koniq_without_official_split(tmp_path)
+    data = ssl_study(epochs=1)
+    data["fixed"].update(dataset=spec, split_seed=3)
+    study = parse_study(data, name="s")
+    config = study.pretrain_config("efficientnet_lite0")
+    stale = encoder_dir(config, spec, ("train",), tmp_path / "encoders", split_seed=0)
+    stale.mkdir(parents=True)
+    (stale / "encoder.pt").write_bytes(b"pre-trained on the seed-0 split")
+    # Not reused: pre-training starts by loading the seed-3 training photos.
+    _images_pre_training_would_see(study, monkeypatch, tmp_path / "encoders")
 
 
 @pytest.mark.slow

@@ -19,9 +19,12 @@ small stats row, so image bytes never travel back through the driver. Blocks are
 units of real work (tens of images) because a block per single image costs more in
 scheduling than the work it holds.
 
-Two passes: a *calibration* pass distorts the centre crop of every photo at a grid of levels
-for every type and averages the full-reference label, giving the content-free ``severity``
-table; the *generation* pass then writes both labels for every image.
+Three passes: a *decode check* decodes every photo once, so that corrupt files are left out
+before the split by photo is drawn; a *calibration* pass distorts the centre crop of every
+*training* photo at a grid of levels for every type and averages the full-reference label,
+giving the content-free ``severity`` table (validation and test photos take no part in it, so
+nothing about them shapes the labels a model is trained on); the *generation* pass then writes
+both labels for every image of every split.
 
 Crash safety. Work happens in ``<out>/.partial-<name>/``. Each shard and its stats sidecar are
 written atomically, so a killed run leaves only complete shards, and a re-run with the same
@@ -41,7 +44,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +67,13 @@ from iqa_ray.data.splits import DEFAULT_FRACTIONS, assign_group_splits, validate
 from iqa_ray.utils.io import atomic_path, atomic_write_json, git_revision, stable_hash
 
 FORMAT_VERSION = 1
+# Version of the labelling recipe, part of the config fingerprint, so that a dataset labelled by
+# an older recipe is never reused from the data dir. 2: the severity table is calibrated on the
+# training photos only (1 averaged every photo, test photos included).
+LABEL_VERSION = 2
 CALIBRATION_TYPES_PER_ITEM = 5
+# Photos per decode-check item: decoding one photo is too little work for a Ray Data block.
+DECODE_CHECKS_PER_ITEM = 8
 LABELS = ("severity", "ssim")
 DEFAULT_LABEL = "severity"  # why: docs/DATA.md ("Which label is the default")
 
@@ -266,17 +275,38 @@ def plan_boxes(
     return boxes_by_ref, rejected
 
 
-def make_tasks(
-    refs: Sequence[ReferenceInfo], boxes_by_ref: dict[int, list[tuple[int, int, int, int]]], config: PregenConfig
-) -> tuple[list[CropTask], dict[str, str]]:
-    """Assign splits by photo group and turn every box into a crop task.
+def draw_split(refs: Sequence[ReferenceInfo], usable: Iterable[int], config: PregenConfig) -> dict[str, str]:
+    """The split of every photo group among the ``usable`` references (indices into ``refs``).
 
-    ``config.sample`` is not applied here, so the split does not depend on it.
+    Deterministic for (groups, grey flags, ``split_fractions``, ``seed``); ``config.sample`` plays
+    no part, so a sampled run has the split of the full one.
     """
     # Stratified by grey vs colour so every split holds both kinds of photo (colour-only
     # distortions, e.g. saturation, then appear in every split).
-    strata = {refs[i].group: ("grey" if refs[i].grey else "colour") for i in boxes_by_ref}
-    split_of_group = assign_group_splits(strata, config.split_fractions, config.seed, strata=strata)
+    strata = {refs[i].group: ("grey" if refs[i].grey else "colour") for i in usable}
+    return assign_group_splits(strata, config.split_fractions, config.seed, strata=strata)
+
+
+def make_tasks(
+    refs: Sequence[ReferenceInfo],
+    boxes_by_ref: dict[int, list[tuple[int, int, int, int]]],
+    config: PregenConfig,
+    split_of_group: dict[str, str] | None = None,
+) -> tuple[list[CropTask], dict[str, str]]:
+    """Turn every box into a crop task, in the split of its photo's group.
+
+    Args:
+        refs: the listed references.
+        boxes_by_ref: crop boxes of each usable reference (by index into ``refs``).
+        config: the generation config.
+        split_of_group: the split already drawn (:func:`draw_split`); by default it is drawn over
+            the references of ``boxes_by_ref``. ``config.sample`` is not applied here.
+
+    Returns:
+        The crop tasks and the split of each group.
+    """
+    if split_of_group is None:
+        split_of_group = draw_split(refs, boxes_by_ref, config)
     tasks = [
         CropTask(ref_index=i, crop_id=f"{refs[i].key}@{box[0]},{box[1]}", box=box, split=split_of_group[refs[i].group])
         for i, boxes in sorted(boxes_by_ref.items())
@@ -348,9 +378,33 @@ def allowed_types(config: PregenConfig, grey: bool) -> list[str]:
 
 
 def severity_of(table: dict[str, dict[str, list[float]]], name: str, level: float) -> float:
-    """Content-free label: the calibration table's mean label for ``name``, interpolated at ``level``."""
-    entry = table[name]
+    """Content-free label: the calibration table's mean label for ``name``, interpolated at ``level``.
+
+    Raises:
+        DatasetError: ``name`` was not calibrated (no training photo it applies to).
+    """
+    entry = table.get(name)
+    if entry is None:
+        raise DatasetError(f"the severity table has no calibration for {name!r} (calibrated: {sorted(table)}): "
+                           "no training photo it applies to was calibrated (a colour-only type needs a colour "
+                           "photo in the training split); add such photos or leave the type out of distortions")
     return float(np.interp(level, entry["levels"], entry["mos"]))
+
+
+def _decode_check_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    """Decode (and scale) a few photos, doing nothing else: which of them cannot be used.
+
+    Runs before the split is drawn, so a corrupt or truncated photo is left out of it (as it was
+    when calibration decoded every photo) instead of taking a split's place with no crops.
+    """
+    config: PregenConfig = unit["config"]
+    failed = []
+    for ref in unit["refs"]:
+        try:
+            _scaled_reference(ref, config.max_short_side)
+        except DatasetError as exc:  # corrupt or truncated: reported once, the photo is left out
+            failed.append({"path": ref.locator, "error": str(exc)})
+    return {"item": unit["item"], "failed": json.dumps(failed)}
 
 
 def _calibrate_unit(unit: dict[str, Any]) -> dict[str, Any]:
@@ -374,7 +428,8 @@ def _calibrate_unit(unit: dict[str, Any]) -> dict[str, Any]:
 
 
 def severity_table(rows: Sequence[dict[str, Any]], config: PregenConfig) -> dict[str, dict[str, list[float]]]:
-    """Average the calibration rows into ``{type: {levels, mos, n_photos}}``.
+    """Average the calibration rows (one per training photo and chunk of types) into
+    ``{type: {levels, mos, n_photos}}``.
 
     The mean is made monotone (a running minimum over levels) so that the severity label
     can never rise with level, even where two adjacent grid points tie within noise.
@@ -490,9 +545,11 @@ def dataset_name(config: PregenConfig, fingerprint: str) -> str:
 
 
 def config_fingerprint(config: PregenConfig, refs: Sequence[ReferenceInfo]) -> str:
-    """Hash of the config and the reference list (keys and sizes), so changed inputs regenerate."""
+    """Hash of the config, the reference list (keys and sizes) and the labelling recipe, so changed
+    inputs, or labels computed another way, regenerate."""
     return stable_hash({
         "format": FORMAT_VERSION,
+        "labels": LABEL_VERSION,
         "config": config.to_dict(),
         "refs": [(r.key, r.width, r.height) for r in refs],
         "distortions": list(config.distortion_names()),
@@ -566,37 +623,27 @@ def pregenerate(
         torn.unlink()
 
     boxes_by_ref, rejected = plan_boxes(refs, config)
-    # Calibration decodes every usable photo once (always all of them, also with --sample, so a
-    # quick run labels images exactly like a full run); photos that fail to decode are dropped
-    # before the split is drawn.
+    # The split, and the severity table calibrated on its training photos, are computed once per
+    # partial folder (always over all photos, also with --sample, so a quick run splits and labels
+    # images exactly like a full run) and kept for a resumed run.
     calib_file = partial / "calibration.json"
     if calib_file.exists():
         calibration = json.loads(calib_file.read_text())
     else:
-        # A photo's types are split over a few items so that no single item is a straggler.
-        names = config.distortion_names()
-        chunks = [names[k : k + CALIBRATION_TYPES_PER_ITEM] for k in range(0, len(names), CALIBRATION_TYPES_PER_ITEM)]
-        calib_items = [{"config": config, "ref": refs[i], "types": chunk} for i in sorted(boxes_by_ref) for chunk in chunks]
-        # Largest items first, so that no big item starts last and leaves the other CPUs idle
-        # (grey photos have fewer types). Ray Data returns rows in completion order: sort them so
-        # the table's float sums do not depend on scheduling.
-        calib_items.sort(key=lambda it: -len(set(it["types"]) & set(allowed_types(config, it["ref"].grey))))
-        rows = sorted(mapper(_calibrate_unit, calib_items), key=lambda r: (r["ref"], r["labels"]))
-        failed = {r["error"]: json.loads(r["error"]) for r in rows if r["error"]}  # one entry per photo
-        calibration = {"table": severity_table([r for r in rows if not r["error"]], config),
-                       "failed": list(failed.values())}
+        calibration = _calibrate(refs, boxes_by_ref, config, mapper, listing_failed + rejected)
         atomic_write_json(calib_file, calibration)
     table = calibration["table"]
     rejected += calibration["failed"]
     failed_paths = {f["path"] for f in calibration["failed"]}
     boxes_by_ref = {i: b for i, b in boxes_by_ref.items() if refs[i].locator not in failed_paths}
-    if not boxes_by_ref:
-        problems = "; ".join(f"{r['path']}: {r['error']}" for r in (listing_failed + rejected)[:5])
-        raise DatasetError(f"no usable reference images in source {config.source!r} "
-                           f"({len(refs)} listed); problems: {problems or 'none listed'}")
-    say(f"severity table calibrated on {len(boxes_by_ref)} photos")
+    # A photo that failed only in calibration (it decoded in the check) is dropped without
+    # redrawing the split, which the table was calibrated for.
+    kept_groups = {refs[i].group for i in boxes_by_ref}
+    split_of_group = {g: s for g, s in calibration["split"].items() if g in kept_groups}
+    say(f"severity table calibrated on the {len(calibration['calibrated_on'])} training photos "
+        f"of {len(boxes_by_ref)} usable ones")
 
-    all_tasks, split_of_group = make_tasks(refs, boxes_by_ref, config)
+    all_tasks, split_of_group = make_tasks(refs, boxes_by_ref, config, split_of_group)
     tasks = _sample_tasks(all_tasks, config.sample, config.seed) if config.sample < 1.0 else all_tasks
     used_refs = sorted({t.ref_index for t in tasks})
     say(f"{len(refs)} references, {len(tasks)} crops planned, {len(rejected) + len(listing_failed)} rejected")
@@ -636,10 +683,13 @@ def pregenerate(
         "default_label": DEFAULT_LABEL,
         "labels": {
             "mos_ssim": "100 * clip(SSIM(reference crop, image), 0, 1); content-dependent (iqa_ray.data.labels)",
-            "mos_severity": "mean of mos_ssim over all source photos for this distortion type, interpolated at "
-                            "this level (severity_table); content-free",
+            "mos_severity": "mean of mos_ssim over the training split's source photos for this distortion type, "
+                            "interpolated at this level (severity_table); content-free",
         },
         "severity_table": table,
+        # Which photos the table averages: the training split's only, so no validation or test
+        # photo shaped any label.
+        "calibrated_on": {"split": "train", "photos": calibration["calibrated_on"]},
         "splits": {"by": "source photo group", "fractions": list(config.split_fractions), "seed": config.seed,
                    "groups": dict(sorted(split_of_group.items()))},
         "references": [
@@ -663,6 +713,69 @@ def pregenerate(
     os.replace(partial, final)
     say(f"wrote {stats['processed']} images to {final} in {stats['elapsed_s']:.1f} s")
     return open_generated(final)
+
+
+def _calibrate(
+    refs: Sequence[ReferenceInfo],
+    boxes_by_ref: dict[int, list[tuple[int, int, int, int]]],
+    config: PregenConfig,
+    mapper: Mapper,
+    problems: Sequence[dict[str, str]],
+) -> dict[str, Any]:
+    """Decode-check every usable photo, draw the split, and calibrate the severity table on the
+    training photos only.
+
+    Args:
+        refs: the listed references.
+        boxes_by_ref: crop boxes of the references that survived planning.
+        config: the generation config.
+        mapper: the engine (:func:`local_map` or :func:`ray_data_map`).
+        problems: references rejected so far (listing and planning), for the error message.
+
+    Returns:
+        ``{"table": severity table, "failed": [{path, error}, ...] (one per photo),
+        "split": {group: split}, "calibrated_on": [keys of the training photos averaged]}``.
+
+    Raises:
+        DatasetError: no photo can be used, or none is in the training split.
+    """
+    usable = sorted(boxes_by_ref)
+    batches = [usable[start : start + DECODE_CHECKS_PER_ITEM] for start in range(0, len(usable), DECODE_CHECKS_PER_ITEM)]
+    check_items = [{"config": config, "item": k, "refs": [refs[i] for i in batch]} for k, batch in enumerate(batches)]
+    failed = [f for r in sorted(mapper(_decode_check_unit, check_items), key=lambda r: r["item"])
+              for f in json.loads(r["failed"])]
+    failed_paths = {f["path"] for f in failed}
+    decoded = [i for i in usable if refs[i].locator not in failed_paths]
+    if not decoded:
+        listed = "; ".join(f"{r['path']}: {r['error']}" for r in [*problems, *failed][:5])
+        raise DatasetError(f"no usable reference images in source {config.source!r} "
+                           f"({len(refs)} listed); problems: {listed or 'none listed'}")
+    split_of_group = draw_split(refs, decoded, config)
+    train = [i for i in decoded if split_of_group[refs[i].group] == "train"]
+    if not train:
+        raise DatasetError(f"no training photo to calibrate the severity table on: split_fractions "
+                           f"{list(config.split_fractions)} put none of the {len(decoded)} usable photos in train; "
+                           "give train a share > 0")
+    # A photo's types are split over a few items so that no single item is a straggler.
+    names = config.distortion_names()
+    chunks = [names[k : k + CALIBRATION_TYPES_PER_ITEM] for k in range(0, len(names), CALIBRATION_TYPES_PER_ITEM)]
+    calib_items = [{"config": config, "ref": refs[i], "types": chunk} for i in train for chunk in chunks]
+    # Largest items first, so that no big item starts last and leaves the other CPUs idle
+    # (grey photos have fewer types). Ray Data returns rows in completion order: sort them so
+    # the table's float sums do not depend on scheduling.
+    calib_items.sort(key=lambda it: -len(set(it["types"]) & set(allowed_types(config, it["ref"].grey))))
+    rows = sorted(mapper(_calibrate_unit, calib_items), key=lambda r: (r["ref"], r["labels"]))
+    calib_failed = {r["error"]: json.loads(r["error"]) for r in rows if r["error"]}  # one entry per photo
+    failed += list(calib_failed.values())
+    # A photo that failed in any item is dropped as a whole, as it is from the generation pass.
+    dropped = {r["ref"] for r in rows if r["error"]}
+    good = [r for r in rows if r["ref"] not in dropped]
+    if not good:
+        raise DatasetError(f"no training photo could be calibrated: all {len(train)} failed to decode; problems: "
+                           + "; ".join(f"{f['path']}: {f['error']}" for f in list(calib_failed.values())[:5]))
+    table = severity_table(good, config)
+    return {"table": table, "failed": failed, "split": dict(sorted(split_of_group.items())),
+            "calibrated_on": sorted({r["ref"] for r in good})}
 
 
 def _summarise(unit_stats: list[dict[str, Any]], planning_failed: list[dict[str, str]], elapsed: float,
@@ -720,6 +833,6 @@ def summary_lines(ds: GeneratedDataset) -> list[str]:
 
 __all__ = [
     "PregenConfig", "GeneratedDataset", "CropTask", "pregenerate", "open_generated", "find_existing",
-    "read_shards", "summary_lines", "plan_boxes", "make_tasks", "crop_grid", "scaled_size", "severity_of", "LABELS",
-    "DEFAULT_LABEL", "SHARD_SCHEMA",
+    "read_shards", "summary_lines", "plan_boxes", "draw_split", "make_tasks", "crop_grid", "scaled_size",
+    "severity_of", "LABELS", "DEFAULT_LABEL", "SHARD_SCHEMA",
 ]

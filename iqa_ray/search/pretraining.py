@@ -6,9 +6,17 @@ fixed or one of a ``choice``) needs one encoder per backbone its space can use. 
 (too few images, a bad ``[pretraining]`` value) costs seconds, not a search. Each encoder is
 pre-trained once, as a Ray task with one trial's resources (a GPU share on a GPU cluster), on the
 unlabelled images of the ``[pretraining]`` source (default: the training dataset's ``train``
-split, so no test photo is seen even without labels), and cached by a hash of its config and
-source under ``$IQA_RAY_ENCODERS`` (default ``<data dir>/encoders/``): a resumed search, or the
-next search with the same settings, reuses it. On a multi-node cluster that folder must be on
+split, so no test photo is seen even without labels), and cached by a hash of its config,
+source, splits and split seed under ``$IQA_RAY_ENCODERS`` (default ``<data dir>/encoders/``): a
+resumed search, or the next search with the same settings, reuses it.
+
+The split is the trials' own: a real dataset's seeded split is drawn with the study's
+``split_seed`` (the same value every trial gets), so the encoder never sees a photo the trials
+hold out for validation or test. A ``[pretraining] source`` other than the training dataset is
+split with that seed too (its own photos are not the trials'; when it names the training dataset
+again, the seed makes it the very same split). A study that *searches* ``split_seed`` has no
+single training split to pre-train on, so :func:`iqa_ray.search.study.load_study` rejects it when
+``pretraining = "ssl"`` is possible. On a multi-node cluster that folder must be on
 storage every node sees (as for pre-generated data), because trials load the encoder by path.
 """
 
@@ -19,24 +27,46 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from iqa_ray.paths import default_encoders_dir
 from iqa_ray.utils.io import atomic_write_bytes, atomic_write_json, stable_hash
 
-def pretraining_source(study: Any) -> tuple[str, tuple[str, ...], bool]:
-    """Where a study's unlabelled pre-training images come from: (source, splits, pristine_only).
+
+class PretrainingSource(NamedTuple):
+    """Where a study's unlabelled pre-training images come from.
+
+    Attributes:
+        source: a dataset spec or folder (``[pretraining] source``, else the training dataset).
+        splits: the splits of ``source`` whose photos are used (default ``("train",)``).
+        pristine_only: keep only undistorted crops (``source`` is a pre-generated folder).
+        split_seed: the seed of ``source``'s seeded split: the trials' ``split_seed``, so the
+            ``train`` split is exactly the photos the trials train on.
+    """
+
+    source: str
+    splits: tuple[str, ...]
+    pristine_only: bool
+    split_seed: int
+
+
+def pretraining_source(study: Any) -> PretrainingSource:
+    """Where a study's unlabelled pre-training images come from (see :class:`PretrainingSource`).
 
     ``[pretraining] source`` wins; otherwise the study's training dataset. A pre-generated folder
-    contributes only its undistorted crops (pre-training degrades clean images itself).
+    contributes only its undistorted crops (pre-training degrades clean images itself). The split
+    seed is always the trials' (``split_seed`` is fixed whenever ``ssl`` is possible, which
+    :func:`iqa_ray.search.study.load_study` enforces), so pre-training on the training dataset
+    sees its training photos and nothing the trials validate or test on.
     """
     from iqa_ray.config import TrainConfig
 
     table = study.pretraining
-    source = str(table.get("source") or TrainConfig.from_dict(_train_keys(study.constants())).data.dataset)
+    data = TrainConfig.from_dict(_train_keys(study.constants())).data
+    source = str(table.get("source") or data.dataset)
     splits = tuple(table.get("splits", ["train"]))
     pristine_only = (Path(source).expanduser() / "manifest.json").exists()
-    return source, splits, pristine_only
+    return PretrainingSource(source, splits, pristine_only, data.split_seed)
 
 
 def _train_keys(values: dict[str, Any]) -> dict[str, Any]:
@@ -45,9 +75,20 @@ def _train_keys(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k != PRETRAINING}
 
 
-def encoder_dir(config: Any, source: str, splits: tuple[str, ...], root: Path | None = None) -> Path:
-    """The cache folder of one encoder: ``<root>/<backbone>-<hash of config and data>``."""
-    key = {"config": config.to_dict(), "source": source, "splits": list(splits)}
+def encoder_dir(config: Any, source: str, splits: tuple[str, ...], root: Path | None = None, *,
+                split_seed: int) -> Path:
+    """The cache folder of one encoder: ``<root>/<backbone>-<hash of config and data>``.
+
+    Args:
+        config: the encoder's :class:`~iqa_ray.ssl.PretrainConfig`.
+        source: the dataset spec or folder of its unlabelled images.
+        splits: the splits of ``source`` it saw.
+        root: cache root (default: ``$IQA_RAY_ENCODERS``, else ``<data dir>/encoders``).
+        split_seed: the seed of ``source``'s split. It is part of the key because another seed
+            draws another ``train`` split: an encoder pre-trained on it has seen photos that
+            this study's trials validate and test on, and must never be reused for them.
+    """
+    key = {"config": config.to_dict(), "source": source, "splits": list(splits), "split_seed": int(split_seed)}
     return (root or default_encoders_dir()) / f"{config.backbone}-{stable_hash(key)}"
 
 
@@ -103,7 +144,7 @@ def prepare_encoders(
 
     from iqa_ray.ssl import load_unlabelled
 
-    source, splits, pristine_only = pretraining_source(study)
+    source, splits, pristine_only, split_seed = pretraining_source(study)
     configs = {}
     for backbone in backbones:
         config = study.pretrain_config(backbone)
@@ -113,7 +154,7 @@ def prepare_encoders(
     encoders: dict[str, str] = {}
     todo = {}
     for backbone, config in configs.items():
-        folder = encoder_dir(config, source, splits, root)
+        folder = encoder_dir(config, source, splits, root, split_seed=split_seed)
         if (folder / "encoder.pt").is_file():
             progress(f"[pretraining] reusing the {backbone} encoder in {folder}")
             encoders[backbone] = str((folder / "encoder.pt").resolve())
@@ -121,9 +162,11 @@ def prepare_encoders(
             todo[backbone] = (config, folder)
     if not todo:
         return encoders
-    photos = load_unlabelled(source, splits=splits, pristine_only=pristine_only)
-    progress(f"[pretraining] {len(photos)} unlabelled images from {source} (splits {list(splits)}); "
-             f"pre-training {len(todo)} encoder(s): {', '.join(todo)}")
+    # The trials' split seed: with the default seed 0 a seeded real-dataset split would be another
+    # draw than the trials', and pre-training would see their validation and test photos.
+    photos = load_unlabelled(source, splits=splits, pristine_only=pristine_only, split_seed=split_seed)
+    progress(f"[pretraining] {len(photos)} unlabelled images from {source} (splits {list(splits)}, "
+             f"split_seed {split_seed}); pre-training {len(todo)} encoder(s): {', '.join(todo)}")
     images_ref = ray.put(photos.images)
     task = ray.remote(_pretrain_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     pending = {backbone: task.remote(config.to_dict(), images_ref, int(cpus)) for backbone, (config, _) in todo.items()}
@@ -136,7 +179,7 @@ def prepare_encoders(
         partial.mkdir(parents=True)
         atomic_write_bytes(partial / "encoder.pt", blob)
         atomic_write_json(partial / "pretraining.json", {**record, "source": source, "splits": list(splits),
-                                                         "images": len(photos)})
+                                                         "split_seed": split_seed, "images": len(photos)})
         if folder.exists():  # another launcher finished the same encoder first: keep theirs
             shutil.rmtree(partial)
         else:

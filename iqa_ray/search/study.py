@@ -35,7 +35,8 @@ Quality-aware pre-training (seed 004) is a searchable choice: the study-only key
 ``pretraining`` (``none`` or ``ssl``, fixed or a ``choice``) decides whether a trial's backbone
 starts from a self-supervised encoder, and an optional ``[pretraining]`` table holds the
 :class:`~iqa_ray.ssl.PretrainConfig` keys of that encoder (plus ``source`` and ``splits``: the
-unlabelled images, by default the training dataset's ``train`` split)::
+unlabelled images, by default the training dataset's ``train`` split, drawn with the trials'
+``split_seed``, which therefore may not be searched while ``ssl`` is possible)::
 
     [pretraining]
     epochs = 4
@@ -69,10 +70,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from iqa_ray.config import ConfigError, TrainConfig, valid_keys
+from iqa_ray.selection import check_selection
 
 ROLES = ("scientific", "nuisance")
 TYPES = ("uniform", "loguniform", "int", "logint", "choice")
-MODES = ("max", "min")
 UNIT_SUFFIX = "__unit"
 STUDY_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 _STUDY_KEYS = {"name", "description", "metric", "mode", "num_samples", "max_epochs", "grace_period",
@@ -400,8 +401,10 @@ def _check_range(at: str, kind: str, low: Any, high: Any) -> tuple[float, float]
 def _check_study(where: str, study: Study) -> None:
     from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS
 
-    if study.mode not in MODES:
-        raise StudyError(f"{where}: mode must be one of {MODES}, got {study.mode!r}")
+    try:  # before Ray starts: a metric no trial reports would make every trial look equally bad
+        check_selection(study.metric, study.mode)
+    except ValueError as exc:
+        raise StudyError(f"{where}: {exc}") from None
     if study.searcher not in SEARCHERS:
         raise StudyError(f"{where}: searcher must be one of {SEARCHERS}, got {study.searcher!r}")
     if study.scheduler not in SCHEDULERS:
@@ -462,6 +465,13 @@ def _check_pretraining(where: str, study: Study) -> None:
     if table and "ssl" not in study.pretraining_values():
         raise StudyError(f"{where}: a [pretraining] table is given but no trial can use it; add "
                          "[params.pretraining] with values [\"none\", \"ssl\"] or fix pretraining = \"ssl\"")
+    if study.encoder_backbones() and any(p.name == "split_seed" for p in study.params):
+        # One encoder per backbone is pre-trained before the search, on one training split; a
+        # trial drawing another split_seed would fine-tune an encoder that saw its val/test photos.
+        raise StudyError(f"{where}: split_seed is searched, but pretraining = 'ssl' is possible and its encoder is "
+                         "pre-trained once, before the search, on one training split: trials with another split_seed "
+                         "would start from an encoder that has seen their validation and test photos. Fix split_seed "
+                         "in [fixed] (or with --set split_seed=N), or drop 'ssl' from pretraining")
     for backbone in study.encoder_backbones():
         try:
             study.pretrain_config(backbone)
