@@ -31,6 +31,7 @@ import numpy as np
 from scipy import optimize, stats
 
 __all__ = [
+    "METRIC_NAMES",
     "LogisticFit",
     "all_metrics",
     "krcc",
@@ -42,6 +43,8 @@ __all__ = [
     "srcc",
 ]
 
+# The keys of all_metrics, in its order; trials report each with a ``val_`` prefix.
+METRIC_NAMES = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic")
 _MIN_CORRELATION_SAMPLES = 3
 _MIN_LOGISTIC_SAMPLES = 4
 
