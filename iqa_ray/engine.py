@@ -84,10 +84,11 @@ class SplitLoaders:
     train_mos: np.ndarray
 
 
-def make_loaders(config: TrainConfig, decoded: DecodedImages) -> SplitLoaders:
+def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool = True) -> SplitLoaders:
+    """Loaders of every split; ``with_test=False`` builds none for the test split."""
     d = config.data
     tr = train_indices(decoded, d.label_fraction, config.optim.seed)
-    has_test = bool((decoded.table["split"] == "test").any())
+    has_test = with_test and bool((decoded.table["split"] == "test").any())
     kw = {"num_workers": d.num_workers, "persistent_workers": d.num_workers > 0, "pin_memory": torch.cuda.is_available()}
     train_ds = IQADataset(decoded, tr, train=True, crop_size=d.crop_size)
     evaluation = {"train": False, "crop_size": d.crop_size, "eval_patches": d.eval_patches}
@@ -372,6 +373,7 @@ def fit(
     resume: str | os.PathLike[str] | dict[str, Any] | None = None,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     max_epochs: int | None = None,
+    score_test: bool = True,
 ) -> FitResult:
     """Train ``config`` and evaluate the best-by-validation model on the test split.
 
@@ -383,9 +385,13 @@ def fit(
         on_epoch_end: called after every epoch with its metrics and a ``save`` function.
         max_epochs: stop after this epoch count even if ``config.optim.epochs`` is larger (for
             tests that simulate an interruption).
+        score_test: score the selected weights on the test split when the run ends. Search trials
+            pass False: they report validation only, and the search scores the one trial it
+            selects, once (a test figure per trial invites choosing on test).
 
     Returns:
-        History, best epoch and validation metrics, and test metrics of the best model.
+        History, best epoch and validation metrics, and test metrics of the best model (``None``
+        without a test split or with ``score_test=False``).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (names the epoch and step).
@@ -394,7 +400,7 @@ def fit(
     o = config.optim
     seed_everything(o.seed)
     decoded = decoded if decoded is not None else load_decoded(config)
-    loaders = make_loaders(config, decoded)
+    loaders = make_loaders(config, decoded, with_test=score_test)
     model = build(config, device)
     model.set_label_stats(float(loaders.train_mos.mean()), float(max(loaders.train_mos.std(), 1e-3)))
     optimizer = build_optimizer(config, model)
@@ -473,6 +479,7 @@ def fit(
             bad_epochs = 0
         else:
             bad_epochs += 1
+        stop_early = o.early_stopping_patience is not None and bad_epochs >= o.early_stopping_patience
         metrics = {
             "epoch": epoch + 1,  # epochs completed, as Tune's training_iteration counts
             **{f"train_{k}": v / max(n_images, 1) for k, v in sums.items()},
@@ -482,6 +489,7 @@ def fit(
             "epoch_seconds": time.perf_counter() - started,
             "best_val_srcc": best_val["srcc"],
             "best_epoch": best_epoch + 1,
+            "stopped_early": stop_early,  # the engine's own patience ended the run here
         }
         if device.type == "cuda":  # what a fractional-GPU trial really needs
             metrics["gpu_peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -498,7 +506,6 @@ def fit(
             })
             return target
 
-        stop_early = o.early_stopping_patience is not None and bad_epochs >= o.early_stopping_patience
         if (epoch == o.epochs - 1 or stop_early) and loaders.test is not None and best_state is not None:
             # The run ends here: score the selected (best-by-validation) weights on the test split
             # once, and report them with this last epoch, so a Tune trial's final result holds them.

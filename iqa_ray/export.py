@@ -11,7 +11,7 @@ Schema (documented in docs/RESULTS.md):
 ``epochs.parquet`` - one row per trial and reported epoch:
     ``trial_id``, ``epoch``, every reported metric (``train_loss``, ``val_srcc``, ``val_plcc``,
     ``val_krcc``, ``val_rmse``, ``val_plcc_logistic``, ``lr_*``, ``images_per_s``,
-    ``epoch_seconds``, ``best_val_srcc``, ``test_*`` on a trial's last epoch), ``node_id``,
+    ``epoch_seconds``, ``best_val_srcc``, ``stopped_early``), ``node_id``,
     ``hostname``, ``pid`` (the trial process), ``resumed_from_epoch`` (epochs done before this
     process started: > 0 after a restart from a checkpoint), ``time_total_s``, ``timestamp``.
 ``trials.parquet`` - one row per trial:
@@ -22,11 +22,13 @@ Schema (documented in docs/RESULTS.md):
     ``max_epochs``, ``config.<key>`` for every run-config key of the trial (derived search keys
     resolved, e.g. ``config.lr`` from ``config.lr__unit``, which is kept too), ``best_val_srcc``,
     ``best_epoch``, ``best_val_plcc`` / ``_krcc`` / ``_rmse`` (at the best epoch), ``last_*``
-    metrics, ``test_srcc`` / ``test_plcc`` / ``test_krcc`` / ``test_rmse`` /
-    ``test_plcc_logistic`` (the trial's best-by-validation weights; reported by trials that reached
-    their end, and for the selected trial computed from its checkpoint when it was stopped early),
-    ``test_source`` (``reported`` / ``checkpoint``), ``selected`` (the trial the launcher selected
-    on validation SRCC), ``time_total_s``, ``checkpoint_path`` (relative to the experiment folder),
+    metrics, ``selection_score`` (the study's metric at the trial's best epoch, the value
+    :mod:`iqa_ray.selection` compares), ``selected`` (the one trial that rule picks; notebooks read
+    this column instead of ranking trials themselves), ``test_srcc`` / ``test_plcc`` /
+    ``test_krcc`` / ``test_rmse`` / ``test_plcc_logistic`` / ``test_n`` (only on the selected
+    trial's row, once the search has ended: its best-by-validation weights scored on the test split
+    once; every other row has none, so nothing invites choosing on test), ``test_source``
+    (``checkpoint`` on that row), ``time_total_s``, ``checkpoint_path`` (relative to the experiment folder),
     ``node_id``, ``hostname``, ``git_revision`` (of the code that trained the trial), ``error``
     (last line of the error, if any), ``trial_dir`` (folder name).
 
@@ -39,16 +41,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
+from iqa_ray.selection import select_trial, trial_score
 from iqa_ray.utils.io import atomic_path, git_revision
 
 METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
-_KEEP = ("epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "node_id", "hostname", "pid",
+_KEEP = ("epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "stopped_early", "node_id",
+         "hostname", "pid",
          "git_revision",
          "resumed_from_epoch", "time_total_s", "timestamp", "training_iteration")
 
@@ -101,6 +106,17 @@ def _resolver(experiment: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return study.with_encoders(info.get("encoders") or {}).resolve
 
 
+def _selection(experiment: Path) -> tuple[str, str]:
+    """The study's (metric, mode) as recorded in ``experiment.json`` (the defaults without one)."""
+    info_file = experiment / "experiment.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    return str(info.get("metric", "val_srcc")), str(info.get("mode", "max"))
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any) -> str:
     if error or status == "ERROR":
         return "error"
@@ -110,8 +126,7 @@ def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_e
         return "interrupted"
     if max_epochs and last["epoch"] >= max_epochs:
         return "completed"
-    # The engine scores the test split only when it ends the run itself (early stopping).
-    return "early_stopping" if any(k.startswith("test_") for k in last) else "scheduler"
+    return "early_stopping" if last.get("stopped_early") else "scheduler"
 
 
 def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -124,7 +139,8 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary_file = experiment / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     export_revision = git_revision()
-    trial_rows, epoch_rows = [], []
+    metric, mode = _selection(experiment)
+    trial_rows, epoch_rows, reports = [], [], {}
     for trial_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "params.json").exists()):
         params = json.loads((trial_dir / "params.json").read_text())
         results = _read_results(trial_dir)
@@ -135,6 +151,7 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             if "epoch" in r:
                 by_epoch[int(r["epoch"])] = r
         trial_id = results[-1]["trial_id"] if results else trial_dir.name.removeprefix("trial_")
+        reports[trial_id] = [by_epoch[e] for e in sorted(by_epoch)]
         for epoch, r in sorted(by_epoch.items()):
             row = {"trial_id": trial_id, **{k: r[k] for k in r if k.startswith(METRIC_PREFIXES) or k in _KEEP}}
             epoch_rows.append(row)
@@ -147,7 +164,8 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         row.update({f"config.{k}": v for k, v in params.items() if k not in resolve(params)})  # e.g. lr__unit
         if by_epoch:
             epochs = [by_epoch[e] for e in sorted(by_epoch)]
-            best = max(epochs, key=lambda r: r.get("val_srcc", float("-inf")))
+            # NaN never compares as best (max() with NaN keys depends on the order of the epochs).
+            best = max(epochs, key=lambda r: _finite_or_none(r.get("val_srcc")) or -math.inf)
             last = epochs[-1]
             row.update({
                 "stop_epoch": int(last["epoch"]), "max_epochs": max_epochs,
@@ -156,19 +174,13 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "best_val_plcc": best.get("val_plcc"), "best_val_krcc": best.get("val_krcc"),
                 "best_val_rmse": best.get("val_rmse"),
                 **{f"last_{k}": v for k, v in last.items() if k.startswith(("train_", "val_"))},
-                **{k: v for k, v in last.items() if k.startswith("test_")},
+                "selection_score": trial_score(epochs, metric, mode),
                 "time_total_s": last.get("time_total_s"), "node_id": last.get("node_id"),
                 "hostname": last.get("hostname"),
             })
         else:
             row.update({"stop_epoch": 0, "max_epochs": max_epochs, "ended_by": _ended_by(status, error, None, max_epochs)})
         row["stopped_by_scheduler"] = row["ended_by"] == "scheduler"
-        selected = summary.get("best_trial_id") == trial_id
-        row["selected"] = selected
-        row["test_source"] = "reported" if "test_srcc" in row else None
-        if selected and "test_srcc" not in row and summary.get("test"):
-            row.update({f"test_{k}": v for k, v in summary["test"].items()})
-            row["test_source"] = "checkpoint"
         checkpoint = _latest_checkpoint(trial_dir)
         row.update({
             "checkpoint_path": str(Path(checkpoint).relative_to(experiment)) if checkpoint else None,
@@ -176,6 +188,13 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             "error": error, "trial_dir": trial_dir.name,
         })
         trial_rows.append(row)
+    # The same rule as the end-of-run summary; mid-run it marks the current leader (no test yet).
+    chosen = select_trial(reports, metric, mode)
+    for row in trial_rows:
+        row["selected"] = row["trial_id"] == chosen
+        tested = row["selected"] and summary.get("best_trial_id") == chosen and summary.get("test")
+        row.update({f"test_{k}": v for k, v in (summary["test"].items() if tested else ())})
+        row["test_source"] = "checkpoint" if tested else None
     return pd.DataFrame(trial_rows), pd.DataFrame(epoch_rows)
 
 

@@ -1,11 +1,13 @@
 """Every launcher's --smoke-test runs a real (tiny) search end to end, as the Ray Tune examples do in CI."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,19 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     assert len(trials) == 2 and (trials.status == "TERMINATED").all()
     selected = trials[trials.selected]
     assert len(selected) == 1 and selected.test_srcc.notna().all()
+    # Trials score validation only; the selected one is scored on test once, after the search.
+    assert trials[~trials.selected].test_srcc.isna().all()
+    epochs = pd.read_parquet(tmp_path / "smoke" / "epochs.parquet")
+    assert not [c for c in epochs.columns if c.startswith("test_")]
+    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    assert summary["best_trial_id"] == selected.trial_id.iloc[0]
+    assert selected.test_srcc.iloc[0] == pytest.approx(summary["test"]["srcc"], abs=1e-12)
+    if script == "tune_ranking.py":  # the figure is the selected checkpoint's best weights on the test split
+        from iqa_ray.engine import evaluate, load_decoded, make_loaders, model_from_checkpoint
+
+        model, config = model_from_checkpoint(tmp_path / "smoke" / selected.checkpoint_path.iloc[0])
+        test = evaluate(model, make_loaders(config, load_decoded(config)).test, torch.device("cpu"))
+        assert test["srcc"] == pytest.approx(summary["test"]["srcc"], abs=1e-6)
     assert (tmp_path / "smoke" / "experiment.json").exists() and (tmp_path / "smoke" / "summary.json").exists()
     if script == "tune_backbone.py":  # each backbone's LR was drawn inside that backbone's own range
         import tomllib

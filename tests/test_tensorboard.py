@@ -43,7 +43,7 @@ from iqa_ray.search.tensorboard import (
 ROOT = Path(__file__).resolve().parents[1]
 P = "ray/tune/"
 ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
-FINAL_METRICS = ("best_val_srcc", "val_srcc", "val_plcc", "val_krcc", "test_srcc", "test_plcc", "epoch")
+FINAL_METRICS = ("best_val_srcc", "val_srcc", "val_plcc", "val_krcc", "epoch")
 SEARCHED = {"backbone", "lr", "dropout"}
 
 TINY_STUDY = """
@@ -184,6 +184,8 @@ def check_experiment(exp: dict, study) -> None:
     assert {P + m for m in FINAL_METRICS} <= set(metrics), metrics
     assert len(metrics) == len(set(metrics))
     assert P + "done" not in metrics and P + "time_this_iter_s" not in metrics, "Tune bookkeeping listed as metrics"
+    # Test figures per trial would invite choosing on test: only the selected trial is scored, after the search.
+    assert not any(m.startswith(P + "test_") for m in metrics), metrics
 
 
 def check_group(group: dict, trial_id: str, config: dict, results: list[dict], study, failed: bool = False) -> None:
@@ -241,13 +243,10 @@ class FakeTrial:
         os.makedirs(self.local_path, exist_ok=True)
 
 
-def epoch_result(epoch: int, srcc: float, last: bool) -> dict:
-    r = {"epoch": epoch, "training_iteration": epoch, "train_loss": 9.0 - epoch, "val_srcc": srcc,
-         "val_plcc": srcc + 0.01, "val_krcc": srcc - 0.1, "val_rmse": 11.0, "best_val_srcc": srcc,
-         "best_epoch": epoch, "images_per_s": 50.0, "done": False, "time_this_iter_s": 1.0}
-    if last:
-        r.update(test_srcc=srcc - 0.05, test_plcc=srcc - 0.04)
-    return r
+def epoch_result(epoch: int, srcc: float) -> dict:
+    return {"epoch": epoch, "training_iteration": epoch, "train_loss": 9.0 - epoch, "val_srcc": srcc,
+            "val_plcc": srcc + 0.01, "val_krcc": srcc - 0.1, "val_rmse": 11.0, "best_val_srcc": srcc,
+            "best_epoch": epoch, "images_per_s": 50.0, "done": False, "time_this_iter_s": 1.0}
 
 
 def fake_search(root: Path, callback) -> dict[str, tuple[dict, list[dict], bool]]:
@@ -257,9 +256,9 @@ def fake_search(root: Path, callback) -> dict[str, tuple[dict, list[dict], bool]
     study = tiny_study()
     trials = {
         "a0000001": ({**study.constants(), "backbone": "tf_efficientnet_lite0", "lr__unit": 0.5, "dropout": 0.1},
-                     [epoch_result(1, 0.30, False)], False),
+                     [epoch_result(1, 0.30)], False),
         "b0000002": ({**study.constants(), "backbone": "efficientnet_lite0", "lr__unit": 0.25, "dropout": 0.2},
-                     [epoch_result(1, 0.40, False), epoch_result(2, 0.55, True)], False),
+                     [epoch_result(1, 0.40), epoch_result(2, 0.55)], False),
         "c0000003": ({**study.constants(), "backbone": "efficientnet_lite0", "lr__unit": 0.9, "dropout": 0.3},
                      [], True),
         "d0000004": ({**study.constants(), "backbone": "tf_efficientnet_lite0", "lr__unit": 0.1, "dropout": 0.4},
@@ -349,6 +348,8 @@ def test_real_search_in_tensorboard(tmp_path, tiny_dataset, tensorboard):
         trials[folder.name.removeprefix("trial_")] = (config, results)
     assert len(trials) == 3 and all(results for _, results in trials.values())
     assert all("lr__unit" in config for config, _ in trials.values()), "the study searches lr through lr__unit"
+    assert not any(k.startswith("test_") for _, results in trials.values() for r in results for k in r), \
+        "trials report validation only"
 
     study = tiny_study()
     tb = tensorboard(exp, {f"trial_{t}" for t in trials})

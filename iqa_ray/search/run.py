@@ -24,13 +24,13 @@ from iqa_ray.search.launcher import (
 )
 from iqa_ray.search.pretraining import prepare_encoders
 from iqa_ray.search.tuner import (
-    SELECTION_METRIC,
     SearchSettings,
     build_tuner,
     close_orphaned_optuna_trials,
     restore_tuner,
 )
 from iqa_ray.search.tensorboard import tensorboard_command
+from iqa_ray.selection import select_trial
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
 
@@ -118,6 +118,10 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
               f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
               f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
         decoded, spec = prepare_dataset(settings, args.smoke_test)
+        # Into the object store once: every trial and the final test scoring map this copy, and the
+        # driver keeps only the reference.
+        decoded_ref = ray.put(decoded)
+        del decoded
         # Studies with `pretraining = "ssl"` get their encoders now, before any trial is started.
         encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=share,
                                     smoke=args.smoke_test)
@@ -127,7 +131,7 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
             settings = replace(settings, overrides=tuple(sorted({**dict(settings.overrides), "dataset": spec}.items())))
             write_experiment_info(settings, args)
         trainable = tune.with_resources(
-            tune.with_parameters(iqa_trainable, decoded=decoded, resolve=settings.effective_study.resolve,
+            tune.with_parameters(iqa_trainable, decoded=decoded_ref, resolve=settings.effective_study.resolve,
                                  cpus_per_trial=settings.cpus_per_trial),
             {"cpu": settings.cpus_per_trial, "gpu": share},
         )
@@ -135,7 +139,7 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         tuner = restore_tuner(settings, trainable) if args.resume else build_tuner(settings, trainable)
         results = tuner.fit()
         elapsed = time.perf_counter() - started
-        summary = summarise(settings, results, decoded, elapsed)
+        summary = summarise(settings, results, decoded_ref, elapsed)
     finally:
         if ray.is_initialized() and not args.address:
             ray.shutdown()
@@ -144,33 +148,54 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
 
 
 def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float) -> dict[str, Any]:
-    """Pick the best trial on validation SRCC; make sure its test metrics exist; export."""
+    """Select the trial to hand back (validation only), score it on the test split once, export.
+
+    Args:
+        settings: the search's settings (the study's metric and mode select).
+        results: Tune's ResultGrid.
+        decoded: the decoded dataset or its object-store reference (the test split is scored from it).
+        elapsed: seconds the search took.
+    """
     from iqa_ray.export import export_experiment
 
+    study = settings.effective_study
     errors = [r for r in results if r.error is not None]
-    finished = [r for r in results if r.metrics and SELECTION_METRIC in r.metrics]
-    if not finished:
+    reports = {}
+    for r in results:
+        frame = r.metrics_dataframe
+        if frame is not None and len(frame):
+            reports[r.metrics.get("trial_id") or r.path] = (r, frame.to_dict("records"))
+    if not reports:
         raise LaunchError(f"no trial reported any epoch ({len(errors)} errored); see {experiment_dir_hint(settings)}")
-    best = max(finished, key=lambda r: _finite(r.metrics[SELECTION_METRIC]))
-    test = {k.removeprefix("test_"): v for k, v in best.metrics.items() if k.startswith("test_")}
-    test_source = "reported by the trial"
-    if not test and best.checkpoint is not None:  # stopped by the scheduler before its last epoch
-        test = _test_from_checkpoint(best.checkpoint, decoded)
-        test_source = "computed from the trial's checkpoint (best-by-validation weights)"
-    config = settings.effective_study.reported_config(best.config)
-    history = best.metrics_dataframe
-    best_row = history.loc[history["val_srcc"].idxmax()] if "val_srcc" in history else None
+    chosen = select_trial({k: rows for k, (_, rows) in reports.items()}, study.metric, study.mode)
+    if chosen is None:
+        raise LaunchError(f"no trial reported a finite {study.metric} ({len(reports)} reported, {len(errors)} errored; "
+                          f"every model diverged or predicted constants); see {experiment_dir_hint(settings)}")
+    best, rows = reports[chosen]
+    best_row = max(rows, key=lambda row: _selection_value(row.get(study.metric), study.mode))
+    test, test_error = {}, None
+    if best.checkpoint is None:
+        test_error = "the selected trial left no checkpoint"
+    else:
+        test = score_test_split(best.checkpoint, decoded, cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial)
+        if not test:
+            test_error = "the dataset has no test split"
+    config = study.reported_config(best.config)
     local = settings.local_experiment_dir()
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
         "searcher": settings.searcher, "scheduler": settings.scheduler, "trials": len(results),
         "errored_trials": len(errors), "elapsed_s": round(elapsed, 1),
+        "metric": study.metric, "mode": study.mode,
         "best_trial": best.path.rsplit("/", 1)[-1] if best.path else None,
         "best_config": {k: v for k, v in config.items()},
         "best_val": {"srcc": float(best_row["val_srcc"]), "plcc": float(best_row["val_plcc"]),
-                     "epoch": int(best_row["epoch"])} if best_row is not None else {},
-        "best_trial_id": best.metrics.get("trial_id"), "test": test, "test_source": test_source,
+                     "epoch": int(best_row["epoch"]), study.metric: float(best_row[study.metric])},
+        "best_trial_id": best.metrics.get("trial_id"), "test": test,
+        "test_source": "the selected trial's best-by-validation weights, scored once after the search",
     }
+    if test_error:
+        summary["test_error"] = test_error
     if local is not None:
         close_orphaned_optuna_trials(local / "optuna.db")
         atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
@@ -180,23 +205,44 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     return summary
 
 
-def _finite(x: Any) -> float:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else -math.inf
+def _selection_value(value: Any, mode: str) -> float:
+    """A report's metric value for max(); non-finite values never win."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return -math.inf
+    return float(value) if mode == "max" else -float(value)
 
 
-def _test_from_checkpoint(checkpoint: Any, decoded: Any) -> dict[str, float]:
-    """Score the best-by-validation weights stored in a trial's checkpoint on the test split."""
+def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
+    """Run where the trials ran: the best-by-validation weights of a checkpoint, scored on test
+    (an empty dict when the dataset has no test split)."""
+    import ray
     import torch
     from torch.utils.data import DataLoader
 
     from iqa_ray.data.dataset import IQADataset
-    from iqa_ray.engine import evaluate, model_from_checkpoint
+    from iqa_ray.engine import autocast_dtype, evaluate, model_from_checkpoint
 
-    with checkpoint.as_directory() as directory:
-        model, config = model_from_checkpoint(directory)
+    torch.set_num_threads(max(1, threads))
+    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    if not (decoded.table["split"] == "test").any():
+        return {}
+    with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
+        model, config = model_from_checkpoint(directory, device=device)
     loader = DataLoader(IQADataset(decoded, "test", train=False, crop_size=config.data.crop_size,
                                    eval_patches=config.data.eval_patches), batch_size=config.data.eval_batch_size)
-    return evaluate(model, loader, torch.device("cpu"))
+    return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device)), "n": len(loader.dataset)}
+
+
+def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:
+    """Score the selected trial's best-by-validation weights on the test split, once.
+
+    Runs as a Ray task with one trial's resources (its GPU share on a GPU cluster), reading the
+    dataset the trials read from the object store (pass its reference: no second copy).
+    """
+    import ray
+
+    task = ray.remote(_score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    return ray.get(task.remote(checkpoint, decoded, int(cpus)))
 
 
 def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ subclasses it, keeps the scalars as they are and replaces only the HParams part:
 * **One experiment config.** Tune (through ``tensorboardX.summary.hparams``) writes an
   experiment config per trial, listing that trial's own keys and the metrics of its *last*
   result; TensorBoard uses whichever run it reads first. When that is a trial ASHA stopped
-  early, the test metrics are missing from the dashboard; the list also holds Tune's
+  early, the metrics it never reported are missing from the dashboard; the list also holds Tune's
   bookkeeping (``done``, ``time_this_iter_s``, ...). Here every trial writes the same config,
   built from the study: every hyperparameter with its domain, and a fixed list of metrics.
 * **Every trial, with its status.** Tune writes HParams only at the end of a trial that
@@ -22,8 +22,10 @@ subclasses it, keeps the scalars as they are and replaces only the HParams part:
 
 Metric values are not copied: a session's value for a metric is the last point of the scalar
 ``ray/tune/<metric>`` in the trial's folder, i.e. what the trial last reported
-(``best_val_srcc`` is a running maximum; ``test_*`` are reported with a trial's final epoch
-only, so trials ASHA stopped have none).
+(``best_val_srcc`` is a running maximum). No test metric is listed or reported: trials score
+validation only, and the one trial the search selects is scored on test after the search
+(``summary.json``, and its row of ``trials.parquet``), so the dashboard never invites choosing
+on test.
 
 Because the callback *is* a ``TBXLoggerCallback``, Tune does not add its default one (it only
 adds loggers of types that are missing), and the CSV and JSON loggers stay as they are.
@@ -69,10 +71,6 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("val_plcc", _VAL, "validation PLCC of the last epoch"),
     ("val_krcc", _VAL, "validation KRCC of the last epoch"),
     ("val_rmse", _VAL, "validation RMSE of the last epoch"),
-    ("test_srcc", _OTHER, "test SRCC of the best-by-validation weights (trials that ran every epoch)"),
-    ("test_plcc", _OTHER, "test PLCC of the best-by-validation weights (trials that ran every epoch)"),
-    ("test_krcc", _OTHER, "test KRCC of the best-by-validation weights (trials that ran every epoch)"),
-    ("test_rmse", _OTHER, "test RMSE of the best-by-validation weights (trials that ran every epoch)"),
     ("best_epoch", _OTHER, "epoch of the best validation SRCC"),
     ("epoch", _OTHER, "epochs trained (fewer than the budget: stopped by the scheduler or errored)"),
     ("train_loss", _TRAIN, "training loss of the last epoch"),

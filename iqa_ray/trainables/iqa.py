@@ -80,7 +80,8 @@ def iqa_trainable(
             tune.report({**epoch.metrics, **node}, checkpoint=tune.Checkpoint.from_directory(directory))
 
     try:
-        fit(train_config, decoded, device=_device(), resume=resume_state, on_epoch_end=report)
+        # Trials report validation only; the search scores the trial it selects on test, once.
+        fit(train_config, decoded, device=_device(), resume=resume_state, on_epoch_end=report, score_test=False)
     except NonFiniteLossError as exc:
         message = f"trial {context.get_trial_name()}: {exc}"
         marker.write_text(json.dumps({"message": message}))
