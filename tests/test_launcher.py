@@ -87,13 +87,63 @@ def test_unreachable_address_fails_within_a_bounded_time():
 
 
 def test_resume_of_an_unknown_experiment_is_a_clear_error(tmp_path, capsys):
-    from iqa_ray.search.tuner import restore_tuner
-
-    s = settings_from_args(parse("--name", "never-ran", "--storage", str(tmp_path), "--resume"), "ranking")
     from iqa_ray.search.study import StudyError
 
+    # Refused while the flags are read: before Ray starts and before any image is decoded.
     with pytest.raises(StudyError, match="no experiment named 'never-ran'"):
-        restore_tuner(s, trainable=lambda config: None)
+        settings_from_args(parse("--name", "never-ran", "--storage", str(tmp_path), "--resume"), "ranking")
+    assert main(["--name", "never-ran", "--storage", str(tmp_path), "--resume"], study="ranking") == 2
+    assert "no experiment named 'never-ran'" in capsys.readouterr().err
+
+
+def _started(tmp_path, *argv, study="ranking"):
+    """Record an experiment as the launcher does when a search starts; return its settings."""
+    from dataclasses import replace
+
+    from iqa_ray.search.run import write_experiment_info
+
+    args = parse("--name", "exp", "--storage", str(tmp_path), *argv, study=study)
+    settings = settings_from_args(args, study)
+    # run_search records the dataset the trials read (for embedded, the generated folder).
+    overrides = {**dict(settings.overrides), "dataset": str(tmp_path / "generated-folder")}
+    write_experiment_info(replace(settings, overrides=tuple(sorted(overrides.items()))), args)
+    return settings
+
+
+def test_resume_continues_the_recorded_study_dataset_and_sets(tmp_path):
+    started = _started(tmp_path, "--set", "crop_size=96", "--num-samples", "3", "--max-epochs", "2",
+                       "--grace-period", "1", "--searcher", "random")
+    # Nothing but resources on the command line: the recorded spec is used, resources may change.
+    resumed = settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume",
+                                       "--max-concurrent", "1", "--cpus-per-trial", "2"), "ranking")
+    assert dict(resumed.overrides) == {"crop_size": 96, "dataset": str(tmp_path / "generated-folder")}
+    assert (resumed.searcher, resumed.num_samples, resumed.max_epochs) == ("random", 3, 2)
+    assert (resumed.max_concurrent, resumed.cpus_per_trial) == (1, 2.0)
+    assert resumed.study.definition == started.study.definition
+    # Repeating the original flags is fine too.
+    again = settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume", "--dataset", "embedded",
+                                     "--set", "crop_size=96", "--searcher", "random"), "ranking")
+    assert dict(again.overrides) == dict(resumed.overrides)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--dataset", "livec:/data/livec"], "--dataset (livec:/data/livec now, embedded recorded)"),
+    (["--set", "crop_size=64"], "--set crop_size"),
+    (["--set", "crop_size=96", "--set", "lr=0.1"], "--set lr"),
+    (["--num-samples", "5"], "--num-samples (5 now, 3 recorded)"),
+    (["--smoke-test"], "--smoke-test"),
+])
+def test_resume_that_would_change_the_experiment_is_refused_naming_the_keys(tmp_path, argv, named):
+    _started(tmp_path, "--set", "crop_size=96", "--num-samples", "3")
+    with pytest.raises(LaunchError, match="would not continue the experiment") as info:
+        settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume", *argv), "ranking")
+    assert named in str(info.value)
+
+
+def test_resume_under_another_study_is_refused(tmp_path):
+    _started(tmp_path, study="gmm")
+    with pytest.raises(LaunchError, match="study \\(ranking now, gmm recorded\\)"):
+        settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume"), "ranking")
 
 
 def test_trial_folders_are_named_from_ids_not_config_values():

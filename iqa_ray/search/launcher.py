@@ -13,12 +13,14 @@ import json
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from iqa_ray.config import ConfigError, TrainConfig
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.paths import default_results_dir
-from iqa_ray.search.study import StudyError, available_studies, load_study
+from iqa_ray.data.catalog import EMBEDDED
+from iqa_ray.search.study import StudyError, available_studies, load_study, parse_study
 from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS, SearchSettings, per_gpu
 
 ADDRESS_TIMEOUT_S = 10.0
@@ -48,7 +50,7 @@ def build_parser(study: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=None, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA/HyperBand reduction factor")
     p.add_argument("--seed", type=int, default=None, help="searcher seed (default: the study's)")
-    p.add_argument("--dataset", default="embedded",
+    p.add_argument("--dataset", default=None,
                    help="embedded (default), a pre-generated folder, or ADAPTER:ROOT (e.g. koniq10k:/data/koniq10k)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key for every trial (repeatable), e.g. --set crop_size=96")
@@ -56,13 +58,34 @@ def build_parser(study: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None,
                    help=f"results root: a local path or a pyarrow URI such as s3://bucket/iqa (default: {default_results_dir()})")
     p.add_argument("--name", default=None, help="experiment name (default: <study>-<date>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the experiment --name under --storage")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment --name under --storage with its recorded study, dataset and --set "
+                        "(resource flags such as --max-concurrent may change)")
     p.add_argument("--smoke-test", action="store_true", help="a tiny search (2 trials, 1 epoch, a sample of the data)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default: 2)")
     return p
 
 
-def _parse_sets(items: list[str]) -> dict[str, Any]:
+def check_flag_values(args: argparse.Namespace) -> None:
+    """Flag values that are wrong whatever the study (resources, budgets)."""
+    gpus = args.gpus
+    if gpus is not None and gpus < 0:
+        raise LaunchError(f"--gpus must be >= 0, got {gpus}")
+    if args.gpus_per_trial is not None:
+        per_gpu(args.gpus_per_trial)  # raises with the valid shares
+        if gpus == 0:
+            raise LaunchError("--gpus-per-trial was given with --gpus 0; drop one of them")
+    if args.cpus_per_trial <= 0:
+        raise LaunchError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    for flag in ("num_samples", "max_concurrent", "max_epochs", "grace_period"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise LaunchError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.reduction_factor is not None and args.reduction_factor < 2:
+        raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -77,9 +100,12 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSettings:
     """Validate every flag and build the search settings; nothing has started yet."""
+    check_flag_values(args)
+    if args.resume:
+        return resume_settings(args, study_name)
     study = load_study(study_name)
-    overrides = _parse_sets(args.set)
-    overrides["dataset"] = args.dataset
+    overrides = parse_sets(args.set)
+    overrides["dataset"] = args.dataset or EMBEDDED
     if args.smoke_test:
         overrides.setdefault("eval_patches", 1)
     # Every override must make a valid config with the study's fixed values.
@@ -89,24 +115,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         raise LaunchError(f"--set {', '.join(searched)}: searched by study {study.name!r}, so a fixed value would be "
                           "overridden by the searcher; drop the --set, or copy the study file and move the key to [fixed]")
     check_weights_reachable(study, overrides)
-    gpus = args.gpus
-    if gpus is not None and gpus < 0:
-        raise LaunchError(f"--gpus must be >= 0, got {gpus}")
     gpt = args.gpus_per_trial
-    if gpt is not None:
-        per_gpu(gpt)  # raises with the valid shares
-        if gpus == 0:
-            raise LaunchError("--gpus-per-trial was given with --gpus 0; drop one of them")
-    if args.cpus_per_trial <= 0:
-        raise LaunchError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
-    for flag in ("num_samples", "max_concurrent", "max_epochs", "grace_period"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise LaunchError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.reduction_factor is not None and args.reduction_factor < 2:
-        raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
-    if args.resume and not args.name:
-        raise LaunchError("--resume needs --name (the experiment to continue)")
     num_samples = args.num_samples or study.num_samples
     max_epochs = args.max_epochs or study.max_epochs
     grace = args.grace_period or min(study.grace_period, max_epochs)
@@ -121,6 +130,69 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
         seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
         overrides=tuple(sorted(overrides.items())),
+    )
+
+
+# Flags that shape what a search computes: on --resume they must match the recorded experiment
+# (the restored Tuner would ignore new values silently). Resource flags may change.
+_RECORDED_FLAGS = ("searcher", "scheduler", "num_samples", "max_epochs", "grace_period", "reduction_factor", "seed")
+
+
+def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings:
+    """The settings of the experiment ``--resume`` continues, from its ``experiment.json``.
+
+    The study (as it was when the search started), dataset and ``--set`` values come from the
+    record; a flag that would change them is refused with the keys that differ, and an unknown
+    experiment is refused before Ray starts or any image is decoded.
+    """
+    if not args.name:
+        raise LaunchError("--resume needs --name (the experiment to continue)")
+    storage = args.storage or str(default_results_dir())
+    probe = SearchSettings(study=load_study(study_name), name=args.name, storage=storage, searcher="optuna",
+                           scheduler="asha", num_samples=1, max_epochs=1, grace_period=1, reduction_factor=2,
+                           max_concurrent=None, cpus_per_trial=1.0, gpus_per_trial=0.0, seed=0)
+    local = probe.local_experiment_dir()
+    if local is None:
+        raise LaunchError(f"--resume with remote storage ({storage}) is not supported: copy the experiment folder "
+                          "to local storage and resume it there")
+    record_file = local / "experiment.json"
+    if not record_file.is_file():
+        raise StudyError(f"--resume: no experiment named {args.name!r} under {storage} (looked for {record_file}); "
+                         "start it without --resume, or check --name/--storage")
+    record = json.loads(record_file.read_text())
+    launch = record.get("launch")
+    if launch is None:
+        raise LaunchError(f"--resume: {record_file} was written by an older iqa-ray that did not record the launch "
+                          "flags; start a new experiment")
+    study = parse_study(record["study_definition"], name=record["study"],
+                        path=Path(record["study_file"]) if record.get("study_file") else None)
+    current = probe.study
+    differs = []
+    if current.name != study.name or current.definition != study.definition:
+        differs.append(f"study ({current.name} now, {study.name} recorded"
+                       + (", its file has changed since" if current.name == study.name else "") + ")")
+    if args.dataset is not None and args.dataset != launch["dataset"]:
+        differs.append(f"--dataset ({args.dataset} now, {launch['dataset']} recorded)")
+    sets = parse_sets(args.set)
+    if args.set and sets != launch["set"]:
+        keys = sorted(k for k in set(sets) | set(launch["set"]) if sets.get(k) != launch["set"].get(k))
+        differs.append(f"--set {', '.join(keys)} ({sets} now, {launch['set']} recorded)")
+    if args.smoke_test != launch["smoke_test"]:
+        differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
+    for flag in _RECORDED_FLAGS:
+        value = getattr(args, flag)
+        if value is not None and value != record[flag]:
+            differs.append(f"--{flag.replace('_', '-')} ({value} now, {record[flag]} recorded)")
+    if differs:
+        raise LaunchError(f"--resume of {args.name!r} would not continue the experiment that was started: "
+                          f"{'; '.join(differs)}. Drop those flags (the recorded values are used), or start a new "
+                          "experiment with another --name")
+    return SearchSettings(
+        study=study, name=args.name, storage=storage, searcher=record["searcher"], scheduler=record["scheduler"],
+        num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
+        reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
+        seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
     )
 
 

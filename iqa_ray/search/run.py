@@ -15,11 +15,13 @@ from dataclasses import replace
 from typing import Any
 
 from iqa_ray.config import TrainConfig
+from iqa_ray.data.catalog import EMBEDDED
 from iqa_ray.search.launcher import (
     LaunchError,
     check_cpus_per_trial,
     experiment_dir_hint,
     gpu_concurrency,
+    parse_sets,
     resolve_gpus,
 )
 from iqa_ray.search.pretraining import prepare_encoders
@@ -41,7 +43,7 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
         The decoded dataset and the exact dataset spec it came from (for ``embedded``, the
         generated folder), which is what trial configs record.
     """
-    from iqa_ray.data.catalog import EMBEDDED, generated_table, load_table
+    from iqa_ray.data.catalog import generated_table, load_table
     from iqa_ray.data.dataset import decode_table
     from iqa_ray.data.pregenerate import PregenConfig, pregenerate
     from iqa_ray.paths import default_data_dir
@@ -79,6 +81,10 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "reduction_factor": settings.reduction_factor, "seed": settings.seed,
         "cpus_per_trial": settings.cpus_per_trial, "gpus_per_trial": settings.gpus_per_trial,
         "max_concurrent": settings.max_concurrent, "fixed": study.fixed, "encoders": study.encoders,
+        # What --resume continues: the flags as given, and the overrides they resolved into (for
+        # `embedded`, the generated folder, so a resume reads the same images without regenerating).
+        "launch": {"dataset": args.dataset or EMBEDDED, "set": parse_sets(args.set), "smoke_test": args.smoke_test},
+        "overrides": dict(settings.overrides),
         "params": [{"name": p.name, "role": p.role, "type": p.type, "low": p.low, "high": p.high,
                     "values": list(p.values), "grid": list(p.grid),
                     "range_by": [p.range_by[0], {str(k): list(v) for k, v in p.range_by[1].items()}] if p.range_by else None}
