@@ -111,11 +111,11 @@ def run_method(method: str, seed: int, study: Any, scale: dict, decoded: Any, st
         if val > best:
             best, best_result = val, r
         curve.append(best)
-    test = {k.removeprefix("test_"): v for k, v in best_result.metrics.items() if k.startswith("test_")}
-    if not test and best_result.checkpoint is not None:
-        from iqa_ray.search.run import _test_from_checkpoint
+    test = {}
+    if best_result.checkpoint is not None:  # trials report validation only: score the selected one once
+        from iqa_ray.search.run import score_test_split
 
-        test = _test_from_checkpoint(best_result.checkpoint, decoded)
+        test = score_test_split(best_result.checkpoint, decoded, cpus=1, gpus=0)
     return {"method": method, "seed": seed, "budget": budget, "epochs": len(curve), "curve": curve,
             "best_val_srcc": best, "test_srcc": test.get("srcc"), "test_plcc": test.get("plcc"),
             # trials that trained at least one epoch (random/grid pre-sample num_samples trials, and

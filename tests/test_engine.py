@@ -66,6 +66,26 @@ def test_model_selection_uses_validation_and_test_is_scored_once_for_the_best(ti
     assert srcc(pred, mos) == pytest.approx(result.test["srcc"])
 
 
+def test_a_search_trial_reports_validation_only_and_never_touches_the_test_split(tiny_dataset, decoded, monkeypatch):
+    import iqa_ray.engine as engine
+
+    scored = []
+    real_predict = engine.predict
+    splits = decoded.table["split"].to_numpy()
+
+    def predict(model, loader, *args, **kwargs):
+        scored.extend(set(splits[loader.dataset.indices]))
+        return real_predict(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "predict", predict)
+    reports = []
+    result = fit(small(tiny_dataset, epochs=2), decoded, on_epoch_end=reports.append, score_test=False)
+    assert result.test is None and result.test_predictions is None
+    assert not [k for e in reports for k in e.metrics if k.startswith("test_")]
+    assert "test" not in scored and scored.count("val") == 2
+    assert [e.metrics["stopped_early"] for e in reports] == [False, False]
+
+
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_run(tiny_dataset, decoded, tmp_path):
     config = small(tiny_dataset, epochs=3, family="hyperiqa", scheduler="cosine", warmup_epochs=0.5)
