@@ -7,6 +7,10 @@ notebook is then executed with nbclient in a ``python3`` kernel of this interpre
 ``python`` is replaced by ``sys.executable``, i.e. the venv's own ipykernel), the experiment passed through the
 ``IQA_EXPERIMENT`` / ``IQA_EXPERIMENTS`` environment variables, and the figures it saves are checked.
 
+The notebooks never rank trials to pick one: they read the export's ``selected`` column (the rule of
+``iqa_ray/selection.py``, the one the end-of-run summary uses), which the tests check by moving that mark to a
+trial with a lower validation SRCC.
+
 The executed copies are written next to each test's ``tmp_path`` for a look when a test fails.
 """
 
@@ -63,9 +67,28 @@ def assert_png(path: Path) -> None:
     assert len(data) > MIN_PNG_BYTES, f"{path} is only {len(data)} bytes: an empty figure?"
 
 
+TEST_COLUMNS = ("test_srcc", "test_plcc", "test_krcc", "test_rmse", "test_plcc_logistic", "test_n")
+
+
 def best_trial(experiment: Path) -> str:
+    """The trial the export marked ``selected``: the one the end-of-run summary reported."""
     trials = pd.read_parquet(experiment / "trials.parquet")
-    return str(trials.loc[trials["best_val_srcc"].idxmax(), "trial_id"])
+    selected = trials[trials["selected"].eq(True)]
+    assert len(selected) == 1, f"{len(selected)} trials marked selected in {experiment}"
+    trial_id = str(selected["trial_id"].iloc[0])
+    assert json.loads((experiment / "summary.json").read_text())["best_trial_id"] == trial_id
+    return trial_id
+
+
+def move_selection(trials: pd.DataFrame, to: int) -> pd.DataFrame:
+    """Mark row ``to`` selected instead, carrying the selected trial's test metrics (as the export would)."""
+    was = trials.index[trials["selected"].eq(True)][0]
+    test = [c for c in (*TEST_COLUMNS, "test_source") if c in trials.columns]
+    values = trials.loc[was, test].to_list()
+    trials.loc[was, test] = None
+    trials.loc[to, test] = values
+    trials["selected"] = trials.index == to
+    return trials
 
 
 def varying_config_keys(experiment: Path) -> list[str]:
@@ -115,10 +138,15 @@ def test_ranking_study_notebook(experiments, tmp_path):
     for name in ("ranking_alpha_margin_scatter", "ranking_learning_curves", "ranking_asha_stops"):
         assert_png(experiment / "figures" / f"{name}.png")
     best = best_trial(experiment)
-    assert f"best trial (selected on validation SRCC): {best}" in text
+    assert f"selected trial (chosen on validation by the search): {best}" in text
     # the notebook selects the trial the launcher reported at the end of the search
     assert json.loads((experiment / "summary.json").read_text())["best_trial"] == f"trial_{best}"
     trials = pd.read_parquet(experiment / "trials.parquet")
+    # test metrics on the selected trial's row only (the tiny dataset has a test split)
+    test = [c for c in TEST_COLUMNS if c in trials.columns]
+    assert "test_n" in test and trials.loc[trials["selected"], "test_n"].notna().all()
+    assert trials.loc[~trials["selected"], test].isna().all(axis=None)
+    assert "test (held-out photos, best-by-validation weights): SRCC " in text
     for trial_id in trials["trial_id"]:  # every trial is in the stop-epoch table
         assert trial_id in text
     assert f"ASHA stopped {int(trials['stopped_by_scheduler'].sum())} of {len(trials)} trials" in text
@@ -158,27 +186,57 @@ def test_grid_values_categorical_axes_and_a_copy_without_checkpoints(experiments
 
 @pytest.mark.slow
 def test_a_selected_trial_that_asha_stopped_counts_as_stopped_although_it_has_test_metrics(experiments, tmp_path):
-    # The export fills the selected trial's test metrics from its checkpoint when ASHA stopped it;
-    # whether the selected trial was stopped depends on trial timing, so build that case here.
+    # After the search the selected trial's best-by-validation checkpoint is scored on the test split once,
+    # however the trial ended; whether the selected trial was stopped depends on trial timing, so build
+    # that case here. Its ended_by comes from the export, not from its test metrics.
     copy = copy_parquet_only(experiments["ranking"], tmp_path / "stopped-best")
     trials = pd.read_parquet(copy / "trials.parquet")
-    best = trials["best_val_srcc"].idxmax()
+    best = trials.index[trials["selected"]][0]
     trials.loc[best, ["ended_by", "stopped_by_scheduler"]] = ["scheduler", True]
     trials.loc[best, ["test_srcc", "test_plcc"]] = [0.5, 0.5]
     trials.loc[best, "stop_epoch"] = 1
+    assert trials.loc[trials.index != best, "test_srcc"].isna().all()  # no other trial has test metrics
     trials.to_parquet(copy / "trials.parquet", index=False)
     _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(copy))
     assert f"ASHA stopped {int(trials['stopped_by_scheduler'].sum())} of {len(trials)} trials" in text
+    assert f"selected trial (chosen on validation by the search): {trials.at[best, 'trial_id']}" in text
     assert "(stopped by ASHA)" in text  # the selected trial's line says how it ended
+    assert "test (held-out photos, best-by-validation weights): SRCC 0.5000, PLCC 0.5000" in text
 
 
 @pytest.mark.slow
-def test_a_missing_column_fails_the_notebook_with_its_name(experiments, tmp_path):
+def test_the_notebooks_follow_the_selected_column_and_do_not_re_rank(experiments, tmp_path):
+    # Mark a trial with a lower best_val_srcc than another as selected: every notebook must report that one.
+    copy = copy_parquet_only(experiments["ranking"], tmp_path / "moved-selection")
+    trials = pd.read_parquet(copy / "trials.parquet")
+    others = trials[~trials["selected"] & trials["best_val_srcc"].notna()]
+    to = others["best_val_srcc"].idxmin()
+    if trials.at[to, "best_val_srcc"] >= trials["best_val_srcc"].max():  # all trials tied: break the tie
+        trials.at[to, "best_val_srcc"] -= 0.1
+    assert trials["best_val_srcc"].idxmax() != to
+    trials = move_selection(trials, to)
+    trials.to_parquet(copy / "trials.parquet", index=False)
+    chosen = trials.at[to, "trial_id"]
+
+    _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert f"selected trial (chosen on validation by the search): {chosen}" in text
+    _, text = run_notebook("hyperparameters", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert f"selected trial {chosen} (best_val_srcc " in text
+    _, text = run_notebook("run_report", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert f"trial {chosen} (the selected trial, chosen on validation by the search)" in text
+    _, text = run_notebook("family_comparison", tmp_path, IQA_EXPERIMENT=str(copy))
+    assert f"({copy.name}/{chosen})" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("column, message", [("best_val_srcc", "best_val_srcc"),
+                                             ("selected", "re-export with python -m iqa_ray.export")])
+def test_a_missing_column_fails_the_notebook_with_its_name(experiments, tmp_path, column, message):
     from nbclient.exceptions import CellExecutionError
 
     copy = copy_parquet_only(experiments["ranking"], tmp_path / "broken")
-    pd.read_parquet(copy / "trials.parquet").drop(columns=["best_val_srcc"]).to_parquet(copy / "trials.parquet")
-    with pytest.raises(CellExecutionError, match="best_val_srcc"):
+    pd.read_parquet(copy / "trials.parquet").drop(columns=[column]).to_parquet(copy / "trials.parquet")
+    with pytest.raises(CellExecutionError, match=message):
         run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(copy))
 
 
@@ -224,6 +282,23 @@ def test_family_comparison_notebook_over_several_experiments_and_one(experiments
     assert "gmm / efficientnet_lite0" in text and "hyperiqa" not in text
 
 
+@pytest.mark.slow
+def test_family_comparison_picks_among_experiments_by_selection_score_never_by_test(experiments, tmp_path):
+    # Two experiments of the same group: the one whose selected trial has the better selection_score wins,
+    # although the other's selected trial has the better test SRCC.
+    low = copy_parquet_only(experiments["ranking"], tmp_path / "low-score-high-test")
+    high = copy_parquet_only(experiments["ranking"], tmp_path / "high-score-low-test")
+    for path, score, test_srcc in ((low, 0.2, 0.9), (high, 0.8, 0.1)):
+        trials = pd.read_parquet(path / "trials.parquet")
+        trials.loc[trials["selected"], ["selection_score", "test_srcc"]] = [score, test_srcc]
+        trials.to_parquet(path / "trials.parquet", index=False)
+    chosen = best_trial(experiments["ranking"])
+    _, text = run_notebook("family_comparison", tmp_path, IQA_EXPERIMENTS=os.pathsep.join(map(str, (low, high))),
+                           IQA_FIGURES=str(tmp_path / "figures"))
+    assert f"({high.name}/{chosen}), test SRCC 0.1000" in text
+    assert f"{low.name}/{chosen}" not in text
+
+
 # ----------------------------------------------------------------------------- run_report
 
 
@@ -233,7 +308,7 @@ def test_run_report_notebook_draws_the_selected_runs_plots(experiments, tmp_path
     experiment = experiments[study]
     _, text = run_notebook("run_report", tmp_path, IQA_EXPERIMENT=str(experiment))
     best = best_trial(experiment)
-    assert f"trial {best} (selected on validation SRCC)" in text
+    assert f"trial {best} (the selected trial, chosen on validation by the search)" in text
     figures = experiment / "figures"
     for name in ("run_training_curves", "run_prediction_scatter", "run_feature_pca"):
         assert_png(figures / f"{name}.png")
