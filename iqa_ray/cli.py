@@ -6,7 +6,10 @@ Only command-line entry points (launchers, ``iqa-train``, ``iqa-pretrain``) impo
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,17 +48,59 @@ def run_folder(out: Path | None, default_name: str, resume: bool, checkpoint_fil
     return out, None
 
 
+# How long an exiting Ray worker waits for a Tune trial's training thread to finish unwinding.
+# A stopped trial's thread is released from `tune.report` and ends in milliseconds; the bound only
+# matters for a thread that is still computing when its actor is told to exit.
+TRIAL_THREAD_EXIT_WAIT_S = 10.0
+# Runs once in every worker process of the jobs `init_ray` starts (runtime_env setup hook).
+WORKER_SETUP_HOOK = "iqa_ray.cli.wait_for_trial_threads_at_exit"
+
+
+def wait_for_trial_threads_at_exit() -> None:
+    """Ray worker setup hook: make the worker's interpreter shutdown wait for Tune training threads.
+
+    Ray Tune runs a function trainable in a daemon thread of the trial actor. When Tune stops a
+    trial (ASHA at a rung, or the last epoch reached), ``FunctionTrainable.cleanup`` wakes that
+    thread inside ``tune.report``, where it raises ``SystemExit(0)``, and does not wait for it
+    (``session.finish(timeout=0)``); the actor then exits at once. The thread is still unwinding
+    ``fit()``'s frames, freeing the model's and optimiser's tensors, and each tensor's deallocation
+    (``THPVariable_clear``) releases and re-takes the GIL. Once the interpreter is finalizing,
+    Python 3.11 answers that re-take with ``pthread_exit``, whose forced unwind cannot pass torch's
+    ``noexcept`` deallocator: ``std::terminate`` -> ``abort()`` -> SIGABRT, and faulthandler's
+    "Fatal Python error: Aborted" dump on the console. ``atexit`` handlers run before
+    finalization starts, so joining the training thread there lets it finish normally.
+    """
+    atexit.register(join_trial_threads)
+
+
+def join_trial_threads(timeout: float = TRIAL_THREAD_EXIT_WAIT_S) -> None:
+    """Wait, at most ``timeout`` seconds in all, for this process's Ray Tune training threads to end."""
+    util = sys.modules.get("ray.air._internal.util")  # not imported: no trial ran in this process
+    runner = getattr(util, "RunnerThread", None)
+    if runner is None:
+        return
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if isinstance(thread, runner) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict[str, float]:
     """Connect to ``address`` or start a local Ray instance bound to 127.0.0.1; return its resources.
 
     The dashboard is not started (it would open a port); Ray's own logs stay in its temp folder.
+    Every worker runs :func:`wait_for_trial_threads_at_exit` at start-up (unless ``runtime_env``
+    names another setup hook), so a stopped trial's actor exits without a SIGABRT.
     """
     import ray
 
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    init_kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True, "log_to_driver": True}
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
+    init_kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True, "log_to_driver": True,
+                                   "runtime_env": runtime_env}
     if address:
         init_kwargs["address"] = address
     else:
