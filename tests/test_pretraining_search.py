@@ -78,7 +78,7 @@ def test_one_encoder_per_searched_backbone():
     (ssl_study(splits=["training"]), "splits must be a non-empty list"),
     ({**ssl_study(), "params": {**ssl_study()["params"],
                                 "split_seed": {"role": "nuisance", "type": "choice", "values": [0, 1]}}},
-     "split_seed is searched, but pretraining = 'ssl' is possible"),
+     "split_seed cannot be searched"),
     ({"fixed": {"family": "mlp", "pretraining": "imagenet"},
       "params": {"lr": {"role": "nuisance", "type": "loguniform", "low": 1e-4, "high": 1e-3}}}, "must be one of"),
     ({"fixed": {"family": "mlp"}, "params": {"pretraining": {"role": "scientific", "type": "choice",
@@ -110,10 +110,14 @@ def test_a_cached_encoder_is_reused_without_pre_training_again(tmp_path):
     assert encoder_dir(config, "embedded", ("train",), tmp_path, split_seed=1) != folder
 
 
-def test_searching_split_seed_is_fine_when_no_trial_pre_trains():
-    data = {"fixed": {"family": "mlp"},
-            "params": {"split_seed": {"role": "nuisance", "type": "choice", "values": [0, 1]}}}
-    assert parse_study(data, name="s").encoder_backbones() == ()
+@pytest.mark.parametrize("key, values", [("split_seed", [0, 1]), ("image_size", [[512, 384], [256, 192]]),
+                                         ("label", ["severity", "ssim"])])
+def test_a_key_that_shapes_the_decoded_dataset_cannot_be_searched_even_without_pre_training(key, values):
+    # Every trial reads the one dataset the launcher decodes from the fixed values: a searched
+    # split_seed would be recorded in each trial's config and silently ignored.
+    data = {"fixed": {"family": "mlp"}, "params": {key: {"role": "nuisance", "type": "choice", "values": values}}}
+    with pytest.raises(StudyError, match=f"{key} cannot be searched.*silently ignored"):
+        parse_study(data, name="s")
 
 
 # --------------------------------------------------------------- pre-training sees the trials' train split

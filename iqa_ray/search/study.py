@@ -36,7 +36,7 @@ Quality-aware pre-training (seed 004) is a searchable choice: the study-only key
 starts from a self-supervised encoder, and an optional ``[pretraining]`` table holds the
 :class:`~iqa_ray.ssl.PretrainConfig` keys of that encoder (plus ``source`` and ``splits``: the
 unlabelled images, by default the training dataset's ``train`` split, drawn with the trials'
-``split_seed``, which therefore may not be searched while ``ssl`` is possible)::
+``split_seed``, which, like every key that shapes the decoded dataset, is never searched)::
 
     [pretraining]
     epochs = 4
@@ -73,6 +73,8 @@ from iqa_ray.config import ConfigError, TrainConfig, valid_keys
 from iqa_ray.selection import check_selection
 
 ROLES = ("scientific", "nuisance")
+# Data keys the launcher decodes the dataset with, once for all trials (search/run.py).
+DECODE_KEYS = ("dataset", "label", "split_seed", "image_size")
 TYPES = ("uniform", "loguniform", "int", "logint", "choice")
 UNIT_SUFFIX = "__unit"
 STUDY_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -415,6 +417,13 @@ def _check_study(where: str, study: Study) -> None:
             raise StudyError(f"{where}: {key} must be >= {lo}, got {value}")
     if study.grace_period > study.max_epochs:
         raise StudyError(f"{where}: grace_period ({study.grace_period}) exceeds max_epochs ({study.max_epochs})")
+    decoded_once = sorted(p.name for p in study.params if p.name in DECODE_KEYS)
+    if decoded_once:
+        # The launcher decodes the dataset once, from the study's fixed values, and every trial reads
+        # that copy: a searched value here would be recorded in each trial's config but never used.
+        raise StudyError(f"{where}: {', '.join(decoded_once)} cannot be searched: the dataset is decoded once for "
+                         f"every trial with the fixed {', '.join(DECODE_KEYS)}, so a searched value would be silently "
+                         "ignored. Fix it in [fixed] or with --set KEY=VALUE (one search per value)")
     _check_pretraining(where, study)
     by_name = {q.name: q for q in study.params}
     for p in study.params:
@@ -465,13 +474,6 @@ def _check_pretraining(where: str, study: Study) -> None:
     if table and "ssl" not in study.pretraining_values():
         raise StudyError(f"{where}: a [pretraining] table is given but no trial can use it; add "
                          "[params.pretraining] with values [\"none\", \"ssl\"] or fix pretraining = \"ssl\"")
-    if study.encoder_backbones() and any(p.name == "split_seed" for p in study.params):
-        # One encoder per backbone is pre-trained before the search, on one training split; a
-        # trial drawing another split_seed would fine-tune an encoder that saw its val/test photos.
-        raise StudyError(f"{where}: split_seed is searched, but pretraining = 'ssl' is possible and its encoder is "
-                         "pre-trained once, before the search, on one training split: trials with another split_seed "
-                         "would start from an encoder that has seen their validation and test photos. Fix split_seed "
-                         "in [fixed] (or with --set split_seed=N), or drop 'ssl' from pretraining")
     for backbone in study.encoder_backbones():
         try:
             study.pretrain_config(backbone)
