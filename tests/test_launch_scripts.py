@@ -39,6 +39,13 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
     assert summary["best_trial_id"] == selected.trial_id.iloc[0]
     assert selected.test_srcc.iloc[0] == pytest.approx(summary["test"]["srcc"], abs=1e-12)
+    # Every summary sets the result beside what a user gets for free on the same test photos.
+    baselines = summary["baselines"]
+    assert set(baselines) == {"piqe", "brisque", "linear_probe"}
+    assert {b["n"] for b in baselines.values()} == {summary["test"]["n"]}
+    assert summary["versus_probe"] == pytest.approx(summary["test"]["srcc"] - baselines["linear_probe"]["srcc"])
+    assert "baselines on the same" in proc.stdout and "the probe" in proc.stdout
+    assert summary["val_test_gap"] == pytest.approx(summary["best_val"]["srcc"] - summary["test"]["srcc"])
     if script == "tune_ranking.py":  # the figure is the selected checkpoint's best weights on the test split
         from iqa_ray.engine import evaluate, load_decoded, make_loaders, model_from_checkpoint
 

@@ -95,12 +95,11 @@ def encoder_dir(config: Any, source: str, splits: tuple[str, ...], root: Path | 
 def _pretrain_task(config_dict: dict[str, Any], images: list[Any], threads: int) -> tuple[bytes, dict[str, Any]]:
     """Run on a Ray worker: pre-train, return the encoder file's bytes and the run's record."""
     import ray
-    import torch
 
     from iqa_ray.ssl import PretrainConfig, pretrain
+    from iqa_ray.trainables.resources import worker_device
 
-    torch.set_num_threads(max(1, threads))
-    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    device = worker_device(threads)
     result = pretrain(PretrainConfig.from_dict(config_dict), images, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         path = result.save_encoder(Path(tmp) / "encoder.pt")

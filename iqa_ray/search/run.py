@@ -33,6 +33,7 @@ from iqa_ray.search.tuner import (
 )
 from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.selection import select_trial
+from iqa_ray.trainables.resources import worker_device
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
 
@@ -187,6 +188,13 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         if not test:
             test_error = "the dataset has no test split"
     config = study.reported_config(best.config)
+    baselines, baselines_error = {}, None
+    if test:
+        try:  # a baseline that cannot run (e.g. hub weights offline) must not lose the finished search
+            baselines = score_baselines(TrainConfig.from_dict(study.resolve(best.config)), decoded,
+                                        cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial)
+        except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
+            baselines_error = f"{type(exc).__name__}: {exc}"
     local = settings.local_experiment_dir()
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
@@ -199,9 +207,16 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
                      "epoch": int(best_row["epoch"]), study.metric: float(best_row[study.metric])},
         "best_trial_id": best.metrics.get("trial_id"), "test": test,
         "test_source": "the selected trial's best-by-validation weights, scored once after the search",
+        # Validation SRCC of the selected epoch minus its test SRCC: how much the pick flatters itself.
+        "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
+        "baselines": baselines,
     }
+    if "linear_probe" in baselines:
+        summary["versus_probe"] = test["srcc"] - baselines["linear_probe"]["srcc"]
     if test_error:
         summary["test_error"] = test_error
+    if baselines_error:
+        summary["baselines_error"] = baselines_error
     if local is not None:
         close_orphaned_optuna_trials(local / "optuna.db")
         atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
@@ -218,18 +233,21 @@ def _selection_value(value: Any, mode: str) -> float:
     return float(value) if mode == "max" else -float(value)
 
 
-def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
-    """Run where the trials ran: the best-by-validation weights of a checkpoint, scored on test
-    (an empty dict when the dataset has no test split)."""
+def _like_a_trial(fn: Any, *args: Any, cpus: float, gpus: float, retries: int) -> Any:
+    """Run ``fn(*args, threads)`` as a Ray task with one trial's resources; return its result."""
     import ray
-    import torch
+
+    return ray.get(ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries).remote(*args, int(cpus)))
+
+
+def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
+    """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
     from torch.utils.data import DataLoader
 
     from iqa_ray.data.dataset import IQADataset
     from iqa_ray.engine import autocast_dtype, evaluate, model_from_checkpoint
 
-    torch.set_num_threads(max(1, threads))
-    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    device = worker_device(threads)
     if not (decoded.table["split"] == "test").any():
         return {}
     with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
@@ -239,16 +257,50 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, 
     return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device)), "n": len(loader.dataset)}
 
 
+def _score_baselines(config: TrainConfig, decoded: Any, threads: int) -> dict[str, dict[str, Any]]:
+    from iqa_ray.baselines import baseline_report
+
+    device = worker_device(threads)
+    m = config.model
+    return baseline_report(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
+                           img_size=m.img_size or config.data.crop_size, device=device)
+
+
+def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float) -> dict[str, dict[str, Any]]:
+    """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split.
+
+    A Ray task with one trial's resources, reading the dataset's object-store copy, like
+    :func:`score_test_split`.
+    """
+    return _like_a_trial(_score_baselines, config, decoded, cpus=cpus, gpus=gpus, retries=0)
+
+
 def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:
     """Score the selected trial's best-by-validation weights on the test split, once.
 
     Runs as a Ray task with one trial's resources (its GPU share on a GPU cluster), reading the
     dataset the trials read from the object store (pass its reference: no second copy).
     """
-    import ray
+    return _like_a_trial(_score_checkpoint, checkpoint, decoded, cpus=cpus, gpus=gpus, retries=1)
 
-    task = ray.remote(_score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    return ray.get(task.remote(checkpoint, decoded, int(cpus)))
+
+def baseline_lines(s: dict[str, Any]) -> list[str]:
+    """The summary's baseline lines: each baseline on the same test photos, and the verdict."""
+    b = s.get("baselines") or {}
+    lines = []
+    if b:
+        probe = b["linear_probe"]
+        lines.append(f"baselines on the same {probe['n']} test photos:")
+        lines.append(f"  linear probe ({probe['backbone']}, {probe['pretrained']} weights, frozen; every stage pooled, "
+                     f"ridge alpha {probe['alpha']:g} chosen on validation): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
+        for name in ("piqe", "brisque"):
+            lines.append(f"  {name.upper()}: SRCC {b[name]['srcc']:.4f}  PLCC {b[name]['plcc']:.4f}")
+        margin = s["versus_probe"]
+        lines.append(f"the selected model beats the probe by {margin:+.4f} SRCC" if margin > 0
+                     else f"the selected model does not beat the probe ({margin:+.4f} SRCC)")
+    elif s.get("baselines_error"):
+        lines.append(f"baselines could not be computed: {s['baselines_error']}")
+    return lines
 
 
 def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
@@ -263,7 +315,10 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     if s["best_val"]:
         print(f"validation: SRCC {s['best_val']['srcc']:.4f}  PLCC {s['best_val']['plcc']:.4f}  (epoch {s['best_val']['epoch']})")
     if s["test"]:
-        print(f"test (selected model, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}")
+        print(f"test (selected model, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
+              f"(validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
+    for line in baseline_lines(s):
+        print(line)
     print(f"results: {s['experiment']}")
     for name, path in s["exports"].items():
         print(f"  {name}: {path}")

@@ -13,21 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
-
 from iqa_ray.config import TrainConfig
 from iqa_ray.data.dataset import DecodedImages
 from iqa_ray.engine import EpochResult, NonFiniteLossError, fit
+from iqa_ray.trainables.resources import worker_device
 from iqa_ray.utils.io import git_revision
 
 NONFINITE_MARKER = "nonfinite_loss.json"
-
-
-def _device() -> torch.device:
-    import ray
-
-    # Ray sets CUDA_VISIBLE_DEVICES to the trial's share, so "cuda" is the assigned GPU.
-    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
 def iqa_trainable(
@@ -49,7 +41,7 @@ def iqa_trainable(
     """
     from ray import tune
 
-    torch.set_num_threads(max(1, int(cpus_per_trial)))
+    device = worker_device(cpus_per_trial)
     flat = resolve(config) if resolve is not None else dict(config)
     train_config = TrainConfig.from_dict(flat)
     context = tune.get_context()
@@ -81,7 +73,7 @@ def iqa_trainable(
 
     try:
         # Trials report validation only; the search scores the trial it selects on test, once.
-        fit(train_config, decoded, device=_device(), resume=resume_state, on_epoch_end=report, score_test=False)
+        fit(train_config, decoded, device=device, resume=resume_state, on_epoch_end=report, score_test=False)
     except NonFiniteLossError as exc:
         message = f"trial {context.get_trial_name()}: {exc}"
         marker.write_text(json.dumps({"message": message}))

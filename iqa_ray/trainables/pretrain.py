@@ -15,9 +15,9 @@ import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from iqa_ray.ssl import PretrainConfig, PretrainEpoch, load_pretrain_checkpoint, pretrain
+from iqa_ray.trainables.resources import worker_device
 
 
 def pretrain_trainable(config: Mapping[str, Any], *, images: Sequence[np.ndarray], cpus_per_trial: float = 1) -> None:
@@ -28,12 +28,10 @@ def pretrain_trainable(config: Mapping[str, Any], *, images: Sequence[np.ndarray
         images: the unlabelled RGB uint8 images, shared through the object store.
         cpus_per_trial: CPU threads this trial may use.
     """
-    import ray
     from ray import tune
 
-    torch.set_num_threads(max(1, int(cpus_per_trial)))
+    device = worker_device(cpus_per_trial)
     pretrain_config = PretrainConfig.from_dict(dict(config))
-    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     checkpoint = tune.get_checkpoint()
     resume_state = None
     if checkpoint is not None:
