@@ -132,6 +132,34 @@ def ridge_probe(features: np.ndarray, mos: np.ndarray, train: np.ndarray, val: n
             "val_srcc": float(val_srcc[alpha]), "n": int(len(test))}
 
 
+def classical_baseline(decoded: Any, name: str) -> dict[str, Any]:
+    """PIQE or BRISQUE on a decoded dataset's test split: its metrics and ``n`` (empty without test)."""
+    test = decoded.split_indices("test")
+    if len(test) == 0:
+        return {}
+    mos = decoded.table["mos"].to_numpy(dtype=np.float64)[test]
+    return {**all_metrics(baseline_scores(name, [decoded.images[i] for i in test]), mos), "n": int(len(test))}
+
+
+def probe_baseline(decoded: Any, *, backbone: str = "efficientnet_lite0", pretrained: str = "offline",
+                   img_size: int | None = None, device: Any = None) -> dict[str, Any]:
+    """The frozen-feature linear probe on a decoded dataset: fit on train, ridge strength on val, scored on test.
+
+    Returns:
+        :func:`ridge_probe`'s result plus the backbone it probed; empty without a test split.
+    """
+    split = decoded.table["split"].to_numpy()
+    test = np.flatnonzero(split == "test")
+    if len(test) == 0:
+        return {}
+    mos = decoded.table["mos"].to_numpy(dtype=np.float64)
+    features = pooled_stage_features([decoded.images[i] for i in range(len(split))], backbone=backbone,
+                                     pretrained=pretrained, img_size=img_size, device=device)
+    probe = ridge_probe(features, mos, np.flatnonzero(split == "train"), np.flatnonzero(split == "val"), test)
+    return {**probe, "backbone": backbone, "pretrained": str(pretrained),
+            "features": "every stage, global average pool, whole image at its own size"}
+
+
 def baseline_report(decoded: Any, *, backbone: str = "efficientnet_lite0", pretrained: str = "offline",
                     img_size: int | None = None, device: Any = None) -> dict[str, dict[str, Any]]:
     """PIQE, BRISQUE and the frozen-feature linear probe on a decoded dataset's test split.
@@ -145,18 +173,9 @@ def baseline_report(decoded: Any, *, backbone: str = "efficientnet_lite0", pretr
         ``{"piqe": metrics, "brisque": metrics, "linear_probe": metrics + alpha, backbone, ...}``, each
         with ``n`` test images; empty when the dataset has no test split.
     """
-    split = decoded.table["split"].to_numpy()
-    test = np.flatnonzero(split == "test")
-    if len(test) == 0:
+    if not (decoded.table["split"] == "test").any():
         return {}
-    mos = decoded.table["mos"].to_numpy(dtype=np.float64)
-    test_images = [decoded.images[i] for i in test]
-    report: dict[str, dict[str, Any]] = {}
-    for name in BASELINES:
-        report[name] = {**all_metrics(baseline_scores(name, test_images), mos[test]), "n": int(len(test))}
-    features = pooled_stage_features([decoded.images[i] for i in range(len(split))], backbone=backbone,
-                                     pretrained=pretrained, img_size=img_size, device=device)
-    probe = ridge_probe(features, mos, np.flatnonzero(split == "train"), np.flatnonzero(split == "val"), test)
-    report["linear_probe"] = {**probe, "backbone": backbone, "pretrained": str(pretrained),
-                              "features": "every stage, global average pool, whole image at its own size"}
+    report = {name: classical_baseline(decoded, name) for name in BASELINES}
+    report["linear_probe"] = probe_baseline(decoded, backbone=backbone, pretrained=pretrained, img_size=img_size,
+                                            device=device)
     return report

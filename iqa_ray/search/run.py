@@ -36,6 +36,8 @@ from iqa_ray.selection import select_trial
 from iqa_ray.trainables.resources import worker_device
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
+PROBE = "linear_probe"  # the summary's name for the frozen-feature linear probe baseline
+
 
 def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
     """Pre-generate (embedded, on Ray Data) if needed and decode the dataset once for all trials.
@@ -211,8 +213,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
         "baselines": baselines,
     }
-    if "linear_probe" in baselines:
-        summary["versus_probe"] = test["srcc"] - baselines["linear_probe"]["srcc"]
+    if baselines.get(PROBE):
+        summary["versus_probe"] = test["srcc"] - baselines[PROBE]["srcc"]
     if test_error:
         summary["test_error"] = test_error
     if baselines_error:
@@ -233,13 +235,6 @@ def _selection_value(value: Any, mode: str) -> float:
     return float(value) if mode == "max" else -float(value)
 
 
-def _like_a_trial(fn: Any, *args: Any, cpus: float, gpus: float, retries: int) -> Any:
-    """Run ``fn(*args, threads)`` as a Ray task with one trial's resources; return its result."""
-    import ray
-
-    return ray.get(ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries).remote(*args, int(cpus)))
-
-
 def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
     """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
     from torch.utils.data import DataLoader
@@ -257,22 +252,31 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, 
     return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device)), "n": len(loader.dataset)}
 
 
-def _score_baselines(config: TrainConfig, decoded: Any, threads: int) -> dict[str, dict[str, Any]]:
-    from iqa_ray.baselines import baseline_report
+def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int) -> dict[str, Any]:
+    from iqa_ray.baselines import classical_baseline, probe_baseline
 
     device = worker_device(threads)
+    if name != PROBE:
+        return classical_baseline(decoded, name)
     m = config.model
-    return baseline_report(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
-                           img_size=m.img_size or config.data.crop_size, device=device)
+    return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
+                          img_size=m.img_size or config.data.crop_size, device=device)
 
 
 def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float) -> dict[str, dict[str, Any]]:
     """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split.
 
-    A Ray task with one trial's resources, reading the dataset's object-store copy, like
-    :func:`score_test_split`.
+    One Ray task per baseline, side by side, each with one trial's resources and reading the
+    dataset's object-store copy, like :func:`score_test_split`.
     """
-    return _like_a_trial(_score_baselines, config, decoded, cpus=cpus, gpus=gpus, retries=0)
+    import ray
+
+    from iqa_ray.baselines import BASELINES
+
+    task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    names = [PROBE, *BASELINES]
+    results = ray.get([task.remote(name, config, decoded, int(cpus)) for name in names])
+    return dict(zip(names, results))
 
 
 def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:
@@ -281,7 +285,10 @@ def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float)
     Runs as a Ray task with one trial's resources (its GPU share on a GPU cluster), reading the
     dataset the trials read from the object store (pass its reference: no second copy).
     """
-    return _like_a_trial(_score_checkpoint, checkpoint, decoded, cpus=cpus, gpus=gpus, retries=1)
+    import ray
+
+    task = ray.remote(_score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    return ray.get(task.remote(checkpoint, decoded, int(cpus)))
 
 
 def baseline_lines(s: dict[str, Any]) -> list[str]:
@@ -289,7 +296,7 @@ def baseline_lines(s: dict[str, Any]) -> list[str]:
     b = s.get("baselines") or {}
     lines = []
     if b:
-        probe = b["linear_probe"]
+        probe = b[PROBE]
         lines.append(f"baselines on the same {probe['n']} test photos:")
         lines.append(f"  linear probe ({probe['backbone']}, {probe['pretrained']} weights, frozen; every stage pooled, "
                      f"ridge alpha {probe['alpha']:g} chosen on validation): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
