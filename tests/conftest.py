@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("slow") is not None:
             item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch computes on one thread for the test (deterministic, and fair to the other xdist worker)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 TINY_TYPES = ("gaussian_blur", "jpeg", "gaussian_noise", "saturation", "contrast")
 
 

@@ -19,12 +19,7 @@ from iqa_ray.models import build_model
 SMALL = {"mlp": {"hidden_dim": 16}, "gmm": {"n_clusters": 2, "feature_dim": 8, "hidden_dim": 8}, "hyperiqa": {}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bf16():

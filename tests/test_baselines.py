@@ -11,12 +11,7 @@ from iqa_ray.engine import load_decoded
 from iqa_ray.metrics import all_metrics, srcc
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(n, rng):

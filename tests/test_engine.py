@@ -20,12 +20,7 @@ from iqa_ray.engine import (
 from iqa_ray.metrics import srcc
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small(tiny_dataset, **kw):

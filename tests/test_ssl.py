@@ -30,12 +30,7 @@ EASY = ("gaussian_blur", "gaussian_noise", "jpeg")
 TIMING = {"images_per_s", "crops_per_s", "sampling_share", "epoch_seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

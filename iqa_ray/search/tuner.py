@@ -21,7 +21,6 @@ from iqa_ray.search.study import Study, StudyError
 
 SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "hyperband", "none")
-SELECTION_METRIC = "best_val_srcc"  # running max of validation SRCC, reported every epoch
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
