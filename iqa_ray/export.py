@@ -113,8 +113,8 @@ def _selection(experiment: Path) -> tuple[str, str]:
     return str(info.get("metric", "val_srcc")), str(info.get("mode", "max"))
 
 
-def _finite_or_none(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+def _finite_or_minus_inf(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
 def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any) -> str:
@@ -165,7 +165,7 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if by_epoch:
             epochs = [by_epoch[e] for e in sorted(by_epoch)]
             # NaN never compares as best (max() with NaN keys depends on the order of the epochs).
-            best = max(epochs, key=lambda r: _finite_or_none(r.get("val_srcc")) or -math.inf)
+            best = max(epochs, key=lambda r: _finite_or_minus_inf(r.get("val_srcc")))
             last = epochs[-1]
             row.update({
                 "stop_epoch": int(last["epoch"]), "max_epochs": max_epochs,
