@@ -60,7 +60,57 @@ class DecodedImages:
         return int(sum(im.nbytes for im in self.images))
 
 
-def _decode_one(row: dict[str, Any], size: tuple[int, int] | None) -> np.ndarray:
+_EXIF_ORIENTATION = 0x0112  # EXIF tag 274: how the stored pixels must be turned to stand upright
+
+
+def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) after resizing, aspect preserved, so the shorter side is ``short_side``.
+
+    The longer side is rounded to the nearest pixel (at least 1). Images are scaled up as well
+    as down; an image whose short side already equals ``short_side`` keeps its size.
+
+    >>> short_side_size(300, 200, 128)
+    (192, 128)
+    >>> short_side_size(200, 300, 128)
+    (128, 192)
+    """
+    short = min(width, height)
+    if short == short_side:
+        return width, height
+    factor = short_side / short
+    if width <= height:
+        return short_side, max(1, round(height * factor))
+    return max(1, round(width * factor)), short_side
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF Orientation tag says (phone photos store pixels sideways).
+
+    Uses :func:`PIL.ImageOps.exif_transpose`; an image without the tag (or with orientation 1)
+    is returned as is, without a copy. A malformed EXIF block only loses the orientation hint:
+    the pixels are returned as stored rather than failing an image that decodes fine.
+    """
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - broken metadata, pixels still usable
+        return im
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return im
+    return ImageOps.exif_transpose(im)
+
+
+def _decode_one(
+    row: dict[str, Any], size: tuple[int, int] | None, short_side: int | None = None
+) -> np.ndarray:
+    """Decode one row to an upright ``uint8`` (H, W, 3) array.
+
+    The EXIF orientation is applied first (always), then the mode is converted to RGB, then the
+    image is resized (bicubic) to exactly ``size`` (width, height) or, with ``short_side``, so
+    that its shorter side is ``short_side`` (aspect preserved). Sizes are those of the upright
+    image. Any failure is a :class:`DatasetError` naming the image.
+    """
     source = row.get("image")
     where = row.get("path") or f"image bytes of {row['image_id']}"
     try:
@@ -75,7 +125,10 @@ def _decode_one(row: dict[str, Any], size: tuple[int, int] | None) -> np.ndarray
             im = Image.open(path)
         with im:
             im.load()
+            im = _upright(im)
             im = im.convert("RGB")
+            if size is None and short_side is not None:
+                size = short_side_size(im.size[0], im.size[1], short_side)
             if size is not None and im.size != size:
                 im = im.resize(size, Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
@@ -89,6 +142,7 @@ def decode_table(
     table: pd.DataFrame,
     *,
     image_size: tuple[int, int] | None = None,
+    short_side: int | None = None,
     min_size: int = 0,
     on_error: str = "raise",
     threads: int | None = None,
@@ -99,17 +153,38 @@ def decode_table(
         table: rows with ``image_id``, ``split``, ``mos`` and either ``image`` (encoded bytes)
             or ``path``.
         image_size: resize every image to this (width, height); ``None`` keeps sizes.
+        short_side: resize every image, aspect preserved, so its shorter side is this many
+            pixels (bicubic; up or down; no-op when already that size). Mutually exclusive
+            with ``image_size``. Phone datasets (SPAQ) mix sizes and orientations, so one exact
+            (w, h) would distort half of them; this keeps each photo's shape.
         min_size: images whose short side is below this are bad input (smaller than the
             training crop).
         on_error: ``"raise"`` stops at the first bad image with a :class:`DatasetError`
             naming it; ``"skip"`` drops it and lists it in ``skipped``.
         threads: decoding threads (PIL releases the GIL while decoding); default: CPU count.
 
+    Every image is first turned upright by its EXIF Orientation tag (a photo stored sideways
+    with "rotate 90" in its EXIF comes out upright), then converted to RGB, then resized.
+
     Returns:
         The decoded images and the table without the bytes column.
+
+    Raises:
+        ValueError: bad ``on_error``, ``image_size`` and ``short_side`` both given, or a
+            ``short_side`` that is not a positive integer.
+        DatasetError: bad table or (``on_error="raise"``) an image that cannot be decoded.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if image_size is not None and short_side is not None:
+        raise ValueError(
+            f"give image_size (exact width, height) or short_side (shorter side, aspect kept), not both; "
+            f"got image_size={tuple(image_size)!r} and short_side={short_side!r}"
+        )
+    if short_side is not None and (
+        isinstance(short_side, bool) or not isinstance(short_side, (int, np.integer)) or short_side < 1
+    ):
+        raise ValueError(f"short_side must be a positive integer number of pixels or None, got {short_side!r}")
     missing = {"image_id", "split", "mos"} - set(table.columns)
     if missing or not ({"image", "path"} & set(table.columns)):
         raise DatasetError(
@@ -122,7 +197,7 @@ def decode_table(
 
     def work(row: dict[str, Any]) -> np.ndarray | DatasetError:
         try:
-            image = _decode_one(row, image_size)
+            image = _decode_one(row, image_size, short_side)
         except DatasetError as exc:
             return exc
         if min(image.shape[:2]) < min_size:
