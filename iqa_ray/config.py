@@ -24,6 +24,12 @@ from iqa_ray.models.registry import FAMILIES, family_arguments
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
 AMP_FORCED = "bf16"  # the one amp value that is not a bool: bfloat16 autocast on every device
+PATCH_PLACEMENTS = ("grid", "random")
+POOLINGS = ("last", "stages")
+SELECT_EPOCHS = ("best", "last")
+
+
+FEATURE_CACHE_FAMILIES = ("mlp",)  # families whose head reads pooled features, which a cache can hold
 
 
 class ConfigError(ValueError):
@@ -54,12 +60,29 @@ class DataConfig:
             are averaged (1 = centre crop; seed 002 averaged 20 test patches).
         image_size: resize every image to (width, height) when decoding (real datasets; the
             seeds used 512x384 for KonIQ-10k); ``None`` keeps sizes.
+        short_side: resize every image, aspect preserved, so that its shorter side is this many
+            pixels when decoding (phone photos of mixed sizes, SPAQ's 512); exclusive with
+            ``image_size``.
+        whole_image: the model sees each whole image at its decoded size, for training (with a
+            random horizontal flip) and evaluation, instead of ``crop_size`` crops (the frozen
+            feature recipe; a linear probe's input).
+        patches_per_image: training samples drawn from each image per epoch (HyperIQA: 25 random
+            224 px patches per image per epoch); an epoch is that many passes over the images.
+        patch_placement: where evaluation patches go: ``grid`` (evenly spaced, the default) or
+            ``random`` (seeded per image by ``split_seed`` and the image's row, so evaluating twice
+            gives the same patches, as HyperIQA's test protocol with a fixed seed).
         batch_size: training batch size.
         eval_batch_size: images per evaluation batch.
         num_workers: DataLoader worker processes (0 = in the training process).
         label_fraction: fraction of training *groups* (source photos) whose labels are used
             (the 10% / 100% label budgets of the pre-training study); val/test are untouched.
         split_seed: seed of seeded splits of real datasets.
+        split_fractions: (train, val, test) fractions of source photos for the seeded split of a
+            real dataset; ``None`` = the adapter's default (0.7 / 0.1 / 0.2).
+        feature_cache: with a frozen backbone, compute the backbone's pooled features of every
+            image once and train the head on them (``whole_image`` only; the family must pool,
+            i.e. ``mlp``). Exactly the model a forward pass on images gives, at a fraction of the
+            cost per epoch; a search shares one cache between all its trials.
     """
 
     dataset: str = "embedded"
@@ -72,6 +95,12 @@ class DataConfig:
     num_workers: int = 0
     label_fraction: float = 1.0
     split_seed: int = 0
+    split_fractions: tuple[float, float, float] | None = None
+    short_side: int | None = None
+    whole_image: bool = False
+    patches_per_image: int = 1
+    patch_placement: str = "grid"
+    feature_cache: bool = False
 
     def __post_init__(self) -> None:
         require(isinstance(self.dataset, str) and self.dataset != "", "dataset must be a non-empty string")
@@ -93,11 +122,33 @@ class DataConfig:
                 f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         require(finite(self.label_fraction) and 0 < self.label_fraction <= 1,
                 f"label_fraction must be in (0, 1], got {self.label_fraction!r}")
+        require(isinstance(self.split_seed, int) and not isinstance(self.split_seed, bool),
+                f"split_seed must be an integer, got {self.split_seed!r}")
+        if self.split_fractions is not None:
+            parts = tuple(self.split_fractions)
+            require(len(parts) == 3 and all(finite(v) and v >= 0 for v in parts) and abs(sum(parts) - 1) < 1e-6
+                    and parts[0] > 0 and parts[1] > 0,
+                    "split_fractions must be (train, val, test), each >= 0 with train and val > 0, summing to 1, "
+                    f"got {self.split_fractions!r}")
+            object.__setattr__(self, "split_fractions", tuple(float(v) for v in parts))
+        require(self.short_side is None or (isinstance(self.short_side, int) and self.short_side >= self.crop_size),
+                f"short_side must be None or an integer >= crop_size {self.crop_size}, got {self.short_side!r}")
+        require(self.short_side is None or self.image_size is None,
+                f"image_size {self.image_size!r} and short_side {self.short_side!r} both resize at decode; set one")
+        require(isinstance(self.whole_image, bool), f"whole_image must be true or false, got {self.whole_image!r}")
+        require(isinstance(self.patches_per_image, int) and self.patches_per_image >= 1,
+                f"patches_per_image must be an integer >= 1, got {self.patches_per_image!r}")
+        require(self.patch_placement in PATCH_PLACEMENTS,
+                f"patch_placement must be one of {PATCH_PLACEMENTS}, got {self.patch_placement!r}")
+        require(isinstance(self.feature_cache, bool), f"feature_cache must be true or false, got {self.feature_cache!r}")
+        require(not self.feature_cache or self.whole_image,
+                "feature_cache caches whole-image features: it needs whole_image = true")
 
 
 # Family-specific model fields, and the family that takes each.
-_FAMILY_FIELDS = {
+FAMILY_FIELDS = {
     "hidden_dim": ("mlp", "gmm"),
+    "pooling": ("mlp",),
     "dropout": ("mlp", "gmm"),
     "n_clusters": ("gmm",),
     "feature_dim": ("gmm",),
@@ -127,6 +178,10 @@ class ModelConfig:
         alpha: ranking-loss weight in ``(1 - alpha) * L1 + alpha * L_rank``, in [0, 1].
         margin: ranking-loss margin on the 0-100 MOS scale, >= 0.
         hidden_dim, dropout: MLP head (mlp, gmm).
+        pooling: what the mlp head regresses: ``last`` (global average pool of the last stage,
+            KonCept-style) or ``stages`` (every stage's mean and standard deviation over space,
+            concatenated and standardised on the training images: the features of the strong
+            linear probe, plus their spread).
         n_clusters, feature_dim, cluster_loss_weight, balance_weight, refit_interval: the GMM
             cluster model (gmm).
         multiscale, hypernet_lr_mult: HyperIQA (hyperiqa).
@@ -143,6 +198,7 @@ class ModelConfig:
     margin: float = 0.5
     hidden_dim: int = 512
     dropout: float = 0.3
+    pooling: str = "last"
     n_clusters: int = 8
     feature_dim: int = 512
     cluster_loss_weight: float = 0.1
@@ -168,6 +224,7 @@ class ModelConfig:
         require(isinstance(self.feature_dim, int) and self.feature_dim >= 1,
                 f"feature_dim must be >= 1, got {self.feature_dim!r}")
         require(finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         for name in ("cluster_loss_weight", "balance_weight"):
             value = getattr(self, name)
             require(finite(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
@@ -189,7 +246,7 @@ class ModelConfig:
                 seeds differ in their mixture fit too, not only in their weights and batches.
         """
         accepted = set(family_arguments(self.family))
-        kwargs = {k: getattr(self, k) for k in _FAMILY_FIELDS if k in accepted}
+        kwargs = {k: getattr(self, k) for k in FAMILY_FIELDS if k in accepted}
         if seed is not None and "random_state" in accepted:
             # scikit-learn takes seeds in [0, 2**32); the engine's seed_everything reduces the same way.
             kwargs["random_state"] = seed % 2**32
@@ -225,6 +282,9 @@ class OptimConfig:
         seed: seed of initialisation, shuffling and augmentation.
         early_stopping_patience: stop after this many epochs without a better validation SRCC
             (standalone runs; under Tune the scheduler stops trials). ``None`` = off.
+        select_epoch: which weights a run hands back: ``best`` (the epoch with the best
+            validation SRCC) or ``last`` (the final epoch, a rule that cannot overfit a small
+            validation split by picking among epochs; its validation metrics are the last epoch's).
     """
 
     epochs: int = 10
@@ -246,6 +306,7 @@ class OptimConfig:
     amp: bool | str = True
     seed: int = 0
     early_stopping_patience: int | None = None
+    select_epoch: str = "best"
 
     def __post_init__(self) -> None:
         require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
@@ -276,6 +337,8 @@ class OptimConfig:
         require(self.early_stopping_patience is None or
                 (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 1),
                 f"early_stopping_patience must be None or >= 1, got {self.early_stopping_patience!r}")
+        require(self.select_epoch in SELECT_EPOCHS,
+                f"select_epoch must be one of {SELECT_EPOCHS}, got {self.select_epoch!r}")
 
     @property
     def resolved_backbone_lr(self) -> float:
@@ -299,9 +362,16 @@ class TrainConfig:
         # Family-specific knobs set away from their defaults on a family that ignores them are
         # almost always a mistake in a search space (e.g. n_clusters searched for an mlp).
         defaults = ModelConfig(family=self.model.family)
-        for name, families in _FAMILY_FIELDS.items():
+        for name, families in FAMILY_FIELDS.items():
             if self.model.family not in families and getattr(self.model, name) != getattr(defaults, name):
                 raise ConfigError(f"{name} applies to family {'/'.join(families)} only, not {self.model.family!r}")
+        if self.data.feature_cache:
+            if not self.model.frozen_backbone:
+                raise ConfigError("feature_cache needs frozen_backbone = true (cached features are the frozen "
+                                  "backbone's); set frozen_backbone = true or feature_cache = false")
+            if self.model.family not in FEATURE_CACHE_FAMILIES:
+                raise ConfigError(f"feature_cache works with family {'/'.join(FEATURE_CACHE_FAMILIES)} (a head on "
+                                  f"pooled features), not {self.model.family!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> TrainConfig:
@@ -322,7 +392,7 @@ class TrainConfig:
             raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(_KEY_SECTION)}")
         parts: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
         for key, value in merged.items():
-            if key == "image_size" and isinstance(value, list):
+            if key in ("image_size", "split_fractions") and isinstance(value, list):
                 value = tuple(value)
             parts[_KEY_SECTION[key]][key] = value
         try:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from iqa_ray.config import AMP_FORCED, ConfigError, TrainConfig
 from iqa_ray.data.catalog import load_table
 from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
+from iqa_ray.data.errors import DatasetError
 from iqa_ray.metrics import all_metrics
 from iqa_ray.models import IQAModel, build_loss, build_model
 from iqa_ray.utils.io import atomic_path, git_revision, load_weights_file
@@ -56,11 +57,35 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- data
 
 
+def load_run_table(config: TrainConfig, spec: str | None = None, *, split_seed: int | None = None) -> Any:
+    """The label table of the run's dataset (or of ``spec``), split as the run's data config says."""
+    d = config.data
+    return load_table(spec or d.dataset, label=d.label, split_seed=d.split_seed if split_seed is None else split_seed,
+                      split_fractions=d.split_fractions)
+
+
+def decode_for(config: TrainConfig, table: Any) -> DecodedImages:
+    """Decode ``table`` with the run's resize rule (``image_size`` or ``short_side``)."""
+    d = config.data
+    kwargs = {"short_side": d.short_side} if d.short_side is not None else {}
+    return decode_table(table, image_size=d.image_size, min_size=0 if d.whole_image else d.crop_size, **kwargs)
+
+
 def load_decoded(config: TrainConfig) -> DecodedImages:
     """Decode the run's dataset once (all splits), ready to be shared by many runs."""
-    data = config.data
-    table = load_table(data.dataset, label=data.label, split_seed=data.split_seed)
-    return decode_table(table, image_size=data.image_size, min_size=data.crop_size)
+    return decode_for(config, load_run_table(config))
+
+
+def eval_dataset(config: TrainConfig, decoded: DecodedImages, rows: str | Any) -> IQADataset:
+    """Deterministic evaluation view of some rows (a split name or indices) with the run's patch rule."""
+    d = config.data
+    return IQADataset(decoded, rows, train=False, crop_size=d.crop_size, eval_patches=d.eval_patches,
+                      patch_placement=d.patch_placement, placement_seed=d.split_seed, whole_image=d.whole_image)
+
+
+def eval_loader(config: TrainConfig, dataset: IQADataset, **kw: Any) -> DataLoader:
+    """Batches of an evaluation view; whole images of mixed sizes go one by one."""
+    return DataLoader(dataset, batch_size=config.data.eval_batch_size if dataset.same_size else 1, **kw)
 
 
 def train_indices(decoded: DecodedImages, label_fraction: float, seed: int) -> np.ndarray:
@@ -82,6 +107,7 @@ class SplitLoaders:
     test: DataLoader | None
     train_eval: DataLoader  # deterministic crops of the training split (GMM fitting)
     train_mos: np.ndarray
+    train_rows: np.ndarray
 
 
 def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool = True) -> SplitLoaders:
@@ -90,16 +116,21 @@ def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool
     tr = train_indices(decoded, d.label_fraction, config.optim.seed)
     has_test = with_test and bool((decoded.table["split"] == "test").any())
     kw = {"num_workers": d.num_workers, "persistent_workers": d.num_workers > 0, "pin_memory": torch.cuda.is_available()}
-    train_ds = IQADataset(decoded, tr, train=True, crop_size=d.crop_size)
-    evaluation = {"train": False, "crop_size": d.crop_size, "eval_patches": d.eval_patches}
+    train_ds = IQADataset(decoded, tr, train=True, crop_size=d.crop_size, patches_per_image=d.patches_per_image,
+                          whole_image=d.whole_image)
+    if not train_ds.same_size and not d.feature_cache:
+        raise DatasetError("whole_image training needs images of one size to batch them: set image_size=[W, H], "
+                           "or feature_cache = true with a frozen backbone (features are computed image by image)")
+    n_train = len(train_ds)
     return SplitLoaders(
         # drop_last keeps every step's batch statistics (BatchNorm, ranking pairs) comparable
-        train=DataLoader(train_ds, batch_size=d.batch_size, shuffle=True, drop_last=len(tr) > d.batch_size, **kw),
-        val=DataLoader(IQADataset(decoded, "val", **evaluation), batch_size=d.eval_batch_size, **kw),
-        test=DataLoader(IQADataset(decoded, "test", **evaluation), batch_size=d.eval_batch_size, **kw) if has_test else None,
-        train_eval=DataLoader(IQADataset(decoded, tr, train=False, crop_size=d.crop_size),
-                              batch_size=d.eval_batch_size, **kw),
+        train=DataLoader(train_ds, batch_size=d.batch_size, shuffle=True, drop_last=n_train > d.batch_size, **kw),
+        val=eval_loader(config, eval_dataset(config, decoded, "val"), **kw),
+        test=eval_loader(config, eval_dataset(config, decoded, "test"), **kw) if has_test else None,
+        train_eval=eval_loader(config, IQADataset(decoded, tr, train=False, crop_size=d.crop_size,
+                                                  whole_image=d.whole_image), **kw),
         train_mos=decoded.table["mos"].to_numpy(np.float64)[tr],
+        train_rows=tr,
     )
 
 
@@ -287,14 +318,12 @@ def evaluate_dataset(model: IQAModel, config: TrainConfig, spec: str, *, split: 
         The metrics plus ``n``, the number of images scored.
     """
     device = device or default_device()
-    d = config.data
-    table = load_table(spec, label=d.label, split_seed=d.split_seed)
+    table = load_run_table(config, spec)
     if split != "all":
         table = table[table["split"] == split].reset_index(drop=True)
-    decoded = decode_table(table, image_size=d.image_size, min_size=d.crop_size)
+    decoded = decode_for(config, table)
     rows = np.arange(len(decoded.table))
-    loader = DataLoader(IQADataset(decoded, rows, train=False, crop_size=d.crop_size, eval_patches=d.eval_patches),
-                        batch_size=d.eval_batch_size)
+    loader = eval_loader(config, eval_dataset(config, decoded, rows))
     return {**evaluate(model, loader, device), "n": int(len(rows))}
 
 
@@ -365,6 +394,93 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _ImageFeed:
+    """Batches of decoded images through the whole model (the usual run)."""
+
+    def __init__(self, loaders: SplitLoaders, device: torch.device, amp: torch.dtype | None) -> None:
+        self.loaders, self.device, self.amp = loaders, device, amp
+        self.steps_per_epoch = max(1, len(loaders.train))
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.loaders.train:
+            yield to_float(batch["image"], self.device), batch["mos"].to(self.device, non_blocking=True).float()
+
+    def forward(self, model: IQAModel, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        with _autocast(self.device, self.amp):
+            return model(inputs)
+
+    def predict(self, model: IQAModel, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return predict(model, getattr(self.loaders, split), self.device, self.amp)
+
+    def has(self, split: str) -> bool:
+        return getattr(self.loaders, split) is not None
+
+    def on_train_start(self, model: IQAModel) -> None:
+        model.on_train_start(self.feature_batches())
+
+    def feature_batches(self) -> Iterator[torch.Tensor]:
+        for batch in self.loaders.train_eval:
+            yield to_float(batch["image"][:, 0], self.device)
+
+
+class _CachedFeed:
+    """Batches of cached pooled features through the head only (``feature_cache``: a frozen backbone).
+
+    Each epoch draws every training image ``patches_per_image`` times in a seeded random order, each
+    draw the image or its mirror with equal odds: the samples an image loader with random flips
+    would give, minus the backbone pass. Evaluation scores the whole, unflipped images.
+    """
+
+    def __init__(self, config: TrainConfig, decoded: DecodedImages, cache: Any, device: torch.device,
+                 with_test: bool) -> None:
+        d = config.data
+        cache.check(config, len(decoded.table))
+        # Copies (a few MB): the object store's arrays are read-only, and torch wants to own its tensors.
+        self.plain = torch.from_numpy(np.array(cache.plain, dtype=np.float32)).to(device)
+        self.flipped = torch.from_numpy(np.array(cache.flipped, dtype=np.float32)).to(device)
+        self.mos = torch.from_numpy(decoded.table["mos"].to_numpy(np.float32)).to(device)
+        self.rows = {"train": torch.from_numpy(train_indices(decoded, d.label_fraction, config.optim.seed)),
+                     "val": torch.from_numpy(decoded.split_indices("val")),
+                     "test": torch.from_numpy(decoded.split_indices("test")) if with_test else torch.zeros(0, dtype=torch.long)}
+        if len(self.rows["val"]) == 0:
+            raise DatasetError("split 'val' is empty: a run needs validation images to select its weights")
+        self.batch_size, self.repeats = d.batch_size, d.patches_per_image
+        n = len(self.rows["train"]) * self.repeats
+        self.steps_per_epoch = n // self.batch_size if n > self.batch_size else 1  # drop_last, as the image loader
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        draws = self.rows["train"].repeat(self.repeats)
+        order = draws[torch.randperm(len(draws))]
+        for step in range(self.steps_per_epoch):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.plain.device)
+            mirror = (torch.rand(len(idx)) < 0.5).to(self.plain.device)
+            yield torch.where(mirror[:, None], self.flipped[idx], self.plain[idx]), self.mos[idx]
+
+    def forward(self, model: IQAModel, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return model.forward_pooled(inputs)
+
+    @torch.no_grad()
+    def predict(self, model: IQAModel, split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.rows[split].to(self.plain.device)
+        was_training = model.training
+        model.eval()
+        try:
+            scores = model.forward_pooled(self.plain[rows])["score"].float()
+        finally:
+            model.train(was_training)
+        return scores.cpu().numpy().astype(np.float64), self.mos[rows].cpu().numpy().astype(np.float64)
+
+    def has(self, split: str) -> bool:
+        return len(self.rows[split]) > 0
+
+    def on_train_start(self, model: IQAModel) -> None:
+        if getattr(model, "pooling", None) == "stages":
+            model.fit_feature_stats(self.plain[self.rows["train"].to(self.plain.device)])
+
+    def feature_batches(self) -> Iterator[torch.Tensor]:
+        return iter(())
+
+
 def fit(
     config: TrainConfig,
     decoded: DecodedImages | None = None,
@@ -374,6 +490,7 @@ def fit(
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     max_epochs: int | None = None,
     score_test: bool = True,
+    features: Any = None,
 ) -> FitResult:
     """Train ``config`` and evaluate the best-by-validation model on the test split.
 
@@ -388,6 +505,8 @@ def fit(
         score_test: score the selected weights on the test split when the run ends. Search trials
             pass False: they report validation only, and the search scores the one trial it
             selects, once (a test figure per trial invites choosing on test).
+        features: with ``feature_cache``, the :class:`~iqa_ray.features.FeatureCache` of
+            ``decoded`` (shared between runs); computed here if None.
 
     Returns:
         History, best epoch and validation metrics, and test metrics of the best model (``None``
@@ -398,14 +517,30 @@ def fit(
     """
     device = torch.device(device) if device is not None else default_device()
     o = config.optim
+    if device.type == "cpu":
+        # Adam's second moments of a small head decay into denormal floats, which CPUs compute
+        # an order of magnitude slower (a cached-feature epoch went from 1.2 s to 6 s); flushing
+        # them to zero changes no result that matters.
+        torch.set_flush_denormal(True)
     seed_everything(o.seed)
     decoded = decoded if decoded is not None else load_decoded(config)
-    loaders = make_loaders(config, decoded, with_test=score_test)
-    model = build(config, device)
-    model.set_label_stats(float(loaders.train_mos.mean()), float(max(loaders.train_mos.std(), 1e-3)))
-    optimizer = build_optimizer(config, model)
-    schedule = Schedule(config, optimizer, max(1, len(loaders.train)))
     amp = autocast_dtype(o.amp, device)
+    if config.data.feature_cache:
+        from iqa_ray.features import compute_features
+
+        if features is None:
+            features = compute_features(decoded, config, device)
+            seed_everything(o.seed)  # building the feature backbone drew from the generators; start afresh
+        feed: _ImageFeed | _CachedFeed = _CachedFeed(config, decoded, features, device, with_test=score_test)
+        train_mos = decoded.table["mos"].to_numpy(np.float64)[feed.rows["train"].numpy()]
+    else:
+        loaders = make_loaders(config, decoded, with_test=score_test)
+        feed, train_mos = _ImageFeed(loaders, device, amp), loaders.train_mos
+    model = build(config, device)
+    model.set_label_stats(float(train_mos.mean()), float(max(train_mos.std(), 1e-3)))
+    optimizer = build_optimizer(config, model)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]  # what grad_clip measures
+    schedule = Schedule(config, optimizer, feed.steps_per_epoch)
 
     history: list[dict[str, float]] = []
     start_epoch, best_epoch, best_val, best_state = 0, -1, {"srcc": -math.inf}, None
@@ -426,13 +561,9 @@ def fit(
         best_state = state["best_model"]
         bad_epochs = int(state["bad_epochs"])
 
-    def feature_batches() -> Iterator[torch.Tensor]:
-        for batch in loaders.train_eval:
-            yield to_float(batch["image"][:, 0], device)
-
     model.train()
     if start_epoch == 0:
-        model.on_train_start(feature_batches())
+        feed.on_train_start(model)
 
     end_epoch = min(o.epochs, max_epochs) if max_epochs is not None else o.epochs
     stopped_early = False
@@ -440,17 +571,14 @@ def fit(
     test_predictions: tuple[np.ndarray, np.ndarray] | None = None
     for epoch in range(start_epoch, end_epoch):
         seed_everything(epoch_seed(o.seed, epoch))
-        model.on_epoch_start(epoch, feature_batches())
+        model.on_epoch_start(epoch, feed.feature_batches())
         model.train()
         sums: dict[str, float] = {}
         n_images, n_steps = 0, 0
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         started = time.perf_counter()
-        for batch in loaders.train:
-            images = to_float(batch["image"], device)
-            target = batch["mos"].to(device, non_blocking=True).float()
-            with _autocast(device, amp):
-                outputs = model(images)
+        for inputs, target in feed.train_batches():
+            outputs = feed.forward(model, inputs)
             outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
             losses = model.compute_loss(outputs, target)
             loss = losses["loss"]
@@ -462,17 +590,19 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                nn.utils.clip_grad_norm_(trained, o.grad_clip)
             optimizer.step()
             schedule.step()
             n_steps += 1
-            n_images += images.shape[0]
+            n_images += target.shape[0]
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * images.shape[0]
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * target.shape[0]
         train_seconds = time.perf_counter() - started
-        val = evaluate(model, loaders.val, device, amp)
+        val = all_metrics(*feed.predict(model, "val"))
         schedule.epoch_end(epoch, val["srcc"])
-        is_best = bool(np.isfinite(val["srcc"]) and val["srcc"] > best_val["srcc"])
+        # "best": the epoch with the best validation SRCC so far; "last": every finite epoch
+        # replaces the kept weights, so the run hands back its final weights.
+        is_best = bool(np.isfinite(val["srcc"]) and (o.select_epoch == "last" or val["srcc"] > best_val["srcc"]))
         if is_best:
             best_epoch, best_val = epoch, dict(val)
             best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
@@ -506,12 +636,12 @@ def fit(
             })
             return target
 
-        if (epoch == o.epochs - 1 or stop_early) and loaders.test is not None and best_state is not None:
+        if (epoch == o.epochs - 1 or stop_early) and feed.has("test") and best_state is not None:
             # The run ends here: score the selected (best-by-validation) weights on the test split
             # once, and report them with this last epoch, so a Tune trial's final result holds them.
             current = {k: v.detach().clone() for k, v in model.state_dict().items()}
             model.load_state_dict(best_state)
-            test_predictions = predict(model, loaders.test, device, amp)
+            test_predictions = feed.predict(model, "test")
             model.load_state_dict(current)
             test = all_metrics(*test_predictions)
             metrics.update({f"test_{k}": v for k, v in test.items()})
@@ -523,8 +653,8 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    if test is None and loaders.test is not None and best_state is not None:  # resumed after the end
-        test_predictions = predict(model, loaders.test, device, amp)
+    if test is None and feed.has("test") and best_state is not None:  # resumed after the end
+        test_predictions = feed.predict(model, "test")
         test = all_metrics(*test_predictions)
     return FitResult(config=config, history=history, best_epoch=best_epoch + 1, best_val=best_val, test=test,
                      stopped_early=stopped_early, model=model, test_predictions=test_predictions)

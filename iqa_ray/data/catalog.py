@@ -64,8 +64,12 @@ def load_table(
     data_dir: str | os.PathLike[str] | None = None,
     split_seed: int = 0,
     on_error: str = "raise",
+    split_fractions: tuple[float, float, float] | None = None,
 ) -> pd.DataFrame:
     """The labelled table named by ``spec`` (see the module docstring for the forms).
+
+    ``split_seed`` and ``split_fractions`` (``None``: the adapter's default) shape the seeded
+    split of real datasets; pre-generated data has its own split by source photo.
 
     Raises:
         DatasetError: ``spec`` names nothing usable; the message lists the valid forms.
@@ -82,7 +86,8 @@ def load_table(
         from iqa_ray.data.real import load_iqa_dataset
 
         name, root = spec.split(":", 1)
-        table = load_iqa_dataset(name, Path(root).expanduser(), split_seed=split_seed, on_error=on_error)
+        extra = {"fractions": tuple(split_fractions)} if split_fractions is not None else {}
+        table = load_iqa_dataset(name, Path(root).expanduser(), split_seed=split_seed, on_error=on_error, **extra)
         table.attrs.setdefault("label", "mos")
         return table
     raise DatasetError(f"unknown dataset {spec!r}; valid: {describe_valid_specs()}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -244,11 +245,36 @@ def grid_positions(height: int, width: int, crop: int, n: int) -> list[tuple[int
     return [(int(y), int(x)) for y in ys for x in xs][:n]
 
 
+def random_positions(height: int, width: int, crop: int, n: int, seed: int, key: str) -> list[tuple[int, int]]:
+    """Top-left corners of ``n`` crops at random positions drawn from a generator seeded by
+    ``seed`` and the image's id ``key``: the same image always gets the same patches, whatever
+    table it is read from and in whatever order."""
+    rng = np.random.default_rng([seed % 2**32, zlib.crc32(str(key).encode()), 11])
+    ys = rng.integers(0, height - crop + 1, size=n)
+    xs = rng.integers(0, width - crop + 1, size=n)
+    return [(int(y), int(x)) for y, x in zip(ys, xs)]
+
+
 class IQADataset(Dataset):
-    """One split of decoded images, cropped for training or deterministic evaluation.
+    """One split of decoded images, cropped (or whole) for training or deterministic evaluation.
 
     Items are dicts: ``image`` (uint8 tensor (3, c, c) when training, (P, 3, c, c) when
-    evaluating with P patches), ``mos`` (float32, 0-100) and ``index`` (row in the table).
+    evaluating with P patches; (3, H, W) / (1, 3, H, W) with ``whole_image``), ``mos`` (float32,
+    0-100) and ``index`` (row in the table).
+
+    Args:
+        decoded: the decoded dataset.
+        split: a split name or explicit row indices.
+        train: random crops and flips (training) or deterministic patches (evaluation).
+        crop_size: training crop and evaluation patch side.
+        eval_patches: evaluation patches per image, averaged by the engine.
+        hflip: random horizontal flips when training.
+        patches_per_image: when training, each image appears this many times per epoch, each
+            time with its own random crop (HyperIQA's 25 patches per image per epoch).
+        patch_placement: ``grid`` or ``random`` (seeded by ``placement_seed`` and the image id)
+            evaluation patches.
+        placement_seed: seed of ``random`` placement.
+        whole_image: whole images instead of crops (training still flips).
     """
 
     def __init__(
@@ -260,6 +286,10 @@ class IQADataset(Dataset):
         crop_size: int = 128,
         eval_patches: int = 1,
         hflip: bool = True,
+        patches_per_image: int = 1,
+        patch_placement: str = "grid",
+        placement_seed: int = 0,
+        whole_image: bool = False,
     ) -> None:
         self.decoded = decoded
         self.indices = decoded.split_indices(split) if isinstance(split, str) else np.asarray(split, dtype=int)
@@ -267,24 +297,47 @@ class IQADataset(Dataset):
             raise DatasetError(f"split {split!r} is empty; splits present: {sorted(decoded.table['split'].unique())}")
         if eval_patches < 1:
             raise ValueError(f"eval_patches must be >= 1, got {eval_patches}")
-        smallest = min(min(decoded.images[i].shape[:2]) for i in self.indices)
-        if smallest < crop_size:
-            raise DatasetError(f"crop_size {crop_size} is larger than the smallest image side {smallest}")
+        if patches_per_image < 1:
+            raise ValueError(f"patches_per_image must be >= 1, got {patches_per_image}")
+        if patch_placement not in ("grid", "random"):
+            raise ValueError(f"patch_placement must be 'grid' or 'random', got {patch_placement!r}")
+        if not whole_image:
+            smallest = min(min(decoded.images[i].shape[:2]) for i in self.indices)
+            if smallest < crop_size:
+                raise DatasetError(f"crop_size {crop_size} is larger than the smallest image side {smallest}")
         self.train = train
         self.crop_size = crop_size
         self.eval_patches = eval_patches
         self.hflip = hflip
+        self.patches_per_image = patches_per_image if train else 1
+        self.patch_placement = patch_placement
+        self.placement_seed = placement_seed
+        self.whole_image = whole_image
         self.mos = decoded.table["mos"].to_numpy(dtype=np.float32)
+        self.image_ids = decoded.table["image_id"].astype(str).to_numpy() if "image_id" in decoded.table else None
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) * self.patches_per_image
+
+    @property
+    def same_size(self) -> bool:
+        """Whether every item has the same shape (whole images of mixed sizes cannot be batched)."""
+        if not self.whole_image:
+            return True
+        return len({self.decoded.images[int(i)].shape for i in self.indices}) == 1
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = int(self.indices[i])
+        row = int(self.indices[i % len(self.indices)])
         image = self.decoded.images[row]
         h, w = image.shape[:2]
         c = self.crop_size
-        if self.train:
+        if self.whole_image:
+            if self.train and self.hflip and bool(torch.rand(()) < 0.5):
+                image = image[:, ::-1]
+            tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: shared arrays are read-only
+            if not self.train:
+                tensor = tensor.unsqueeze(0)
+        elif self.train:
             y = int(torch.randint(0, h - c + 1, ()).item())
             x = int(torch.randint(0, w - c + 1, ()).item())
             patch = image[y : y + c, x : x + c]
@@ -292,6 +345,11 @@ class IQADataset(Dataset):
                 patch = patch[:, ::-1]
             tensor = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
         else:
-            patches = [image[y : y + c, x : x + c] for y, x in grid_positions(h, w, c, self.eval_patches)]
+            if self.patch_placement == "random":
+                key = self.image_ids[row] if self.image_ids is not None else str(row)
+                corners = random_positions(h, w, c, self.eval_patches, self.placement_seed, key)
+            else:
+                corners = grid_positions(h, w, c, self.eval_patches)
+            patches = [image[y : y + c, x : x + c] for y, x in corners]
             tensor = torch.from_numpy(np.ascontiguousarray(np.stack(patches))).permute(0, 3, 1, 2)
         return {"image": tensor, "mos": torch.tensor(self.mos[row]), "index": row}

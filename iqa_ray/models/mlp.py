@@ -8,13 +8,38 @@ backbone, global average pooling of the last stage, and fully connected layers w
 
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
 from torch import Tensor, nn
 
 from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel
 from iqa_ray.models.losses import RegressionLoss
 
-__all__ = ["MLPIQA", "init_small_output"]
+__all__ = ["MLPIQA", "init_small_output", "POOLINGS", "pool_stages"]
+
+POOLINGS = ("last", "stages")
+
+
+def pool_stages(stages: list[Tensor], pooling: str) -> Tensor:
+    """Global pooling of backbone feature maps into one vector per image, (B, D), float32.
+
+    ``last``: the last stage's spatial mean (D = last channels). ``stages``: every stage's spatial
+    mean and standard deviation, concatenated stage by stage (D = 2 * sum of channels): the mean is
+    what the strong linear probe regresses, the spread adds how unevenly each feature fires, a
+    classic quality cue (noise, blur and compression change feature statistics, not only means).
+    """
+    if pooling == "last":
+        return stages[-1].float().mean(dim=(2, 3))
+    if pooling == "stages":
+        parts = []
+        for s in stages:
+            flat = s.float().flatten(2)
+            # population std (correction=0): defined for a 1x1 map, and what numpy's std computes
+            parts += [flat.mean(dim=2), flat.std(dim=2, correction=0)]
+        return torch.cat(parts, dim=1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 def init_small_output(layer: nn.Linear, std: float = 1e-3) -> None:
@@ -24,15 +49,20 @@ def init_small_output(layer: nn.Linear, std: float = 1e-3) -> None:
 
 
 class MLPIQA(IQAModel):
-    """Backbone -> global average pool of the last stage -> MLP -> score.
+    """Backbone -> global pooling (:func:`pool_stages`) -> standardisation -> MLP -> score.
 
     Args:
         backbone: Feature extractor.
         hidden_dim: Width of the hidden layer.
         dropout: Dropout before the output layer, in [0, 1).
         loss: Regression loss; L1 by default.
+        pooling: ``last`` or ``stages`` (see :func:`pool_stages`).
 
-    Outputs of ``forward``: ``"score"`` (B,), ``"features"`` (B, C) pooled last-stage features.
+    The pooled features are standardised with a per-feature mean and std measured on the
+    training images when training starts (:meth:`fit_feature_stats`; identity until then), buffers
+    saved with the weights, so a checkpoint scores raw images on its own.
+
+    Outputs of ``forward``: ``"score"`` (B,), ``"features"`` (B, D) pooled features.
     """
 
     def __init__(
@@ -42,13 +72,19 @@ class MLPIQA(IQAModel):
         hidden_dim: int = 512,
         dropout: float = 0.3,
         loss: RegressionLoss | None = None,
+        pooling: str = "last",
     ) -> None:
         super().__init__(backbone, loss=loss)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         if hidden_dim < 1:
             raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        in_dim = backbone.channels[-1]
+        in_dim = backbone.channels[-1] if pooling == "last" else 2 * sum(backbone.channels)
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
         self.head = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
@@ -57,7 +93,33 @@ class MLPIQA(IQAModel):
         )
         init_small_output(self.head[-1])
 
-    def forward_head(self, stages: list[Tensor]) -> dict[str, Tensor]:
-        features = stages[-1].mean(dim=(2, 3))
-        standardised = self.head(features).squeeze(1)
+    @property
+    def feature_dim(self) -> int:
+        return int(self.feature_mean.numel())
+
+    def fit_feature_stats(self, features: Tensor) -> None:
+        """Standardise pooled features with the mean and std of ``features`` (training images, (N, D))."""
+        features = features.float()
+        if features.ndim != 2 or features.shape[1] != self.feature_dim or features.shape[0] < 2:
+            raise ValueError(f"need (N >= 2, {self.feature_dim}) pooled features, got {tuple(features.shape)}")
+        self.feature_mean.copy_(features.mean(dim=0).to(self.feature_mean.device))
+        self.feature_std.copy_(features.std(dim=0, correction=0).clamp_min(1e-6).to(self.feature_std.device))
+
+    @torch.no_grad()
+    def on_train_start(self, feature_batches: Iterable[Tensor]) -> None:
+        if self.pooling != "stages":
+            return  # the KonCept-style head learns on raw pooled features, as before
+        was_training = self.training
+        self.eval()
+        pooled = [pool_stages(self.backbone(images), self.pooling) for images in feature_batches]
+        self.train(was_training)
+        self.fit_feature_stats(torch.cat(pooled))
+
+    def forward_pooled(self, features: Tensor) -> dict[str, Tensor]:
+        """The head on pooled features (what a feature cache holds): same scores as :meth:`forward`."""
+        features = features.float()
+        standardised = self.head((features - self.feature_mean) / self.feature_std).squeeze(1)
         return {"score": self.to_label_scale(standardised), "features": features}
+
+    def forward_head(self, stages: list[Tensor]) -> dict[str, Tensor]:
+        return self.forward_pooled(pool_stages(stages, self.pooling))

@@ -1,0 +1,113 @@
+"""Frozen-backbone features computed once per dataset and shared by every run that trains a head.
+
+With a frozen backbone, every epoch of every trial would push the same images through the same
+weights. A :class:`FeatureCache` holds, for each decoded image, the pooled features
+(:func:`iqa_ray.models.mlp.pool_stages`) of the whole image and of its mirror image (the one
+augmentation whole-image training uses), so that training a head costs milliseconds per epoch
+instead of a backbone pass per image. A search computes one cache per dataset before any trial
+starts, puts it in Ray's object store, and hands the same reference to every trial
+(:mod:`iqa_ray.search.run`). The model trained on a cache is an ordinary
+:class:`~iqa_ray.models.mlp.MLPIQA`: its checkpoint scores raw images, with the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FeatureCache", "cache_key", "compute_features", "CACHE_KEYS"]
+
+# Config keys a cache depends on (besides the decoded images): a search may not search them.
+CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "pooling", "pretraining",
+              "image_size", "short_side")
+
+_BATCH = 16
+
+
+def cache_key(config: Any) -> tuple[Any, ...]:
+    """What a cache depends on besides the decoded images: backbone, its weights, input size, pooling.
+
+    Runs whose configs share this key (and the decoded dataset) can share one cache.
+    """
+    m = config.model
+    return (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size, m.pooling)
+
+
+@dataclass
+class FeatureCache:
+    """Pooled features of every row of a decoded dataset.
+
+    Attributes:
+        plain: (N, D) float32 features of each whole image.
+        flipped: (N, D) float32 features of each image mirrored left-right.
+        key: :func:`cache_key` of the config they were computed for.
+        channels: the backbone's channels per stage (how the columns are laid out).
+    """
+
+    plain: np.ndarray
+    flipped: np.ndarray
+    key: tuple[Any, ...]
+    channels: tuple[int, ...] = ()
+
+    def stage_means(self) -> np.ndarray:
+        """(N, sum of channels) every stage's spatial mean of each whole image, unflipped: the
+        strong linear probe's features (:func:`iqa_ray.baselines.pooled_stage_features`).
+
+        Only ``stages`` pooling holds them (per stage, the means then the standard deviations).
+        """
+        if self.key[-1] != "stages" or not self.channels:
+            raise ValueError(f"stage means need a 'stages' pooling cache, this one is {self.key[-1]!r}")
+        columns, start = [], 0
+        for c in self.channels:
+            columns.append(np.arange(start, start + c))
+            start += 2 * c
+        return self.plain[:, np.concatenate(columns)].astype(np.float64)
+
+    def check(self, config: Any, n_rows: int) -> None:
+        """Raise ``ValueError`` unless this cache fits ``config`` and a dataset of ``n_rows`` rows."""
+        if self.key != cache_key(config):
+            raise ValueError(f"feature cache computed for {self.key}, not for this run's {cache_key(config)}")
+        if len(self.plain) != n_rows:
+            raise ValueError(f"feature cache holds {len(self.plain)} images, the dataset {n_rows}")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.plain.nbytes + self.flipped.nbytes)
+
+
+@torch.no_grad()
+def compute_features(decoded: Any, config: Any, device: torch.device | str | None = None) -> FeatureCache:
+    """The :class:`FeatureCache` of ``decoded`` for ``config``'s frozen backbone and pooling.
+
+    The backbone is the one the run builds (same weights, including a ``pretrained_encoder``),
+    run in float32 on whole images; images of one size go through in batches of 16, others one by
+    one.
+    """
+    import torch.nn.functional as F
+
+    from iqa_ray.engine import build
+    from iqa_ray.models.mlp import pool_stages
+
+    device = torch.device(device or "cpu")
+    model = build(config, device).eval()
+    pooling = config.model.pooling
+    images = decoded.images
+    plain, flipped = [], []
+    start = 0
+    while start < len(images):
+        shape, stop = images[start].shape, start + 1
+        while stop < len(images) and stop - start < _BATCH and images[stop].shape == shape:
+            stop += 1
+        batch = torch.from_numpy(np.stack(images[start:stop])).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        if model.backbone.img_size is not None:  # fixed-size backbones (ViT, Swin) see the image resized
+            batch = F.interpolate(batch, size=(model.backbone.img_size,) * 2, mode="bilinear", antialias=True,
+                                  align_corners=False)
+        for out, view in ((plain, batch), (flipped, batch.flip(3))):
+            out.append(pool_stages(model.backbone(view), pooling).cpu().numpy())
+        start = stop
+    return FeatureCache(plain=np.concatenate(plain).astype(np.float32),
+                        flipped=np.concatenate(flipped).astype(np.float32), key=cache_key(config),
+                        channels=tuple(int(c) for c in model.backbone.channels))
