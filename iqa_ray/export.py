@@ -15,7 +15,9 @@ Schema (documented in docs/RESULTS.md):
     ``hostname``, ``pid`` (the trial process), ``resumed_from_epoch`` (epochs done before this
     process started: > 0 after a restart from a checkpoint), ``time_total_s``, ``timestamp``.
 ``trials.parquet`` - one row per trial:
-    ``trial_id``, ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
+    ``trial_id``, ``kind`` (``search``: a trial of the search; ``split``: a ``--splits`` re-run of
+    the selected config on another random split, with its own ``config.split_seed`` and its own
+    ``test_*`` figures, never selectable), ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
     mid-run), ``ended_by`` (``completed``: reached max epochs; ``scheduler``: stopped by ASHA /
     HyperBand; ``early_stopping``: the engine's own patience; ``error``; ``interrupted``; ``not
     started``), ``stopped_by_scheduler`` (``ended_by == "scheduler"``), ``stop_epoch``,
@@ -48,10 +50,11 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from iqa_ray.selection import select_trial, trial_score
+from iqa_ray.selection import finite, kept_report, select_trial, trial_score
 from iqa_ray.utils.io import atomic_path, git_revision
 
 METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
+SPLITS_DIR = "splits"  # the --splits re-runs of the selected config: a Tune experiment inside the experiment
 _KEEP = ("epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "stopped_early", "node_id",
          "hostname", "pid",
          "git_revision",
@@ -114,7 +117,8 @@ def _selection(experiment: Path) -> tuple[str, str]:
 
 
 def _finite_or_minus_inf(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+    number = finite(value)
+    return -math.inf if number is None else number
 
 
 def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any) -> str:
@@ -141,7 +145,12 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     export_revision = git_revision()
     metric, mode = _selection(experiment)
     trial_rows, epoch_rows, reports = [], [], {}
-    for trial_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "params.json").exists()):
+    splits_dir = experiment / SPLITS_DIR
+    split_states = _trial_states(splits_dir) if splits_dir.is_dir() else {}
+    folders = [(p, "search") for p in sorted(experiment.iterdir()) if p.is_dir() and (p / "params.json").exists()]
+    if splits_dir.is_dir():
+        folders += [(p, "split") for p in sorted(splits_dir.iterdir()) if p.is_dir() and (p / "params.json").exists()]
+    for trial_dir, kind in folders:
         params = json.loads((trial_dir / "params.json").read_text())
         results = _read_results(trial_dir)
         # A trial restored from a checkpoint re-reports nothing twice, but a retried epoch can
@@ -151,21 +160,25 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             if "epoch" in r:
                 by_epoch[int(r["epoch"])] = r
         trial_id = results[-1]["trial_id"] if results else trial_dir.name.removeprefix("trial_")
-        reports[trial_id] = [by_epoch[e] for e in sorted(by_epoch)]
+        if kind == "search":  # split re-runs are reports of the selected config, never candidates
+            reports[trial_id] = [by_epoch[e] for e in sorted(by_epoch)]
         for epoch, r in sorted(by_epoch.items()):
-            row = {"trial_id": trial_id, **{k: r[k] for k in r if k.startswith(METRIC_PREFIXES) or k in _KEEP}}
+            row = {"trial_id": trial_id, "kind": kind,
+                   **{k: r[k] for k in r if k.startswith(METRIC_PREFIXES) or k in _KEEP}}
             epoch_rows.append(row)
         error_file = trial_dir / "error.txt"
         error = error_file.read_text().strip().splitlines()[-1][:500] if error_file.exists() else None
-        status = states.get(trial_id, "ERROR" if error else ("TERMINATED" if by_epoch else "PENDING"))
+        status = (states if kind == "search" else split_states).get(
+            trial_id, "ERROR" if error else ("TERMINATED" if by_epoch else "PENDING"))
         max_epochs = params.get("epochs")
-        row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+        row: dict[str, Any] = {"trial_id": trial_id, "kind": kind, "status": status}
         row.update({f"config.{k}": v for k, v in sorted(resolve(params).items())})
         row.update({f"config.{k}": v for k, v in params.items() if k not in resolve(params)})  # e.g. lr__unit
         if by_epoch:
             epochs = [by_epoch[e] for e in sorted(by_epoch)]
-            # NaN never compares as best (max() with NaN keys depends on the order of the epochs).
-            best = max(epochs, key=lambda r: _finite_or_minus_inf(r.get("val_srcc")))
+            # The epoch whose weights the trial keeps (select_epoch "best" or "last"); without that
+            # record, the best validation SRCC (NaN never compares as best).
+            best = kept_report(epochs) or max(epochs, key=lambda r: _finite_or_minus_inf(r.get("val_srcc")))
             last = epochs[-1]
             row.update({
                 "stop_epoch": int(last["epoch"]), "max_epochs": max_epochs,
@@ -181,6 +194,12 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         else:
             row.update({"stop_epoch": 0, "max_epochs": max_epochs, "ended_by": _ended_by(status, error, None, max_epochs)})
         row["stopped_by_scheduler"] = row["ended_by"] == "scheduler"
+        if kind == "split" and by_epoch:
+            # Each split run is a final model of its own split: its kept weights were scored on
+            # that split's test photos once, at its end (the --splits report).
+            final = by_epoch[max(by_epoch)]
+            row.update({k: v for k, v in final.items() if k.startswith("test_")})
+            row["test_source"] = "split run"
         checkpoint = _latest_checkpoint(trial_dir)
         row.update({
             "checkpoint_path": str(Path(checkpoint).relative_to(experiment)) if checkpoint else None,
@@ -191,6 +210,9 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     # The same rule as the end-of-run summary; mid-run it marks the current leader (no test yet).
     chosen = select_trial(reports, metric, mode)
     for row in trial_rows:
+        if row["kind"] == "split":
+            row["selected"] = False
+            continue
         row["selected"] = row["trial_id"] == chosen
         tested = row["selected"] and summary.get("best_trial_id") == chosen and summary.get("test")
         row.update({f"test_{k}": v for k, v in (summary["test"].items() if tested else ())})

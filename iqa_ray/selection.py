@@ -1,9 +1,10 @@
 """Which trial a search hands back: one rule, used by the end-of-run summary, the export and the
 notebooks (which read the export's ``selected`` column rather than ranking trials themselves).
 
-A trial is judged by the study's ``metric`` at its best reported epoch (``max`` or ``min`` as the
-study's ``mode`` says): that is the epoch whose weights the engine keeps as the trial's
-best-by-validation weights, whether the trial ran to the end or a scheduler stopped it. Only
+A trial is judged by the study's ``metric`` at the epoch whose weights it keeps: the engine reports
+that epoch as ``best_epoch`` (the best validation SRCC so far with ``select_epoch = "best"``, the
+latest epoch with ``"last"``), whether the trial ran to the end or a scheduler stopped it. Reports
+without ``best_epoch`` (older runs) fall back to the metric's best value over the epochs. Only
 validation metrics can select; a non-finite value (a diverged or collapsed model gives NaN) never
 wins, and a trial with no finite value is never selected. Ties go to the trial listed first.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from iqa_ray.metrics import METRIC_NAMES
 
-__all__ = ["SELECTABLE_METRICS", "MODES", "check_selection", "trial_score", "select_trial"]
+__all__ = ["SELECTABLE_METRICS", "MODES", "check_selection", "finite", "kept_report", "trial_score", "select_trial"]
 
 MODES = ("max", "min")
 # Everything a trial reports about the validation split; `best_val_srcc` is the running maximum.
@@ -44,7 +45,10 @@ def check_selection(metric: str, mode: str) -> None:
         raise ValueError(f"metric {metric!r} with mode {mode!r} would select the worst trial; use mode {better!r}")
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else ``None`` (NaN, inf, None, text)."""
+    if isinstance(value, bool):
+        return None
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -60,10 +64,27 @@ def trial_score(reports: Iterable[Mapping[str, Any]], metric: str, mode: str) ->
         metric: the study's metric.
         mode: ``max`` or ``min``.
     """
-    values = [v for v in (_finite(r.get(metric)) for r in reports) if v is not None]
+    reports = list(reports)
+    kept = kept_report(reports)
+    if kept is not None:
+        return finite(kept.get(metric))
+    values = [v for v in (finite(r.get(metric)) for r in reports) if v is not None]
     if not values:
         return None
     return max(values) if mode == "max" else min(values)
+
+
+def kept_report(reports: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The report of the epoch whose weights the trial keeps (its last report's ``best_epoch``).
+
+    ``None`` when the reports do not say (no ``best_epoch``) or the kept epoch is not among them;
+    a trial whose every epoch was non-finite reports ``best_epoch`` 0 and keeps nothing.
+    """
+    reports = list(reports)
+    if not reports or "best_epoch" not in reports[-1]:
+        return None
+    kept = reports[-1]["best_epoch"]
+    return next((r for r in reports if r.get("epoch") == kept), None)
 
 
 def select_trial(trials: Mapping[str, Iterable[Mapping[str, Any]]], metric: str, mode: str) -> str | None:

@@ -20,6 +20,8 @@ from iqa_ray.config import ConfigError, TrainConfig
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.paths import default_results_dir
 from iqa_ray.data.catalog import EMBEDDED
+from iqa_ray.search.preflight import check_weights
+from iqa_ray.search.recipe import apply_recipe, dataset_adapter, parse_recipe, resolve_recipe
 from iqa_ray.search.study import StudyError, available_studies, load_study, parse_study
 from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS, SearchSettings, per_gpu
 
@@ -52,6 +54,13 @@ def build_parser(study: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="searcher seed (default: the study's)")
     p.add_argument("--dataset", default=None,
                    help="embedded (default), a pre-generated folder, or ADAPTER:ROOT (e.g. koniq10k:/data/koniq10k)")
+    p.add_argument("--recipe", default=None, metavar="NAME|PATH",
+                   help="what the protocol fixes (recipes/*.toml): cpu (frozen features computed once, a head searched "
+                        "on them), paper (HyperIQA's published protocol), none (the study as written), or a file; "
+                        "default: cpu where no GPU is found, else paper")
+    p.add_argument("--splits", type=int, default=None, metavar="N",
+                   help="after the search, re-train the selected config on N more random splits (one trial each, in "
+                        "parallel) and report median and mean +- std over them (default: the recipe's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key for every trial (repeatable), e.g. --set crop_size=96")
     p.add_argument("--address", default=None, help="address of an existing Ray cluster, e.g. 10.0.0.5:6379 or auto")
@@ -81,6 +90,8 @@ def check_flag_values(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise LaunchError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "splits", None) is not None and args.splits < 0:
+        raise LaunchError(f"--splits must be >= 0, got {args.splits}")
     if args.reduction_factor is not None and args.reduction_factor < 2:
         raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
 
@@ -106,6 +117,10 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     study = load_study(study_name)
     overrides = parse_sets(args.set)
     overrides["dataset"] = args.dataset or EMBEDDED
+    recipe, note = resolve_recipe(args.recipe, args.gpus, study, overrides["dataset"])
+    applied = apply_recipe(recipe, study, overrides["dataset"], overrides) if recipe is not None else None
+    if applied is not None:
+        study = applied.study
     if args.smoke_test:
         overrides.setdefault("eval_patches", 1)
     # Every override must make a valid config with the study's fixed values.
@@ -115,6 +130,31 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         raise LaunchError(f"--set {', '.join(searched)}: searched by study {study.name!r}, so a fixed value would be "
                           "overridden by the searcher; drop the --set, or copy the study file and move the key to [fixed]")
     check_weights_reachable(study, overrides)
+    check_weights({**study.fixed, **overrides}, {p.name: list(p.values or p.grid) for p in study.params})
+    splits = args.splits if args.splits is not None else (recipe.splits if recipe is not None else 0)
+    real = dataset_adapter(overrides["dataset"]) is not None
+    if splits and not real:
+        if args.splits:
+            raise LaunchError(f"--splits {args.splits} draws new random splits of a real dataset (ADAPTER:ROOT); "
+                              f"{overrides['dataset']!r} has a fixed split by source photo. Drop --splits, or use a "
+                              "dataset such as livec:/data/livec")
+        splits = 0  # the recipe's default applies to real datasets only
+    config = TrainConfig.from_dict({**study.fixed, **overrides})
+    if config.data.feature_cache:
+        from iqa_ray.features import CACHE_KEYS
+
+        searched_keys = sorted({p.name for p in study.params} & set(CACHE_KEYS))
+        if searched_keys:
+            raise LaunchError(f"feature_cache computes one feature cache per search, but the study searches "
+                              f"{', '.join(searched_keys)}, which changes the features; fix them (--set) or set "
+                              "feature_cache=false")
+    if real:
+        from iqa_ray.engine import load_run_table
+        from iqa_ray.search.preflight import preflight_decoded
+
+        d = config.data
+        preflight_decoded(load_run_table(config), dataset=d.dataset, image_size=d.image_size,
+                          short_side=d.short_side, min_side=0 if d.whole_image else d.crop_size)
     gpt = args.gpus_per_trial
     num_samples = args.num_samples or study.num_samples
     max_epochs = args.max_epochs or study.max_epochs
@@ -129,7 +169,9 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         reduction_factor=args.reduction_factor or study.reduction_factor, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
         seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
-        overrides=tuple(sorted(overrides.items())),
+        overrides=tuple(sorted(overrides.items())), splits=1 if args.smoke_test and splits else splits,
+        recipe=applied.record() if applied is not None else None,
+        recipe_lines=tuple(applied.describe()) if applied is not None else ((note,) if note else ()),
     )
 
 
@@ -166,6 +208,12 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
                           "flags; start a new experiment")
     study = parse_study(record["study_definition"], name=record["study"],
                         path=Path(record["study_file"]) if record.get("study_file") else None)
+    recorded_recipe = record.get("recipe")
+    applied = None
+    if recorded_recipe is not None:
+        recipe = parse_recipe(recorded_recipe["definition"], name=recorded_recipe["name"],
+                              path=Path(recorded_recipe["file"]) if recorded_recipe.get("file") else None)
+        applied = apply_recipe(recipe, study, launch["dataset"], launch["set"])
     current = probe.study
     differs = []
     if current.name != study.name or current.definition != study.definition:
@@ -177,6 +225,11 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
     if args.set and sets != launch["set"]:
         keys = sorted(k for k in set(sets) | set(launch["set"]) if sets.get(k) != launch["set"].get(k))
         differs.append(f"--set {', '.join(keys)} ({sets} now, {launch['set']} recorded)")
+    recorded_name = recorded_recipe["name"] if recorded_recipe else "none"
+    if args.recipe is not None and Path(args.recipe).stem != recorded_name:
+        differs.append(f"--recipe ({args.recipe} now, {recorded_name} recorded)")
+    if args.splits is not None and args.splits != record.get("splits", 0):
+        differs.append(f"--splits ({args.splits} now, {record.get('splits', 0)} recorded)")
     if args.smoke_test != launch["smoke_test"]:
         differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
     for flag in _RECORDED_FLAGS:
@@ -188,11 +241,14 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
                           f"{'; '.join(differs)}. Drop those flags (the recorded values are used), or start a new "
                           "experiment with another --name")
     return SearchSettings(
-        study=study, name=args.name, storage=storage, searcher=record["searcher"], scheduler=record["scheduler"],
+        study=applied.study if applied is not None else study, name=args.name, storage=storage,
+        searcher=record["searcher"], scheduler=record["scheduler"],
         num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
         reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
         seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
+        splits=record.get("splits", 0), recipe=applied.record() if applied is not None else None,
+        recipe_lines=tuple(applied.describe()) if applied is not None else (),
     )
 
 
@@ -274,7 +330,7 @@ def main(argv: list[str] | None = None, study: str | None = None) -> int:
         settings = settings_from_args(args, study_name)
         if args.address:
             check_address(args.address)
-    except (StudyError, ConfigError, LaunchError) as exc:
+    except (StudyError, ConfigError, LaunchError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import os

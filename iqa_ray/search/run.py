@@ -32,7 +32,7 @@ from iqa_ray.search.tuner import (
     restore_tuner,
 )
 from iqa_ray.search.tensorboard import tensorboard_command
-from iqa_ray.selection import select_trial
+from iqa_ray.selection import kept_report, select_trial
 from iqa_ray.trainables.resources import worker_device
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
@@ -46,8 +46,8 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
         The decoded dataset and the exact dataset spec it came from (for ``embedded``, the
         generated folder), which is what trial configs record.
     """
-    from iqa_ray.data.catalog import generated_table, load_table
-    from iqa_ray.data.dataset import decode_table
+    from iqa_ray.data.catalog import generated_table
+    from iqa_ray.engine import decode_for, load_run_table
     from iqa_ray.data.pregenerate import PregenConfig, pregenerate
     from iqa_ray.paths import default_data_dir
 
@@ -61,8 +61,8 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
         spec = str(generated.path)
     else:
         spec = d.dataset
-        table = load_table(d.dataset, label=d.label, split_seed=d.split_seed)
-    decoded = decode_table(table, image_size=d.image_size, min_size=d.crop_size)
+        table = load_run_table(config)
+    decoded = decode_for(config, table)
     counts = decoded.table["split"].value_counts().to_dict()
     print(f"[data] {d.dataset}: {len(decoded.table)} images decoded once "
           f"({counts.get('train', 0)} train / {counts.get('val', 0)} val / {counts.get('test', 0)} test), "
@@ -84,6 +84,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "reduction_factor": settings.reduction_factor, "seed": settings.seed,
         "cpus_per_trial": settings.cpus_per_trial, "gpus_per_trial": settings.gpus_per_trial,
         "max_concurrent": settings.max_concurrent, "fixed": study.fixed, "encoders": study.encoders,
+        "recipe": settings.recipe, "splits": settings.splits,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
         "launch": {"dataset": args.dataset or EMBEDDED, "set": parse_sets(args.set), "smoke_test": args.smoke_test},
@@ -122,15 +123,17 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
         settings = replace(settings, gpus_per_trial=share,
                            max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
-        print("\n".join(settings.effective_study.describe()), flush=True)
+        print("\n".join([*settings.recipe_lines, *settings.effective_study.describe()]), flush=True)
         print(f"[search] searcher={settings.searcher} scheduler={settings.scheduler} samples={settings.num_samples} "
               f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
               f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
         decoded, spec = prepare_dataset(settings, args.smoke_test)
         # Into the object store once: every trial and the final test scoring map this copy, and the
-        # driver keeps only the reference.
+        # driver keeps only the reference (and the small label table, for --splits).
+        table = decoded.table
         decoded_ref = ray.put(decoded)
         del decoded
+        features = prepare_features(settings, decoded_ref, cpus=cpus, gpus=share)
         # Studies with `pretraining = "ssl"` get their encoders now, before any trial is started.
         encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=share,
                                     smoke=args.smoke_test)
@@ -141,14 +144,14 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
             write_experiment_info(settings, args)
         trainable = tune.with_resources(
             tune.with_parameters(iqa_trainable, decoded=decoded_ref, resolve=settings.effective_study.resolve,
-                                 cpus_per_trial=settings.cpus_per_trial),
+                                 cpus_per_trial=settings.cpus_per_trial, features=features),
             {"cpu": settings.cpus_per_trial, "gpu": share},
         )
         started = time.perf_counter()
         tuner = restore_tuner(settings, trainable) if args.resume else build_tuner(settings, trainable)
         results = tuner.fit()
         elapsed = time.perf_counter() - started
-        summary = summarise(settings, results, decoded_ref, elapsed)
+        summary = summarise(settings, results, decoded_ref, elapsed, features=features, table=table)
     finally:
         if ray.is_initialized() and not args.address:
             ray.shutdown()
@@ -156,14 +159,18 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float) -> dict[str, Any]:
-    """Select the trial to hand back (validation only), score it on the test split once, export.
+def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float, *, features: Any = None,
+              table: Any = None) -> dict[str, Any]:
+    """Select the trial to hand back (validation only), score it on the test split once, set it
+    beside the baselines, re-train it on ``settings.splits`` more splits, export.
 
     Args:
         settings: the search's settings (the study's metric and mode select).
         results: Tune's ResultGrid.
         decoded: the decoded dataset or its object-store reference (the test split is scored from it).
         elapsed: seconds the search took.
+        features: the shared feature cache (``feature_cache`` searches), reused by the probe and the splits.
+        table: the decoded dataset's label table (``--splits`` draws the other splits of its rows).
     """
     from iqa_ray.export import export_experiment
 
@@ -181,7 +188,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         raise LaunchError(f"no trial reported a finite {study.metric} ({len(reports)} reported, {len(errors)} errored; "
                           f"every model diverged or predicted constants); see {experiment_dir_hint(settings)}")
     best, rows = reports[chosen]
-    best_row = max(rows, key=lambda row: _selection_value(row.get(study.metric), study.mode))
+    best_row = kept_report(rows) or max(rows, key=lambda row: _selection_value(row.get(study.metric), study.mode))
     test, test_error = {}, None
     if best.checkpoint is None:
         test_error = "the selected trial left no checkpoint"
@@ -194,7 +201,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if test:
         try:  # a baseline that cannot run (e.g. hub weights offline) must not lose the finished search
             baselines = score_baselines(TrainConfig.from_dict(study.resolve(best.config)), decoded,
-                                        cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial)
+                                        cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial, features=features)
         except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
             baselines_error = f"{type(exc).__name__}: {exc}"
     local = settings.local_experiment_dir()
@@ -219,6 +226,10 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         summary["test_error"] = test_error
     if baselines_error:
         summary["baselines_error"] = baselines_error
+    if settings.splits and best.checkpoint is not None:
+        from iqa_ray.search.splits import run_splits
+
+        summary["splits"] = run_splits(settings, study.resolve(best.config), decoded, table, features=features)
     if local is not None:
         close_orphaned_optuna_trials(local / "optuna.db")
         atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
@@ -237,22 +248,18 @@ def _selection_value(value: Any, mode: str) -> float:
 
 def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
     """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
-    from torch.utils.data import DataLoader
-
-    from iqa_ray.data.dataset import IQADataset
-    from iqa_ray.engine import autocast_dtype, evaluate, model_from_checkpoint
+    from iqa_ray.engine import autocast_dtype, eval_dataset, eval_loader, evaluate, model_from_checkpoint
 
     device = worker_device(threads)
     if not (decoded.table["split"] == "test").any():
         return {}
     with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
         model, config = model_from_checkpoint(directory, device=device)
-    loader = DataLoader(IQADataset(decoded, "test", train=False, crop_size=config.data.crop_size,
-                                   eval_patches=config.data.eval_patches), batch_size=config.data.eval_batch_size)
+    loader = eval_loader(config, eval_dataset(config, decoded, "test"))
     return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device)), "n": len(loader.dataset)}
 
 
-def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int) -> dict[str, Any]:
+def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None) -> dict[str, Any]:
     from iqa_ray.baselines import classical_baseline, probe_baseline
 
     device = worker_device(threads)
@@ -260,10 +267,44 @@ def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int) 
         return classical_baseline(decoded, name)
     m = config.model
     return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
-                          img_size=m.img_size or config.data.crop_size, device=device)
+                          img_size=m.img_size or config.data.crop_size, device=device,
+                          features=probe_features(features, config))
 
 
-def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float) -> dict[str, dict[str, Any]]:
+def probe_features(features: Any, config: TrainConfig) -> Any:
+    """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
+    holds them (``pooling = "stages"`` of the same frozen ImageNet backbone), else ``None``."""
+    if features is None or config.model.pooling != "stages" or config.model.pretrained_encoder:
+        return None
+    return features.stage_means()
+
+
+def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpus: float) -> Any:
+    """The dataset's frozen-backbone feature cache, computed once before any trial (``feature_cache``
+    searches), else ``None``. One Ray task with up to 4 CPUs (or a trial's GPU share)."""
+    import ray
+
+    from iqa_ray.features import compute_features
+
+    config = TrainConfig.from_dict(settings.effective_study.constants())
+    if not config.data.feature_cache:
+        return None
+    threads = max(1, min(4, int(cpus)))
+    started = time.perf_counter()
+
+    def work(decoded_images: Any) -> Any:
+        return compute_features(decoded_images, config, worker_device(threads))
+
+    task = ray.remote(work).options(num_cpus=threads, num_gpus=gpus, max_retries=1)
+    features = ray.get(task.remote(decoded))
+    print(f"[features] frozen {config.model.backbone} features of {len(features.plain)} images (and their mirror "
+          f"images) computed once in {time.perf_counter() - started:.0f} s: {features.nbytes / 1e6:.1f} MB shared "
+          "with every trial", flush=True)
+    return features
+
+
+def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float,
+                    features: Any = None) -> dict[str, dict[str, Any]]:
     """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split.
 
     One Ray task per baseline, side by side, each with one trial's resources and reading the
@@ -275,7 +316,8 @@ def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: flo
 
     task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     names = [PROBE, *BASELINES]
-    results = ray.get([task.remote(name, config, decoded, int(cpus)) for name in names])
+    results = ray.get([task.remote(name, config, decoded, int(cpus), features if name == PROBE else None)
+                       for name in names])
     return dict(zip(names, results))
 
 
@@ -325,6 +367,10 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
         print(f"test (selected model, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
               f"(validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
     for line in baseline_lines(s):
+        print(line)
+    from iqa_ray.search.splits import split_lines
+
+    for line in split_lines(s.get("splits") or {}):
         print(line)
     print(f"results: {s['experiment']}")
     for name, path in s["exports"].items():

@@ -331,7 +331,7 @@ def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None)
         definition={k: dict(v) for k, v in data.items()},
         pretraining=dict(data.get("pretraining", {})),
     )
-    _check_study(where, study)
+    check_study(where, study)
     return study
 
 
@@ -400,7 +400,7 @@ def _check_range(at: str, kind: str, low: Any, high: Any) -> tuple[float, float]
     return (int(low), int(high)) if kind in ("int", "logint") else (float(low), float(high))
 
 
-def _check_study(where: str, study: Study) -> None:
+def check_study(where: str, study: Study) -> None:
     from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS
 
     try:  # before Ray starts: a metric no trial reports would make every trial look equally bad

@@ -50,6 +50,9 @@ class SearchSettings:
     seed: int
     max_failures: int = 2
     overrides: tuple[tuple[str, Any], ...] = ()
+    splits: int = 0  # re-train the selected config on this many more random splits after the search
+    recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
+    recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
 
     def __post_init__(self) -> None:
         check_experiment_name(self.name)
@@ -63,6 +66,8 @@ class SearchSettings:
             raise StudyError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
         if self.cpus_per_trial <= 0:
             raise StudyError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+        if self.splits < 0:
+            raise StudyError(f"splits must be >= 0, got {self.splits}")
 
     @property
     def effective_study(self) -> Study:

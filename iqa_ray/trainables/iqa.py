@@ -22,12 +22,31 @@ from iqa_ray.utils.io import git_revision
 NONFINITE_MARKER = "nonfinite_loss.json"
 
 
+def with_split(decoded: DecodedImages, split_seed: int, splits: Mapping[int, Any] | None) -> DecodedImages:
+    """``decoded`` with the split of ``split_seed`` (the same images, another ``split`` column).
+
+    Without ``splits`` the decoded dataset is used as it is (search trials: ``split_seed`` is never
+    searched, so it is the one the dataset was decoded with).
+    """
+    if not splits:
+        return decoded
+    if split_seed not in splits:
+        raise ValueError(f"split_seed {split_seed} asked for, but only the splits of seeds {sorted(splits)} were "
+                         "prepared for this search")
+    table = decoded.table.copy()
+    table["split"] = list(splits[split_seed])
+    return DecodedImages(images=decoded.images, table=table, skipped=decoded.skipped)
+
+
 def iqa_trainable(
     config: Mapping[str, Any],
     *,
     decoded: DecodedImages,
     resolve: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
     cpus_per_trial: float = 1,
+    features: Any = None,
+    splits: Mapping[int, Any] | None = None,
+    score_test: bool = False,
 ) -> None:
     """Train one trial and report every epoch to Tune.
 
@@ -38,12 +57,20 @@ def iqa_trainable(
         resolve: maps a trial config to flat :class:`~iqa_ray.config.TrainConfig` keys (a study's
             derived parameters, e.g. a learning rate drawn inside its backbone's range).
         cpus_per_trial: CPU threads this trial may use.
+        features: the dataset's :class:`~iqa_ray.features.FeatureCache` (``feature_cache`` runs),
+            shared through the object store like ``decoded``.
+        splits: split seed -> the split name of every row of ``decoded``, for trials that train on
+            another random split of the same images (``--splits``); a trial whose ``split_seed`` is
+            neither the decoded one nor in here is an error, never a silent use of the wrong split.
+        score_test: score the kept weights on the test split at the end (the ``--splits`` runs,
+            each a final model of its own split); search trials report validation only.
     """
     from ray import tune
 
     device = worker_device(cpus_per_trial)
     flat = resolve(config) if resolve is not None else dict(config)
     train_config = TrainConfig.from_dict(flat)
+    decoded = with_split(decoded, train_config.data.split_seed, splits)
     context = tune.get_context()
     trial_dir = Path(context.get_trial_dir())
     marker = trial_dir / NONFINITE_MARKER
@@ -73,7 +100,8 @@ def iqa_trainable(
 
     try:
         # Trials report validation only; the search scores the trial it selects on test, once.
-        fit(train_config, decoded, device=device, resume=resume_state, on_epoch_end=report, score_test=False)
+        fit(train_config, decoded, device=device, resume=resume_state, on_epoch_end=report, score_test=score_test,
+            features=features)
     except NonFiniteLossError as exc:
         message = f"trial {context.get_trial_name()}: {exc}"
         marker.write_text(json.dumps({"message": message}))

@@ -1,0 +1,215 @@
+"""Recipes (recipes/*.toml) beside studies, the --recipe / --splits flags, and the N-split helpers."""
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from iqa_ray.config import TrainConfig
+from iqa_ray.search.launcher import LaunchError, build_parser, main, resume_settings, settings_from_args
+from iqa_ray.search.recipe import (
+    apply_recipe,
+    available_recipes,
+    default_recipe,
+    load_recipe,
+    parse_recipe,
+    resolve_recipe,
+)
+from iqa_ray.search.splits import probe_on_splits, split_columns, split_seeds, summarise_values
+from iqa_ray.search.study import StudyError, load_study
+
+LIVEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "livec-jpg"
+needs_livec = pytest.mark.skipif(not (LIVEC / "livec.csv").exists(), reason="the shared LIVE Challenge subset is absent")
+
+
+def parse(*argv, study="ranking"):
+    return build_parser(study).parse_args(list(argv))
+
+
+def test_the_built_in_recipes_load_and_set_what_their_protocol_fixes():
+    assert {"cpu", "paper"} <= set(available_recipes())
+    cpu, paper = load_recipe("cpu"), load_recipe("paper")
+    assert cpu.fixed["feature_cache"] and cpu.fixed["frozen_backbone"] and cpu.fixed["whole_image"]
+    assert paper.fixed["backbone"] == "resnet50" and paper.fixed["patches_per_image"] == 25
+    assert paper.fixed["eval_patches"] == 25 and paper.fixed["patch_placement"] == "random"
+    assert paper.splits == 10 and paper.budget["max_epochs"] == 16
+    assert paper.values_for("livec:/data/livec")["image_size"] == [500, 500]
+    assert paper.values_for("koniq:/data/koniq")["image_size"] == [512, 384]  # an alias finds its adapter
+    assert paper.values_for("spaq:/data/spaq")["short_side"] == 512
+    # Pre-generated data has its own split and sizes: real-dataset keys do not apply.
+    assert "split_fractions" not in paper.values_for("embedded")
+
+
+def test_every_value_in_a_recipe_file_has_a_comment_citing_its_source():
+    for name in available_recipes():
+        text = (Path(__file__).resolve().parents[1] / "recipes" / f"{name}.toml").read_text()
+        in_values, block_cited = False, False
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("["):
+                in_values, block_cited = stripped.startswith(("[fixed]", "[dataset.", "[study]")), False
+            elif not stripped:
+                block_cited = False  # a comment covers the lines right under it, up to a blank line
+            elif stripped.startswith("#"):
+                block_cited = True
+            elif in_values:
+                assert "#" in line or block_cited, f"recipes/{name}.toml: no source for {stripped!r}"
+
+
+def test_applying_the_cpu_recipe_keeps_searched_keys_searched_and_drops_foreign_family_keys():
+    study = load_study("ranking")
+    applied = apply_recipe(load_recipe("cpu"), study, "livec:/data/livec")
+    assert {p.name for p in applied.study.params} == {"alpha", "margin", "lr"}
+    assert applied.study.fixed["family"] == "mlp"
+    assert "multiscale" in applied.dropped and "multiscale" not in applied.study.fixed
+    assert applied.study.num_samples == 16 and applied.study.max_epochs == 20
+    text = "\n".join(applied.describe())
+    assert "recipe     feature_cache = True" in text and "dropped    multiscale" in text
+    record = json.loads(json.dumps(applied.record()))
+    assert record["name"] == "cpu" and record["applied"]["pooling"] == "stages"
+
+
+def test_a_recipe_value_for_a_searched_key_is_reported_not_applied(tmp_path):
+    recipe = parse_recipe({"recipe": {"description": "x"}, "fixed": {"lr": 1e-2, "crop_size": 96}}, name="mine")
+    applied = apply_recipe(recipe, load_study("ranking"), "embedded")
+    assert applied.searched == {"lr": 1e-2} and applied.applied == {"crop_size": 96}
+    assert "searched   lr" in "\n".join(applied.describe())
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"fixed": {"no_such_key": 1}}, "not config keys"),
+    ({"fixed": {"patches_per_image": 0}}, "patches_per_image"),
+    ({"fixed": {"epochs": 3}}, "max_epochs"),
+    ({"study": {"searcher": "grid"}}, "only the budget"),
+    ({"recipe": {"splits": -1}}, "splits"),
+    ({"dataset": {"livec": {"image_size": [8, 8]}}}, r"\[dataset.livec\]"),
+    ({"extra": {}}, "unknown tables"),
+])
+def test_bad_recipe_files_are_refused_naming_the_table_and_key(data, match):
+    with pytest.raises(StudyError, match=match):
+        parse_recipe(data, name="bad")
+
+
+def test_the_default_recipe_is_cpu_without_a_gpu_and_paper_with_one():
+    assert default_recipe(0) == "cpu"
+    assert default_recipe(2) == "paper"
+    assert default_recipe(None) in ("cpu", "paper")
+
+
+def test_a_default_recipe_that_cannot_serve_the_study_is_set_aside_with_a_note_an_explicit_one_is_an_error():
+    recipe, note = resolve_recipe(None, 0, load_study("gmm"), "embedded")
+    assert recipe is None and "n_clusters" in note and "runs as written" in note
+    with pytest.raises(StudyError, match="n_clusters"):
+        resolve_recipe("cpu", 0, load_study("gmm"), "embedded")
+    recipe, note = resolve_recipe(None, 0, load_study("backbone"), "embedded")
+    assert recipe is None and "backbone" in note
+    assert resolve_recipe("none", 0, load_study("ranking"), "embedded") == (None, None)
+
+
+def test_set_overrides_a_recipe_value_and_the_launch_records_the_recipe():
+    s = settings_from_args(parse("--gpus", "0", "--set", "hidden_dim=64"), "ranking")
+    assert s.recipe["name"] == "cpu"
+    assert s.effective_study.fixed["hidden_dim"] == 64
+    assert TrainConfig.from_dict(s.effective_study.constants()).model.hidden_dim == 64
+    assert any(line.startswith("recipe cpu") for line in s.recipe_lines)
+    plain = settings_from_args(parse("--recipe", "none"), "ranking")
+    assert plain.recipe is None and plain.effective_study.fixed["family"] == "hyperiqa"
+
+
+def test_the_paper_recipe_offline_fails_before_ray_naming_the_weights(monkeypatch, capsys):
+    monkeypatch.setattr("iqa_ray.utils.net.hub_reachable", lambda *a, **k: (False, "no network (test)"))
+    assert main(["--recipe", "paper"], study="ranking") == 2
+    err = capsys.readouterr().err
+    assert "hub" in err and "pretrained=" in err
+
+
+def test_splits_on_data_without_a_seeded_split_is_refused():
+    with pytest.raises(LaunchError, match="--splits"):
+        settings_from_args(parse("--splits", "3"), "ranking")
+    assert main(["--splits", "-1"], study="ranking") == 2
+
+
+def test_resume_re_applies_the_recorded_recipe_and_refuses_another(tmp_path):
+    from iqa_ray.search.run import write_experiment_info
+
+    args = parse("--gpus", "0", "--name", "rec", "--storage", str(tmp_path), "--set", "hidden_dim=64")
+    s = settings_from_args(args, "ranking")
+    s.local_experiment_dir().mkdir(parents=True)
+    write_experiment_info(s, args)
+    again = resume_settings(parse("--resume", "--name", "rec", "--storage", str(tmp_path)), "ranking")
+    assert again.effective_study.fixed == s.effective_study.fixed and again.recipe == s.recipe
+    with pytest.raises(LaunchError, match="--recipe"):
+        resume_settings(parse("--resume", "--name", "rec", "--storage", str(tmp_path), "--recipe", "paper"), "ranking")
+
+
+def test_split_helpers_compute_what_statistics_computes():
+    assert split_seeds(0, 3) == [1, 2, 3]
+    values = [0.8, 0.75, 0.9, 0.85, float("nan")]
+    s = summarise_values(values)
+    finite = values[:4]
+    assert s == {"median": statistics.median(finite), "mean": statistics.fmean(finite),
+                 "std": statistics.stdev(finite), "n": 4}
+    assert summarise_values([]) == {"n": 0}
+
+
+@needs_livec
+def test_other_split_seeds_draw_other_splits_of_the_same_photos_and_the_probe_is_fitted_on_each():
+    from iqa_ray.baselines import ridge_probe
+    from iqa_ray.engine import load_run_table
+
+    config = TrainConfig.from_dict({"dataset": f"livec:{LIVEC}", "split_fractions": [0.6, 0.2, 0.2]})
+    table = load_run_table(config)
+    counts = table["split"].value_counts().to_dict()
+    assert counts == {"train": 376, "val": 126, "test": 125}
+    columns = split_columns(config, table, [1, 2])
+    tests = [set(table["image_id"][np.asarray(columns[k]) == "test"]) for k in (1, 2)]
+    assert tests[0] != tests[1] and len(tests[0]) == len(tests[1]) == 125
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(len(table), 8)) + table["mos"].to_numpy()[:, None] / 50
+    probes = probe_on_splits(features, table, columns)
+    split = np.asarray(columns[2])
+    direct = ridge_probe(features, table["mos"].to_numpy(dtype=float),
+                         *(np.flatnonzero(split == s) for s in ("train", "val", "test")))
+    assert probes[2]["srcc"] == direct["srcc"]
+
+
+@pytest.fixture
+def small_livec(tmp_path):
+    """60 LIVE Challenge photos in the livec layout (a copy of the shared subset's first rows)."""
+    root = tmp_path / "livec-small"
+    (root / "Images").mkdir(parents=True)
+    table = pd.read_csv(LIVEC / "livec.csv").head(60)
+    for name in table["image"]:
+        shutil.copy(LIVEC / "Images" / name, root / "Images" / name)
+    table.to_csv(root / "livec.csv", index=False)
+    return root
+
+
+@needs_livec
+@pytest.mark.slow
+def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(small_livec, tmp_path, capsys):
+    storage = tmp_path / "results"
+    code = main(["--dataset", f"livec:{small_livec}", "--smoke-test", "--splits", "2", "--name", "e2e",
+                 "--storage", str(storage), "--gpus", "0"], study="ranking")
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    experiment = storage / "e2e"
+    summary = json.loads((experiment / "summary.json").read_text())
+    info = json.loads((experiment / "experiment.json").read_text())
+    assert info["recipe"]["name"] == "cpu" and info["splits"] == 1  # a smoke test re-trains on one split
+    assert summary["best_config"]["feature_cache"] is True
+    assert set(summary["baselines"]) == {"linear_probe", "piqe", "brisque"}
+    report = summary["splits"]
+    assert report["seeds"] == [1] and report["per_split"][0]["error"] is None
+    assert np.isfinite(report["test_srcc"]["median"]) and "probe_srcc" in report["per_split"][0]
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    split_rows = trials[trials["kind"] == "split"]
+    assert len(split_rows) == 1 and not split_rows["selected"].any()
+    assert split_rows["test_srcc"].iloc[0] == pytest.approx(report["per_split"][0]["test_srcc"])
+    assert trials[trials["kind"] == "search"]["selected"].sum() == 1
+    assert "[features]" in out and "over 1 more random splits" in out
