@@ -115,3 +115,18 @@ def test_load_table_resolves_generated_folders_and_rejects_unknown_specs(tiny_da
         load_table("no-such-dataset")
     with pytest.raises(DatasetError, match="no manifest.json"):
         load_table(str(tmp_path))
+
+
+def test_an_exact_image_size_decodes_into_one_block_equal_to_decoding_each_image(tiny_dataset):
+
+    table = generated_table(tiny_dataset.path)
+    decoded = decode_table(table, image_size=(40, 30))
+    assert isinstance(decoded.images, np.ndarray) and decoded.images.flags.c_contiguous
+    assert decoded.images.shape == (len(table), 30, 40, 3)
+    each = np.stack([decode_table(table.iloc[[i]], image_size=(40, 30)).images[0] for i in range(3)])
+    np.testing.assert_array_equal(decoded.images[:3], each)
+    bad = table.copy()
+    bad.at[1, "image"] = b"not an image"
+    kept = decode_table(bad, image_size=(40, 30), on_error="skip")
+    assert len(kept.images) == len(table) - 1 and kept.skipped[0]["row"] == 1
+    np.testing.assert_array_equal(kept.images[1], decoded.images[2])

@@ -196,7 +196,16 @@ def decode_table(
         raise DatasetError("the dataset is empty: no rows to decode")
     records = table.to_dict("records")
 
-    def work(row: dict[str, Any]) -> np.ndarray | DatasetError:
+    # With an exact image_size every image has one shape: decode straight into the one block the
+    # dataset is kept in, instead of a list of arrays stacked afterwards (which peaked at about
+    # 2.8x the decoded size: docs/PREFLIGHT.md).
+    block = None
+    if image_size is not None:
+        width, height = (int(v) for v in image_size)
+        block = np.empty((len(records), height, width, 3), dtype=np.uint8)
+
+    def work(item: tuple[int, dict[str, Any]]) -> np.ndarray | DatasetError:
+        i, row = item
         try:
             image = _decode_one(row, image_size, short_side)
         except DatasetError as exc:
@@ -206,11 +215,14 @@ def decode_table(
                 f"image {row['image_id']!r} is {image.shape[1]}x{image.shape[0]}, smaller than the crop size "
                 f"{min_size}; use a smaller crop or resize the dataset (image_size=)"
             )
+        if block is not None:
+            block[i] = image
+            return block[i]
         return image
 
     workers = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(work, records))
+        results = list(pool.map(work, enumerate(records)))
     keep, images, skipped = [], [], []
     for i, (row, result) in enumerate(zip(records, results)):
         if isinstance(result, DatasetError):
@@ -222,7 +234,11 @@ def decode_table(
         images.append(result)
     if not images:
         raise DatasetError(f"every image failed to decode ({len(skipped)} skipped); first: {skipped[0]['reason']}")
-    images = _pack(images)
+    if block is not None:
+        # The block already holds every image; only skipped rows need compacting (a copy, rare).
+        images = block if len(keep) == len(records) else block[np.asarray(keep)]
+    else:
+        images = _pack(images)
     label_table = table.iloc[keep].drop(columns=[c for c in ("image",) if c in table.columns]).reset_index(drop=True)
     return DecodedImages(images=images, table=label_table, skipped=skipped)
 
