@@ -118,7 +118,6 @@ def test_load_table_resolves_generated_folders_and_rejects_unknown_specs(tiny_da
 
 
 def test_an_exact_image_size_decodes_into_one_block_equal_to_decoding_each_image(tiny_dataset):
-
     table = generated_table(tiny_dataset.path)
     decoded = decode_table(table, image_size=(40, 30))
     assert isinstance(decoded.images, np.ndarray) and decoded.images.flags.c_contiguous
