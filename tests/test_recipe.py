@@ -213,3 +213,19 @@ def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(
     assert split_rows["test_srcc"].iloc[0] == pytest.approx(report["per_split"][0]["test_srcc"])
     assert trials[trials["kind"] == "search"]["selected"].sum() == 1
     assert "[features]" in out and "over 1 more random splits" in out
+    # The run report's table of the split re-runs, with their median and mean +- std.
+    from test_notebooks import run_notebook
+
+    _, text = run_notebook("run_report", tmp_path, IQA_EXPERIMENT=str(experiment))
+    median = report["test_srcc"]["median"]
+    assert f"1 splits: test SRCC median {median:.4f}" in text
+    _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(experiment))
+    assert "config.split_seed" not in text  # the split re-runs are not ranked with the trials
+
+
+def test_a_study_file_of_your_own_runs_as_written_unless_a_recipe_is_named(tmp_path):
+    own = tmp_path / "mine.toml"
+    own.write_text((Path(__file__).resolve().parents[1] / "search_spaces" / "ranking.toml").read_text())
+    assert resolve_recipe(None, 0, load_study(str(own)), "embedded") == (None, None)
+    recipe, note = resolve_recipe("cpu", 0, load_study(str(own)), "embedded")
+    assert recipe.name == "cpu" and note is None

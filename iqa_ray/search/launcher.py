@@ -129,8 +129,9 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     if searched:
         raise LaunchError(f"--set {', '.join(searched)}: searched by study {study.name!r}, so a fixed value would be "
                           "overridden by the searcher; drop the --set, or copy the study file and move the key to [fixed]")
-    check_weights_reachable(study, overrides)
+    # Every backbone x weights combination the search can pick, named with what to do when offline.
     check_weights({**study.fixed, **overrides}, {p.name: list(p.values or p.grid) for p in study.params})
+    check_weights_reachable(study, overrides)
     splits = args.splits if args.splits is not None else (recipe.splits if recipe is not None else 0)
     real = dataset_adapter(overrides["dataset"]) is not None
     if splits and not real:

@@ -247,6 +247,12 @@ def recipe_conflict(recipe: Recipe, study: Study, dataset: str) -> str | None:
     return None
 
 
+def _built_in(study: Study) -> bool:
+    from iqa_ray.search.study import STUDY_DIR
+
+    return study.path is not None and Path(study.path).resolve().parent == STUDY_DIR.resolve()
+
+
 def default_recipe(gpus_flag: float | None) -> str:
     """``cpu`` where no GPU is found, else ``paper``.
 
@@ -265,9 +271,11 @@ def resolve_recipe(name: str | None, gpus_flag: float | None, study: Study | Non
                    dataset: str | None = None) -> tuple[Recipe | None, str | None]:
     """The recipe a launch uses, and a note when the default one was set aside.
 
-    ``none`` gives no recipe. ``auto`` (or no ``--recipe``) picks :func:`default_recipe`; when that
-    recipe cannot serve the study (:func:`recipe_conflict`), the study runs as written and the note
-    says why. A recipe named explicitly that cannot serve the study is an error.
+    ``none`` gives no recipe. ``auto`` (or no ``--recipe``) picks :func:`default_recipe` for the
+    studies that ship in ``search_spaces/`` (a study file of your own runs as written unless a
+    recipe is named); when that recipe cannot serve the study (:func:`recipe_conflict`), the study
+    runs as written and the note says why. A recipe named explicitly that cannot serve the study is
+    an error.
 
     Raises:
         StudyError: an unknown recipe, or an explicit one that conflicts with the study.
@@ -275,6 +283,8 @@ def resolve_recipe(name: str | None, gpus_flag: float | None, study: Study | Non
     if name == NONE:
         return None, None
     explicit = name not in (None, AUTO)
+    if not explicit and study is not None and not _built_in(study):
+        return None, None  # a study file of your own is your protocol: a recipe applies when you name one
     recipe = load_recipe(name if explicit else default_recipe(gpus_flag))
     if study is None or dataset is None:
         return recipe, None
