@@ -118,8 +118,8 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
     try:
         gpus, share = resolve_gpus(args, resources)
         cpus = float(resources.get("CPU", 1))
-        check_cpus_per_trial(settings.cpus_per_trial,
-                             [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")])
+        node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        check_cpus_per_trial(settings.cpus_per_trial, node_cpus)
         # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
         settings = replace(settings, gpus_per_trial=share,
                            max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
@@ -133,7 +133,8 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         table = decoded.table
         decoded_ref = ray.put(decoded)
         del decoded
-        features = prepare_features(settings, decoded_ref, cpus=cpus, gpus=share)
+        # One task on one node: as many CPUs as the largest node has (up to 4), never the cluster total.
+        features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=share)
         # Studies with `pretraining = "ssl"` get their encoders now, before any trial is started.
         encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=share,
                                     smoke=args.smoke_test)
@@ -281,7 +282,7 @@ def probe_features(features: Any, config: TrainConfig) -> Any:
 
 def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpus: float) -> Any:
     """The dataset's frozen-backbone feature cache, computed once before any trial (``feature_cache``
-    searches), else ``None``. One Ray task with up to 4 CPUs (or a trial's GPU share)."""
+    searches), else ``None``. One Ray task with up to 4 of one node's ``cpus`` (and a trial's GPU share)."""
     import ray
 
     from iqa_ray.features import compute_features
