@@ -1,6 +1,5 @@
 """Recipes (recipes/*.toml) beside studies, the --recipe / --splits flags, and the N-split helpers."""
 
-import argparse
 import json
 import shutil
 import statistics
