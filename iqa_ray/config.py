@@ -23,7 +23,11 @@ from iqa_ray.models.registry import FAMILIES, family_arguments
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
-AMP_FORCED = "bf16"  # the one amp value that is not a bool: bfloat16 autocast on every device
+# Mixed precision: "auto" (also written true) = bfloat16 on CUDA devices that have it, float16 with a
+# gradient scaler on those that do not (V100, T4), off on CPU; "bf16" / "fp16" force that dtype on every
+# device, CPU included (how the tests run the path a GPU runs); "off" (also false) = float32.
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_FORCED = "bf16"  # bfloat16 autocast on every device
 PATCH_PLACEMENTS = ("grid", "random")
 POOLINGS = ("last", "stages")
 SELECT_EPOCHS = ("best", "last")
@@ -73,7 +77,13 @@ class DataConfig:
             gives the same patches, as HyperIQA's test protocol with a fixed seed).
         batch_size: training batch size.
         eval_batch_size: images per evaluation batch.
-        num_workers: DataLoader worker processes (0 = in the training process).
+        num_workers: DataLoader worker processes (0 = in the training process); ``None`` = sized
+            from the run's CPU share: 0 on CPU (the trial's threads compute), ``cpus - 1`` (at least
+            1, at most 8) on a GPU, whose step must not wait for crops. Workers are persistent and
+            read the decoded images in place (forked, never a copy of the cache).
+        prefetch_factor: batches each worker prepares ahead (with ``num_workers`` > 0).
+        eval_chunk: at most this many patches per evaluation forward pass (25 test patches of 64
+            images would be 1,600 at once: a trial sharing a GPU must not spike its memory).
         label_fraction: fraction of training *groups* (source photos) whose labels are used
             (the 10% / 100% label budgets of the pre-training study); val/test are untouched.
         split_seed: seed of seeded splits of real datasets.
@@ -92,7 +102,7 @@ class DataConfig:
     image_size: tuple[int, int] | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int | None = None
     label_fraction: float = 1.0
     split_seed: int = 0
     split_fractions: tuple[float, float, float] | None = None
@@ -101,6 +111,8 @@ class DataConfig:
     patches_per_image: int = 1
     patch_placement: str = "grid"
     feature_cache: bool = False
+    prefetch_factor: int = 4
+    eval_chunk: int = 64
 
     def __post_init__(self) -> None:
         require(isinstance(self.dataset, str) and self.dataset != "", "dataset must be a non-empty string")
@@ -118,8 +130,13 @@ class DataConfig:
                 f"batch_size must be an integer >= 2 (ranking pairs need two images), got {self.batch_size!r}")
         require(isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
                 f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}")
-        require(isinstance(self.num_workers, int) and self.num_workers >= 0,
-                f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        require(self.num_workers is None or (isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
+                                             and self.num_workers >= 0),
+                f"num_workers must be an integer >= 0 or None (sized from the CPU share), got {self.num_workers!r}")
+        require(isinstance(self.prefetch_factor, int) and self.prefetch_factor >= 1,
+                f"prefetch_factor must be an integer >= 1, got {self.prefetch_factor!r}")
+        require(isinstance(self.eval_chunk, int) and self.eval_chunk >= 1,
+                f"eval_chunk must be an integer >= 1 (patches per evaluation forward pass), got {self.eval_chunk!r}")
         require(finite(self.label_fraction) and 0 < self.label_fraction <= 1,
                 f"label_fraction must be in (0, 1], got {self.label_fraction!r}")
         require(isinstance(self.split_seed, int) and not isinstance(self.split_seed, bool),
@@ -275,10 +292,23 @@ class OptimConfig:
         plateau_patience, plateau_factor: reduce-on-plateau on validation SRCC.
         warmup_epochs: linear warm-up from 0 over this many epochs (fractions allowed).
         grad_clip: clip the global gradient norm to this (``None`` = off).
-        amp: mixed precision of the backbone: ``True`` = bfloat16 autocast on CUDA, off on CPU;
-            ``"bf16"`` = bfloat16 autocast on every device, CPU included (how the tests run the
-            path a GPU runs); ``False`` = off. Heads, scores, losses and metrics are float32
+        amp: mixed precision of the backbone: ``"auto"`` (or ``True``) = bfloat16 autocast on
+            CUDA devices that support it, float16 with a gradient scaler on those that do not
+            (V100, T4), off on CPU; ``"bf16"`` / ``"fp16"`` = that dtype on every device, CPU
+            included (how the tests run the paths a GPU runs; fp16 always with the scaler);
+            ``"off"`` (or ``False``) = float32. Heads, scores, losses and metrics are float32
             either way.
+        finite_check_every: check that the loss is finite every this many steps and at the end
+            of every epoch (each check waits for the device; the error still names the epoch
+            and step where the loss first went non-finite).
+        channels_last: NHWC memory layout for CNN backbones on CUDA (faster convolutions with
+            tensor cores); ignored on CPU and for transformers.
+        cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (fixed input sizes).
+        tf32: TensorFloat-32 matmuls and convolutions on CUDA devices that have them.
+        fused_optimizer: the fused CUDA kernel of Adam/AdamW (one launch per step).
+        checkpoint_every: write a checkpoint every this many epochs (and always at the last
+            one and where a scheduler may stop the trial); a killed trial resumes from the
+            newest and repeats at most ``checkpoint_every - 1`` epochs, exactly as they ran.
         seed: seed of initialisation, shuffling and augmentation.
         early_stopping_patience: stop after this many epochs without a better validation SRCC
             (standalone runs; under Tune the scheduler stops trials). ``None`` = off.
@@ -307,6 +337,12 @@ class OptimConfig:
     seed: int = 0
     early_stopping_patience: int | None = None
     select_epoch: str = "best"
+    finite_check_every: int = 50
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+    fused_optimizer: bool = True
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
@@ -332,8 +368,14 @@ class OptimConfig:
                 f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}")
         require(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
                 f"grad_clip must be None or > 0, got {self.grad_clip!r}")
-        require(isinstance(self.amp, bool) or self.amp == AMP_FORCED,
-                f"amp must be true, false or \"{AMP_FORCED}\", got {self.amp!r}")
+        require(isinstance(self.amp, bool) or self.amp in AMP_MODES,
+                f"amp must be one of {', '.join(AMP_MODES)} (or true / false), got {self.amp!r}")
+        for key in ("channels_last", "cudnn_benchmark", "tf32", "fused_optimizer"):
+            require(isinstance(getattr(self, key), bool), f"{key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("finite_check_every", "checkpoint_every"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                    f"{key} must be an integer >= 1, got {value!r}")
         require(self.early_stopping_patience is None or
                 (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 1),
                 f"early_stopping_patience must be None or >= 1, got {self.early_stopping_patience!r}")

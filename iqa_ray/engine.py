@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from iqa_ray.config import AMP_FORCED, ConfigError, TrainConfig
+from iqa_ray.config import ConfigError, TrainConfig
 from iqa_ray.data.catalog import load_table
 from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
 from iqa_ray.data.errors import DatasetError
@@ -48,6 +48,34 @@ CHECKPOINT_VERSION = 1
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class _FiniteWatch:
+    """Remembers, on the device, the first step whose loss was NaN or infinite.
+
+    ``step`` queues two tiny device ops and never waits; ``check`` reads the result (one wait)
+    and raises :class:`NonFiniteLossError` naming the epoch, the step and the loss's value.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        newly = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(newly, self.step_index, self.first_bad)
+        self.bad_value = torch.where(newly, loss, self.bad_value)
+        self.step_index += 1
+
+    def check(self, epoch: int, config: TrainConfig) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            o = config.optim
+            raise NonFiniteLossError(
+                f"training loss became {float(self.bad_value)} at epoch {epoch} (0-based), step {step}; "
+                f"lr={o.lr}, backbone_lr={o.resolved_backbone_lr}. Lower the learning rate or enable grad_clip.")
 
 
 class CheckpointError(ValueError):
@@ -110,12 +138,41 @@ class SplitLoaders:
     train_rows: np.ndarray
 
 
-def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool = True) -> SplitLoaders:
+def resolve_num_workers(config: TrainConfig, device: torch.device, cpus: int | None = None) -> int:
+    """DataLoader workers of a run: ``num_workers`` if set; else 0 on CPU, and on a GPU one fewer
+    than the run's CPU share (``cpus``, default torch's thread count, which a trial sets to
+    ``--cpus-per-trial``), at least 1 and at most 8, so crops are prepared while the GPU computes."""
+    if config.data.num_workers is not None:
+        return config.data.num_workers
+    if device.type != "cuda":
+        return 0
+    cpus = cpus if cpus is not None else torch.get_num_threads()
+    return int(min(8, max(1, cpus - 1)))
+
+
+def loader_kwargs(config: TrainConfig, device: torch.device | None = None, cpus: int | None = None) -> dict[str, Any]:
+    """Worker, pinning and prefetch settings of a run's DataLoaders.
+
+    Workers are forked, so they read the decoded images (the object store's buffer, or the
+    process's own array) in place: a worker's unique memory does not grow by the cache's size
+    (``tests/test_gpu_path.py``). They persist between epochs, and pin batches on CUDA so the copy
+    to the GPU overlaps compute.
+    """
+    device = device if device is not None else default_device()
+    workers = resolve_num_workers(config, device, cpus)
+    kw: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=config.data.prefetch_factor)
+    return kw
+
+
+def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool = True,
+                 device: torch.device | None = None, cpus: int | None = None) -> SplitLoaders:
     """Loaders of every split; ``with_test=False`` builds none for the test split."""
     d = config.data
     tr = train_indices(decoded, d.label_fraction, config.optim.seed)
     has_test = with_test and bool((decoded.table["split"] == "test").any())
-    kw = {"num_workers": d.num_workers, "persistent_workers": d.num_workers > 0, "pin_memory": torch.cuda.is_available()}
+    kw = loader_kwargs(config, device, cpus)
     train_ds = IQADataset(decoded, tr, train=True, crop_size=d.crop_size, patches_per_image=d.patches_per_image,
                           whole_image=d.whole_image)
     if not train_ds.same_size and not d.feature_cache:
@@ -146,7 +203,34 @@ def build(config: TrainConfig, device: torch.device) -> IQAModel:
         from iqa_ray.ssl import load_encoder_into  # ssl imports the engine, so import here
 
         load_encoder_into(model.backbone, os.path.expanduser(m.pretrained_encoder))
-    return model.to(device)
+    model = model.to(device)
+    if memory_format(config, device) is torch.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+CNN_PREFIXES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "vgg")
+
+
+def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format | None:
+    """``channels_last`` for CNN backbones on CUDA when the run allows it, else ``None`` (as is)."""
+    if device.type == "cuda" and config.optim.channels_last and config.model.backbone.startswith(CNN_PREFIXES):
+        return torch.channels_last
+    return None
+
+
+def configure_device(config: TrainConfig, device: torch.device) -> None:
+    """Process-wide switches of a run on ``device`` (a trial owns its process)."""
+    o = config.optim
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = o.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = o.tf32
+        torch.backends.cudnn.allow_tf32 = o.tf32
+    else:
+        # Adam's second moments of a small head decay into denormal floats, which CPUs compute
+        # an order of magnitude slower (a cached-feature epoch went from 1.2 s to 6 s); flushing
+        # them to zero changes no result that matters.
+        torch.set_flush_denormal(True)
 
 
 def build_optimizer(config: TrainConfig, model: IQAModel) -> torch.optim.Optimizer:
@@ -155,10 +239,12 @@ def build_optimizer(config: TrainConfig, model: IQAModel) -> torch.optim.Optimiz
     groups = [g for g in groups if g["params"] and g["lr"] > 0]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen or has learning rate 0")
+    # The fused kernel (one launch per step for every tensor) where every parameter is on CUDA.
+    fused = {"fused": True} if o.fused_optimizer and all(p.is_cuda for g in groups for p in g["params"]) else {}
     if o.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
@@ -274,10 +360,13 @@ def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: IQAModel, loader: DataLoader, device: torch.device,
-            amp: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+            amp: torch.dtype | None = None, chunk: int = 64,
+            memory_format: torch.memory_format | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scores and MOS of every image of ``loader``; patch scores are averaged per image.
 
-    ``amp`` is the backbone's autocast dtype (``None``: float32); scores are float32 either way.
+    Patches go through the model ``chunk`` at a time (a batch of 64 images with 25 patches each
+    would otherwise be one 1,600-patch forward pass). ``amp`` is the backbone's autocast dtype
+    (``None``: float32); scores are float32 either way.
     """
     was_training = model.training
     model.eval()
@@ -286,8 +375,15 @@ def predict(model: IQAModel, loader: DataLoader, device: torch.device,
         for batch in loader:
             images = batch["image"]
             b, p = images.shape[:2]
-            with _autocast(device, amp):
-                scores = model(to_float(images.flatten(0, 1), device))["score"].float()
+            flat = images.flatten(0, 1)
+            parts = []
+            for start in range(0, len(flat), chunk):
+                inputs = to_float(flat[start:start + chunk], device)
+                if memory_format is not None:
+                    inputs = inputs.contiguous(memory_format=memory_format)
+                with _autocast(device, amp):
+                    parts.append(model(inputs)["score"].float())
+            scores = torch.cat(parts)
             preds.append(scores.view(b, p).mean(dim=1).cpu().numpy())
             mos.append(batch["mos"].numpy())
     finally:
@@ -296,9 +392,9 @@ def predict(model: IQAModel, loader: DataLoader, device: torch.device,
 
 
 def evaluate(model: IQAModel, loader: DataLoader, device: torch.device,
-             amp: torch.dtype | None = None) -> dict[str, float]:
+             amp: torch.dtype | None = None, chunk: int = 64) -> dict[str, float]:
     """SRCC, PLCC, KRCC, RMSE and logistic PLCC of ``model`` on ``loader``."""
-    pred, mos = predict(model, loader, device, amp)
+    pred, mos = predict(model, loader, device, amp, chunk=chunk)
     return all_metrics(pred, mos)
 
 
@@ -324,18 +420,34 @@ def evaluate_dataset(model: IQAModel, config: TrainConfig, spec: str, *, split: 
     decoded = decode_for(config, table)
     rows = np.arange(len(decoded.table))
     loader = eval_loader(config, eval_dataset(config, decoded, rows))
-    return {**evaluate(model, loader, device), "n": int(len(rows))}
+    return {**evaluate(model, loader, device, chunk=config.data.eval_chunk), "n": int(len(rows))}
 
 
-def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a run's ``amp`` setting on ``device``, or ``None`` for float32.
+def amp_mode(amp: bool | str, device: torch.device, bf16_supported: bool | None = None) -> str:
+    """What a run's ``amp`` setting means on ``device``: ``"bf16"``, ``"fp16"`` or ``"off"``.
 
-    ``True`` turns bfloat16 on for CUDA only (CPU autocast is slow on CPUs without bfloat16 units);
-    ``"bf16"`` turns it on everywhere, so the CPU tests run the code path a GPU runs.
+    ``"auto"`` (or ``True``) is bfloat16 on CUDA devices that support it and float16 (with a
+    gradient scaler) on those that do not (V100, T4), off on CPU (CPU autocast is slow on CPUs
+    without bfloat16 units); ``"bf16"`` and ``"fp16"`` force that dtype everywhere, so the CPU
+    tests run the paths a GPU runs. ``bf16_supported`` overrides the device query (tests).
     """
-    if amp == AMP_FORCED or (amp is True and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    if amp is False or amp == "off":
+        return "off"
+    if amp in ("bf16", "fp16"):
+        return str(amp)
+    if device.type != "cuda":
+        return "off"
+    if bf16_supported is None:
+        bf16_supported = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return "bf16" if bf16_supported else "fp16"
+
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def autocast_dtype(amp: bool | str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of a run's ``amp`` setting on ``device`` (:func:`amp_mode`), or ``None`` for float32."""
+    return _AMP_DTYPES[amp_mode(amp, device, bf16_supported)]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
@@ -376,6 +488,8 @@ class EpochResult:
     metrics: dict[str, float]
     is_best: bool
     save: Callable[[str | os.PathLike[str]], Path]
+    # whether this epoch should be checkpointed: every ``checkpoint_every`` epochs and at the end
+    checkpoint_due: bool = True
 
 
 @dataclass
@@ -397,20 +511,25 @@ def default_device() -> torch.device:
 class _ImageFeed:
     """Batches of decoded images through the whole model (the usual run)."""
 
-    def __init__(self, loaders: SplitLoaders, device: torch.device, amp: torch.dtype | None) -> None:
-        self.loaders, self.device, self.amp = loaders, device, amp
+    def __init__(self, loaders: SplitLoaders, device: torch.device, amp: torch.dtype | None, chunk: int = 64,
+                 memory_format: torch.memory_format | None = None) -> None:
+        self.loaders, self.device, self.amp, self.chunk = loaders, device, amp, chunk
+        self.memory_format = memory_format
         self.steps_per_epoch = max(1, len(loaders.train))
 
     def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.loaders.train:
-            yield to_float(batch["image"], self.device), batch["mos"].to(self.device, non_blocking=True).float()
+            images = to_float(batch["image"], self.device)
+            if self.memory_format is not None:
+                images = images.contiguous(memory_format=self.memory_format)
+            yield images, batch["mos"].to(self.device, non_blocking=True).float()
 
     def forward(self, model: IQAModel, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with _autocast(self.device, self.amp):
             return model(inputs)
 
     def predict(self, model: IQAModel, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return predict(model, getattr(self.loaders, split), self.device, self.amp)
+        return predict(model, getattr(self.loaders, split), self.device, self.amp, self.chunk, self.memory_format)
 
     def has(self, split: str) -> bool:
         return getattr(self.loaders, split) is not None
@@ -491,6 +610,7 @@ def fit(
     max_epochs: int | None = None,
     score_test: bool = True,
     features: Any = None,
+    cpus: int | None = None,
 ) -> FitResult:
     """Train ``config`` and evaluate the best-by-validation model on the test split.
 
@@ -507,6 +627,8 @@ def fit(
             selects, once (a test figure per trial invites choosing on test).
         features: with ``feature_cache``, the :class:`~iqa_ray.features.FeatureCache` of
             ``decoded`` (shared between runs); computed here if None.
+        cpus: the run's CPU share, which sizes its DataLoader workers on a GPU
+            (:func:`resolve_num_workers`); default torch's thread count.
 
     Returns:
         History, best epoch and validation metrics, and test metrics of the best model (``None``
@@ -517,14 +639,14 @@ def fit(
     """
     device = torch.device(device) if device is not None else default_device()
     o = config.optim
-    if device.type == "cpu":
-        # Adam's second moments of a small head decay into denormal floats, which CPUs compute
-        # an order of magnitude slower (a cached-feature epoch went from 1.2 s to 6 s); flushing
-        # them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
+    configure_device(config, device)
     seed_everything(o.seed)
     decoded = decoded if decoded is not None else load_decoded(config)
-    amp = autocast_dtype(o.amp, device)
+    mode = amp_mode(o.amp, device)
+    amp = _AMP_DTYPES[mode]
+    # float16's range is narrow: the loss is scaled up for backward and the step skipped when
+    # a gradient overflowed (bfloat16 has float32's range and needs no scaler).
+    scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")
     if config.data.feature_cache:
         from iqa_ray.features import compute_features
 
@@ -534,8 +656,9 @@ def fit(
         feed: _ImageFeed | _CachedFeed = _CachedFeed(config, decoded, features, device, with_test=score_test)
         train_mos = decoded.table["mos"].to_numpy(np.float64)[feed.rows["train"].numpy()]
     else:
-        loaders = make_loaders(config, decoded, with_test=score_test)
-        feed, train_mos = _ImageFeed(loaders, device, amp), loaders.train_mos
+        loaders = make_loaders(config, decoded, with_test=score_test, device=device, cpus=cpus)
+        feed = _ImageFeed(loaders, device, amp, config.data.eval_chunk, memory_format(config, device))
+        train_mos = loaders.train_mos
     model = build(config, device)
     model.set_label_stats(float(train_mos.mean()), float(max(train_mos.std(), 1e-3)))
     optimizer = build_optimizer(config, model)
@@ -559,7 +682,11 @@ def fit(
         best_epoch = int(state["best_epoch"])
         best_val = json.loads(state["best_val"])
         best_state = state["best_model"]
+        if best_state is None and best_epoch >= 0:  # the kept weights were this checkpoint's own
+            best_state = {k: v.detach().clone().cpu() for k, v in state["model"].items()}
         bad_epochs = int(state["bad_epochs"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
 
     model.train()
     if start_epoch == 0:
@@ -573,8 +700,11 @@ def fit(
         seed_everything(epoch_seed(o.seed, epoch))
         model.on_epoch_start(epoch, feed.feature_batches())
         model.train()
-        sums: dict[str, float] = {}
+        # Nothing in the step waits for the device: loss parts are summed on it, and whether the
+        # loss stayed finite is read every ``finite_check_every`` steps and at the end of the epoch.
+        sums: dict[str, torch.Tensor] = {}
         n_images, n_steps = 0, 0
+        watch = _FiniteWatch(device)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         started = time.perf_counter()
         for inputs, target in feed.train_batches():
@@ -582,21 +712,24 @@ def fit(
             outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
             losses = model.compute_loss(outputs, target)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"training loss became {loss.item()} at epoch {epoch} (0-based), step {n_steps}; "
-                    f"lr={o.lr}, backbone_lr={o.resolved_backbone_lr}. Lower the learning rate or enable grad_clip."
-                )
+            watch.step(loss)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if o.grad_clip is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(trained, o.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             n_steps += 1
-            n_images += target.shape[0]
+            n = target.shape[0]
+            n_images += n
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * target.shape[0]
+                part = value.detach().float() * n
+                sums[key] = sums[key] + part if key in sums else part
+            if n_steps % o.finite_check_every == 0:
+                watch.check(epoch, config)
+        watch.check(epoch, config)  # waits for the device: the epoch's time below is real
         train_seconds = time.perf_counter() - started
         val = all_metrics(*feed.predict(model, "val"))
         schedule.epoch_end(epoch, val["srcc"])
@@ -612,7 +745,7 @@ def fit(
         stop_early = o.early_stopping_patience is not None and bad_epochs >= o.early_stopping_patience
         metrics = {
             "epoch": epoch + 1,  # epochs completed, as Tune's training_iteration counts
-            **{f"train_{k}": v / max(n_images, 1) for k, v in sums.items()},
+            **{f"train_{k}": float(v) / max(n_images, 1) for k, v in sums.items()},
             **{f"val_{k}": v for k, v in val.items()},
             **{f"lr_{k}": v for k, v in lrs.items()},
             "images_per_s": n_images / train_seconds if train_seconds > 0 else float("nan"),
@@ -625,16 +758,22 @@ def fit(
             metrics["gpu_peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         history.append(metrics)
 
-        def save(directory: str | os.PathLike[str], _epoch: int = epoch) -> Path:
+        def save(directory: str | os.PathLike[str], _epoch: int = epoch, _kept_is_current: bool = is_best) -> Path:
+            # What resume needs, each tensor once: the kept (best or last) weights are stored
+            # apart from the current ones only when they differ (``best_model: None`` = the same).
             target = Path(directory) / CHECKPOINT_FILE
             save_checkpoint(target, {
                 "format": "iqa-ray", "version": CHECKPOINT_VERSION, "epoch": _epoch,
                 "config": json.dumps(config.to_dict()), "git_revision": git_revision(),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "rng": rng_state(), "history": json.dumps(history), "best_epoch": best_epoch,
-                "best_val": json.dumps(best_val), "best_model": best_state, "bad_epochs": bad_epochs,
+                "best_val": json.dumps(best_val), "best_model": None if _kept_is_current else best_state,
+                "bad_epochs": bad_epochs,
             })
             return target
+
+        checkpoint_due = (epoch + 1) % o.checkpoint_every == 0 or epoch == o.epochs - 1 or stop_early
 
         if (epoch == o.epochs - 1 or stop_early) and feed.has("test") and best_state is not None:
             # The run ends here: score the selected (best-by-validation) weights on the test split
@@ -646,7 +785,8 @@ def fit(
             test = all_metrics(*test_predictions)
             metrics.update({f"test_{k}": v for k, v in test.items()})
         if on_epoch_end is not None:
-            on_epoch_end(EpochResult(epoch=epoch, metrics=metrics, is_best=is_best, save=save))
+            on_epoch_end(EpochResult(epoch=epoch, metrics=metrics, is_best=is_best, save=save,
+                                     checkpoint_due=checkpoint_due))
         if stop_early:
             stopped_early = True
             break

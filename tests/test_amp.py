@@ -70,10 +70,15 @@ def test_label_scale_map_is_float32_for_a_bfloat16_input():
 def test_amp_setting_chooses_the_autocast_dtype_and_rejects_other_values():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype(True, cpu) is None  # bf16 on CPU only when asked for
-    assert autocast_dtype(True, cuda) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is None
+    # "auto" / true on CUDA: bfloat16 where the device has it, float16 (with a scaler) where not
+    assert autocast_dtype(True, cuda, bf16_supported=True) is torch.bfloat16
+    assert autocast_dtype("auto", cuda, bf16_supported=False) is torch.float16
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("fp16", cpu) is torch.float16
     assert autocast_dtype(False, cuda) is None
-    with pytest.raises(ConfigError, match="amp must be true, false or \"bf16\""):
+    assert autocast_dtype("off", cuda) is None
+    with pytest.raises(ConfigError, match="amp must be one of auto, bf16, fp16, off"):
         TrainConfig.from_dict({"amp": "fp8"})
 
 

@@ -824,7 +824,7 @@ def summary_lines(ds: GeneratedDataset) -> list[str]:
         f"{s['per_split']['test']} test), failed {s['failed']}",
         f"photos    {len(refs)} source photos, split by photo: "
         + ", ".join(f"{sp}={sum(1 for r in refs if r['split'] == sp)}" for sp in ("train", "val", "test")),
-        f"types     " + ", ".join(f"{k}:{v}" for k, v in s["per_type"].items()),
+        "types     " + ", ".join(f"{k}:{v}" for k, v in s["per_type"].items()),
         f"labels    default={m['default_label']} (columns mos_severity, mos_ssim; 0-100, higher is better)",
         f"speed     {s['images_per_s']} images/s with engine={s['engine']}, elapsed {s['elapsed_s']} s",
     ]

@@ -42,7 +42,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -488,12 +488,15 @@ def preflight_decoded(
     budget = decoded_budget(available_memory=available_memory, object_store_bytes=object_store_bytes)
     if estimate.nbytes <= budget.limit:
         return estimate
-    short_side_bytes = None
+    short_side_bytes: Callable[[int], float] | None = None
     if estimate.sizes:
         scale = estimate.n_images / len(estimate.sizes)
+        sizes = estimate.sizes
 
-        def short_side_bytes(side: int) -> float:
-            return scale * sum(w * h * 3 for w, h in (short_side_size(sw, sh, side) for sw, sh in estimate.sizes))
+        def _short_side_bytes(side: int) -> float:
+            return scale * sum(w * h * 3 for w, h in (short_side_size(sw, sh, side) for sw, sh in sizes))
+
+        short_side_bytes = _short_side_bytes
 
     raise PreflightError(_refusal(estimate.nbytes, budget, n_images=estimate.n_images,
                                   image_size=image_size if image_size is not None else estimate.typical_size,

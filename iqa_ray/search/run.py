@@ -30,6 +30,7 @@ from iqa_ray.search.tuner import (
     build_tuner,
     close_orphaned_optuna_trials,
     restore_tuner,
+    stop_epochs,
 )
 from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.selection import kept_report, select_trial
@@ -145,7 +146,8 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
             write_experiment_info(settings, args)
         trainable = tune.with_resources(
             tune.with_parameters(iqa_trainable, decoded=decoded_ref, resolve=settings.effective_study.resolve,
-                                 cpus_per_trial=settings.cpus_per_trial, features=features),
+                                 cpus_per_trial=settings.cpus_per_trial, features=features,
+                                 stop_epochs=stop_epochs(settings)),
             {"cpu": settings.cpus_per_trial, "gpu": share},
         )
         started = time.perf_counter()
@@ -257,7 +259,8 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, 
     with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
         model, config = model_from_checkpoint(directory, device=device)
     loader = eval_loader(config, eval_dataset(config, decoded, "test"))
-    return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device)), "n": len(loader.dataset)}
+    return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk),
+            "n": len(loader.dataset)}
 
 
 def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None) -> dict[str, Any]:

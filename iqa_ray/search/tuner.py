@@ -182,6 +182,24 @@ def make_scheduler(settings: SearchSettings) -> Any:
     return FIFOScheduler()
 
 
+def stop_epochs(settings: SearchSettings) -> tuple[int, ...]:
+    """Epochs (counted from 1) after which the search's scheduler may stop a trial.
+
+    A trial checkpoints there whatever its ``checkpoint_every``, so a stopped trial's final report
+    always comes with its weights. ASHA's rungs are ``grace_period * reduction_factor**k``;
+    HyperBand's brackets stop trials at many epochs, so every epoch is one.
+    """
+    if settings.scheduler == "asha":
+        rungs, t = [], settings.grace_period
+        while t < settings.max_epochs:
+            rungs.append(t)
+            t *= settings.reduction_factor
+        return tuple(rungs)
+    if settings.scheduler == "hyperband":
+        return tuple(range(1, settings.max_epochs + 1))
+    return ()
+
+
 def trial_dirname(trial: Any) -> str:
     """Trial folders are named from the trial id only, never from config values (no path escape)."""
     return f"trial_{trial.trial_id}"

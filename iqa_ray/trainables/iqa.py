@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from iqa_ray.config import TrainConfig
 from iqa_ray.data.dataset import DecodedImages
@@ -47,6 +47,7 @@ def iqa_trainable(
     features: Any = None,
     splits: Mapping[int, Any] | None = None,
     score_test: bool = False,
+    stop_epochs: Sequence[int] = (),
 ) -> None:
     """Train one trial and report every epoch to Tune.
 
@@ -64,6 +65,9 @@ def iqa_trainable(
             neither the decoded one nor in here is an error, never a silent use of the wrong split.
         score_test: score the kept weights on the test split at the end (the ``--splits`` runs,
             each a final model of its own split); search trials report validation only.
+        stop_epochs: epochs (from 1) where the search's scheduler may stop the trial
+            (:func:`iqa_ray.search.tuner.stop_epochs`): reported with a checkpoint whatever the
+            run's ``checkpoint_every``, so a stopped trial keeps its weights.
     """
     from ray import tune
 
@@ -93,7 +97,12 @@ def iqa_trainable(
             "git_revision": git_revision(),
             "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
 
+    must_checkpoint = set(stop_epochs)
+
     def report(epoch: EpochResult) -> None:
+        if not (epoch.checkpoint_due or epoch.epoch + 1 in must_checkpoint):
+            tune.report({**epoch.metrics, **node})
+            return
         with tempfile.TemporaryDirectory() as directory:
             epoch.save(directory)
             tune.report({**epoch.metrics, **node}, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -101,7 +110,7 @@ def iqa_trainable(
     try:
         # Trials report validation only; the search scores the trial it selects on test, once.
         fit(train_config, decoded, device=device, resume=resume_state, on_epoch_end=report, score_test=score_test,
-            features=features)
+            features=features, cpus=max(1, int(cpus_per_trial)))
     except NonFiniteLossError as exc:
         message = f"trial {context.get_trial_name()}: {exc}"
         marker.write_text(json.dumps({"message": message}))

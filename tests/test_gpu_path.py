@@ -1,0 +1,314 @@
+"""The GPU path, tested where it can be on CPU: a step that never waits for the device, fp16 with a
+gradient scaler and bf16, chunked evaluation, DataLoader workers that read the decoded images in
+place, and checkpoints that hold each tensor once, every ``checkpoint_every`` epochs."""
+
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.data.dataset import DecodedImages, IQADataset
+from iqa_ray.engine import (
+    NonFiniteLossError,
+    build,
+    build_optimizer,
+    eval_dataset,
+    eval_loader,
+    fit,
+    load_checkpoint,
+    load_decoded,
+    loader_kwargs,
+    make_loaders,
+    memory_format,
+    predict,
+)
+from iqa_ray.features import compute_features
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def cached(tiny_dataset, **kw):
+    base = {"dataset": str(tiny_dataset.path), "crop_size": 32, "whole_image": True, "feature_cache": True,
+            "family": "mlp", "pooling": "stages", "frozen_backbone": True, "pretrained": "offline",
+            "hidden_dim": 32, "batch_size": 4, "epochs": 2, "lr": 3e-3, "patches_per_image": 2, "amp": False}
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def images_run(tiny_dataset, **kw):
+    base = {"dataset": str(tiny_dataset.path), "crop_size": 48, "batch_size": 8, "eval_batch_size": 32,
+            "epochs": 2, "lr": 3e-3, "family": "mlp", "hidden_dim": 16, "pretrained": "offline"}
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def decoded(tiny_dataset):
+    return load_decoded(cached(tiny_dataset))
+
+
+@pytest.fixture(scope="module")
+def features(tiny_dataset, decoded):
+    return compute_features(decoded, cached(tiny_dataset))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+SYNCING = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy")
+
+
+def count_host_reads(monkeypatch):
+    """Count every call from iqa-ray's code to a Tensor method that makes the host wait for a
+    device's result (torch's own optimisers keep their step counters on the host by design)."""
+    counts = {"n": 0}
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "iqa_ray" + os.sep
+    for name in SYNCING:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                counts["n"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_the_training_step_never_waits_for_the_device(tiny_dataset, decoded, features, monkeypatch):
+    """Three times the steps per epoch, the same number of host reads: none of them is per step."""
+    runs = {}
+    for repeats in (2, 6):
+        config = cached(tiny_dataset, patches_per_image=repeats, finite_check_every=10_000)
+        with monkeypatch.context() as m:
+            counts = count_host_reads(m)
+            steps = []
+            fit(config, decoded, features=features, score_test=False,
+                on_epoch_end=lambda e: steps.append(e.metrics["epoch"]))
+        runs[repeats] = counts["n"]
+    assert runs[2] > 0  # the counter works: the epoch-end checks and metrics read results
+    assert runs[6] == runs[2]
+
+
+def test_finiteness_is_read_every_n_steps_and_still_names_the_first_bad_step(tiny_dataset, decoded, features,
+                                                                             monkeypatch):
+    from iqa_ray.models.mlp import MLPIQA
+
+    real = MLPIQA.compute_loss
+    calls = {"n": 0}
+
+    def poisoned_at_step_3(self, outputs, target):
+        losses = real(self, outputs, target)
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 3 of epoch 0 (0-based)
+            losses["loss"] = losses["loss"] * float("inf")
+        return losses
+
+    monkeypatch.setattr(MLPIQA, "compute_loss", poisoned_at_step_3)
+    for every in (1, 1000):
+        calls["n"] = 0
+        with pytest.raises(NonFiniteLossError, match=r"became inf at epoch 0 \(0-based\), step 3;"):
+            fit(cached(tiny_dataset, finite_check_every=every), decoded, features=features)
+
+
+def test_check_and_checkpoint_periods_are_validated():
+    for key in ("finite_check_every", "checkpoint_every"):
+        with pytest.raises(ConfigError, match=f"{key} must be an integer >= 1, got 0"):
+            TrainConfig.from_dict({key: 0})
+    with pytest.raises(ConfigError, match="eval_chunk must be an integer >= 1"):
+        TrainConfig.from_dict({"eval_chunk": 0})
+    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+        TrainConfig.from_dict({"channels_last": "yes"})
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.slow  # float16 convolutions are emulated on CPU: about 10 s per epoch here
+def test_an_fp16_run_uses_the_gradient_scaler_and_resumes_exactly(tiny_dataset, tmp_path):
+    """fp16 autocast (CPU here, the V100/T4 path on CUDA): finite float32 losses and scores, the
+    scaler's state in the checkpoint, and a resumed run equal to an uninterrupted one."""
+    config = images_run(tiny_dataset, amp="fp16", epochs=2, crop_size=32)
+    decoded = load_decoded(config)
+    whole = fit(config, decoded, device="cpu")
+    assert all(np.isfinite(h["train_loss"]) for h in whole.history)
+    pred, _ = whole.test_predictions
+    assert pred.dtype == np.float64 and len(np.unique(pred)) == len(pred)
+
+    first = fit(config, decoded, device="cpu", max_epochs=1,
+                on_epoch_end=lambda e: e.save(tmp_path))
+    state = load_checkpoint(tmp_path)
+    assert state["scaler"]["scale"] > 0  # the loss scale travels with the checkpoint
+    resumed = fit(config, decoded, device="cpu", resume=tmp_path)
+    assert len(first.history) == 1
+    assert [h["val_srcc"] for h in resumed.history] == [h["val_srcc"] for h in whole.history]
+    assert resumed.test == whole.test
+
+
+def test_a_float32_run_stores_no_scaler_state(tiny_dataset, decoded, features, tmp_path):
+    fit(cached(tiny_dataset, epochs=1), decoded, features=features, on_epoch_end=lambda e: e.save(tmp_path))
+    assert load_checkpoint(tmp_path)["scaler"] == {}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_in_chunks_gives_the_scores_of_one_pass(tiny_dataset):
+    config = images_run(tiny_dataset, eval_patches=5)
+    decoded = load_decoded(config)
+    model = build(config, CPU)
+    model.set_label_stats(50.0, 20.0)
+    loader = eval_loader(config, eval_dataset(config, decoded, "val"))
+    whole, mos = predict(model, loader, CPU, chunk=10_000)
+    chunked, mos2 = predict(model, loader, CPU, chunk=3)  # 3 does not divide 5 patches per image
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mos, mos2)
+
+
+def test_evaluation_forward_passes_never_exceed_the_chunk(tiny_dataset):
+    config = images_run(tiny_dataset, eval_patches=5, eval_chunk=7, eval_batch_size=32)
+    decoded = load_decoded(config)
+    model = build(config, CPU)
+    model.set_label_stats(50.0, 20.0)
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    try:
+        predict(model, eval_loader(config, eval_dataset(config, decoded, "val")), CPU, chunk=config.data.eval_chunk)
+    finally:
+        handle.remove()
+    assert max(sizes) == 7 and sum(sizes) == 5 * len(decoded.split_indices("val"))
+
+
+# ----------------------------------------------------------------------------- CUDA-only switches
+
+
+def test_device_switches_apply_where_they_are_safe(tiny_dataset):
+    resnet = images_run(tiny_dataset, backbone="resnet18", pretrained="none")
+    assert memory_format(resnet, CUDA) is torch.channels_last
+    assert memory_format(resnet, CPU) is None
+    assert memory_format(resnet.replace(channels_last=False), CUDA) is None
+    swin = images_run(tiny_dataset, backbone="swin_tiny_patch4_window7_224", pretrained="none", crop_size=224)
+    assert memory_format(swin, CUDA) is None  # transformers keep their layout
+    model = build(images_run(tiny_dataset), CPU)
+    optimizer = build_optimizer(images_run(tiny_dataset), model)
+    assert not optimizer.defaults.get("fused")  # fused kernels are for CUDA parameters only
+
+
+def test_loader_workers_are_sized_from_the_cpu_share_on_a_gpu(tiny_dataset):
+    auto = images_run(tiny_dataset)
+    assert auto.data.num_workers is None
+    assert loader_kwargs(auto, CPU, cpus=4) == {"num_workers": 0, "pin_memory": False}
+    assert loader_kwargs(auto, CUDA, cpus=4) == {"num_workers": 3, "pin_memory": True, "persistent_workers": True,
+                                                 "prefetch_factor": 4}
+    assert loader_kwargs(auto, CUDA, cpus=1)["num_workers"] == 1  # never 0 beside a GPU
+    assert loader_kwargs(auto, CUDA, cpus=64)["num_workers"] == 8
+    assert loader_kwargs(images_run(tiny_dataset, num_workers=2), CPU)["num_workers"] == 2
+    with pytest.raises(ConfigError, match="num_workers must be an integer >= 0 or None"):
+        TrainConfig.from_dict({"num_workers": -1})
+
+
+class _MemoryProbe(IQADataset):
+    """IQADataset that reports the worker's pid and unique memory (USS: pages no other process
+    shares); ``copy_cache`` makes the worker copy the decoded images, as a pickled dataset would."""
+
+    copy_cache = False
+
+    def __getitem__(self, i):
+        import psutil
+
+        process = psutil.Process()
+        if not hasattr(self, "_base"):  # this worker's first item: its memory before reading any image
+            self._base = process.memory_full_info().uss
+            if self.copy_cache:
+                self._copy = np.array(self.decoded.images)
+        item = super().__getitem__(i)
+        return {**item, "pid": os.getpid(), "uss": process.memory_full_info().uss - self._base}
+
+
+def worker_uss_growth(decoded, n, copy_cache):
+    config = TrainConfig.from_dict({"num_workers": 2, "crop_size": 32, "whole_image": True})
+    kw = loader_kwargs(config, CPU)
+    assert kw["num_workers"] == 2 and kw["persistent_workers"]
+    dataset = _MemoryProbe(decoded, np.arange(n), train=False, crop_size=32, whole_image=True)
+    dataset.copy_cache = copy_cache
+    loader = torch.utils.data.DataLoader(dataset, batch_size=20, shuffle=False, **kw)
+    growth, seen = {}, []
+    for batch in loader:
+        seen.append(batch["image"][:, 0])
+        for pid, uss in zip(batch["pid"].tolist(), batch["uss"].tolist()):
+            growth[pid] = max(growth.get(pid, 0), uss)
+    # the workers delivered every image, intact
+    assert torch.equal(torch.cat(seen), torch.from_numpy(decoded.images).permute(0, 3, 1, 2))
+    assert len(growth) == 2
+    return growth
+
+
+def test_loader_workers_read_the_decoded_images_without_copying_them():
+    n, side = 1000, 192  # 110 MB of decoded images, every one read whole by the two workers
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
+    table = pd.DataFrame({"split": ["val"] * n, "mos": rng.uniform(0, 100, n), "group": np.arange(n).astype(str)})
+    decoded = DecodedImages(images=images, table=table)
+    # The workers own almost none of the images: they read the parent's pages in place.
+    for pid, growth in worker_uss_growth(decoded, n, copy_cache=False).items():
+        assert growth < 0.1 * images.nbytes, (pid, growth)
+    # The measure sees a copy when there is one.
+    for pid, growth in worker_uss_growth(decoded, n, copy_cache=True).items():
+        assert growth > 0.9 * images.nbytes, (pid, growth)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_hold_each_tensor_once_and_resume_exactly_from_any_of_them(tiny_dataset, decoded, features,
+                                                                                tmp_path):
+    config = cached(tiny_dataset, epochs=4, select_epoch="best")
+    whole = fit(config, decoded, features=features)
+    saved = []
+
+    def save(e):
+        saved.append((e.epoch, e.is_best, e.save(tmp_path / str(e.epoch))))
+
+    fit(config, decoded, features=features, on_epoch_end=save)
+    assert len(saved) == 4
+    for epoch, is_best, path in saved:
+        state = load_checkpoint(path)
+        # The kept weights are stored apart only when they are not this epoch's own.
+        assert (state["best_model"] is None) == is_best
+        resumed = fit(config, decoded, features=features, resume=path)
+        assert [h["val_srcc"] for h in resumed.history] == [h["val_srcc"] for h in whole.history], epoch
+        assert resumed.test == whole.test and resumed.best_epoch == whole.best_epoch
+
+
+def test_checkpoint_every_marks_the_epochs_due_and_always_the_last(tiny_dataset, decoded, features):
+    due = []
+    fit(cached(tiny_dataset, epochs=5, checkpoint_every=2), decoded, features=features,
+        on_epoch_end=lambda e: due.append(e.checkpoint_due))
+    assert due == [False, True, False, True, True]
+
+
+def test_schedulers_stop_epochs_are_checkpointed():
+    from iqa_ray.search.tuner import stop_epochs
+
+    class Settings:
+        def __init__(self, scheduler, max_epochs=20, grace_period=4, reduction_factor=2):
+            self.scheduler, self.max_epochs = scheduler, max_epochs
+            self.grace_period, self.reduction_factor = grace_period, reduction_factor
+
+    assert stop_epochs(Settings("asha")) == (4, 8, 16)
+    assert stop_epochs(Settings("asha", max_epochs=9, grace_period=1, reduction_factor=3)) == (1, 3)
+    assert stop_epochs(Settings("hyperband", max_epochs=5)) == (1, 2, 3, 4, 5)
+    assert stop_epochs(Settings("none")) == ()
+
+
+def test_a_run_on_images_still_trains_with_the_new_step(tiny_dataset):
+    config = images_run(tiny_dataset, epochs=3)
+    decoded = load_decoded(config)
+    result = fit(config, decoded)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert make_loaders(config, decoded).train.num_workers == 0  # CPU: the trial's threads compute
