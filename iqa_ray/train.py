@@ -54,7 +54,7 @@ _COMMON = [
     ("--n-clusters", "n_clusters", int, "GMM clusters (family gmm)"),
     ("--patience", "early_stopping_patience", int, "early stopping patience on validation SRCC"),
     ("--seed", "seed", int, "random seed"),
-    ("--num-workers", "num_workers", int, "DataLoader workers"),
+    ("--num-workers", "num_workers", int, "DataLoader workers (default: 0 on CPU; on a GPU, CPU threads - 1, 1 to 8)"),
 ]
 
 
@@ -125,6 +125,8 @@ class RunWriter:
             if key != "epoch":
                 self.tb.add_scalar(key, value, epoch.metrics["epoch"])
         self.tb.flush()
+        if not (epoch.checkpoint_due or epoch.is_best):  # checkpoint_every; best.pt below needs this epoch's
+            return
         epoch.save(self.out)  # checkpoint.pt, atomically replaced
         if epoch.is_best:
             state = load_checkpoint(self.out)

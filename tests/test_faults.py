@@ -134,6 +134,44 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(tmp_path):
     assert after.epoch.min() == done_before + 1, "no epoch before the checkpoint was trained again"
 
 
+def test_a_trial_checkpointing_every_other_epoch_repeats_the_lost_epoch_exactly(tmp_path):
+    """checkpoint_every=2: killed early in epoch 4, the trial resumes from epoch 2's checkpoint and
+    trains epoch 3 again with the same result, then finishes."""
+    # 4 draws per image per epoch: epochs of several seconds, so the kill lands inside epoch 4
+    study = write_study(tmp_path, num_samples=1, max_epochs=4, extra_fixed="checkpoint_every = 2\npatches_per_image = 4")
+    log = tmp_path / "log.txt"
+    proc = start(launcher(study, tmp_path, "every2"), log)
+    try:
+        exp = tmp_path / "every2"
+
+        def after_epoch_three():
+            for trial in exp.glob("trial_*"):
+                rows = results(trial)
+                if rows and rows[-1]["epoch"] >= 3:
+                    return trial, rows[-1]["pid"]
+            return None
+
+        trial, pid = wait_for(after_epoch_three, 300, "epoch 3 of the trial", proc, log)
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    rows = results(trial)  # every report, the lost epoch's included
+    first = [r for r in rows if r["pid"] == pid]
+    after = [r for r in rows if r["pid"] != pid]
+    assert [r["epoch"] for r in first] == [1, 2, 3], "killed before epoch 4 ended"
+    assert [r["epoch"] for r in after] == [3, 4]
+    assert all(r["resumed_from_epoch"] == 2 for r in after), "resumed from the newest checkpoint, epoch 2's"
+    # the repeated epoch is the same epoch: training is seeded per (seed, epoch) and resumes exactly
+    assert after[0]["val_srcc"] == first[2]["val_srcc"]
+    assert after[0]["train_loss"] == pytest.approx(first[2]["train_loss"], rel=1e-6)
+    epochs = pd.read_parquet(exp / "epochs.parquet")
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 1 and trials.status.iloc[0] == "TERMINATED" and trials.stop_epoch.iloc[0] == 4
+    assert sorted(epochs.epoch) == [1, 2, 3, 4], "the export keeps one report per epoch"
+
+
 def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
     import optuna
 
