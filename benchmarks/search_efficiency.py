@@ -28,13 +28,11 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from iqa_ray.config import TrainConfig
 from iqa_ray.data.catalog import ensure_embedded, generated_table
 from iqa_ray.data.dataset import decode_table
 from iqa_ray.search.study import load_study

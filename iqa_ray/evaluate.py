@@ -46,8 +46,8 @@ SHOWN_METRICS = (("srcc", "SRCC"), ("plcc", "PLCC"), ("krcc", "KRCC"), ("rmse", 
 # Evaluation settings of the recorded config printed above the table (those the config has).
 EVAL_SETTINGS = ("crop_size", "eval_patches", "image_size", "short_side", "whole_image", "patch_placement",
                  "label", "split_seed")
-ACCEPTED_FORMS = ("an experiment folder (holding summary.json), a run folder holding a checkpoint "
-                  "(checkpoint.pt), or a checkpoint file")
+ACCEPTED_FORMS = ("an experiment folder (holding summary.json), a trial folder of a search (holding params.json "
+                  "and checkpoint_* folders), a run folder holding a checkpoint (checkpoint.pt), or a checkpoint file")
 OWN_NOTE = "own dataset: its held-out test split (the model trained on its train split and was selected on val)"
 OWN_REPEATED_NOTE = "; also given as --dataset: scored on its test split only, never whole"
 CROSS_NOTE = "never seen in training: every image scored"
@@ -122,6 +122,11 @@ def resolve_source(path: str | os.PathLike[str]) -> Source:
         return _experiment_source(p)
     if (p / CHECKPOINT_FILE).is_file():
         return Source("run", p, p)
+    if (p / "params.json").is_file():  # a Tune trial folder: its newest checkpoint
+        checkpoint = latest_trial_checkpoint(p)
+        if checkpoint is None:
+            raise EvaluateError(f"trial {p} left no checkpoint (no checkpoint_*/{CHECKPOINT_FILE} in it)")
+        return Source("trial", checkpoint, p, p.name)
     if _looks_like_experiment(p):
         raise EvaluateError(f"experiment {p} has no {SUMMARY_FILE} yet, so no selected trial: the search has not "
                             "finished (or ended with no usable trial); finish or resume it first")

@@ -102,6 +102,18 @@ def _upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
+def prepare_image(im: Image.Image, size: tuple[int, int] | None, short_side: int | None = None) -> np.ndarray:
+    """An opened image as decoding makes it: upright (EXIF), RGB, resized (bicubic) to exactly
+    ``size`` (width, height) or so that its shorter side is ``short_side``; ``uint8`` (H, W, 3)."""
+    im = _upright(im)
+    im = im.convert("RGB")
+    if size is None and short_side is not None:
+        size = short_side_size(im.size[0], im.size[1], short_side)
+    if size is not None and im.size != tuple(size):
+        im = im.resize(tuple(size), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
 def _decode_one(
     row: dict[str, Any], size: tuple[int, int] | None, short_side: int | None = None
 ) -> np.ndarray:
@@ -126,13 +138,7 @@ def _decode_one(
             im = Image.open(path)
         with im:
             im.load()
-            im = _upright(im)
-            im = im.convert("RGB")
-            if size is None and short_side is not None:
-                size = short_side_size(im.size[0], im.size[1], short_side)
-            if size is not None and im.size != size:
-                im = im.resize(size, Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+            return prepare_image(im, size, short_side)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"cannot decode image {row['image_id']!r} ({where}): {type(exc).__name__}: {exc}"

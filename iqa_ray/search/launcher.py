@@ -32,8 +32,8 @@ class LaunchError(RuntimeError):
     """A launch request that cannot work; the message says why and what would."""
 
 
-def build_parser(study: str | None = None) -> argparse.ArgumentParser:
-    prog = f"launch/tune_{study}.py" if study else "launch/tune.py"
+def build_parser(study: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or (f"launch/tune_{study}.py" if study else "launch/tune.py")
     p = argparse.ArgumentParser(prog=prog, description=(
         f"Run the {study or '<study>'} hyperparameter search on Ray Tune. With no flags on a machine without "
         "a GPU it runs a small, real search on the embedded dataset on CPU."))
@@ -324,8 +324,8 @@ def check_cpus_per_trial(cpus_per_trial: float, node_cpus: list[float]) -> None:
                           f"(nodes: {', '.join(f'{c:g}' for c in node_cpus)}); the trial could never be placed")
 
 
-def main(argv: list[str] | None = None, study: str | None = None) -> int:
-    args = build_parser(study).parse_args(argv)
+def main(argv: list[str] | None = None, study: str | None = None, prog: str | None = None) -> int:
+    args = build_parser(study, prog).parse_args(argv)
     study_name = study or args.study
     try:
         settings = settings_from_args(args, study_name)
