@@ -15,7 +15,10 @@ the test split is evaluated once, for that model, at the end. Randomness is re-s
 reproduces exactly the epochs an uninterrupted run would have trained.
 
 The engine knows models, losses, metrics and datasets; it does not know Ray. Callers observe
-epochs through ``on_epoch_end`` and decide where checkpoints go.
+epochs through ``on_epoch_end`` and decide where checkpoints go. A caller that started
+``torch.distributed`` (one process per worker) passes :class:`DataParallel` and the same loop
+trains data-parallel: each process computes its share of every global batch through
+DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from iqa_ray.config import ConfigError, TrainConfig
@@ -69,12 +73,21 @@ class _FiniteWatch:
         self.bad_value = torch.where(newly, loss, self.bad_value)
         self.step_index += 1
 
-    def check(self, epoch: int, config: TrainConfig) -> None:
+    def check(self, epoch: int, config: TrainConfig, data_parallel: DataParallel | None = None) -> None:
         step = int(self.first_bad)
+        if data_parallel is not None:
+            # Every process raises together (one alone would leave the others waiting in the next
+            # gradient all-reduce): the first bad step of any process, in one small all-reduce.
+            import torch.distributed as dist
+
+            first = torch.where(self.first_bad >= 0, self.first_bad, torch.full_like(self.first_bad, 2**62))
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            step = int(first) if int(first) < 2**62 else -1
         if step >= 0:
             o = config.optim
+            value = float(self.bad_value) if int(self.first_bad) == step else "non-finite on another data-parallel worker"
             raise NonFiniteLossError(
-                f"training loss became {float(self.bad_value)} at epoch {epoch} (0-based), step {step}; "
+                f"training loss became {value} at epoch {epoch} (0-based), step {step}; "
                 f"lr={o.lr}, backbone_lr={o.resolved_backbone_lr}. Lower the learning rate or enable grad_clip.")
 
 
@@ -508,6 +521,48 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in a data-parallel run; ``torch.distributed`` is already initialised.
+
+    Every process draws the same global batch (the generators are seeded alike, so the shuffled
+    order, crops and flips are the single-process ones) and keeps the elements ``rank``,
+    ``rank + world_size``, ...: the global batch is ``batch_size`` whatever the worker count, and
+    DistributedDataParallel averages the gradients of the shares (each share's loss weighted by
+    its size). A loss that is a mean over the batch, in a model without batch statistics in
+    training (a frozen backbone, cached features), then steps as one process would, up to float
+    summation order. Two things differ by design: a loss over pairs (``ranking``) pairs images
+    within a share only, a trained BatchNorm normalises each share by its own statistics
+    (DistributedDataParallel keeps rank 0's running statistics), and dropout draws each share's
+    masks afresh (the same distribution, other draws), as in any DDP run.
+
+    Each process prepares the whole global batch (crops and flips of cached images are cheap) and
+    moves only its share to its device; every process evaluates the whole validation split.
+    """
+
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"DataParallel needs 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's elements of a global batch."""
+        return batch[self.rank::self.world_size]
+
+
+class _PooledForward(nn.Module):
+    """``model.forward_pooled`` as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: IQAModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_pooled(features)
+
+
 class _ImageFeed:
     """Batches of decoded images through the whole model (the usual run)."""
 
@@ -516,17 +571,27 @@ class _ImageFeed:
         self.loaders, self.device, self.amp, self.chunk = loaders, device, amp, chunk
         self.memory_format = memory_format
         self.steps_per_epoch = max(1, len(loaders.train))
+        self.data_parallel: DataParallel | None = None  # set by fit: keep this process's share of a batch
 
-    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(inputs, targets, size of the global batch they are this process's share of)."""
         for batch in self.loaders.train:
-            images = to_float(batch["image"], self.device)
+            images, mos = batch["image"], batch["mos"]
+            n_global = len(mos)
+            if self.data_parallel is not None:
+                images, mos = self.data_parallel.shard(images), self.data_parallel.shard(mos)
+            images = to_float(images, self.device)
             if self.memory_format is not None:
                 images = images.contiguous(memory_format=self.memory_format)
-            yield images, batch["mos"].to(self.device, non_blocking=True).float()
+            yield images, mos.to(self.device, non_blocking=True).float(), n_global
 
-    def forward(self, model: IQAModel, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_module(self, model: IQAModel) -> nn.Module:
+        """The module a training step calls (what DistributedDataParallel wraps)."""
+        return model
+
+    def forward(self, module: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with _autocast(self.device, self.amp):
-            return model(inputs)
+            return module(inputs)
 
     def predict(self, model: IQAModel, split: str) -> tuple[np.ndarray, np.ndarray]:
         return predict(model, getattr(self.loaders, split), self.device, self.amp, self.chunk, self.memory_format)
@@ -566,17 +631,26 @@ class _CachedFeed:
         self.batch_size, self.repeats = d.batch_size, d.patches_per_image
         n = len(self.rows["train"]) * self.repeats
         self.steps_per_epoch = n // self.batch_size if n > self.batch_size else 1  # drop_last, as the image loader
+        self.data_parallel: DataParallel | None = None  # set by fit: keep this process's share of a batch
 
-    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(inputs, targets, size of the global batch they are this process's share of)."""
         draws = self.rows["train"].repeat(self.repeats)
         order = draws[torch.randperm(len(draws))]
         for step in range(self.steps_per_epoch):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.plain.device)
-            mirror = (torch.rand(len(idx)) < 0.5).to(self.plain.device)
-            yield torch.where(mirror[:, None], self.flipped[idx], self.plain[idx]), self.mos[idx]
+            mirror = (torch.rand(len(idx)) < 0.5).to(self.plain.device)  # drawn for the global batch
+            n_global = len(idx)
+            if self.data_parallel is not None:
+                idx, mirror = self.data_parallel.shard(idx), self.data_parallel.shard(mirror)
+            yield torch.where(mirror[:, None], self.flipped[idx], self.plain[idx]), self.mos[idx], n_global
 
-    def forward(self, model: IQAModel, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return model.forward_pooled(inputs)
+    def training_module(self, model: IQAModel) -> nn.Module:
+        """The module a training step calls (what DistributedDataParallel wraps): the head only."""
+        return _PooledForward(model)
+
+    def forward(self, module: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return module(inputs)
 
     @torch.no_grad()
     def predict(self, model: IQAModel, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -611,6 +685,7 @@ def fit(
     score_test: bool = True,
     features: Any = None,
     cpus: int | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> FitResult:
     """Train ``config`` and evaluate the best-by-validation model on the test split.
 
@@ -629,6 +704,11 @@ def fit(
             ``decoded`` (shared between runs); computed here if None.
         cpus: the run's CPU share, which sizes its DataLoader workers on a GPU
             (:func:`resolve_num_workers`); default torch's thread count.
+        data_parallel: this process's rank and the world size when the caller runs one process
+            per worker with ``torch.distributed`` initialised (:class:`DataParallel`): each trains
+            on its share of every global batch, gradients and reported train metrics are summed
+            over the processes, and every process evaluates the same validation split (the
+            weights are identical). Only the caller decides which process saves checkpoints.
 
     Returns:
         History, best epoch and validation metrics, and test metrics of the best model (``None``
@@ -659,6 +739,9 @@ def fit(
         loaders = make_loaders(config, decoded, with_test=score_test, device=device, cpus=cpus)
         feed = _ImageFeed(loaders, device, amp, config.data.eval_chunk, memory_format(config, device))
         train_mos = loaders.train_mos
+    if data_parallel is not None:
+        check_data_parallel(data_parallel, config, len(train_mos))
+        feed.data_parallel = data_parallel
     model = build(config, device)
     model.set_label_stats(float(train_mos.mean()), float(max(train_mos.std(), 1e-3)))
     optimizer = build_optimizer(config, model)
@@ -691,6 +774,10 @@ def fit(
     model.train()
     if start_epoch == 0:
         feed.on_train_start(model)
+    module = feed.training_module(model)
+    if data_parallel is not None:
+        # Built after the weights are final (resumed, statistics fitted): it broadcasts rank 0's.
+        module = DistributedDataParallel(module, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
 
     end_epoch = min(o.epochs, max_epochs) if max_epochs is not None else o.epochs
     stopped_early = False
@@ -707,13 +794,17 @@ def fit(
         watch = _FiniteWatch(device)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         started = time.perf_counter()
-        for inputs, target in feed.train_batches():
-            outputs = feed.forward(model, inputs)
+        for inputs, target, n_global in feed.train_batches():
+            outputs = feed.forward(module, inputs)
             outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
             losses = model.compute_loss(outputs, target)
             loss = losses["loss"]
             watch.step(loss)
             optimizer.zero_grad(set_to_none=True)
+            if data_parallel is not None:
+                # DDP averages the shares' gradients; weighting each share's mean loss by its size
+                # makes that average the gradient of the global batch's mean, shares equal or not.
+                loss = loss * (target.shape[0] * data_parallel.world_size / n_global)
             scaler.scale(loss).backward()
             if o.grad_clip is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -728,8 +819,10 @@ def fit(
                 part = value.detach().float() * n
                 sums[key] = sums[key] + part if key in sums else part
             if n_steps % o.finite_check_every == 0:
-                watch.check(epoch, config)
-        watch.check(epoch, config)  # waits for the device: the epoch's time below is real
+                watch.check(epoch, config, data_parallel)
+        watch.check(epoch, config, data_parallel)  # waits for the device: the epoch's time below is real
+        if data_parallel is not None:
+            sums, n_images = _sum_over_processes(sums, n_images, device)
         train_seconds = time.perf_counter() - started
         val = all_metrics(*feed.predict(model, "val"))
         schedule.epoch_end(epoch, val["srcc"])
@@ -798,6 +891,35 @@ def fit(
         test = all_metrics(*test_predictions)
     return FitResult(config=config, history=history, best_epoch=best_epoch + 1, best_val=best_val, test=test,
                      stopped_early=stopped_early, model=model, test_predictions=test_predictions)
+
+
+def check_data_parallel(data_parallel: DataParallel, config: TrainConfig, n_train_images: int) -> None:
+    """A data-parallel run needs ``torch.distributed`` and at least one image per process per step."""
+    import torch.distributed as dist
+
+    d = config.data
+    # The config first (what the user can fix): the feeds draw min(batch_size, every training
+    # draw) images a step (drop_last otherwise), and every process needs at least one of them.
+    per_step = min(d.batch_size, n_train_images * d.patches_per_image)
+    if per_step < data_parallel.world_size:
+        raise ConfigError(f"batch_size {d.batch_size} gives {per_step} images a step, fewer than the "
+                          f"{data_parallel.world_size} data-parallel workers: raise batch_size to at least "
+                          f"{data_parallel.world_size} or use fewer workers")
+    if data_parallel.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("data_parallel was given but torch.distributed is not initialised; start one process per "
+                           "worker with a process group (iqa_ray.search.ddp does), or pass data_parallel=None")
+
+
+def _sum_over_processes(sums: dict[str, torch.Tensor], n_images: int,
+                        device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+    """Loss sums and image counts of every process (the reported train metrics are the global ones)."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)  # every process has the same loss parts, in any order
+    packed = torch.stack([sums[k].double() for k in keys] + [torch.tensor(float(n_images), dtype=torch.float64,
+                                                                              device=device)])
+    dist.all_reduce(packed)
+    return {k: packed[i] for i, k in enumerate(keys)}, int(packed[-1].item())
 
 
 def best_model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

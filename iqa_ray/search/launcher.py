@@ -42,7 +42,11 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--gpus", type=float, default=None,
                    help="GPUs to use (0 = CPU only; default: every GPU of the cluster)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPU share per trial, e.g. 0.25 = four trials per GPU (default: 0.25 when GPUs are used)")
+                   help="GPU share per trial, e.g. 0.25 = four trials per GPU (default: 0.25 when GPUs are used); "
+                        "a whole number above 1 (2, 4, ...) trains each trial data-parallel on that many GPUs")
+    p.add_argument("--workers-per-trial", type=int, default=None, metavar="N",
+                   help="train each trial data-parallel on N CPU workers (gloo; Ray Train), sharing "
+                        "--cpus-per-trial (at least 1 CPU each); for GPUs use --gpus-per-trial N")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores (torch threads) per trial (default: 1)")
     p.add_argument("--num-samples", type=int, default=None, help="trials to sample (grid: repeats of the grid)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
@@ -81,9 +85,20 @@ def check_flag_values(args: argparse.Namespace) -> None:
     if gpus is not None and gpus < 0:
         raise LaunchError(f"--gpus must be >= 0, got {gpus}")
     if args.gpus_per_trial is not None:
-        per_gpu(args.gpus_per_trial)  # raises with the valid shares
+        if args.gpus_per_trial > 1:
+            data_parallel_gpus(args.gpus_per_trial)  # raises unless a whole number
+        else:
+            per_gpu(args.gpus_per_trial)  # raises with the valid shares
         if gpus == 0:
             raise LaunchError("--gpus-per-trial was given with --gpus 0; drop one of them")
+    workers = getattr(args, "workers_per_trial", None)
+    if workers is not None:
+        if workers < 1:
+            raise LaunchError(f"--workers-per-trial must be a whole number >= 1 (1 = an ordinary trial, 2, 3, ... = "
+                              f"data-parallel CPU workers), got {workers}")
+        if args.gpus_per_trial is not None:
+            raise LaunchError("--workers-per-trial N is for CPU workers; with GPUs, --gpus-per-trial N (a whole number) "
+                              "gives one worker per GPU. Drop one of them")
     if args.cpus_per_trial <= 0:
         raise LaunchError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     for flag in ("num_samples", "max_concurrent", "max_epochs", "grace_period"):
@@ -169,6 +184,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         num_samples=num_samples, max_epochs=max_epochs, grace_period=grace,
         reduction_factor=args.reduction_factor or study.reduction_factor, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
+        workers_per_trial=args.workers_per_trial or 1,
         seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
         overrides=tuple(sorted(overrides.items())), splits=1 if args.smoke_test and splits else splits,
         recipe=applied.record() if applied is not None else None,
@@ -247,7 +263,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
         reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
-        seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
+        workers_per_trial=args.workers_per_trial or 1, seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
         splits=record.get("splits", 0), recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
     )
@@ -304,8 +320,66 @@ def resolve_gpus(args: argparse.Namespace, resources: dict[str, float]) -> tuple
                               "drop it to run on CPU, or connect to a cluster with GPUs (--address)")
         return 0.0, 0.0
     share = args.gpus_per_trial if args.gpus_per_trial is not None else 0.25
-    per_gpu(share)
+    if share > 1:
+        data_parallel_gpus(share)
+        if share > gpus:
+            raise LaunchError(f"--gpus-per-trial {share:g} trains each trial data-parallel on {share:g} GPUs, but "
+                              f"the search may use {gpus:g}; use --gpus-per-trial {max(int(gpus), 1):g} or fewer")
+    else:
+        per_gpu(share)
     return gpus, share
+
+
+def data_parallel_gpus(gpus_per_trial: float) -> int:
+    """Workers of a data-parallel GPU trial: ``--gpus-per-trial`` above 1 must be a whole number."""
+    if gpus_per_trial <= 1 or not float(gpus_per_trial).is_integer():
+        raise LaunchError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU: 1, 0.5, 0.25, ...) or a whole "
+                          f"number of GPUs above 1 that a data-parallel trial trains on (2, 3, 4, ...), "
+                          f"got {gpus_per_trial:g}")
+    return int(gpus_per_trial)
+
+
+def trial_workers(settings: SearchSettings) -> int:
+    """Data-parallel workers of every trial: 1 for an ordinary trial."""
+    if settings.gpus_per_trial > 1:
+        return int(settings.gpus_per_trial)
+    return settings.workers_per_trial
+
+
+def check_data_parallel_fits(settings: SearchSettings, node_cpus: list[float], gpus: float) -> int | None:
+    """A data-parallel trial's workers must fit in what the search may use; returns its concurrency cap.
+
+    Ray Train places the workers of a trial itself, outside the trial's (empty) resource request,
+    so a trial whose workers cannot all be placed would wait for them forever: refused here.
+    The cap keeps Tune from starting more trials than the cluster can place workers for.
+    """
+    workers = trial_workers(settings)
+    if workers == 1:
+        return settings.max_concurrent
+    flag = (f"--gpus-per-trial {workers}" if settings.gpus_per_trial > 1 else f"--workers-per-trial {workers}")
+    if settings.gpus_per_trial > 1 and settings.gpus_per_trial > gpus:
+        raise LaunchError(f"{flag} asks for {workers} GPUs per trial but the search may use {gpus:g}; "
+                          f"use --gpus-per-trial {max(int(gpus), 1)} or fewer" + (" (or a share below 1)" if gpus else ""))
+    per_worker = cpus_per_worker(settings)
+    largest, total = max(node_cpus, default=0.0), sum(node_cpus)
+    if per_worker > largest:
+        raise LaunchError(f"{flag} with --cpus-per-trial {settings.cpus_per_trial:g}: each worker needs "
+                          f"{per_worker:g} CPUs, more than the largest node's {largest:g}")
+    fitting = sum(int(c // per_worker) for c in node_cpus)  # workers the cluster can hold at once
+    if workers > fitting:
+        valid = max(fitting, 1)
+        raise LaunchError(f"{flag} needs {workers} workers of {per_worker:g} CPU each, but the Ray cluster "
+                          f"({total:g} CPUs on {len(node_cpus)} node(s)) can place {fitting}; the trial would stay "
+                          f"PENDING forever. Use {flag.split()[0]} {valid} or fewer, or add nodes")
+    cap = fitting // workers
+    if settings.gpus_per_trial > 1:
+        cap = min(cap, int(gpus // workers))
+    return cap if settings.max_concurrent is None else min(cap, settings.max_concurrent)
+
+
+def cpus_per_worker(settings: SearchSettings) -> float:
+    """A data-parallel trial's ``--cpus-per-trial`` shared by its workers, at least 1 CPU each."""
+    return max(1.0, settings.cpus_per_trial / trial_workers(settings))
 
 
 def gpu_concurrency(gpus: float, share: float, max_concurrent: int | None) -> int | None:
@@ -357,4 +431,4 @@ def experiment_dir_hint(settings: SearchSettings) -> str:
 
 
 __all__ = ["main", "build_parser", "settings_from_args", "LaunchError", "check_address", "resolve_gpus",
-           "gpu_concurrency", "check_cpus_per_trial"]
+           "gpu_concurrency", "check_cpus_per_trial", "check_data_parallel_fits", "trial_workers", "cpus_per_worker"]

@@ -49,6 +49,7 @@ class SearchSettings:
     gpus_per_trial: float
     seed: int
     max_failures: int = 2
+    workers_per_trial: int = 1  # CPU data-parallel workers per trial (GPU ones: gpus_per_trial > 1)
     overrides: tuple[tuple[str, Any], ...] = ()
     splits: int = 0  # re-train the selected config on this many more random splits after the search
     recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
@@ -66,6 +67,8 @@ class SearchSettings:
             raise StudyError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
         if self.cpus_per_trial <= 0:
             raise StudyError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+        if self.workers_per_trial < 1:
+            raise StudyError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.splits < 0:
             raise StudyError(f"splits must be >= 0, got {self.splits}")
 

@@ -1,0 +1,201 @@
+"""Data-parallel trials: the engine's DDP path, the Ray Train trainable inside Tune, the launcher's checks.
+
+A data-parallel run draws the single-process global batch on every worker and keeps its share;
+each share's mean loss is weighted by its size and DistributedDataParallel averages the shares'
+gradients, so with a loss that is a mean over the batch (``l1`` here) and no batch statistics in
+training (a frozen backbone) and no dropout (each share draws its own masks: the same
+distribution, other draws), every step is the single-process step up to float summation order
+(a sum of two halves instead of one sum: ~1e-7 relative per step in float32).
+
+TOLERANCE: 1e-3 (absolute and relative) on train loss, val SRCC/PLCC/RMSE after 2-3 epochs. The
+float-order differences stay near 1e-6 over a few dozen Adam steps; SRCC is a rank statistic, so
+such a difference can only move it if it swaps two predictions closer than that, which on the
+tiny validation split moves SRCC by 1/n^2-ish steps (~1e-4). 1e-3 is an order of magnitude above
+what the order of summation can do and far below what a wrong gradient (not averaged, or
+summed: 2x the step) moves in these metrics (>1e-2 after one epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+
+from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.engine import DataParallel, check_data_parallel, fit, load_decoded
+
+# Metrics of a 2-worker run against the 1-worker run of the same config, seed and global batch.
+TOLERANCE = 1e-3
+COMPARED = ("train_loss", "val_srcc", "val_plcc", "val_rmse")
+
+
+# dropout 0 in both: each process would draw its own share's masks (random either way, not the same draws).
+def cached(tiny_dataset, **kw):
+    base = {"dataset": str(tiny_dataset.path), "crop_size": 32, "whole_image": True, "feature_cache": True,
+            "family": "mlp", "pooling": "stages", "frozen_backbone": True, "pretrained": "offline",
+            "hidden_dim": 32, "batch_size": 8, "epochs": 3, "lr": 3e-3, "patches_per_image": 2, "amp": False,
+            "dropout": 0.0}
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def images(tiny_dataset, **kw):
+    # A frozen backbone: a trained BatchNorm would normalise each share by its own statistics.
+    base = {"dataset": str(tiny_dataset.path), "crop_size": 48, "batch_size": 8, "eval_batch_size": 32,
+            "epochs": 2, "lr": 3e-3, "family": "mlp", "pretrained": "offline", "hidden_dim": 32, "amp": False,
+            "frozen_backbone": True, "dropout": 0.0}
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
+    assert [h["epoch"] for h in one] == [h["epoch"] for h in two]
+    for a, b in zip(one, two):
+        for key in COMPARED:
+            assert math.isclose(a[key], b[key], rel_tol=TOLERANCE, abs_tol=TOLERANCE), (a["epoch"], key, a[key], b[key])
+
+
+# ----------------------------------------------------------------------------- engine (no Ray)
+
+
+def test_a_share_is_every_world_size_th_element_and_shares_cover_the_batch():
+    batch = torch.arange(10)
+    shares = [DataParallel(rank=r, world_size=3).shard(batch) for r in range(3)]
+    assert shares[0].tolist() == [0, 3, 6, 9] and shares[2].tolist() == [2, 5, 8]
+    assert sorted(torch.cat(shares).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="rank"):
+        DataParallel(rank=2, world_size=2)
+
+
+def test_a_batch_smaller_than_the_worker_count_is_refused_naming_batch_size(tiny_dataset):
+    config = cached(tiny_dataset, batch_size=2)
+    with pytest.raises(ConfigError, match="batch_size 2 .* 3 data-parallel workers"):
+        check_data_parallel(DataParallel(rank=0, world_size=3), config, n_train_images=50)
+
+
+def test_data_parallel_without_a_process_group_is_refused(tiny_dataset):
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        check_data_parallel(DataParallel(rank=0, world_size=2), cached(tiny_dataset), n_train_images=50)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fit_rank(rank: int, world: int, port: int, config_dict: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        config = TrainConfig.from_dict(config_dict)
+        result = fit(config, load_decoded(config), device="cpu", score_test=False,
+                     data_parallel=DataParallel(rank=rank, world_size=world))
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result.history, f)
+        torch.save(result.model.state_dict(), f"{out}.{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_processes(config: TrainConfig, tmp_path, world: int = 2) -> list[tuple[list[dict], dict]]:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "history")
+    # fork: the children inherit the imported modules (a spawned child would re-import the test module)
+    mp.start_processes(_fit_rank, args=(world, _free_port(), config.flat(), out), nprocs=world, start_method="fork")
+    return [(json.loads(open(f"{out}.{r}").read()), torch.load(f"{out}.{r}.pt")) for r in range(world)]
+
+
+def assert_same_weights(one: dict, other: dict, tol: float = 1e-4) -> None:
+    assert one.keys() == other.keys()
+    for key in one:
+        assert torch.allclose(one[key].float(), other[key].float(), rtol=tol, atol=tol), key
+
+
+@pytest.mark.parametrize("make", [cached, images], ids=["cached_features", "images"])
+def test_two_processes_train_as_one_does_on_the_same_global_batch(tiny_dataset, tmp_path, make, one_torch_thread):
+    config = make(tiny_dataset)
+    single = fit(config, load_decoded(config), device="cpu", score_test=False)
+    alone = single.history
+    (rank0, weights0), (rank1, weights1) = _run_processes(config, tmp_path)
+    assert_same_metrics(alone, rank0)
+    # The averaged gradient is the one-process gradient of the whole batch: the same weights.
+    assert_same_weights(single.model.state_dict(), weights0)
+    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0), "the processes hold the same weights"
+    # Both ranks report the global train metrics and evaluate the same (identical) weights.
+    assert [h["train_loss"] for h in rank0] == [h["train_loss"] for h in rank1]
+    assert [h["val_srcc"] for h in rank0] == [h["val_srcc"] for h in rank1]
+    assert rank0[-1]["train_loss"] < rank0[0]["train_loss"]
+
+
+def test_unequal_shares_still_step_on_the_global_batch_mean(tiny_dataset, tmp_path, one_torch_thread):
+    """batch 7 over 2 processes: shares of 4 and 3. Weighting each share's mean loss by its size makes
+    DDP's average the gradient of the 7-image mean (an unweighted average of the two means is not)."""
+    config = cached(tiny_dataset, batch_size=7, epochs=2)
+    single = fit(config, load_decoded(config), device="cpu", score_test=False)
+    (rank0, weights0), _ = _run_processes(config, tmp_path)
+    assert_same_metrics(single.history, rank0)
+    assert_same_weights(single.model.state_dict(), weights0)
+
+
+# ----------------------------------------------------------------------------- launcher (no Ray)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--workers-per-trial", "0"], r"--workers-per-trial must be a whole number >= 1 .*got 0"),
+        (["--workers-per-trial", "-2"], r"--workers-per-trial must be a whole number >= 1"),
+        (["--gpus-per-trial", "1.5"], r"--gpus-per-trial must be in \(0, 1\] .* or a whole number .*got 1.5"),
+        (["--gpus-per-trial", "2.5"], r"a whole\s+number of GPUs above 1 .*\(2, 3, 4, \.\.\.\).*got 2.5"),
+        (["--gpus-per-trial", "2", "--workers-per-trial", "2"], r"--workers-per-trial N is for CPU workers"),
+        (["--gpus", "0", "--gpus-per-trial", "2"], r"--gpus 0"),
+    ],
+)
+def test_bad_data_parallel_flags_name_the_flag_and_the_valid_values(argv, match, capsys):
+    import re
+
+    from iqa_ray.search.launcher import main
+
+    assert main(argv, study="ranking") == 2
+    assert re.search(match, capsys.readouterr().err, re.S)
+
+
+def test_a_non_integer_worker_count_is_an_argparse_error_naming_the_flag(capsys):
+    from iqa_ray.search.launcher import main
+
+    with pytest.raises(SystemExit):
+        main(["--workers-per-trial", "1.5"], study="ranking")
+    assert "--workers-per-trial: invalid int value: '1.5'" in capsys.readouterr().err
+
+
+def _settings(**kw):
+    from iqa_ray.search.launcher import build_parser, settings_from_args
+
+    argv = [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return settings_from_args(build_parser("ranking").parse_args(argv), "ranking")
+
+
+def test_workers_that_the_cluster_cannot_place_are_refused_and_concurrency_is_capped():
+    from dataclasses import replace
+
+    from iqa_ray.search.launcher import LaunchError, check_data_parallel_fits, cpus_per_worker, trial_workers
+
+    two = _settings(workers_per_trial=2, cpus_per_trial=2)
+    assert trial_workers(two) == 2 and cpus_per_worker(two) == 1.0
+    assert check_data_parallel_fits(two, [2.0], 0.0) == 1  # this machine: one 2-worker trial at a time
+    assert check_data_parallel_fits(two, [4.0, 4.0], 0.0) == 4
+    assert check_data_parallel_fits(replace(two, max_concurrent=2), [4.0, 4.0], 0.0) == 2
+    with pytest.raises(LaunchError, match=r"--workers-per-trial 4 needs 4 workers of 1 CPU each.*can place 2"):
+        check_data_parallel_fits(replace(two, workers_per_trial=4), [2.0], 0.0)
+    gpu = replace(_settings(cpus_per_trial=4), gpus_per_trial=2.0)
+    assert trial_workers(gpu) == 2 and check_data_parallel_fits(gpu, [16.0], 4.0) == 2
+    with pytest.raises(LaunchError, match=r"--gpus-per-trial 2 asks for 2 GPUs per trial but the search may use 1"):
+        check_data_parallel_fits(gpu, [16.0], 1.0)
+    assert trial_workers(_settings()) == 1
