@@ -7,6 +7,7 @@
     iqa-ray evaluate MODEL --dataset SPEC ...  the cross-dataset table
     iqa-ray score MODEL IMAGE_OR_FOLDER ...    scores of your own images, as CSV
     iqa-ray export EXPERIMENT                  trials.parquet / epochs.parquet of a search
+    iqa-ray export-model MODEL --out model.pt  the model as TorchScript (and ONNX), runs without iqa-ray
     iqa-ray tensorboard EXPERIMENT [--start]   TensorBoard for a search
 
 ``iqa-ray SUBCOMMAND --help`` lists each one's flags. The ``launch/*.py`` scripts and the
@@ -130,6 +131,43 @@ def _score(argv: list[str]) -> int:
     return 0 if result.paths else 1
 
 
+def _export_model(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{PROG} export-model", description=(
+        "Write a trained model as one TorchScript file (and optionally ONNX) holding its preprocessing (resize "
+        "rule, patch grid, averaging) and a description (iqa_ray.json), so it scores uint8 (N, 3, H, W) RGB "
+        "images without iqa-ray: torch.jit.load(PATH)(images) -> (N,) scores on the label's 0-100 scale. MODEL: "
+        "an experiment folder (its selected trial), a trial folder, a run folder or a checkpoint file."))
+    p.add_argument("model", help="experiment, trial or run folder, or checkpoint file")
+    p.add_argument("--out", required=True, help="TorchScript file to write (e.g. model.pt)")
+    p.add_argument("--onnx", help="also write ONNX here (needs the [export] extra: onnx, onnxscript, onnxruntime)")
+    p.add_argument("--onnx-size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                   help="input size the ONNX graph is built for (default: the run's image_size, else its crop size)")
+    args = p.parse_args(argv)
+    from iqa_ray.portable import export_onnx, export_torchscript
+    from iqa_ray.scoring import ScoreError, load_model
+
+    try:
+        scorer = load_model(args.model, device="cpu")
+        path = export_torchscript(scorer, args.out)
+        print(f"[export-model] {scorer!r}\n[export-model] TorchScript written to {path}", file=sys.stderr)
+        if args.onnx:
+            d = scorer.config.data
+            if args.onnx_size:
+                width, height = args.onnx_size
+            elif d.image_size:
+                width, height = d.image_size
+            else:
+                width = height = d.crop_size
+            if min(width, height) < 1:
+                raise ScoreError(f"--onnx-size must be two positive integers, got {width} {height}")
+            onnx_path = export_onnx(scorer, args.onnx, height=height, width=width)
+            print(f"[export-model] ONNX for {width}x{height} images written to {onnx_path}", file=sys.stderr)
+    except ScoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "tune": (_tune, "run a hyperparameter search on Ray Tune (default study: ranking)"),
     "train": (_train, "train one configuration without Ray"),
@@ -138,13 +176,14 @@ SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "evaluate": (_evaluate, "cross-dataset table of a trained model"),
     "score": (_score, "score your own images with a trained model (CSV)"),
     "export": (_export, "trials.parquet / epochs.parquet of a search"),
+    "export-model": (_export_model, "a trained model as TorchScript / ONNX that runs without iqa-ray"),
     "tensorboard": (_tensorboard, "TensorBoard command (or server) for a search"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "\n".join(f"  {name:<12} {text}" for name, (_, text) in SUBCOMMANDS.items())
+    usage = "\n".join(f"  {name:<13} {text}" for name, (_, text) in SUBCOMMANDS.items())
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {PROG} SUBCOMMAND [flags]   ({PROG} SUBCOMMAND --help for its flags)\n\nsubcommands:\n{usage}")
         return 0 if argv else 2
