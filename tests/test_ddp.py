@@ -199,3 +199,133 @@ def test_workers_that_the_cluster_cannot_place_are_refused_and_concurrency_is_ca
     with pytest.raises(LaunchError, match=r"--gpus-per-trial 2 asks for 2 GPUs per trial but the search may use 1"):
         check_data_parallel_fits(gpu, [16.0], 1.0)
     assert trial_workers(_settings()) == 1
+
+
+# ----------------------------------------------------------------------------- Tune + Ray Train (slow)
+
+DDP_STUDY = """
+[study]
+description = "tiny study for data-parallel tests"
+num_samples = 1
+max_epochs = {max_epochs}
+grace_period = 1
+searcher = "random"
+scheduler = "none"
+
+[fixed]
+family = "mlp"
+hidden_dim = 16
+crop_size = 64
+eval_patches = 1
+batch_size = 32
+frozen_backbone = true
+dropout = 0.0
+{extra_fixed}
+
+[params.lr]
+role = "scientific"
+type = "loguniform"
+low = 0.001
+high = 0.003
+grid = [0.002]
+"""
+
+
+def _launch(tmp_path, name: str, *extra: str, max_epochs: int = 3, extra_fixed: str = ""):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    study = tmp_path / "ddp.toml"
+    study.write_text(DDP_STUDY.format(max_epochs=max_epochs, extra_fixed=extra_fixed))
+    cmd = [sys.executable, str(root / "launch" / "tune.py"), "--study", str(study), "--storage", str(tmp_path),
+           "--name", name, "--cpus-per-trial", "2", *extra]
+    log = tmp_path / f"{name}.log"
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=root,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True), log
+
+
+def _reports(experiment) -> list[dict]:
+    """Every report of the experiment's one trial, as Tune wrote them (result.json keeps every key;
+    the export keeps its own columns, not ``workers`` / ``worker_pids``)."""
+    (trial,) = experiment.glob("trial_*")
+    path = trial / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_reports_what_a_one_worker_trial_does(tmp_path):
+    """The same search (one trial, the seeded searcher draws the same lr) with 2 gloo workers and with
+    one process: every epoch's train loss and validation metrics agree within TOLERANCE (see the
+    module's docstring), and the trial is an ordinary one to Tune, the export and the summary."""
+    import pandas as pd
+
+    runs = {}
+    for name, extra in (("two", ("--workers-per-trial", "2")), ("one", ())):
+        proc, log = _launch(tmp_path, name, *extra)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        runs[name] = pd.read_parquet(tmp_path / name / "epochs.parquet").sort_values("epoch")
+        trials = pd.read_parquet(tmp_path / name / "trials.parquet")
+        assert len(trials) == 1 and trials.status.iloc[0] == "TERMINATED"
+        assert json.loads((tmp_path / name / "summary.json").read_text())["test"]["srcc"] > 0
+    two, one = runs["two"], runs["one"]
+    assert "workers/trial=2" in (tmp_path / "two.log").read_text()
+    reports = _reports(tmp_path / "two")
+    assert [r["workers"] for r in reports] == [2, 2, 2]
+    assert all(len(set(r["worker_pids"].split(","))) == 2 for r in reports)
+    assert list(two.epoch) == list(one.epoch) == [1, 2, 3]
+    assert_same_metrics(one.to_dict("records"), two.to_dict("records"))
+    assert two.train_loss.iloc[-1] < two.train_loss.iloc[0]
+    assert list((tmp_path / "two").glob("trial_*/checkpoint_*")), "the trial's checkpoint is Tune's, as usual"
+    assert not list((tmp_path / "two").glob("trial_*/ddp")), "Ray Train's copy is removed once Tune holds it"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_the_trial_from_its_checkpoint(tmp_path):
+    """SIGKILL of rank 1 inside epoch 3: Ray Train restarts both workers from the newest checkpoint,
+    the trial finishes, and every epoch reaches Tune exactly once."""
+    import os
+    import signal
+    import time
+
+    import pandas as pd
+
+    # 4 draws per image: epochs of a few seconds, so the kill lands inside one
+    proc, log = _launch(tmp_path, "kill", "--workers-per-trial", "2", max_epochs=4,
+                        extra_fixed="patches_per_image = 4")
+    exp = tmp_path / "kill"
+    try:
+        deadline = time.monotonic() + 150
+        seen = None
+        while seen is None and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            for trial in exp.glob("trial_*"):
+                path = trial / "result.json"
+                rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+                if rows and rows[-1]["epoch"] >= 2 and list(trial.glob("checkpoint_*")):
+                    seen = rows[-1]
+            time.sleep(0.3)
+        assert seen is not None, "epoch 2 never came: " + log.read_text()[-3000:]
+        pids = [int(p) for p in seen["worker_pids"].split(",")]
+        time.sleep(1.0)  # inside epoch 3 now
+        os.kill(pids[1], signal.SIGKILL)
+        assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    epochs = pd.read_parquet(exp / "epochs.parquet").sort_values("epoch")
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert len(trials) == 1 and trials.status.iloc[0] == "TERMINATED"
+    assert list(epochs.epoch) == [1, 2, 3, 4], "every epoch exported exactly once"
+    reports = _reports(exp)
+    assert [r["epoch"] for r in reports] == [1, 2, 3, 4], "every epoch reached Tune exactly once"
+    first = [r for r in reports if r["worker_pids"] == seen["worker_pids"]]
+    after = [r for r in reports if r["worker_pids"] != seen["worker_pids"]]
+    assert after and len({r["worker_pids"] for r in after}) == 1, "a new worker group finished the trial"
+    assert str(pids[1]) not in after[0]["worker_pids"].split(",")
+    done_before = first[-1]["epoch"]
+    assert all(r["resumed_from_epoch"] == done_before for r in after), "it resumed from the newest checkpoint"
+    assert after[0]["epoch"] == done_before + 1

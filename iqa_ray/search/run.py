@@ -19,10 +19,13 @@ from iqa_ray.data.catalog import EMBEDDED
 from iqa_ray.search.launcher import (
     LaunchError,
     check_cpus_per_trial,
+    check_data_parallel_fits,
+    cpus_per_worker,
     experiment_dir_hint,
     gpu_concurrency,
     parse_sets,
     resolve_gpus,
+    trial_workers,
 )
 from iqa_ray.search.pretraining import prepare_encoders
 from iqa_ray.search.tuner import (
@@ -37,6 +40,7 @@ from iqa_ray.selection import kept_report, select_trial
 from iqa_ray.trainables.resources import worker_device
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
+DRIVER_MEMORY_BYTES = 2**20  # what a data-parallel trial's driver asks for (it holds no CPU)
 PROBE = "linear_probe"  # the summary's name for the frozen-feature linear probe baseline
 
 
@@ -84,6 +88,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "max_epochs": settings.max_epochs, "grace_period": settings.grace_period,
         "reduction_factor": settings.reduction_factor, "seed": settings.seed,
         "cpus_per_trial": settings.cpus_per_trial, "gpus_per_trial": settings.gpus_per_trial,
+        "workers_per_trial": trial_workers(settings),
         "max_concurrent": settings.max_concurrent, "fixed": study.fixed, "encoders": study.encoders,
         "recipe": settings.recipe, "splits": settings.splits,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
@@ -100,10 +105,8 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
 
 def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
     import ray
-    from ray import tune
 
     from iqa_ray.cli import init_ray
-    from iqa_ray.trainables import iqa_trainable
 
     if settings.local_experiment_dir() is not None and not args.resume:
         existing = settings.local_experiment_dir()
@@ -120,13 +123,21 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         gpus, share = resolve_gpus(args, resources)
         cpus = float(resources.get("CPU", 1))
         node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-        check_cpus_per_trial(settings.cpus_per_trial, node_cpus)
-        # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
-        settings = replace(settings, gpus_per_trial=share,
-                           max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
+        if settings.workers_per_trial > 1:
+            share = 0.0  # --workers-per-trial N: CPU workers (GPU ones are --gpus-per-trial N)
+        settings = replace(settings, gpus_per_trial=share)
+        if trial_workers(settings) > 1:
+            # Data-parallel workers are placed by Ray Train, not in the trial's request: checked and
+            # capped here so that no trial waits forever for workers the cluster cannot place.
+            settings = replace(settings, max_concurrent=check_data_parallel_fits(settings, node_cpus, gpus))
+        else:
+            check_cpus_per_trial(settings.cpus_per_trial, node_cpus)
+            # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
+            settings = replace(settings, max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
         print("\n".join([*settings.recipe_lines, *settings.effective_study.describe()]), flush=True)
         print(f"[search] searcher={settings.searcher} scheduler={settings.scheduler} samples={settings.num_samples} "
               f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
+              f"workers/trial={trial_workers(settings)} "
               f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
         decoded, spec = prepare_dataset(settings, args.smoke_test)
         # Into the object store once: every trial and the final test scoring map this copy, and the
@@ -135,21 +146,18 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         decoded_ref = ray.put(decoded)
         del decoded
         # One task on one node: as many CPUs as the largest node has (up to 4), never the cluster total.
-        features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=share)
+        # One process each (a data-parallel trial's whole-GPU count is its workers', not theirs).
+        one_gpu = min(share, 1.0)
+        features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=one_gpu)
         # Studies with `pretraining = "ssl"` get their encoders now, before any trial is started.
-        encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=share,
+        encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=one_gpu,
                                     smoke=args.smoke_test)
         if encoders:
             settings = replace(settings, study=settings.study.with_encoders(encoders))
         if not args.resume:  # a resumed Tuner keeps the configs it was started with
             settings = replace(settings, overrides=tuple(sorted({**dict(settings.overrides), "dataset": spec}.items())))
             write_experiment_info(settings, args)
-        trainable = tune.with_resources(
-            tune.with_parameters(iqa_trainable, decoded=decoded_ref, resolve=settings.effective_study.resolve,
-                                 cpus_per_trial=settings.cpus_per_trial, features=features,
-                                 stop_epochs=stop_epochs(settings)),
-            {"cpu": settings.cpus_per_trial, "gpu": share},
-        )
+        trainable = make_trainable(settings, decoded_ref, features)
         started = time.perf_counter()
         tuner = restore_tuner(settings, trainable) if args.resume else build_tuner(settings, trainable)
         results = tuner.fit()
@@ -160,6 +168,37 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
             ray.shutdown()
     print_summary(settings, summary)
     return 0
+
+
+def make_trainable(settings: SearchSettings, decoded_ref: Any, features: Any) -> Any:
+    """The search's trainable with its data and resources: an ordinary trial, or a data-parallel one
+    (``--workers-per-trial N`` / ``--gpus-per-trial N``) whose workers Ray Train places."""
+    import ray
+    from ray import tune
+
+    from iqa_ray.trainables import iqa_trainable
+
+    workers = trial_workers(settings)
+    if workers == 1:
+        return tune.with_resources(
+            tune.with_parameters(iqa_trainable, decoded=decoded_ref, resolve=settings.effective_study.resolve,
+                                 cpus_per_trial=settings.cpus_per_trial, features=features,
+                                 stop_epochs=stop_epochs(settings)),
+            {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+        )
+    from iqa_ray.search.ddp import SharedData, Workers, ddp_trainable
+
+    shared = SharedData(decoded=decoded_ref, features=ray.put(features) if features is not None else None)
+    spread = Workers(count=workers, cpus_per_worker=cpus_per_worker(settings),
+                     gpus_per_worker=1.0 if settings.gpus_per_trial > 1 else 0.0)
+    # The driver only waits on its workers' reports: it asks for no CPU, so the workers get every CPU
+    # (a placement group cannot be empty: it asks for 1 MiB of Ray's memory resource instead).
+    return tune.with_resources(
+        tune.with_parameters(ddp_trainable, shared=shared, workers=spread, resolve=settings.effective_study.resolve,
+                             stop_epochs=stop_epochs(settings), max_worker_failures=settings.max_failures,
+                             experiment_path=settings.experiment_path()),
+        {"cpu": 0, "memory": DRIVER_MEMORY_BYTES},
+    )
 
 
 def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float, *, features: Any = None,
@@ -196,7 +235,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if best.checkpoint is None:
         test_error = "the selected trial left no checkpoint"
     else:
-        test = score_test_split(best.checkpoint, decoded, cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial)
+        test = score_test_split(best.checkpoint, decoded, cpus=settings.cpus_per_trial,
+                                gpus=min(settings.gpus_per_trial, 1.0))
         if not test:
             test_error = "the dataset has no test split"
     config = study.reported_config(best.config)
@@ -204,7 +244,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if test:
         try:  # a baseline that cannot run (e.g. hub weights offline) must not lose the finished search
             baselines = score_baselines(TrainConfig.from_dict(study.resolve(best.config)), decoded,
-                                        cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial, features=features)
+                                        cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0),
+                                        features=features)
         except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
             baselines_error = f"{type(exc).__name__}: {exc}"
     local = settings.local_experiment_dir()
@@ -232,7 +273,9 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if settings.splits and best.checkpoint is not None:
         from iqa_ray.search.splits import run_splits
 
-        summary["splits"] = run_splits(settings, study.resolve(best.config), decoded, table, features=features)
+        # The split runs train single-process trials: one GPU at most each.
+        single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
+        summary["splits"] = run_splits(single, study.resolve(best.config), decoded, table, features=features)
     if local is not None:
         close_orphaned_optuna_trials(local / "optuna.db")
         atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
