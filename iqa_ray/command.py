@@ -8,6 +8,7 @@
     iqa-ray score MODEL IMAGE_OR_FOLDER ...    scores of your own images, as CSV
     iqa-ray export EXPERIMENT                  trials.parquet / epochs.parquet of a search
     iqa-ray export-model MODEL --out model.pt  the model as TorchScript (and ONNX), runs without iqa-ray
+    iqa-ray report EXPERIMENT                  the analysis notebooks run on it, as HTML (EXPERIMENT/report/)
     iqa-ray tensorboard EXPERIMENT [--start]   TensorBoard for a search
 
 ``iqa-ray SUBCOMMAND --help`` lists each one's flags. The ``launch/*.py`` scripts and the
@@ -61,6 +62,12 @@ def _export(argv: list[str]) -> int:
     from iqa_ray.export import main
 
     return main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from iqa_ray.report import main
+
+    return main(argv, prog=f"{PROG} report")
 
 
 def _tensorboard(argv: list[str]) -> int:
@@ -177,6 +184,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "score": (_score, "score your own images with a trained model (CSV)"),
     "export": (_export, "trials.parquet / epochs.parquet of a search"),
     "export-model": (_export_model, "a trained model as TorchScript / ONNX that runs without iqa-ray"),
+    "report": (_report, "the analysis notebooks executed on an experiment, as HTML in EXPERIMENT/report/"),
     "tensorboard": (_tensorboard, "TensorBoard command (or server) for a search"),
 }
 

@@ -324,3 +324,30 @@ def test_run_report_notebook_draws_the_selected_runs_plots(experiments, tmp_path
     else:
         assert not (figures / "run_cluster_distribution.png").exists()
         assert "has no clusters" in text
+
+
+# ----------------------------------------------------------------------------- iqa-ray report
+
+
+@pytest.mark.slow
+def test_iqa_ray_report_writes_every_notebook_as_html_with_its_figures(experiments, tmp_path, capsys):
+    from iqa_ray.command import main as iqa_ray_main
+
+    experiment = tmp_path / "ranking"
+    shutil.copytree(experiments["ranking"], experiment)
+    assert iqa_ray_main(["report", str(experiment)]) == 0
+    report = experiment / "report"
+    names = ["family_comparison", "hyperparameters", "ranking_study", "run_report"]
+    assert sorted(p.name for p in report.iterdir()) == sorted([f"{n}.html" for n in names] + ["index.html"])
+    for name in names:
+        page = (report / f"{name}.html").read_text()
+        assert page.count("data:image/png;base64") >= 1, f"{name}.html has no figure"
+        assert "Traceback" not in page
+    index = (report / "index.html").read_text()
+    assert all(f'href="{n}.html"' in index for n in names)
+    assert "4 of 4 notebooks written" in capsys.readouterr().err
+    # the ranking notebook applies to ranking studies only
+    gmm = tmp_path / "gmm"
+    shutil.copytree(experiments["gmm"], gmm)
+    assert iqa_ray_main(["report", str(gmm), "--notebooks", "hyperparameters"]) == 0
+    assert sorted(p.name for p in (gmm / "report").iterdir()) == ["hyperparameters.html", "index.html"]
