@@ -351,3 +351,51 @@ def test_iqa_ray_report_writes_every_notebook_as_html_with_its_figures(experimen
     shutil.copytree(experiments["gmm"], gmm)
     assert iqa_ray_main(["report", str(gmm), "--notebooks", "hyperparameters"]) == 0
     assert sorted(p.name for p in (gmm / "report").iterdir()) == ["hyperparameters.html", "index.html"]
+
+
+# ----------------------------------------------------------------------------- the Optuna study
+
+
+def wsgi_get(app, path: str) -> dict:
+    import io
+    import sys
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    environ.update(PATH_INFO=path, REQUEST_METHOD="GET", **{"wsgi.errors": sys.stderr, "wsgi.input": io.BytesIO()})
+    status = {}
+    body = b"".join(app(environ, lambda s, headers, exc=None: status.setdefault("s", s)))
+    assert status["s"].startswith("200"), (path, status, body[:500])
+    return json.loads(body)
+
+
+@pytest.mark.slow
+def test_the_optuna_study_holds_every_trial_and_opens_in_optuna_dashboard(experiments):
+    import optuna
+
+    experiment = experiments["ranking"]
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    trials = trials[trials["kind"].eq("search")] if "kind" in trials else trials
+    storage = f"sqlite:///{experiment / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    searched = sorted(study.trials[0].params)
+    assert searched == ["alpha", "lr", "margin"]
+    assert len(study.trials) == len(trials)
+    for trial in study.trials:  # every trial: its parameters, and as value the last validation SRCC it reported
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        row = trials[np.isclose(trials["config.alpha"], trial.params["alpha"], rtol=0, atol=1e-12)]
+        assert len(row) == 1, trial.params
+        for key in searched:
+            assert row[f"config.{key}"].iloc[0] == pytest.approx(trial.params[key], abs=1e-12)
+        assert trial.value == pytest.approx(row["last_val_srcc"].iloc[0], abs=1e-9)
+
+    import optuna_dashboard
+
+    app = optuna_dashboard.wsgi(storage)
+    (summary,) = wsgi_get(app, "/api/studies")["study_summaries"]
+    assert summary["study_name"] == name and summary["directions"] == ["maximize"]
+    shown = wsgi_get(app, f"/api/studies/{summary['study_id']}")["trials"]
+    assert len(shown) == len(study.trials)
+    assert {p["name"] for t in shown for p in t["params"]} == set(searched)

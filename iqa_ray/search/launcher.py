@@ -44,7 +44,7 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="GPU share per trial, e.g. 0.25 = four trials per GPU (default: 0.25 when GPUs are used); "
                         "a whole number above 1 (2, 4, ...) trains each trial data-parallel on that many GPUs")
-    p.add_argument("--workers-per-trial", type=int, default=None, metavar="N",
+    p.add_argument("--workers-per-trial", type=float, default=None, metavar="N",
                    help="train each trial data-parallel on N CPU workers (gloo; Ray Train), sharing "
                         "--cpus-per-trial (at least 1 CPU each); for GPUs use --gpus-per-trial N")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores (torch threads) per trial (default: 1)")
@@ -93,9 +93,9 @@ def check_flag_values(args: argparse.Namespace) -> None:
             raise LaunchError("--gpus-per-trial was given with --gpus 0; drop one of them")
     workers = getattr(args, "workers_per_trial", None)
     if workers is not None:
-        if workers < 1:
+        if workers < 1 or workers != int(workers):
             raise LaunchError(f"--workers-per-trial must be a whole number >= 1 (1 = an ordinary trial, 2, 3, ... = "
-                              f"data-parallel CPU workers), got {workers}")
+                              f"data-parallel CPU workers), got {workers:g}")
         if args.gpus_per_trial is not None:
             raise LaunchError("--workers-per-trial N is for CPU workers; with GPUs, --gpus-per-trial N (a whole number) "
                               "gives one worker per GPU. Drop one of them")
@@ -184,7 +184,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         num_samples=num_samples, max_epochs=max_epochs, grace_period=grace,
         reduction_factor=args.reduction_factor or study.reduction_factor, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
-        workers_per_trial=args.workers_per_trial or 1,
+        workers_per_trial=int(args.workers_per_trial or 1),
         seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
         overrides=tuple(sorted(overrides.items())), splits=1 if args.smoke_test and splits else splits,
         recipe=applied.record() if applied is not None else None,
@@ -263,7 +263,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
         reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
-        workers_per_trial=args.workers_per_trial or 1, seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
+        workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
         splits=record.get("splits", 0), recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
     )
