@@ -35,13 +35,15 @@ from iqa_ray.search.study import parse_study
 from iqa_ray.search.tensorboard import (
     HParamsCallback,
     main as tensorboard_main,
+    BOOKKEEPING,
+    scalar_tag,
     start_tensorboard,
     stop_tensorboard,
     tensorboard_command,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-P = "ray/tune/"
+T = scalar_tag  # reported key -> its TensorBoard tag (val_srcc -> val/srcc)
 ALL_STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
 FINAL_METRICS = ("best_val_srcc", "val_srcc", "val_plcc", "val_krcc", "epoch")
 SEARCHED = {"backbone", "lr", "dropout"}
@@ -125,7 +127,7 @@ class TB:
         body: dict[str, Any] = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0,
                                 "sliceSize": 1000}
         if sort_metric:
-            body["colParams"] = [{"metric": {"tag": P + sort_metric, "group": ""}, "order": "ORDER_DESC"}]
+            body["colParams"] = [{"metric": {"tag": T(sort_metric), "group": ""}, "order": "ORDER_DESC"}]
         return self.post("/data/plugin/hparams/session_groups", body)
 
 
@@ -181,11 +183,13 @@ def check_experiment(exp: dict, study) -> None:
     backbone = next(h for h in exp["hparamInfos"] if h["name"] == "backbone")
     assert set(backbone["domainDiscrete"]) == set(LR_RANGES)
     metrics = [m["name"]["tag"] for m in exp["metricInfos"]]
-    assert {P + m for m in FINAL_METRICS} <= set(metrics), metrics
+    assert {T(m) for m in FINAL_METRICS} <= set(metrics), metrics
+    assert {"val/best_srcc", "val/srcc", "val/plcc", "val/krcc", "progress/epoch"} <= set(metrics), metrics
     assert len(metrics) == len(set(metrics))
-    assert P + "done" not in metrics and P + "time_this_iter_s" not in metrics, "Tune bookkeeping listed as metrics"
+    assert not any(m.startswith("ray/tune/") or m.split("/")[-1] in BOOKKEEPING for m in metrics), \
+        "Tune bookkeeping listed as metrics"
     # Test figures per trial would invite choosing on test: only the selected trial is scored, after the search.
-    assert not any(m.startswith(P + "test_") for m in metrics), metrics
+    assert not any("test" in m for m in metrics), metrics
 
 
 def check_group(group: dict, trial_id: str, config: dict, results: list[dict], study, failed: bool = False) -> None:
@@ -208,20 +212,28 @@ def check_group(group: dict, trial_id: str, config: dict, results: list[dict], s
     last = results[-1] if results else {}
     for metric in FINAL_METRICS:
         if metric in last:
-            assert P + metric in values, f"trial {trial_id}: final {metric} missing"
-            assert close(values[P + metric], last[metric]), (trial_id, metric, values[P + metric], last[metric])
+            assert T(metric) in values, f"trial {trial_id}: final {metric} missing"
+            assert close(values[T(metric)], last[metric]), (trial_id, metric, values[T(metric)], last[metric])
         else:
-            assert P + metric not in values, f"trial {trial_id}: {metric} was never reported"
+            assert T(metric) not in values, f"trial {trial_id}: {metric} was never reported"
 
 
 def check_scalars(tb: TB, trial_id: str, results: list[dict]) -> None:
     run = f"trial_{trial_id}"
     tags = tb.get("/data/plugin/scalars/tags").get(run, {})
     if not results:
-        assert P + "val_srcc" not in tags, f"{run} reported nothing, yet has val_srcc points"
+        assert "val/srcc" not in tags, f"{run} reported nothing, yet has val/srcc points"
         return
-    assert P + "val_srcc" in tags, f"{run}: no val_srcc scalars ({sorted(tags)})"
-    points = tb.scalars(run, P + "val_srcc")
+    # Readable tags only: one per reported number, none for Tune's bookkeeping.
+    assert not any(t.startswith("ray/tune/") for t in tags), sorted(tags)
+    reported = {T(k) for r in results for k, v in r.items()
+                if T(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    assert set(tags) == reported, (sorted(tags), sorted(reported))
+    for key in ("done", "training_iteration", "time_this_iter_s", "timestamp", "pid", "date"):
+        assert T(key) is None
+    assert {"val/srcc", "val/plcc", "val/krcc", "val/rmse", "train/loss", "throughput/images_per_s"} <= set(tags)
+    assert any(t.startswith("lr/") for t in tags), sorted(tags)
+    points = tb.scalars(run, "val/srcc")
     assert [int(step) for _, step, _ in points] == [r["training_iteration"] for r in results], \
         f"{run}: one val_srcc point per reported epoch"
     assert all(close(v, r["val_srcc"]) for (_, _, v), r in zip(points, results))
@@ -244,7 +256,8 @@ class FakeTrial:
 
 
 def epoch_result(epoch: int, srcc: float) -> dict:
-    return {"epoch": epoch, "training_iteration": epoch, "train_loss": 9.0 - epoch, "val_srcc": srcc,
+    return {"epoch": epoch, "training_iteration": epoch, "train_loss": 9.0 - epoch, "train_l1": 8.0, "lr_head": 1e-3,
+            "lr_backbone": 1e-4, "val_srcc": srcc,
             "val_plcc": srcc + 0.01, "val_krcc": srcc - 0.1, "val_rmse": 11.0, "best_val_srcc": srcc,
             "best_epoch": epoch, "images_per_s": 50.0, "done": False, "time_this_iter_s": 1.0}
 

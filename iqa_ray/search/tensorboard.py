@@ -1,10 +1,16 @@
-"""TensorBoard for searches: per-epoch scalars plus one HParams session per trial.
+"""TensorBoard for searches: readable per-epoch scalars plus one HParams session per trial.
 
-Ray Tune's built-in TensorBoard logger (``TBXLoggerCallback``) already writes every reported
-metric of every epoch as a scalar (tag ``ray/tune/<metric>``, step = epoch) into each trial's
-folder. Its HParams part is what falls short for our studies, so :class:`HParamsCallback`
-subclasses it, keeps the scalars as they are and replaces only the HParams part:
+Ray Tune's built-in TensorBoard logger (``TBXLoggerCallback``) writes every reported key of every
+epoch as a scalar under ``ray/tune/<key>``: 27 cards per trial, Tune's bookkeeping (``done``,
+``training_iteration``, ``time_this_iter_s``, ...) among the curves users compare.
+:class:`HParamsCallback` subclasses it and replaces both parts:
 
+* **Scalars** (:func:`scalar_tag`): ``val/srcc``, ``val/plcc``, ``val/krcc``, ``val/rmse``,
+  ``val/best_srcc``, ``train/loss`` and its parts (``train/l1``, ``train/rank``, ...),
+  ``lr/head``, ``lr/backbone``, ``throughput/images_per_s``, ``time/epoch_s``,
+  ``memory/gpu_peak_mb``, ``progress/epoch``; step = the trial's reported epoch count. Tune's
+  bookkeeping is not charted (it stays in each trial's ``result.json`` / ``progress.csv``); any
+  other number a trainable reports goes under ``other/``.
 * **Hyperparameters.** Tune logs ``trial.evaluated_params``: the raw searched keys, so a study
   with a ``range_by`` parameter shows ``lr__unit`` (a number in [0, 1]) instead of the learning
   rate the trial trained with. Here each session gets ``study.resolve(trial.config)``: the
@@ -20,8 +26,8 @@ subclasses it, keeps the scalars as they are and replaces only the HParams part:
   running trials are in the dashboard) and ends with ``STATUS_SUCCESS`` or ``STATUS_FAILURE``;
   a trial that errored before its first epoch still shows up with its hyperparameters.
 
-Metric values are not copied: a session's value for a metric is the last point of the scalar
-``ray/tune/<metric>`` in the trial's folder, i.e. what the trial last reported
+Metric values are not copied: a session's value for a metric is the last point of its scalar
+(``val/best_srcc`` for ``best_val_srcc``) in the trial's folder, i.e. what the trial last reported
 (``best_val_srcc`` is a running maximum). No test metric is listed or reported: trials score
 validation only, and the one trial the search selects is scored on test after the search
 (``summary.json``, and its row of ``trials.parquet``), so the dashboard never invites choosing
@@ -59,7 +65,17 @@ if TYPE_CHECKING:  # the study module pulls in torch; printing a command should 
 
 logger = logging.getLogger(__name__)
 
-SCALAR_PREFIX = "ray/tune/"  # what Tune's TBX logger puts before every reported key
+# Tune's per-result bookkeeping, and our reports that are not curves: kept out of the charts.
+BOOKKEEPING = frozenset({
+    "done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+    "node_ip", "node_id", "hostname", "time_since_restore", "iterations_since_restore", "timesteps_total",
+    "timesteps_since_restore", "episodes_total", "checkpoint_dir_name", "should_checkpoint", "warmup_time",
+    "git_revision", "resumed_from_epoch", "stopped_early", "config", "workers", "worker_pids",
+})
+_NAMED_TAGS = {"best_val_srcc": "val/best_srcc", "best_epoch": "val/best_epoch", "epoch": "progress/epoch",
+               "images_per_s": "throughput/images_per_s", "epoch_seconds": "time/epoch_s",
+               "gpu_peak_mem_mb": "memory/gpu_peak_mb"}
+_GROUPS = (("val_", "val"), ("train_", "train"), ("lr_", "lr"))
 DEFAULT_HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
 
@@ -81,6 +97,22 @@ _SCALAR_TYPES = (bool, int, float, str)
 
 
 # ----------------------------------------------------------------------------- summaries
+
+
+def scalar_tag(key: str) -> str | None:
+    """The TensorBoard tag of a reported key, or None for Tune's bookkeeping (not charted).
+
+    >>> [scalar_tag(k) for k in ("val_srcc", "train_loss", "lr_backbone", "best_val_srcc", "done")]
+    ['val/srcc', 'train/loss', 'lr/backbone', 'val/best_srcc', None]
+    """
+    if key in BOOKKEEPING or key.startswith("config/"):
+        return None
+    if key in _NAMED_TAGS:
+        return _NAMED_TAGS[key]
+    for prefix, group in _GROUPS:
+        if key.startswith(prefix) and len(key) > len(prefix):
+            return f"{group}/{key[len(prefix):]}"
+    return f"other/{key}"
 
 
 def metric_names(study: Study) -> list[str]:
@@ -139,7 +171,7 @@ def experiment_summary(study: Study) -> Any:
         hparams.append(hp.HParam(name, _domain(study, name), description=f"{role}" + (f": {text}" if text else "")))
     kinds = {_TRAIN: hp.Metric.TRAINING, _VAL: hp.Metric.VALIDATION, _OTHER: None}
     info = {m: (kinds[k], d) for m, k, d in METRICS}
-    metrics = [hp.Metric(SCALAR_PREFIX + name, display_name=name, description=info.get(name, (None, ""))[1],
+    metrics = [hp.Metric(scalar_tag(name), display_name=name, description=info.get(name, (None, ""))[1],
                          dataset_type=info.get(name, (None, ""))[0])
                for name in metric_names(study)]
     return hp.hparams_config_pb(hparams, metrics)
@@ -221,6 +253,21 @@ class HParamsCallback(TBXLoggerCallback):
             self._started.add(trial.trial_id)
         except Exception:  # logging must never stop a search
             logger.exception("could not write the HParams session of trial %s", trial.trial_id)
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        """Every finite number of ``result`` under its readable tag (:func:`scalar_tag`)."""
+        if trial not in self._trial_writer:
+            self.log_trial_start(trial)
+        step = result.get("training_iteration", iteration)
+        writer = self._trial_writer[trial]
+        for key, value in result.items():
+            tag = scalar_tag(key)
+            if tag is None or isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                continue
+            if math.isfinite(float(value)):  # a NaN point would break the chart's scale; result.json keeps it
+                writer.add_scalar(tag, float(value), global_step=step)
+        self._trial_result[trial] = {}
+        writer.flush()
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         if trial not in self._trial_writer:

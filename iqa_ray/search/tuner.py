@@ -241,8 +241,9 @@ def run_config(settings: SearchSettings, callbacks: list[Any] | None) -> Any:
         # state (a resnet18 + AdamW checkpoint is ~130 MB), and num_to_keep=1 also makes Tune
         # snapshot the experiment after every checkpoint, so a crash loses at most one epoch.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        # Tune's TensorBoard logger (per-epoch scalars) with HParams sessions of the resolved
-        # config; being a TBXLoggerCallback, it replaces Tune's default one.
+        # TensorBoard: per-epoch scalars under readable tags (val/srcc, train/loss, lr/head, ...) and
+        # HParams sessions of the resolved config; being a TBXLoggerCallback, it replaces Tune's
+        # default one (whose ray/tune/* dump charts Tune's bookkeeping too).
         callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study)],
         verbose=1,
     )
