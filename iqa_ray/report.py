@@ -26,7 +26,7 @@ NOTEBOOKS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("ranking_study", "validation SRCC over alpha x margin, learning curves, where ASHA stopped trials", ("ranking",)),
     ("hyperparameters", "score against every searched axis, with the edge check", None),
     ("family_comparison", "validation and test SRCC per family and backbone, spread of every trial", None),
-    ("run_report", "the selected trial: training curves, test predictions, feature PCA, clusters", None),
+    ("run_report", "the selected trial: training curves, test predictions, sample predictions, feature PCA, clusters", None),
 )
 
 

@@ -312,7 +312,7 @@ def test_run_report_notebook_draws_the_selected_runs_plots(experiments, tmp_path
     best = best_trial(experiment)
     assert f"trial {best} (the selected trial, chosen on validation by the search)" in text
     figures = experiment / "figures"
-    for name in ("run_training_curves", "run_prediction_scatter", "run_feature_pca"):
+    for name in ("run_training_curves", "run_prediction_scatter", "run_feature_pca", "run_sample_predictions"):
         assert_png(figures / f"{name}.png")
     # the test split rebuilt from the checkpoint's config is the one the trial was scored on
     trials = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id")
