@@ -105,11 +105,13 @@ def load_run_table(config: TrainConfig, spec: str | None = None, *, split_seed: 
                       split_fractions=d.split_fractions)
 
 
-def decode_for(config: TrainConfig, table: Any) -> DecodedImages:
-    """Decode ``table`` with the run's resize rule (``image_size`` or ``short_side``)."""
+def decode_for(config: TrainConfig, table: Any, progress: Callable[[int], Any] | None = None) -> DecodedImages:
+    """Decode ``table`` with the run's resize rule (``image_size`` or ``short_side``);
+    ``progress(1)`` after each image."""
     d = config.data
     kwargs = {"short_side": d.short_side} if d.short_side is not None else {}
-    return decode_table(table, image_size=d.image_size, min_size=0 if d.whole_image else d.crop_size, **kwargs)
+    return decode_table(table, image_size=d.image_size, min_size=0 if d.whole_image else d.crop_size,
+                        progress=progress, **kwargs)
 
 
 def load_decoded(config: TrainConfig) -> DecodedImages:

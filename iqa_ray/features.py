@@ -13,7 +13,7 @@ starts, puts it in Ray's object store, and hands the same reference to every tri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -78,14 +78,27 @@ class FeatureCache:
         return int(self.plain.nbytes + self.flipped.nbytes)
 
 
-@torch.no_grad()
-def compute_features(decoded: Any, config: Any, device: torch.device | str | None = None) -> FeatureCache:
+def compute_features(decoded: Any, config: Any, device: torch.device | str | None = None,
+                     progress: Callable[[int], Any] | None = None) -> FeatureCache:
     """The :class:`FeatureCache` of ``decoded`` for ``config``'s frozen backbone and pooling.
 
     The backbone is the one the run builds (same weights, including a ``pretrained_encoder``),
     run in float32 on whole images; images of one size go through in batches of 16, others one by
-    one.
+    one. ``progress(n)`` is called with the number of images done so far after each batch.
     """
+    for step in feature_steps(decoded, config, device):
+        if isinstance(step, FeatureCache):
+            return step
+        if progress is not None:
+            progress(step)
+    raise AssertionError("feature_steps ended without its cache")  # pragma: no cover
+
+
+@torch.no_grad()
+def feature_steps(decoded: Any, config: Any, device: torch.device | str | None = None) -> Iterator[int | FeatureCache]:
+    """:func:`compute_features` as a generator: the images done after each batch (an ``int``),
+    then the :class:`FeatureCache`. A Ray streaming-generator task yields these, so the driver can
+    show progress while a worker computes."""
     import torch.nn.functional as F
 
     from iqa_ray.engine import build
@@ -108,6 +121,7 @@ def compute_features(decoded: Any, config: Any, device: torch.device | str | Non
         for out, view in ((plain, batch), (flipped, batch.flip(3))):
             out.append(pool_stages(model.backbone(view), pooling).cpu().numpy())
         start = stop
-    return FeatureCache(plain=np.concatenate(plain).astype(np.float32),
+        yield stop
+    yield FeatureCache(plain=np.concatenate(plain).astype(np.float32),
                         flipped=np.concatenate(flipped).astype(np.float32), key=cache_key(config),
                         channels=tuple(int(c) for c in model.backbone.channels))

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         init_ray(address=args.address, num_cpus=args.num_cpus)
     out = args.out or default_data_dir()
     dataset = pregenerate(config, out, engine=args.engine, crops_per_unit=args.crops_per_unit, force=args.force,
-                          progress=lambda msg: print(f"[pregenerate] {msg}", flush=True))
+                          progress=lambda msg: print(f"[pregenerate] {msg}", flush=True), progress_bar=True)
     print("\n".join(summary_lines(dataset)))
     if dataset.stats["failed"]:
         print(f"warning: {dataset.stats['failed']} inputs failed; see {dataset.path / 'processing_stats.json'}")

@@ -282,10 +282,12 @@ def test_launcher_runs_trials_on_both_nodes_of_an_existing_cluster(cluster, tmp_
     output = proc.stdout + proc.stderr
     (tmp_path / "launcher.log").write_text(output)
     assert proc.returncode == 0, output[-6000:]
-    assert "Connecting to existing Ray cluster" in output and "Started a local Ray instance" not in output
     assert "(cluster: 2 CPU, 0 GPU)" in output
 
     experiment = storage / "two-nodes"
+    driver_log = (experiment / "driver.log").read_text()  # Ray's INFO lines, kept off the console
+    assert "Connecting to existing Ray cluster" in driver_log
+    assert "Started a local Ray instance" not in driver_log + output
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == 2 and (trials["status"] == "TERMINATED").all(), trials[["trial_id", "status", "error"]]
     # 1 CPU per node and 1 CPU per trial: the two trials ran at once, one on each node.

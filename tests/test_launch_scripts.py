@@ -46,6 +46,16 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     assert summary["versus_probe"] == pytest.approx(summary["test"]["srcc"] - baselines["linear_probe"]["srcc"])
     assert "baselines on the same" in proc.stdout and "the probe" in proc.stdout
     assert summary["val_test_gap"] == pytest.approx(summary["best_val"]["srcc"] - summary["test"]["srcc"])
+    if script == "tune_ranking.py":  # our console, not Ray's; Ray's lines kept in files
+        console = proc.stdout + proc.stderr
+        for ray_line in ("Checkpoint successfully created", "logging_progress", "Trial status:", "View detailed results",
+                         "Started a local Ray instance", "A new study created"):
+            assert ray_line not in console, ray_line
+        assert "[search done" in proc.stdout and "kept@epoch" in proc.stdout
+        assert all(f"trial {tid} " in proc.stdout for tid in trials.trial_id)
+        assert "features (efficientnet_lite0): 100%" in proc.stderr and "decoding: 100%" in proc.stderr
+        driver_log = (tmp_path / "smoke" / "driver.log").read_text()
+        assert "Started a local Ray instance" in driver_log and "A new study created" in driver_log
     if script == "tune_ranking.py":  # the figure is the selected checkpoint's best weights on the test split
         from iqa_ray.engine import evaluate, load_decoded, make_loaders, model_from_checkpoint
 

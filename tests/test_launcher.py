@@ -17,7 +17,7 @@ def test_help_lists_the_flags_users_need():
     text = build_parser("ranking").format_help()
     for flag in ("--gpus", "--gpus-per-trial", "--cpus-per-trial", "--num-samples", "--max-concurrent", "--searcher",
                  "--scheduler", "--dataset", "--address", "--storage", "--name", "--resume", "--smoke-test",
-                 "--grace-period", "--reduction-factor", "--max-epochs"):
+                 "--grace-period", "--reduction-factor", "--max-epochs", "--progress-every", "--verbose"):
         assert flag in text
 
 
@@ -54,6 +54,29 @@ def test_bad_flags_are_rejected_with_what_is_valid(argv, match, capsys):
     import re
 
     assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("value", ["-5", "soon", "nan", "inf"])
+def test_bad_progress_interval_names_what_is_valid(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse("--progress-every", value)
+    assert exit_.value.code == 2
+    assert f"--progress-every: expected a number of seconds >= 0, e.g. 30, got '{value}'" in capsys.readouterr().err
+
+
+def test_console_flags_choose_our_table_or_rays_console():
+    from iqa_ray.search.console import TrialProgress
+    from iqa_ray.search.tuner import console_callbacks, run_config
+
+    quiet = settings_from_args(parse("--progress-every", "5"), "ranking")
+    (table,) = console_callbacks(quiet)
+    assert isinstance(table, TrialProgress) and table.every == 5.0 and table.metric == quiet.study.metric
+    assert table.params == tuple(p.name for p in quiet.effective_study.params) and table.scheduler == "asha"
+    config = run_config(quiet, None)
+    assert config.verbose == 0 and any(isinstance(c, TrialProgress) for c in config.callbacks)
+    verbose = settings_from_args(parse("--verbose"), "ranking")
+    assert console_callbacks(verbose) == [] and run_config(verbose, None).verbose == 1
+    assert settings_from_args(parse(), "ranking").progress_every == 30.0
 
 
 def test_unknown_study_is_rejected(capsys):

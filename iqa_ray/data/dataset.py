@@ -22,7 +22,7 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -153,6 +153,7 @@ def decode_table(
     min_size: int = 0,
     on_error: str = "raise",
     threads: int | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> DecodedImages:
     """Decode every row of ``table`` once.
 
@@ -169,6 +170,7 @@ def decode_table(
         on_error: ``"raise"`` stops at the first bad image with a :class:`DatasetError`
             naming it; ``"skip"`` drops it and lists it in ``skipped``.
         threads: decoding threads (PIL releases the GIL while decoding); default: CPU count.
+        progress: called with 1 after each image (in table order), e.g. a progress bar's update.
 
     Every image is first turned upright by its EXIF Orientation tag (a photo stored sideways
     with "rotate 90" in its EXIF comes out upright), then converted to RGB, then resized.
@@ -228,7 +230,11 @@ def decode_table(
 
     workers = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(work, enumerate(records)))
+        results = []
+        for result in pool.map(work, enumerate(records)):
+            results.append(result)
+            if progress is not None:
+                progress(1)
     keep, images, skipped = [], [], []
     for i, (row, result) in enumerate(zip(records, results)):
         if isinstance(result, DatasetError):

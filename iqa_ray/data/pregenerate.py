@@ -34,6 +34,7 @@ manifest is written: a folder without the ``.partial-`` prefix is always complet
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -44,7 +45,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -504,21 +505,34 @@ def _generate_unit(unit: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- execution
 
 
-Mapper = Callable[[Callable[[dict[str, Any]], dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any]]]
+Mapper = Callable[..., list[dict[str, Any]]]  # (fn, items, tick=None) -> results, in any order; tick(result)
 
 
-def local_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``fn`` over ``items`` in this process, one after another (the baseline engine)."""
-    return [fn(item) for item in items]
+def local_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[str, Any]],
+              tick: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+    """Run ``fn`` over ``items`` in this process, one after another (the baseline engine);
+    ``tick(result)`` after each item."""
+    out = []
+    for item in items:
+        out.append(fn(item))
+        if tick is not None:
+            tick(out[-1])
+    return out
 
 
-def ray_data_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ray_data_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[str, Any]],
+                 tick: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
     """Run ``fn`` over ``items`` with Ray Data, one block per item, on every CPU of the cluster.
 
     Each item is a work unit of tens of images, so a block carries enough work to pay for its
     scheduling. Ray must already be initialised (the launcher decides local vs. ``--address``).
+    Results stream back as units finish (``tick(result)`` for each, e.g. to move a progress bar);
+    Ray Data's own progress bars and per-operator console logging are off meanwhile (its log
+    file keeps them).
     """
     import ray
+
+    from iqa_ray.utils.console import quiet_ray_data
 
     if not items:
         return []
@@ -535,7 +549,13 @@ def ray_data_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dic
         # Blocks carry only an index; the items travel once, inside the function's closure, so
         # Arrow never has to infer a schema for dataclasses.
         ds = ray.data.range(len(items), override_num_blocks=len(items))
-        return ds.map(lambda row: fn(items[row["id"]]), num_cpus=1).take_all()
+        out = []
+        with quiet_ray_data():
+            for row in ds.map(lambda row: fn(items[row["id"]]), num_cpus=1).iter_rows():
+                out.append(row)
+                if tick is not None:
+                    tick(row)
+        return out
     finally:
         ctx.op_resource_reservation_enabled = saved
 
@@ -587,6 +607,7 @@ def pregenerate(
     crops_per_unit: int = 4,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    progress_bar: bool = False,
 ) -> GeneratedDataset:
     """Generate (or reuse) the dataset described by ``config`` under ``out_dir``.
 
@@ -598,13 +619,15 @@ def pregenerate(
         crops_per_unit: crops per work unit (one Ray Data block each).
         force: regenerate even when a finished dataset with this config exists.
         progress: called with one-line progress messages.
+        progress_bar: show one progress bar (stderr) over the run's three passes: checking the
+            photos, calibrating the severity table, generating the images.
 
     Returns:
         The finished dataset.
     """
     say = progress or (lambda _msg: None)
-    mapper: Mapper = {"ray": ray_data_map, "local": local_map}.get(engine)  # type: ignore[assignment]
-    if mapper is None:
+    engine_map: Mapper = {"ray": ray_data_map, "local": local_map}.get(engine)  # type: ignore[assignment]
+    if engine_map is None:
         raise ValueError(f"unknown engine {engine!r}; valid: ray, local")
     if crops_per_unit < 1:
         raise ValueError(f"crops_per_unit must be >= 1, got {crops_per_unit}")
@@ -621,7 +644,51 @@ def pregenerate(
     shards_dir.mkdir(parents=True, exist_ok=True)
     for torn in partial.rglob(".*.tmp"):  # half-written by a killed run; never renamed into place
         torn.unlink()
+    with progress_bar_for(progress_bar) as bar:
+        if bar is not None:  # messages above the bar, not through it
+            say = _above(bar, say)
+        return _generate(config, refs, listing_failed, final, partial, shards_dir, crops_per_unit, start,
+                         engine, engine_map, bar, say)
 
+
+def _above(bar: Any, say: Callable[[str], None]) -> Callable[[str], None]:
+    def write(message: str) -> None:
+        with bar.external_write_mode():
+            say(message)
+    return write
+
+
+@contextlib.contextmanager
+def progress_bar_for(show: bool) -> Iterator[Any]:
+    """The run's one progress bar (``None`` when not shown)."""
+    if not show:
+        yield None
+        return
+    from iqa_ray.utils.console import progress_bar
+
+    with progress_bar(None, "pregenerate") as bar:
+        yield bar
+
+
+def _phase_map(engine_map: Mapper, bar: Any, phase: str, total: int | None = None,
+               amount: Callable[[dict[str, Any]], int] = lambda _row: 1) -> Mapper:
+    """``engine_map`` moving ``bar`` through one pass: by work item ("task"), or by image when
+    ``total`` (images) and ``amount`` (images in a result) are given."""
+    def run(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if bar is None:
+            return engine_map(fn, items)
+        bar.unit = "img" if total is not None else "task"
+        bar.set_description(f"pregenerate: {phase}", refresh=False)
+        bar.reset(total=len(items) if total is None else total)
+        return engine_map(fn, items, lambda row: bar.update(amount(row)))
+    return run
+
+
+def _generate(config: PregenConfig, refs: list[ReferenceInfo], listing_failed: list[dict[str, str]], final: Path,
+              partial: Path, shards_dir: Path, crops_per_unit: int, start: float, engine: str, engine_map: Mapper,
+              bar: Any, say: Callable[[str], None]) -> GeneratedDataset:
+    """:func:`pregenerate` from the planning on, moving ``bar`` (if any) through each pass."""
+    name = final.name
     boxes_by_ref, rejected = plan_boxes(refs, config)
     # The split, and the severity table calibrated on its training photos, are computed once per
     # partial folder (always over all photos, also with --sample, so a quick run splits and labels
@@ -630,7 +697,9 @@ def pregenerate(
     if calib_file.exists():
         calibration = json.loads(calib_file.read_text())
     else:
-        calibration = _calibrate(refs, boxes_by_ref, config, mapper, listing_failed + rejected)
+        calibration = _calibrate(refs, boxes_by_ref, config, listing_failed + rejected,
+                                 check_map=_phase_map(engine_map, bar, "checking photos"),
+                                 calibrate_map=_phase_map(engine_map, bar, "calibrating"))
         atomic_write_json(calib_file, calibration)
     table = calibration["table"]
     rejected += calibration["failed"]
@@ -663,7 +732,10 @@ def pregenerate(
     # Largest units first (a photo's last unit may hold fewer crops): the small ones fill the tail.
     items.sort(key=lambda it: -len(it["tasks"]))
     gen_start = time.perf_counter()
-    results = mapper(_generate_unit, items)
+    per_crop = config.per_image + int(config.include_references)
+    generate_map = _phase_map(engine_map, bar, "generating", total=per_crop * sum(len(it["tasks"]) for it in items),
+                              amount=lambda row: json.loads(row["stats"])["rows"])
+    results = generate_map(_generate_unit, items)
     gen_seconds = time.perf_counter() - gen_start
     new_stats = [json.loads(r["stats"]) for r in results]
     unit_stats = sorted(done_stats + new_stats, key=lambda s: s["unit"])
@@ -719,8 +791,10 @@ def _calibrate(
     refs: Sequence[ReferenceInfo],
     boxes_by_ref: dict[int, list[tuple[int, int, int, int]]],
     config: PregenConfig,
-    mapper: Mapper,
     problems: Sequence[dict[str, str]],
+    *,
+    check_map: Mapper,
+    calibrate_map: Mapper,
 ) -> dict[str, Any]:
     """Decode-check every usable photo, draw the split, and calibrate the severity table on the
     training photos only.
@@ -729,8 +803,9 @@ def _calibrate(
         refs: the listed references.
         boxes_by_ref: crop boxes of the references that survived planning.
         config: the generation config.
-        mapper: the engine (:func:`local_map` or :func:`ray_data_map`).
         problems: references rejected so far (listing and planning), for the error message.
+        check_map, calibrate_map: the engine (:func:`local_map` or :func:`ray_data_map`) for
+            the decode check and for the calibration pass.
 
     Returns:
         ``{"table": severity table, "failed": [{path, error}, ...] (one per photo),
@@ -742,7 +817,7 @@ def _calibrate(
     usable = sorted(boxes_by_ref)
     batches = [usable[start : start + DECODE_CHECKS_PER_ITEM] for start in range(0, len(usable), DECODE_CHECKS_PER_ITEM)]
     check_items = [{"config": config, "item": k, "refs": [refs[i] for i in batch]} for k, batch in enumerate(batches)]
-    failed = [f for r in sorted(mapper(_decode_check_unit, check_items), key=lambda r: r["item"])
+    failed = [f for r in sorted(check_map(_decode_check_unit, check_items), key=lambda r: r["item"])
               for f in json.loads(r["failed"])]
     failed_paths = {f["path"] for f in failed}
     decoded = [i for i in usable if refs[i].locator not in failed_paths]
@@ -764,7 +839,7 @@ def _calibrate(
     # (grey photos have fewer types). Ray Data returns rows in completion order: sort them so
     # the table's float sums do not depend on scheduling.
     calib_items.sort(key=lambda it: -len(set(it["types"]) & set(allowed_types(config, it["ref"].grey))))
-    rows = sorted(mapper(_calibrate_unit, calib_items), key=lambda r: (r["ref"], r["labels"]))
+    rows = sorted(calibrate_map(_calibrate_unit, calib_items), key=lambda r: (r["ref"], r["labels"]))
     calib_failed = {r["error"]: json.loads(r["error"]) for r in rows if r["error"]}  # one entry per photo
     failed += list(calib_failed.values())
     # A photo that failed in any item is dropped as a whole, as it is from the generation pass.

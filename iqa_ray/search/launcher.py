@@ -23,7 +23,7 @@ from iqa_ray.data.catalog import EMBEDDED
 from iqa_ray.search.preflight import check_weights
 from iqa_ray.search.recipe import apply_recipe, dataset_adapter, parse_recipe, resolve_recipe
 from iqa_ray.search.study import StudyError, available_studies, load_study, parse_study
-from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS, SearchSettings, per_gpu
+from iqa_ray.search.tuner import DEFAULT_PROGRESS_EVERY_S, SCHEDULERS, SEARCHERS, SearchSettings, per_gpu
 
 ADDRESS_TIMEOUT_S = 10.0
 
@@ -76,7 +76,22 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
                         "(resource flags such as --max-concurrent may change)")
     p.add_argument("--smoke-test", action="store_true", help="a tiny search (2 trials, 1 epoch, a sample of the data)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default: 2)")
+    p.add_argument("--progress-every", type=_seconds, default=DEFAULT_PROGRESS_EVERY_S, metavar="SECONDS",
+                   help="seconds between live trial tables (default: %(default)g)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own console instead of ours: its trial tables and every worker's log lines "
+                        "(by default those stay in Ray's log files and <experiment>/driver.log)")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, e.g. 30, got {text!r}")
+    return value
 
 
 def check_flag_values(args: argparse.Namespace) -> None:
@@ -189,6 +204,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         overrides=tuple(sorted(overrides.items())), splits=1 if args.smoke_test and splits else splits,
         recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else ((note,) if note else ()),
+        verbose=args.verbose, progress_every=args.progress_every,
     )
 
 
@@ -266,6 +282,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
         splits=record.get("splits", 0), recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
+        verbose=args.verbose, progress_every=args.progress_every,
     )
 
 

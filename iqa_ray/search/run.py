@@ -8,11 +8,14 @@ and test SRCC/PLCC, where the results are, and the exact TensorBoard command; an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
+import tempfile
 import time
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 from iqa_ray.config import TrainConfig
 from iqa_ray.data.catalog import EMBEDDED
@@ -41,6 +44,7 @@ from iqa_ray.trainables.resources import worker_device
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
 DRIVER_MEMORY_BYTES = 2**20  # what a data-parallel trial's driver asks for (it holds no CPU)
+DRIVER_LOG = "driver.log"  # the driver's Ray/Optuna INFO lines, in the experiment folder
 PROBE = "linear_probe"  # the summary's name for the frozen-feature linear probe baseline
 
 
@@ -55,19 +59,21 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
     from iqa_ray.engine import decode_for, load_run_table
     from iqa_ray.data.pregenerate import PregenConfig, pregenerate
     from iqa_ray.paths import default_data_dir
+    from iqa_ray.utils.console import progress_bar
 
     config = TrainConfig.from_dict(settings.effective_study.constants())
     d = config.data
     if d.dataset == EMBEDDED:
         pregen = PregenConfig(sample=0.25) if smoke else PregenConfig()
         generated = pregenerate(pregen, default_data_dir(), engine="ray",
-                                progress=lambda m: print(f"[pregenerate] {m}", flush=True))
+                                progress=lambda m: print(f"[pregenerate] {m}", flush=True), progress_bar=True)
         table = generated_table(generated.path, label=d.label)
         spec = str(generated.path)
     else:
         spec = d.dataset
         table = load_run_table(config)
-    decoded = decode_for(config, table)
+    with progress_bar(len(table), "decoding") as bar:
+        decoded = decode_for(config, table, progress=bar.update)
     counts = decoded.table["split"].value_counts().to_dict()
     print(f"[data] {d.dataset}: {len(decoded.table)} images decoded once "
           f"({counts.get('train', 0)} train / {counts.get('val', 0)} val / {counts.get('test', 0)} test), "
@@ -104,8 +110,6 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
 
 
 def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
-    import ray
-
     from iqa_ray.cli import init_ray
 
     if settings.local_experiment_dir() is not None and not args.resume:
@@ -113,12 +117,35 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         if existing.exists() and any(existing.iterdir()):
             raise LaunchError(f"experiment {settings.name!r} already exists in {existing}; use --resume to continue "
                               "it or choose another --name")
-    try:
-        resources = init_ray(address=args.address)
-    except ConnectionError as exc:
-        if not args.address:
-            raise
-        raise LaunchError(str(exc)) from None
+    from iqa_ray.search.console import quiet_console
+
+    with contextlib.ExitStack() as stack:
+        if not settings.verbose:  # Ray's and Optuna's INFO lines to a file, our trial table on the console
+            stack.enter_context(quiet_console(driver_log_path(settings)))
+        try:
+            resources = init_ray(address=args.address, log_to_driver=settings.verbose)
+        except ConnectionError as exc:
+            if not args.address:
+                raise
+            raise LaunchError(str(exc)) from None
+        settings, summary = _search(settings, args, resources)
+    print_summary(settings, summary)
+    return 0
+
+
+def driver_log_path(settings: SearchSettings) -> Path:
+    """Where the driver's Ray/Optuna INFO lines end up: the experiment folder (local storage), else a
+    file in the temp folder named after the experiment."""
+    local = settings.local_experiment_dir()
+    if local is not None:
+        return local / DRIVER_LOG
+    return Path(tempfile.gettempdir()) / f"iqa-ray-{settings.name}-{DRIVER_LOG}"
+
+
+def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[str, float]) -> tuple[SearchSettings, dict[str, Any]]:
+    """Everything between Ray's start and its shutdown: data, features, the Tuner, the summary."""
+    import ray
+
     try:
         gpus, share = resolve_gpus(args, resources)
         cpus = float(resources.get("CPU", 1))
@@ -148,7 +175,8 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
         # One task on one node: as many CPUs as the largest node has (up to 4), never the cluster total.
         # One process each (a data-parallel trial's whole-GPU count is its workers', not theirs).
         one_gpu = min(share, 1.0)
-        features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=one_gpu)
+        features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=one_gpu,
+                                    n_images=len(table))
         # Studies with `pretraining = "ssl"` get their encoders now, before any trial is started.
         encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=one_gpu,
                                     smoke=args.smoke_test)
@@ -166,8 +194,7 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
     finally:
         if ray.is_initialized() and not args.address:
             ray.shutdown()
-    print_summary(settings, summary)
-    return 0
+    return settings, summary
 
 
 def make_trainable(settings: SearchSettings, decoded_ref: Any, features: Any) -> Any:
@@ -326,12 +353,14 @@ def probe_features(features: Any, config: TrainConfig) -> Any:
     return features.stage_means()
 
 
-def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpus: float) -> Any:
+def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpus: float,
+                     n_images: int | None = None) -> Any:
     """The dataset's frozen-backbone feature cache, computed once before any trial (``feature_cache``
     searches), else ``None``. One Ray task with up to 4 of one node's ``cpus`` (and a trial's GPU share)."""
     import ray
 
-    from iqa_ray.features import compute_features
+    from iqa_ray.features import feature_steps
+    from iqa_ray.utils.console import progress_bar
 
     config = TrainConfig.from_dict(settings.effective_study.constants())
     if not config.data.feature_cache:
@@ -339,11 +368,19 @@ def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpu
     threads = max(1, min(4, int(cpus)))
     started = time.perf_counter()
 
-    def work(decoded_images: Any) -> Any:
-        return compute_features(decoded_images, config, worker_device(threads))
+    def work(decoded_images: Any) -> Iterator[Any]:
+        yield from feature_steps(decoded_images, config, worker_device(threads))
 
-    task = ray.remote(work).options(num_cpus=threads, num_gpus=gpus, max_retries=1)
-    features = ray.get(task.remote(decoded))
+    # A streaming generator: the images done after each batch, then the cache itself.
+    task = ray.remote(work).options(num_cpus=threads, num_gpus=gpus, max_retries=1, num_returns="streaming")
+    features = None
+    with progress_bar(n_images, f"features ({config.model.backbone})") as bar:
+        for ref in task.remote(decoded):
+            step = ray.get(ref)
+            if isinstance(step, int):
+                bar.update(step - bar.n)
+            else:
+                features = step
     print(f"[features] frozen {config.model.backbone} features of {len(features.plain)} images (and their mirror "
           f"images) computed once in {time.perf_counter() - started:.0f} s: {features.nbytes / 1e6:.1f} MB shared "
           "with every trial", flush=True)

@@ -31,6 +31,16 @@ from iqa_ray.config import TrainConfig
 from iqa_ray.export import SPLITS_DIR
 
 
+def split_progress(settings: Any) -> list[Any]:
+    """The live table of the split runs (one row per split seed; none with ``--verbose``)."""
+    if settings.verbose:
+        return []
+    from iqa_ray.search.console import TrialProgress
+
+    return [TrialProgress(settings.study.metric, settings.study.mode, params=("split_seed",),
+                          every=settings.progress_every)]
+
+
 def split_seeds(base_seed: int, n: int) -> list[int]:
     """The N split seeds after the search's own (``base_seed + 1 ... base_seed + n``)."""
     return [base_seed + 1 + i for i in range(n)]
@@ -114,7 +124,8 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=settings.max_concurrent),
-        run_config=tune.RunConfig(name=SPLITS_DIR, storage_path=storage, verbose=0,
+        run_config=tune.RunConfig(name=SPLITS_DIR, storage_path=storage, verbose=1 if settings.verbose else 0,
+                                  callbacks=split_progress(settings),
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )

@@ -31,6 +31,9 @@ def check_experiment_name(name: str) -> str:
     return name
 
 
+DEFAULT_PROGRESS_EVERY_S = 30.0  # seconds between the live trial tables of a search
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """Everything the launcher decided: the study plus how to run it."""
@@ -54,6 +57,8 @@ class SearchSettings:
     splits: int = 0  # re-train the selected config on this many more random splits after the search
     recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
     recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
+    verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
+    progress_every: float = DEFAULT_PROGRESS_EVERY_S  # seconds between live trial tables (our console)
 
     def __post_init__(self) -> None:
         check_experiment_name(self.name)
@@ -71,6 +76,8 @@ class SearchSettings:
             raise StudyError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.splits < 0:
             raise StudyError(f"splits must be >= 0, got {self.splits}")
+        if not self.progress_every >= 0:
+            raise StudyError(f"progress_every must be >= 0 seconds, got {self.progress_every}")
 
     @property
     def effective_study(self) -> Study:
@@ -244,9 +251,22 @@ def run_config(settings: SearchSettings, callbacks: list[Any] | None) -> Any:
         # TensorBoard: per-epoch scalars under readable tags (val/srcc, train/loss, lr/head, ...) and
         # HParams sessions of the resolved config; being a TBXLoggerCallback, it replaces Tune's
         # default one (whose ray/tune/* dump charts Tune's bookkeeping too).
-        callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study)],
-        verbose=1,
+        callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study), *console_callbacks(settings)],
+        # Ray's console (1) with --verbose; else silent (0) and TrialProgress prints the live table.
+        verbose=1 if settings.verbose else 0,
     )
+
+
+def console_callbacks(settings: SearchSettings) -> list[Any]:
+    """The live trial table of :mod:`iqa_ray.search.console` (none with ``--verbose``)."""
+    if settings.verbose:
+        return []
+    from iqa_ray.search.console import TrialProgress
+
+    study = settings.effective_study
+    searched = [p.name for p in study.params]
+    return [TrialProgress(study.metric, study.mode, params=searched, scheduler=settings.scheduler,
+                          every=settings.progress_every)]
 
 
 def restore_tuner(settings: SearchSettings, trainable: Any) -> Any:
