@@ -58,3 +58,36 @@ def tiny_dataset(tiny_config, tmp_path_factory):
     from iqa_ray.data.pregenerate import pregenerate
 
     return pregenerate(tiny_config, tmp_path_factory.mktemp("generated"), engine="local")
+
+
+@pytest.fixture(scope="session")
+def one_epoch_model(tiny_dataset, tmp_path_factory):
+    """A one-epoch MLP scoring 3 grid patches of 48 px (test_scoring, test_portable): its run folder
+    and checkpoint, the test images as arrays and as lossless PNG files, and the engine's own
+    predictions on them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from iqa_ray.config import TrainConfig
+    from iqa_ray.engine import eval_dataset, eval_loader, fit, load_decoded, predict
+
+    config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 48, "batch_size": 8,
+                                    "eval_batch_size": 16, "eval_patches": 3, "epochs": 1, "lr": 3e-3,
+                                    "family": "mlp", "hidden_dim": 16, "pretrained": "offline"})
+    decoded = load_decoded(config)
+    root = tmp_path_factory.mktemp("one-epoch")
+    saved = []
+    result = fit(config, decoded, on_epoch_end=lambda e: saved.append(e.save(root / "run")), score_test=False)
+    test_rows = decoded.split_indices("test")
+    folder = root / "photos"
+    folder.mkdir()
+    paths = []
+    for i, row in enumerate(test_rows):
+        path = folder / f"img_{i:03d}.png"  # lossless: decoding gives back the very pixels
+        Image.fromarray(decoded.images[row]).save(path)
+        paths.append(str(path))
+    expected, _ = predict(result.model, eval_loader(config, eval_dataset(config, decoded, "test")), torch.device("cpu"))
+    arrays = [decoded.images[r] for r in test_rows]
+    return {"run": root / "run", "checkpoint": saved[-1], "paths": paths, "folder": folder, "expected": expected,
+            "arrays": arrays, "images": np.stack(arrays[:6]), "root": root}

@@ -13,8 +13,6 @@ import torch
 
 import iqa_ray
 from iqa_ray.command import main as iqa_ray_main
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import fit, load_decoded
 from iqa_ray.portable import _grid, export_onnx, export_torchscript, load_metadata
 from iqa_ray.data.dataset import grid_positions, short_side_size
 from iqa_ray.scoring import IQAScorer, ScoreError
@@ -22,19 +20,9 @@ from iqa_ray.scoring import IQAScorer, ScoreError
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory):
-    """A one-epoch model scoring 3 grid patches of 48 px, its checkpoint and some test images."""
-    config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 48, "batch_size": 8,
-                                    "eval_batch_size": 16, "eval_patches": 3, "epochs": 1, "lr": 3e-3,
-                                    "family": "mlp", "hidden_dim": 16, "pretrained": "offline"})
-    decoded = load_decoded(config)
-    root = tmp_path_factory.mktemp("portable")
-    saved = []
-    fit(config, decoded, on_epoch_end=lambda e: saved.append(e.save(root / "run")), score_test=False)
-    rows = decoded.split_indices("test")[:6]
-    images = np.stack([decoded.images[r] for r in rows])
-    return {"checkpoint": saved[-1], "images": images, "root": root}
+@pytest.fixture
+def trained(one_epoch_model):
+    return one_epoch_model
 
 
 def as_tensor(images: np.ndarray) -> torch.Tensor:

@@ -14,34 +14,14 @@ from PIL import Image
 
 import iqa_ray
 from iqa_ray.command import main as iqa_ray_main
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import eval_dataset, eval_loader, fit, load_decoded, predict
 from iqa_ray.scoring import ScoreError, image_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory):
-    """A one-epoch model with 3 grid patches per image, its checkpoint, and the test images as PNG files."""
-    config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 48, "batch_size": 8,
-                                    "eval_batch_size": 16, "eval_patches": 3, "epochs": 1, "lr": 3e-3,
-                                    "family": "mlp", "hidden_dim": 16, "pretrained": "offline"})
-    decoded = load_decoded(config)
-    root = tmp_path_factory.mktemp("scoring")
-    saved = []
-    result = fit(config, decoded, on_epoch_end=lambda e: saved.append(e.save(root / "run")))
-    test_rows = decoded.split_indices("test")
-    folder = root / "photos"
-    folder.mkdir()
-    paths = []
-    for i, row in enumerate(test_rows):
-        path = folder / f"img_{i:03d}.png"  # lossless: decoding gives back the very pixels
-        Image.fromarray(decoded.images[row]).save(path)
-        paths.append(str(path))
-    expected, _ = predict(result.model, eval_loader(config, eval_dataset(config, decoded, "test")), torch.device("cpu"))
-    return {"run": root / "run", "checkpoint": saved[-1], "paths": paths, "folder": folder, "expected": expected,
-            "arrays": [decoded.images[r] for r in test_rows], "root": root}
+@pytest.fixture
+def trained(one_epoch_model):
+    return one_epoch_model
 
 
 def test_a_loaded_model_scores_files_exactly_as_the_engine_evaluated_them(trained):
