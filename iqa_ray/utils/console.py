@@ -19,6 +19,9 @@ def progress_bar(total: int | None, desc: str, unit: str = "img", **kwargs: Any)
     """A tqdm bar on stderr (``total=None``: a counter without a percentage)."""
     from tqdm import tqdm
 
+    # tqdm's monitor thread redraws a bar that has been idle for 10 s without taking the output
+    # lock, which can cut a message printed above the bar (tqdm.external_write_mode) in two.
+    tqdm.monitor_interval = 0
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(total=total, desc=desc, unit=unit, **kwargs)
