@@ -12,7 +12,7 @@ Seed 004's experiment on this machine's data. Three start points for the same ba
 
 each fine-tuned with the same budget (epochs, head LR, smaller encoder LR, seed) at 10 % and 100 %
 of the training photos' labels (``label_fraction``), then scored by
-:func:`iqa_ray.ssl.cross_dataset_table` on three sets:
+:func:`iqa_ray.evaluate.cross_dataset_table` on three sets:
 
 * ``embedded test``: the held-out test photos of the training dataset (the embedded photos,
   pre-generated with the 10 training distortion types);
@@ -45,7 +45,8 @@ from iqa_ray.config import TrainConfig
 from iqa_ray.data.pregenerate import PregenConfig, pregenerate
 from iqa_ray.engine import fit, load_decoded, train_indices
 from iqa_ray.paths import default_data_dir
-from iqa_ray.ssl import PretrainConfig, cross_dataset_table, load_unlabelled, pretrain
+from iqa_ray.evaluate import cross_dataset_table
+from iqa_ray.ssl import PretrainConfig, load_unlabelled, pretrain
 
 TRAIN_TYPES = ("gaussian_blur", "gaussian_noise", "jpeg", "jpeg2000", "resample_nearest", "resample_bilinear",
                "contrast", "saturation", "pixelation", "color_quantization")

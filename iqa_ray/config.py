@@ -16,13 +16,13 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from iqa_ray.data.pregenerate import LABELS
+from iqa_ray.data.labels import LABELS
 from iqa_ray.models.backbones import SUPPORTED_BACKBONES
 from iqa_ray.models.losses import LOSSES
 from iqa_ray.models.registry import FAMILIES, family_arguments
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("cosine", "step", "plateau", "none")
+LR_SCHEDULES = ("cosine", "step", "plateau", "none")  # OptimConfig.scheduler (trial schedulers: search.study)
 # Mixed precision: "auto" (also written true) = bfloat16 on CUDA devices that have it, float16 with a
 # gradient scaler on those that do not (V100, T4), off on CPU; "bf16" / "fp16" force that dtype on every
 # device, CPU included (how the tests run the path a GPU runs); "off" (also false) = float32.
@@ -347,7 +347,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
         require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        require(self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        require(self.scheduler in LR_SCHEDULES, f"unknown scheduler {self.scheduler!r}; valid: {', '.join(LR_SCHEDULES)}")
         require(finite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         require(self.backbone_lr is None or (finite(self.backbone_lr) and self.backbone_lr >= 0),
                 f"backbone_lr must be None or >= 0, got {self.backbone_lr!r}")

@@ -43,8 +43,10 @@ from iqa_ray.data.catalog import load_table
 from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.metrics import all_metrics
-from iqa_ray.models import IQAModel, build_loss, build_model
-from iqa_ray.utils.io import atomic_path, git_revision, load_weights_file
+from iqa_ray.models import IQAModel
+from iqa_ray.build import build, memory_format
+from iqa_ray.utils.io import CheckpointError, git_revision, load_weights_file, save_checkpoint
+from iqa_ray.utils.runtime import default_device, epoch_seed, seed_everything
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -91,8 +93,6 @@ class _FiniteWatch:
                 f"lr={o.lr}, backbone_lr={o.resolved_backbone_lr}. Lower the learning rate or enable grad_clip.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, tampered with or from another config."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -209,31 +209,6 @@ def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool
 # ----------------------------------------------------------------------------- building
 
 
-def build(config: TrainConfig, device: torch.device) -> IQAModel:
-    m = config.model
-    img_size = m.img_size or config.data.crop_size
-    model = build_model(m.family, backbone=m.backbone, pretrained=m.pretrained, frozen_backbone=m.frozen_backbone,
-                        img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()), **m.family_kwargs(seed=config.optim.seed))
-    if m.pretrained_encoder:
-        from iqa_ray.ssl import load_encoder_into  # ssl imports the engine, so import here
-
-        load_encoder_into(model.backbone, os.path.expanduser(m.pretrained_encoder))
-    model = model.to(device)
-    if memory_format(config, device) is torch.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-CNN_PREFIXES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "vgg")
-
-
-def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format | None:
-    """``channels_last`` for CNN backbones on CUDA when the run allows it, else ``None`` (as is)."""
-    if device.type == "cuda" and config.optim.channels_last and config.model.backbone.startswith(CNN_PREFIXES):
-        return torch.channels_last
-    return None
-
-
 def configure_device(config: TrainConfig, device: torch.device) -> None:
     """Process-wide switches of a run on ``device`` (a trial owns its process)."""
     o = config.optim
@@ -332,16 +307,6 @@ class Schedule:
 
 
 # ----------------------------------------------------------------------------- seeding
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**31
 
 
 def rng_state() -> dict[str, Any]:
@@ -473,12 +438,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (a crash leaves the old file or the new one)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``).
 
@@ -517,10 +476,6 @@ class FitResult:
     stopped_early: bool
     model: IQAModel = field(repr=False)
     test_predictions: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 OUTPUT_MD = "cross_dataset.md"
 OUTPUT_CSV = "cross_dataset.csv"
@@ -336,6 +340,59 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown, end="")
     print("written: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
+
+
+def cross_dataset_table(
+    model_config_runs: Mapping[str, Any],
+    eval_sets: Mapping[str, str | tuple[str, str]],
+    *,
+    metrics: Sequence[str] = ("srcc", "plcc"),
+    device: torch.device | str | None = None,
+) -> pd.DataFrame:
+    """Seed 004's table: every trained run scored on every evaluation set.
+
+    Args:
+        model_config_runs: row name -> a trained run: a checkpoint file or run/trial folder
+            (rebuilt with :func:`iqa_ray.engine.model_from_checkpoint`, best weights), a
+            ``(model, TrainConfig)`` pair, or a :class:`iqa_ray.engine.FitResult`.
+        eval_sets: column name -> a dataset spec (``embedded``, a pre-generated folder,
+            ``koniq10k:/root``, ...) scored on all its images, or ``(spec, split)`` to score one
+            split (``("embedded", "test")``).
+        metrics: which metrics to tabulate (any key of :func:`iqa_ray.metrics.all_metrics`).
+        device: where to score.
+
+    Returns:
+        A :class:`pandas.DataFrame`, one row per run and columns ``"<set> SRCC"``, ``"<set> PLCC"``,
+        ...; ``attrs["n"]`` holds the number of images of each set.
+    """
+    import pandas as pd
+    import torch
+
+    from iqa_ray.engine import evaluate_dataset, model_from_checkpoint
+    from iqa_ray.utils.runtime import default_device
+
+    device = torch.device(device) if device is not None else default_device()
+    rows: dict[str, dict[str, float]] = {}
+    sizes: dict[str, int] = {}
+    for run_name, run in model_config_runs.items():
+        if isinstance(run, (str, os.PathLike)):
+            model, config = model_from_checkpoint(run, device=device)
+        elif hasattr(run, "model") and hasattr(run, "config"):
+            model, config = run.model, run.config
+        else:
+            model, config = run
+        row: dict[str, float] = {}
+        for set_name, target in eval_sets.items():
+            spec, split = (target, "all") if isinstance(target, str) else target
+            scored = evaluate_dataset(model.to(device), config, spec, split=split, device=device)
+            sizes[set_name] = scored["n"]
+            for m in metrics:
+                row[f"{set_name} {m.upper()}"] = scored[m]
+        rows[run_name] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "run"
+    table.attrs["n"] = sizes
+    return table
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-__all__ = ["FeatureCache", "cache_key", "compute_features", "CACHE_KEYS"]
+__all__ = ["FeatureCache", "cache_key", "compute_features", "feature_steps", "probe_features", "CACHE_KEYS"]
 
 # Config keys a cache depends on (besides the decoded images): a search may not search them.
 CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "pooling", "pretraining",
@@ -101,7 +101,7 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
     show progress while a worker computes."""
     import torch.nn.functional as F
 
-    from iqa_ray.engine import build
+    from iqa_ray.build import build
     from iqa_ray.models.mlp import pool_stages
 
     device = torch.device(device or "cpu")
@@ -125,3 +125,11 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
     yield FeatureCache(plain=np.concatenate(plain).astype(np.float32),
                         flipped=np.concatenate(flipped).astype(np.float32), key=cache_key(config),
                         channels=tuple(int(c) for c in model.backbone.channels))
+
+
+def probe_features(features: Any, config: Any) -> Any:
+    """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
+    holds them (``pooling = "stages"`` of the same frozen ImageNet backbone), else ``None``."""
+    if features is None or config.model.pooling != "stages" or config.model.pretrained_encoder:
+        return None
+    return features.stage_means()

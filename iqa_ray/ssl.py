@@ -49,7 +49,7 @@ import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -60,12 +60,17 @@ from torch import Tensor, nn
 from iqa_ray.config import ConfigError, finite, require
 from iqa_ray.data import distortions as dist
 from iqa_ray.data.errors import DatasetError
-from iqa_ray.engine import CheckpointError, default_device, epoch_seed, save_checkpoint, seed_everything
+from iqa_ray.models.encoder_file import (  # the encoder file format, here for ssl users as before
+    ENCODER_FILE,
+    ENCODER_FORMAT,
+    EncoderError,
+    load_encoder_into,
+    read_encoder,
+    save_encoder,
+)
 from iqa_ray.models.backbones import SUPPORTED_BACKBONES, Backbone, create_backbone
-from iqa_ray.utils.io import git_revision, load_weights_file
-
-if TYPE_CHECKING:
-    import pandas as pd
+from iqa_ray.utils.io import CheckpointError, git_revision, load_weights_file, save_checkpoint
+from iqa_ray.utils.runtime import default_device, epoch_seed, seed_everything
 
 __all__ = [
     "ENCODER_FILE",
@@ -77,7 +82,6 @@ __all__ = [
     "PretrainEpoch",
     "PretrainResult",
     "QualityEncoder",
-    "cross_dataset_table",
     "level_grid",
     "load_encoder_into",
     "load_pretrain_checkpoint",
@@ -90,17 +94,11 @@ __all__ = [
     "ssl_loss",
 ]
 
-ENCODER_FORMAT = "iqa-ray-encoder"
 PRETRAIN_FORMAT = "iqa-ray-pretrain"
 FORMAT_VERSION = 1
-ENCODER_FILE = "encoder.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 # Seed stream of the held-out evaluation samples (fixed for a run; training streams use the epoch).
 _EVAL_STREAM = 1_000_000
-
-
-class EncoderError(ValueError):
-    """An encoder file is missing, not an encoder, or does not fit the backbone it is loaded into."""
 
 
 def _int(x: Any) -> bool:
@@ -497,87 +495,6 @@ def _encode(encoder: QualityEncoder, batch: Tensor) -> tuple[Tensor, Tensor]:
     return out["score"].view(b, c, k), out["embedding"].view(b, c, k, -1)
 
 
-# ----------------------------------------------------------------------------- encoder files
-
-
-def save_encoder(backbone: Backbone, path: str | os.PathLike[str], *, config: PretrainConfig | None = None,
-                 epoch: int | None = None) -> Path:
-    """Write the backbone's weights as an ``iqa-ray-encoder`` file, atomically.
-
-    The file holds only tensors and plain data, so it loads with ``torch.load(weights_only=True)``.
-    """
-    path = Path(path)
-    save_checkpoint(path, {
-        "format": ENCODER_FORMAT, "version": FORMAT_VERSION, "backbone": backbone.name,
-        "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
-        "config": json.dumps(config.to_dict() if config is not None else {}),
-        "epoch": -1 if epoch is None else int(epoch), "git_revision": git_revision(),
-    })
-    return path
-
-
-def read_encoder(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load an encoder file (``weights_only=True``) and check its format.
-
-    Args:
-        path: an ``encoder.pt`` file, or a folder holding one (a run folder, a Tune checkpoint).
-
-    Raises:
-        EncoderError: missing, unreadable, or not an ``iqa-ray-encoder`` file.
-    """
-    path, state = load_weights_file(path, default_file=ENCODER_FILE, what="encoder file", error=EncoderError)
-    if not isinstance(state, dict) or state.get("format") != ENCODER_FORMAT or "state_dict" not in state:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise EncoderError(f"{path} is not an {ENCODER_FORMAT} file (format {found!r}); write one with "
-                           "`python -m iqa_ray.pretrain` or iqa_ray.ssl.save_encoder")
-    return state
-
-
-def load_encoder_into(backbone: Backbone, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a pre-trained encoder into ``backbone`` (in place), strictly.
-
-    The normalisation buffers (``mean``/``std``) come with the weights, so the backbone
-    normalises its input the way the encoder was trained, whatever it was built with.
-
-    Args:
-        backbone: the model's backbone (``model.backbone``).
-        path: an encoder file or a folder holding ``encoder.pt``.
-
-    Returns:
-        The file's metadata: ``backbone``, ``config`` (the pre-training config), ``epoch``,
-        ``git_revision``.
-
-    Raises:
-        EncoderError: a file problem, another backbone name, or missing / unexpected keys or
-            different shapes (each listed).
-    """
-    state = read_encoder(path)
-    if state["backbone"] != backbone.name:
-        raise EncoderError(f"encoder {path} was pre-trained for backbone {state['backbone']!r} but the model's backbone "
-                           f"is {backbone.name!r}; set backbone={state['backbone']!r} or pre-train a "
-                           f"{backbone.name} encoder")
-    weights, expected = state["state_dict"], backbone.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        def few(items: list[str]) -> str:
-            return ", ".join(items[:4]) + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
-
-        parts = [f"encoder {path} does not fit backbone {backbone.name}"]
-        parts += [f"{label}: {few(items)}" for label, items in
-                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (file vs model)", shapes))
-                  if items]
-        if shapes and backbone.img_size is not None:
-            parts.append(f"{backbone.name} has a fixed input size: build it with the encoder's crop size "
-                         f"(img_size), the model uses {backbone.img_size}")
-        raise EncoderError("; ".join(parts))
-    backbone.load_state_dict(weights, strict=True)
-    return {"backbone": state["backbone"], "config": json.loads(state.get("config") or "{}"),
-            "epoch": int(state.get("epoch", -1)), "git_revision": state.get("git_revision", "unknown")}
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -790,57 +707,3 @@ def pretrain(
             on_epoch_end(PretrainEpoch(epoch=epoch, metrics=metrics, save=save))
     encoder.eval()
     return PretrainResult(config=config, history=history, initial=initial, encoder=encoder)
-
-
-# ----------------------------------------------------------------------------- cross-dataset table
-
-
-def cross_dataset_table(
-    model_config_runs: Mapping[str, Any],
-    eval_sets: Mapping[str, str | tuple[str, str]],
-    *,
-    metrics: Sequence[str] = ("srcc", "plcc"),
-    device: torch.device | str | None = None,
-) -> pd.DataFrame:
-    """Seed 004's table: every trained run scored on every evaluation set.
-
-    Args:
-        model_config_runs: row name -> a trained run: a checkpoint file or run/trial folder
-            (rebuilt with :func:`iqa_ray.engine.model_from_checkpoint`, best weights), a
-            ``(model, TrainConfig)`` pair, or a :class:`iqa_ray.engine.FitResult`.
-        eval_sets: column name -> a dataset spec (``embedded``, a pre-generated folder,
-            ``koniq10k:/root``, ...) scored on all its images, or ``(spec, split)`` to score one
-            split (``("embedded", "test")``).
-        metrics: which metrics to tabulate (any key of :func:`iqa_ray.metrics.all_metrics`).
-        device: where to score.
-
-    Returns:
-        A :class:`pandas.DataFrame`, one row per run and columns ``"<set> SRCC"``, ``"<set> PLCC"``,
-        ...; ``attrs["n"]`` holds the number of images of each set.
-    """
-    import pandas as pd
-
-    from iqa_ray.engine import evaluate_dataset, model_from_checkpoint
-
-    device = torch.device(device) if device is not None else default_device()
-    rows: dict[str, dict[str, float]] = {}
-    sizes: dict[str, int] = {}
-    for run_name, run in model_config_runs.items():
-        if isinstance(run, (str, os.PathLike)):
-            model, config = model_from_checkpoint(run, device=device)
-        elif hasattr(run, "model") and hasattr(run, "config"):
-            model, config = run.model, run.config
-        else:
-            model, config = run
-        row: dict[str, float] = {}
-        for set_name, target in eval_sets.items():
-            spec, split = (target, "all") if isinstance(target, str) else target
-            scored = evaluate_dataset(model.to(device), config, spec, split=split, device=device)
-            sizes[set_name] = scored["n"]
-            for m in metrics:
-                row[f"{set_name} {m.upper()}"] = scored[m]
-        rows[run_name] = row
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = "run"
-    table.attrs["n"] = sizes
-    return table

@@ -10,11 +10,11 @@ import torch
 from iqa_ray.config import ConfigError, TrainConfig
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.engine import CheckpointError, build, evaluate_dataset, fit, load_decoded, model_from_checkpoint
+from iqa_ray.evaluate import cross_dataset_table
 from iqa_ray.models.backbones import create_backbone
 from iqa_ray.ssl import (
     EncoderError,
     PretrainConfig,
-    cross_dataset_table,
     level_grid,
     load_encoder_into,
     load_unlabelled,

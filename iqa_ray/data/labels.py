@@ -15,6 +15,11 @@ where 100 is the pristine reference and higher is better, like KonIQ-10k's or SP
 
 from __future__ import annotations
 
+# The labels a pre-generated dataset carries (columns mos_<label>); the default and why: docs/DATA.md
+# ("Which label is the default").
+LABELS = ("severity", "ssim")
+DEFAULT_LABEL = "severity"
+
 import numpy as np
 from skimage.metrics import structural_similarity
 

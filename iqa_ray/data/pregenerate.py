@@ -54,7 +54,7 @@ from PIL import Image
 
 from iqa_ray.data import distortions as dist
 from iqa_ray.data.errors import DatasetError
-from iqa_ray.data.labels import quality_label
+from iqa_ray.data.labels import DEFAULT_LABEL, LABELS, quality_label
 from iqa_ray.data.sources import (
     SOURCE_KINDS,
     ReferenceInfo,
@@ -64,7 +64,7 @@ from iqa_ray.data.sources import (
     hf_hub_references,
     load_reference,
 )
-from iqa_ray.data.splits import DEFAULT_FRACTIONS, assign_group_splits, validate_fractions
+from iqa_ray.data.splits import EMBEDDED_FRACTIONS, assign_group_splits, validate_fractions
 from iqa_ray.utils.io import atomic_path, atomic_write_json, git_revision, stable_hash
 
 FORMAT_VERSION = 1
@@ -75,8 +75,6 @@ LABEL_VERSION = 2
 CALIBRATION_TYPES_PER_ITEM = 5
 # Photos per decode-check item: decoding one photo is too little work for a Ray Data block.
 DECODE_CHECKS_PER_ITEM = 8
-LABELS = ("severity", "ssim")
-DEFAULT_LABEL = "severity"  # why: docs/DATA.md ("Which label is the default")
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -135,7 +133,7 @@ class PregenConfig:
     max_short_side: int = 512
     distortions: tuple[str, ...] = ()
     include_references: bool = True
-    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    split_fractions: tuple[float, float, float] = EMBEDDED_FRACTIONS
     seed: int = 0
     sample: float = 1.0
     severity_levels: int = 6

@@ -118,7 +118,7 @@ from iqa_ray.data.splits import SPLITS, assign_group_splits, validate_fractions
 __all__ = [
     "ADAPTERS",
     "ALIASES",
-    "DEFAULT_FRACTIONS",
+    "REAL_FRACTIONS",
     "KADID_DISTORTIONS",
     "ON_ERROR_VALUES",
     "SPLITS",
@@ -133,7 +133,7 @@ __all__ = [
     "seeded_group_split",
 ]
 
-DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
+REAL_FRACTIONS = (0.7, 0.1, 0.2)  # train/val/test of a real dataset without an official split
 ON_ERROR_VALUES = ("raise", "skip")
 BASE_COLUMNS = ("image_id", "path", "mos", "mos_raw", "split", "group")
 
@@ -567,7 +567,7 @@ def seeded_group_split(
     groups: Sequence[str],
     *,
     seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
 ) -> list[str]:
     """The split of each item, whole groups per split (see :func:`iqa_ray.data.splits.assign_group_splits`).
 
@@ -668,7 +668,7 @@ def load_koniq10k(
     root: str | os.PathLike[str],
     *,
     split_seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
     image_dir: str | os.PathLike[str] | None = None,
@@ -788,7 +788,7 @@ def load_kadid10k(
     root: str | os.PathLike[str],
     *,
     split_seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
     image_dir: str | os.PathLike[str] | None = None,
@@ -869,7 +869,7 @@ def load_spaq(
     root: str | os.PathLike[str],
     *,
     split_seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
     image_dir: str | os.PathLike[str] | None = None,
@@ -975,7 +975,7 @@ def load_livec(
     root: str | os.PathLike[str],
     *,
     split_seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
     image_dir: str | os.PathLike[str] | None = None,
@@ -1082,7 +1082,7 @@ def load_agiqa3k(
     root: str | os.PathLike[str],
     *,
     split_seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
     image_dir: str | os.PathLike[str] | None = None,
@@ -1158,7 +1158,7 @@ def load_csv_dataset(
     name: str = "csv",
     delimiter: str | None = None,
     split_seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
 ) -> pd.DataFrame:
@@ -1288,7 +1288,7 @@ def load_iqa_dataset(
     root: str | os.PathLike[str],
     *,
     split_seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
     **kwargs: Any,

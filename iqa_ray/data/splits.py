@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
+EMBEDDED_FRACTIONS = (0.6, 0.2, 0.2)  # train/val/test of the embedded photos (real datasets: data.real)
 
 
 def validate_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -28,7 +28,7 @@ def validate_fractions(fractions: Sequence[float]) -> tuple[float, float, float]
 
 def assign_group_splits(
     groups: Iterable[str],
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = EMBEDDED_FRACTIONS,
     seed: int = 0,
     strata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:

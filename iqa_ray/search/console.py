@@ -29,13 +29,22 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from iqa_ray.search.tuner import DEFAULT_PROGRESS_EVERY_S
+from iqa_ray.search.tuner import DEFAULT_PROGRESS_EVERY_S, SearchSettings
 from iqa_ray.selection import kept_report, select_trial, trial_score
 
 #: Loggers whose INFO records go to the driver log instead of the console.
 DRIVER_LOGGERS = ("ray", "optuna")
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 MAX_ROWS = 20
+
+
+def console_callbacks(settings: SearchSettings) -> list[Any]:
+    """The search's live trial table (none with ``--verbose``: Ray's console then)."""
+    if settings.verbose:
+        return []
+    study = settings.effective_study
+    return [TrialProgress(study.metric, study.mode, params=[p.name for p in study.params], scheduler=settings.scheduler,
+                          every=settings.progress_every)]
 
 
 @contextlib.contextmanager

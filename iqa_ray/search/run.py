@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from iqa_ray.config import TrainConfig
 from iqa_ray.data.catalog import EMBEDDED
-from iqa_ray.search.launcher import (
+from iqa_ray.search.resources import (
     LaunchError,
     check_cpus_per_trial,
     check_data_parallel_fits,
@@ -30,6 +30,7 @@ from iqa_ray.search.launcher import (
     resolve_gpus,
     trial_workers,
 )
+from iqa_ray.features import probe_features
 from iqa_ray.search.pretraining import prepare_encoders
 from iqa_ray.search.tuner import (
     SearchSettings,
@@ -110,7 +111,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
 
 
 def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
-    from iqa_ray.cli import init_ray
+    from iqa_ray.search.ray_init import init_ray
 
     if settings.local_experiment_dir() is not None and not args.resume:
         existing = settings.local_experiment_dir()
@@ -145,6 +146,8 @@ def driver_log_path(settings: SearchSettings) -> Path:
 def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[str, float]) -> tuple[SearchSettings, dict[str, Any]]:
     """Everything between Ray's start and its shutdown: data, features, the Tuner, the summary."""
     import ray
+
+    from iqa_ray.search.console import console_callbacks
 
     try:
         gpus, share = resolve_gpus(args, resources)
@@ -187,7 +190,8 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
             write_experiment_info(settings, args)
         trainable = make_trainable(settings, decoded_ref, features)
         started = time.perf_counter()
-        tuner = restore_tuner(settings, trainable) if args.resume else build_tuner(settings, trainable)
+        tuner = (restore_tuner(settings, trainable) if args.resume
+                 else build_tuner(settings, trainable, callbacks=console_callbacks(settings)))
         results = tuner.fit()
         elapsed = time.perf_counter() - started
         summary = summarise(settings, results, decoded_ref, elapsed, features=features, table=table)
@@ -343,14 +347,6 @@ def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, 
     return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
                           img_size=m.img_size or config.data.crop_size, device=device,
                           features=probe_features(features, config))
-
-
-def probe_features(features: Any, config: TrainConfig) -> Any:
-    """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
-    holds them (``pooling = "stages"`` of the same frozen ImageNet backbone), else ``None``."""
-    if features is None or config.model.pooling != "stages" or config.model.pretrained_encoder:
-        return None
-    return features.stage_means()
 
 
 def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpus: float,

@@ -106,7 +106,7 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     """
     from ray import tune
 
-    from iqa_ray.search.run import probe_features
+    from iqa_ray.features import probe_features
     from iqa_ray.trainables import iqa_trainable
 
     config = TrainConfig.from_dict(resolved)

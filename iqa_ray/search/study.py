@@ -72,6 +72,10 @@ from typing import Any, Mapping
 from iqa_ray.config import ConfigError, TrainConfig, valid_keys
 from iqa_ray.selection import check_selection
 
+#: Search algorithms and trial schedulers a study (or the command line) may name.
+SEARCHERS = ("optuna", "random", "grid")
+TRIAL_SCHEDULERS = ("asha", "hyperband", "none")  # a study's `scheduler` (LR schedules: config.LR_SCHEDULES)
+
 ROLES = ("scientific", "nuisance")
 # Data keys the launcher decodes the dataset with, once for all trials (search/run.py).
 DECODE_KEYS = ("dataset", "label", "split_seed", "image_size")
@@ -401,16 +405,14 @@ def _check_range(at: str, kind: str, low: Any, high: Any) -> tuple[float, float]
 
 
 def check_study(where: str, study: Study) -> None:
-    from iqa_ray.search.tuner import SCHEDULERS, SEARCHERS
-
     try:  # before Ray starts: a metric no trial reports would make every trial look equally bad
         check_selection(study.metric, study.mode)
     except ValueError as exc:
         raise StudyError(f"{where}: {exc}") from None
     if study.searcher not in SEARCHERS:
         raise StudyError(f"{where}: searcher must be one of {SEARCHERS}, got {study.searcher!r}")
-    if study.scheduler not in SCHEDULERS:
-        raise StudyError(f"{where}: scheduler must be one of {SCHEDULERS}, got {study.scheduler!r}")
+    if study.scheduler not in TRIAL_SCHEDULERS:
+        raise StudyError(f"{where}: scheduler must be one of {TRIAL_SCHEDULERS}, got {study.scheduler!r}")
     for key, value, lo in (("num_samples", study.num_samples, 1), ("max_epochs", study.max_epochs, 1),
                            ("grace_period", study.grace_period, 1), ("reduction_factor", study.reduction_factor, 2)):
         if value < lo:

@@ -17,10 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iqa_ray.search.study import Study, StudyError
-
-SEARCHERS = ("optuna", "random", "grid")
-SCHEDULERS = ("asha", "hyperband", "none")
+from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -64,8 +61,8 @@ class SearchSettings:
         check_experiment_name(self.name)
         if self.searcher not in SEARCHERS:
             raise StudyError(f"searcher must be one of {SEARCHERS}, got {self.searcher!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise StudyError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.scheduler not in TRIAL_SCHEDULERS:
+            raise StudyError(f"scheduler must be one of {TRIAL_SCHEDULERS}, got {self.scheduler!r}")
         if self.num_samples < 1 or self.max_epochs < 1 or self.grace_period < 1 or self.reduction_factor < 2:
             raise StudyError("num_samples, max_epochs and grace_period must be >= 1 and reduction_factor >= 2")
         if self.grace_period > self.max_epochs:
@@ -251,22 +248,12 @@ def run_config(settings: SearchSettings, callbacks: list[Any] | None) -> Any:
         # TensorBoard: per-epoch scalars under readable tags (val/srcc, train/loss, lr/head, ...) and
         # HParams sessions of the resolved config; being a TBXLoggerCallback, it replaces Tune's
         # default one (whose ray/tune/* dump charts Tune's bookkeeping too).
-        callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study), *console_callbacks(settings)],
-        # Ray's console (1) with --verbose; else silent (0) and TrialProgress prints the live table.
+        callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study)],
+        # Ray's console (1) with --verbose; else silent (0), and the caller passes our live table
+        # (iqa_ray.search.console.console_callbacks).
         verbose=1 if settings.verbose else 0,
     )
 
-
-def console_callbacks(settings: SearchSettings) -> list[Any]:
-    """The live trial table of :mod:`iqa_ray.search.console` (none with ``--verbose``)."""
-    if settings.verbose:
-        return []
-    from iqa_ray.search.console import TrialProgress
-
-    study = settings.effective_study
-    searched = [p.name for p in study.params]
-    return [TrialProgress(study.metric, study.mode, params=searched, scheduler=settings.scheduler,
-                          every=settings.progress_every)]
 
 
 def restore_tuner(settings: SearchSettings, trainable: Any) -> Any:

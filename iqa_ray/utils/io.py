@@ -120,3 +120,15 @@ def load_weights_file(path: str | os.PathLike[str], *, default_file: str, what: 
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise error(f"refusing to load {path}: not a valid {what} or it contains objects other than tensors and "
                     f"plain data ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, tampered with or from another config."""
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (a crash leaves the old file or the new one)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -1,0 +1,40 @@
+"""The model a :class:`~iqa_ray.config.TrainConfig` describes, on a device: family, backbone, loss,
+a pre-trained encoder loaded into the backbone, and the memory format for the device.
+
+Used by the training engine and by the frozen-feature pass (:mod:`iqa_ray.features`), which must
+build the very backbone a run trains on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from iqa_ray.config import TrainConfig
+from iqa_ray.models import IQAModel, build_loss, build_model
+from iqa_ray.models.encoder_file import load_encoder_into
+
+
+def build(config: TrainConfig, device: torch.device) -> IQAModel:
+    """A new model for ``config`` on ``device`` (``pretrained_encoder`` loaded, strictly)."""
+    m = config.model
+    img_size = m.img_size or config.data.crop_size
+    model = build_model(m.family, backbone=m.backbone, pretrained=m.pretrained, frozen_backbone=m.frozen_backbone,
+                        img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()), **m.family_kwargs(seed=config.optim.seed))
+    if m.pretrained_encoder:
+        load_encoder_into(model.backbone, os.path.expanduser(m.pretrained_encoder))
+    model = model.to(device)
+    if memory_format(config, device) is torch.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+CNN_PREFIXES = ("resnet", "efficientnet", "mobilenet", "convnext", "regnet", "densenet", "vgg")
+
+
+def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format | None:
+    """``channels_last`` for CNN backbones on CUDA when the run allows it, else ``None`` (as is)."""
+    if device.type == "cuda" and config.optim.channels_last and config.model.backbone.startswith(CNN_PREFIXES):
+        return torch.channels_last
+    return None
