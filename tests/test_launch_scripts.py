@@ -30,6 +30,9 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     assert "tensorboard --logdir" in proc.stdout
     trials = pd.read_parquet(tmp_path / "smoke" / "trials.parquet")
     assert len(trials) == 2 and (trials.status == "TERMINATED").all()
+    # every trial measured its model's cost at the evaluation size (iqa_ray/cost.py)
+    cost = trials[["params_m", "gflops", "latency_ms", "latency_batch_ms"]]
+    assert (cost > 0).all().all(), cost
     selected = trials[trials.selected]
     assert len(selected) == 1 and selected.test_srcc.notna().all()
     # Trials score validation only; the selected one is scored on test once, after the search.

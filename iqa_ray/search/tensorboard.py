@@ -74,7 +74,8 @@ BOOKKEEPING = frozenset({
 })
 _NAMED_TAGS = {"best_val_srcc": "val/best_srcc", "best_epoch": "val/best_epoch", "epoch": "progress/epoch",
                "images_per_s": "throughput/images_per_s", "epoch_seconds": "time/epoch_s",
-               "gpu_peak_mem_mb": "memory/gpu_peak_mb"}
+               "gpu_peak_mem_mb": "memory/gpu_peak_mb", "params_m": "cost/params_m", "gflops": "cost/gflops",
+               "latency_ms": "cost/latency_ms", "latency_batch_ms": "cost/latency_batch_ms"}
 _GROUPS = (("val_", "val"), ("train_", "train"), ("lr_", "lr"))
 DEFAULT_HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
@@ -91,6 +92,10 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("epoch", _OTHER, "epochs trained (fewer than the budget: stopped by the scheduler or errored)"),
     ("train_loss", _TRAIN, "training loss of the last epoch"),
     ("images_per_s", _OTHER, "training throughput of the last epoch"),
+    ("params_m", _OTHER, "model parameters, millions"),
+    ("gflops", _OTHER, "GFLOPs per image at the evaluation size (PyTorch's flop counter)"),
+    ("latency_ms", _OTHER, "ms per image at batch 1 on the trial's device (median)"),
+    ("latency_batch_ms", _OTHER, "ms per image at the evaluation batch size on the trial's device (median)"),
 )
 
 _SCALAR_TYPES = (bool, int, float, str)

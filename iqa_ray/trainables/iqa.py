@@ -97,6 +97,11 @@ def iqa_trainable(
             "git_revision": git_revision(),
             "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
 
+    # What the model costs at its evaluation size (parameters, FLOPs, ms per image on this trial's
+    # device): reported with every epoch, so it reaches trials.parquet and HParams for every trial.
+    from iqa_ray.cost import model_cost
+
+    node.update(model_cost(train_config, decoded, device).metrics())
     must_checkpoint = set(stop_epochs)
 
     def report(epoch: EpochResult) -> None:
