@@ -8,6 +8,9 @@ beat a 200 ms one; these are the numbers to weigh against SRCC.
   over one image's evaluation input (all its patches), in GFLOPs (a multiply-add is 2 FLOPs).
 * ``latency_ms``: wall time per image on ``device``, at batch 1 and at the evaluation batch size:
   warm-up passes first, then the median of several timed passes (CUDA synchronised around each).
+  On CPU the batched timing uses at most ``CPU_BATCH_PIXELS`` input pixels per pass (the timed
+  batch size is recorded): per-image time on CPU stops changing long before the evaluation batch,
+  and timing 64 images of 4 patches four times cost a CPU trial 26 s before it trained anything.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from torch import nn
 #: The cost keys a trial reports, with the direction that is better.
 COST_METRICS = {"params_m": "min", "gflops": "min", "latency_ms": "min", "latency_batch_ms": "min"}
 
+#: Input pixels (patches x H x W) per batched timing pass on CPU: 16 patches of 128 x 128.
+CPU_BATCH_PIXELS = 16 * 128 * 128
+
 
 @dataclass(frozen=True)
 class ModelCost:
@@ -30,7 +36,7 @@ class ModelCost:
     gflops: float  # per image (all its evaluation patches), GFLOPs
     latency_ms: float  # per image at batch 1, median, milliseconds
     latency_batch_ms: float  # per image at the evaluation batch size, median, milliseconds
-    batch_size: int  # the evaluation batch size timed
+    batch_size: int  # the batch size timed (the evaluation batch size, capped on CPU)
     input_shape: tuple[int, ...]  # one image's evaluation input: (patches, 3, H, W)
     device: str
 
@@ -76,7 +82,7 @@ def time_forward(model: nn.Module, example: torch.Tensor, *, warmup: int = 2, re
 
 
 def measure_cost(model: nn.Module, image_input: torch.Tensor, *, batch_size: int = 16, warmup: int = 2,
-                 repeats: int = 5) -> ModelCost:
+                 repeats: int = 5, max_batch_pixels: int | None = None) -> ModelCost:
     """The cost of scoring one image whose evaluation input is ``image_input`` (``(patches, 3, H, W)``,
     on the device to measure; a model scores an image by averaging its patches' scores).
 
@@ -85,13 +91,20 @@ def measure_cost(model: nn.Module, image_input: torch.Tensor, *, batch_size: int
         image_input: one image's evaluation patches, on the model's device.
         batch_size: the evaluation batch size (images), timed besides batch 1.
         warmup, repeats: untimed and timed passes of each timing.
+        max_batch_pixels: if given, the batched timing uses at most this many input pixels per pass
+            (but at least one image); the batch size actually timed is ``ModelCost.batch_size``.
     """
     if image_input.dim() != 4 or image_input.shape[1] != 3:
         raise ValueError(f"image_input must be (patches, 3, H, W), got {tuple(image_input.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batch_pixels is not None and max_batch_pixels < 1:
+        raise ValueError(f"max_batch_pixels must be >= 1 or None, got {max_batch_pixels}")
     model.eval()
     patches = image_input.shape[0]
+    if max_batch_pixels is not None:
+        pixels_per_image = patches * image_input.shape[2] * image_input.shape[3]
+        batch_size = max(1, min(batch_size, max_batch_pixels // pixels_per_image))
     flops = count_flops(model, image_input)
     one = time_forward(model, image_input, warmup=warmup, repeats=repeats)
     if batch_size > 1:
@@ -107,7 +120,8 @@ def measure_cost(model: nn.Module, image_input: torch.Tensor, *, batch_size: int
 def model_cost(config: Any, decoded: Any, device: torch.device | str, *, warmup: int = 2, repeats: int = 5) -> ModelCost:
     """The cost of ``config``'s model on ``device`` at its evaluation size: the evaluation input of the
     first validation image (the whole image at its decoded size, or its ``eval_patches`` patches),
-    timed at batch 1 and at ``eval_batch_size``. The model is built afresh (its weights do not change
+    timed at batch 1 and at ``eval_batch_size`` (on CPU at most ``CPU_BATCH_PIXELS`` pixels per
+    pass). The model is built afresh (its weights do not change
     its cost), so a trial measures it before training, whatever scheduler stops it later."""
     from iqa_ray.build import build
     from iqa_ray.engine import eval_dataset, to_float
@@ -116,4 +130,6 @@ def model_cost(config: Any, decoded: Any, device: torch.device | str, *, warmup:
     split = "val" if (decoded.table["split"] == "val").any() else "train"
     image_input = to_float(eval_dataset(config, decoded, split)[0]["image"], device)
     model = build(config, device)
-    return measure_cost(model, image_input, batch_size=config.data.eval_batch_size, warmup=warmup, repeats=repeats)
+    cap = CPU_BATCH_PIXELS if device.type == "cpu" else None
+    return measure_cost(model, image_input, batch_size=config.data.eval_batch_size, warmup=warmup, repeats=repeats,
+                        max_batch_pixels=cap)

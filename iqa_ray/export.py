@@ -54,9 +54,9 @@ from iqa_ray.selection import finite, kept_report, select_trial, trial_score
 from iqa_ray.utils.io import atomic_path, git_revision
 
 METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
-COST_KEYS = ("params_m", "gflops", "latency_ms", "latency_batch_ms")  # iqa_ray.cost, reported by every trial
+COST_KEYS = ("params_m", "gflops", "latency_ms", "latency_batch_ms", "latency_batch_size")  # iqa_ray.cost, reported by every trial
 SPLITS_DIR = "splits"  # the --splits re-runs of the selected config: a Tune experiment inside the experiment
-_KEEP = ("params_m", "gflops", "latency_ms", "latency_batch_ms", "epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "stopped_early", "node_id",
+_KEEP = (*COST_KEYS, "epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "stopped_early", "node_id",
          "hostname", "pid",
          "git_revision",
          "resumed_from_epoch", "time_total_s", "timestamp", "training_iteration")

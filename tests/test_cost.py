@@ -78,3 +78,26 @@ def test_a_configs_cost_is_its_models_at_the_evaluation_input(tiny_dataset):
     assert cost.gflops == pytest.approx(count_flops(model.eval(), torch.rand(3, 3, 48, 48)) / 1e9)
     bigger = model_cost(TrainConfig.from_dict({**config.to_dict(), "eval_patches": 6}), decoded, "cpu", warmup=1, repeats=2)
     assert bigger.gflops == pytest.approx(2 * cost.gflops)  # twice the patches per image
+
+
+def test_the_batched_timing_is_capped_by_pixels_and_records_the_batch_it_timed():
+    model = Scorer()
+    image = torch.rand(4, 3, 16, 16)  # 1,024 pixels per image
+    capped = measure_cost(model, image, batch_size=64, warmup=0, repeats=1, max_batch_pixels=8 * 1024)
+    assert capped.batch_size == 8
+    tiny_cap = measure_cost(model, image, batch_size=64, warmup=0, repeats=1, max_batch_pixels=10)
+    assert tiny_cap.batch_size == 1  # at least one image
+    assert measure_cost(model, image, batch_size=64, warmup=0, repeats=1).batch_size == 64
+    with pytest.raises(ValueError, match="max_batch_pixels must be >= 1"):
+        measure_cost(model, image, max_batch_pixels=0)
+
+
+def test_a_cpu_trials_batched_timing_stays_small(tiny_dataset):
+    from iqa_ray.config import TrainConfig
+    from iqa_ray.cost import CPU_BATCH_PIXELS, model_cost
+    from iqa_ray.engine import load_decoded
+
+    config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 64, "eval_patches": 4,
+                                    "eval_batch_size": 64, "family": "mlp", "hidden_dim": 16, "pretrained": "offline"})
+    cost = model_cost(config, load_decoded(config), "cpu", warmup=0, repeats=1)
+    assert cost.batch_size == CPU_BATCH_PIXELS // (4 * 64 * 64) < 64

@@ -33,6 +33,7 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     # every trial measured its model's cost at the evaluation size (iqa_ray/cost.py)
     cost = trials[["params_m", "gflops", "latency_ms", "latency_batch_ms"]]
     assert (cost > 0).all().all(), cost
+    assert (trials.latency_batch_size >= 1).all()  # the batch the per-image batched latency was timed at
     selected = trials[trials.selected]
     assert len(selected) == 1 and selected.test_srcc.notna().all()
     # Trials score validation only; the selected one is scored on test once, after the search.

@@ -70,7 +70,7 @@ BOOKKEEPING = frozenset({
     "done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s", "pid",
     "node_ip", "node_id", "hostname", "time_since_restore", "iterations_since_restore", "timesteps_total",
     "timesteps_since_restore", "episodes_total", "checkpoint_dir_name", "should_checkpoint", "warmup_time",
-    "git_revision", "resumed_from_epoch", "stopped_early", "config", "workers", "worker_pids",
+    "git_revision", "resumed_from_epoch", "stopped_early", "config", "workers", "worker_pids", "latency_batch_size",
 })
 _NAMED_TAGS = {"best_val_srcc": "val/best_srcc", "best_epoch": "val/best_epoch", "epoch": "progress/epoch",
                "images_per_s": "throughput/images_per_s", "epoch_seconds": "time/epoch_s",
@@ -95,7 +95,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("params_m", _OTHER, "model parameters, millions"),
     ("gflops", _OTHER, "GFLOPs per image at the evaluation size (PyTorch's flop counter)"),
     ("latency_ms", _OTHER, "ms per image at batch 1 on the trial's device (median)"),
-    ("latency_batch_ms", _OTHER, "ms per image at the evaluation batch size on the trial's device (median)"),
+    ("latency_batch_ms", _OTHER, "ms per image at the evaluation batch size (capped on CPU) on the trial's device (median)"),
 )
 
 _SCALAR_TYPES = (bool, int, float, str)
