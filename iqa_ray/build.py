@@ -21,9 +21,12 @@ def build(config: TrainConfig, device: torch.device) -> IQAModel:
     m = config.model
     img_size = m.img_size or config.data.crop_size
     model = build_model(m.family, backbone=m.backbone, pretrained=m.pretrained, frozen_backbone=m.frozen_backbone,
-                        img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()), **m.family_kwargs(seed=config.optim.seed))
+                        img_size=img_size, loss=build_loss(m.loss, **m.loss_kwargs()),
+                        **m.family_kwargs(seed=config.optim.seed))
     if m.pretrained_encoder:
         load_encoder_into(model.backbone, os.path.expanduser(m.pretrained_encoder))
+    if m.trainable_stages is not None:  # after the encoder is loaded (loading may not reset requires_grad)
+        model.backbone.freeze_stages(m.trainable_stages)
     model = model.to(device)
     if memory_format(config, device) is torch.channels_last:
         model = model.to(memory_format=torch.channels_last)

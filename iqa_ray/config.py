@@ -190,6 +190,9 @@ class ModelConfig:
             into the backbone after it is built, replacing the ``pretrained`` weights; fine-tune
             it with a smaller ``backbone_lr`` than the head's ``lr`` (seed 004: 1e-5 vs 1e-4).
         frozen_backbone: freeze the backbone (seed 001's ``resnet18_frozen``).
+        trainable_stages: train only the last this many of the backbone's feature stages (the
+            "frozen depth": 1 = the last stage only; earlier stages keep their weights and
+            BatchNorm statistics); ``None`` = every stage trains (unless ``frozen_backbone``).
         img_size: input size of fixed-size backbones (ViT, Swin); defaults to ``crop_size``.
         loss: ``l1``, ``mse`` or ``ranking``.
         alpha: ranking-loss weight in ``(1 - alpha) * L1 + alpha * L_rank``, in [0, 1].
@@ -209,6 +212,7 @@ class ModelConfig:
     pretrained: str = "offline"
     pretrained_encoder: str | None = None
     frozen_backbone: bool = False
+    trainable_stages: int | None = None
     img_size: int | None = None
     loss: str = "l1"
     alpha: float = 0.0
@@ -249,6 +253,12 @@ class ModelConfig:
                 f"refit_interval must be an integer >= 0 (0 = never refit), got {self.refit_interval!r}")
         require(finite(self.hypernet_lr_mult) and self.hypernet_lr_mult > 0,
                 f"hypernet_lr_mult must be > 0, got {self.hypernet_lr_mult!r}")
+        require(self.trainable_stages is None or (isinstance(self.trainable_stages, int)
+                                                  and not isinstance(self.trainable_stages, bool)
+                                                  and self.trainable_stages >= 0),
+                f"trainable_stages must be None (every stage trains) or an integer >= 0, got {self.trainable_stages!r}")
+        require(self.trainable_stages is None or not self.frozen_backbone,
+                "trainable_stages with frozen_backbone = true: a frozen backbone trains no stage; set one of them")
         require(self.img_size is None or (isinstance(self.img_size, int) and self.img_size >= 16),
                 f"img_size must be None or an integer >= 16, got {self.img_size!r}")
         if self.loss != "ranking":

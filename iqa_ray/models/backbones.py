@@ -90,6 +90,8 @@ class Backbone(nn.Module):
         img_size: The input size the network is fixed to (ViT, Swin), or ``None`` when any size
             works (CNNs).
         frozen: Whether the weights are frozen (no gradients, normalisation layers kept in eval).
+        trainable_stages: How many of the last feature stages train (``None``: all of them); see
+            :meth:`freeze_stages`.
     """
 
     def __init__(
@@ -116,6 +118,8 @@ class Backbone(nn.Module):
         # Swin's stages emit NHWC; everything downstream assumes NCHW.
         self._nhwc = str(getattr(body, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC")
         self.frozen = frozen
+        self.trainable_stages: int | None = None
+        self._frozen_modules: list[nn.Module] = []
         if frozen:
             for param in self.body.parameters():
                 param.requires_grad_(False)
@@ -131,7 +135,52 @@ class Backbone(nn.Module):
         super().train(mode)
         if self.frozen:
             self.body.eval()
+        for module in self._frozen_modules:
+            module.eval()
         return self
+
+    def parameter_stages(self) -> dict[str, int]:
+        """The feature stage each parameter of the body computes (0 = the first returned map).
+
+        Parameters are walked in registration order, which is forward order for timm's CNNs and
+        Swin: a parameter inside the module that emits stage ``i`` belongs to stage ``i``; one
+        between that module and the next stage's belongs to the next stage (EfficientNet's
+        ``blocks.3`` feeds stage 3, whose map ``blocks.4`` emits); the stem belongs to stage 0
+        and anything after the last emitting module to the last stage.
+        """
+        emitters = list(self.body.feature_info.module_name())
+        last = len(emitters) - 1
+        stages: dict[str, int] = {}
+        current = 0
+        for name, _ in self.body.named_parameters():
+            # timm's feature wrappers rename (Swin's "layers.0" holds "layers_0.<...>") or prefix
+            # ("model.blocks.9.<...>" in ViT's) the emitting modules' parameters
+            owner = next((i for i, m in enumerate(emitters)
+                          for form in (m, m.replace(".", "_")) if name.startswith(form + ".") or f".{form}." in name), None)
+            if owner is not None:
+                stages[name] = owner
+                current = min(owner + 1, last)
+            else:
+                stages[name] = current
+        return stages
+
+    def freeze_stages(self, trainable: int) -> None:
+        """Train only the last ``trainable`` feature stages: every earlier parameter is frozen and
+        the modules made only of frozen parameters (their BatchNorm statistics, dropout and
+        drop-path) stay in eval mode. 0 freezes the whole body, ``len(channels)`` trains all of it.
+        """
+        stages = len(self.channels)
+        if not (isinstance(trainable, int) and 0 <= trainable <= stages):
+            raise ValueError(f"trainable_stages must be an integer in [0, {stages}] for {self.name} "
+                             f"({stages} feature stages), got {trainable!r}")
+        first = stages - trainable
+        owners = self.parameter_stages()
+        for name, param in self.body.named_parameters():
+            param.requires_grad_(owners[name] >= first)
+        self._frozen_modules = [m for m in self.body.modules()
+                                if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+        self.trainable_stages = trainable
+        self.train(self.training)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Extract multi-scale features.
@@ -164,6 +213,7 @@ def create_backbone(
     frozen: bool = False,
     out_indices: Sequence[int] | None = None,
     img_size: int | None = None,
+    trainable_stages: int | None = None,
 ) -> Backbone:
     """Build a :class:`Backbone`.
 
@@ -178,6 +228,8 @@ def create_backbone(
         out_indices: Which feature stages to return (timm's ``out_indices``); all by default.
         img_size: Input size for fixed-size backbones (ViT, Swin); their default is 224. Ignored by
             CNNs, which take any size.
+        trainable_stages: Train only the last this many feature stages (:meth:`Backbone.freeze_stages`);
+            ``None`` trains every stage (or none with ``frozen``).
 
     Returns:
         The backbone.
@@ -239,7 +291,7 @@ def create_backbone(
         # The features wrapper keeps mean/std in its pretrained_cfg; fall back to the registry.
         cfg = getattr(body, "pretrained_cfg", None) or (default_cfg.to_dict() if default_cfg else {})
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-    return Backbone(
+    backbone = Backbone(
         body,
         name=name,
         pretrained=source,
@@ -248,6 +300,12 @@ def create_backbone(
         img_size=fixed_size,
         frozen=frozen,
     )
+    if trainable_stages is not None:
+        if frozen:
+            raise ValueError("trainable_stages with frozen=True: a frozen backbone trains no stage; "
+                             "use one of them")
+        backbone.freeze_stages(trainable_stages)
+    return backbone
 
 
 def offline_efficientnet_lite0_path() -> Path:

@@ -41,6 +41,7 @@ def build_model(
     frozen_backbone: bool = False,
     img_size: int | None = None,
     loss: RegressionLoss | None = None,
+    trainable_stages: int | None = None,
     **family_kwargs: Any,
 ) -> IQAModel:
     """Build a quality model.
@@ -52,6 +53,7 @@ def build_model(
         frozen_backbone: Freeze the backbone.
         img_size: Input size, needed by fixed-size backbones (ViT, Swin).
         loss: Regression loss; L1 by default.
+        trainable_stages: Train only the backbone's last this many feature stages (``None``: all).
         **family_kwargs: The family's own arguments (see :func:`family_arguments`).
 
     Returns:
@@ -68,7 +70,8 @@ def build_model(
         raise TypeError(f"family {family!r} got unexpected arguments {unknown}; it takes {accepted}")
     if backbone not in SUPPORTED_BACKBONES:
         create_backbone(backbone)  # raises the error that lists the valid names
-    net = create_backbone(backbone, pretrained=pretrained, frozen=frozen_backbone, img_size=img_size)
+    net = create_backbone(backbone, pretrained=pretrained, frozen=frozen_backbone, img_size=img_size,
+                          trainable_stages=trainable_stages)
     return FAMILIES[family](net, loss=loss, **family_kwargs)
 
 
