@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from iqa_ray.selection import COST_OBJECTIVES
+
 #: The cost keys a trial reports, with the direction that is better.
-COST_METRICS = {"params_m": "min", "gflops": "min", "latency_ms": "min", "latency_batch_ms": "min"}
+COST_METRICS = {name: "min" for name in COST_OBJECTIVES}
 
 #: Input pixels (patches x H x W) per batched timing pass on CPU: 16 patches of 128 x 128.
 CPU_BATCH_PIXELS = 16 * 128 * 128

@@ -6,7 +6,7 @@ Reads only what Tune wrote (each trial's ``params.json``, ``result.json`` and ``
 the experiment state for trial status), so it works on finished, interrupted and resumed
 experiments alike, and is run automatically at the end of every search.
 
-Schema (documented in docs/RESULTS.md):
+Schema (the README's Results section points here):
 
 ``epochs.parquet`` - one row per trial and reported epoch:
     ``trial_id``, ``epoch``, every reported metric (``train_loss``, ``val_srcc``, ``val_plcc``,
@@ -19,14 +19,18 @@ Schema (documented in docs/RESULTS.md):
     the selected config on another random split, with its own ``config.split_seed`` and its own
     ``test_*`` figures, never selectable), ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
     mid-run), ``ended_by`` (``completed``: reached max epochs; ``scheduler``: stopped by ASHA /
-    HyperBand; ``early_stopping``: the engine's own patience; ``error``; ``interrupted``; ``not
+    HyperBand; ``time_budget``: ended by ``--time-budget`` at an epoch where the scheduler cannot
+    stop a trial; ``early_stopping``: the engine's own patience; ``error``; ``interrupted``; ``not
     started``), ``stopped_by_scheduler`` (``ended_by == "scheduler"``), ``stop_epoch``,
     ``max_epochs``, ``config.<key>`` for every run-config key of the trial (derived search keys
     resolved, e.g. ``config.lr`` from ``config.lr__unit``, which is kept too), ``best_val_srcc``,
     ``best_epoch``, ``best_val_plcc`` / ``_krcc`` / ``_rmse`` (at the best epoch), ``last_*``
     metrics, ``selection_score`` (the study's metric at the trial's best epoch, the value
-    :mod:`iqa_ray.selection` compares), ``selected`` (the one trial that rule picks; notebooks read
-    this column instead of ranking trials themselves), ``test_srcc`` / ``test_plcc`` /
+    :mod:`iqa_ray.selection` compares), ``selected`` (the one trial the study's selection rule picks;
+    notebooks read this column instead of ranking trials themselves), ``pareto_optimal`` (no other
+    trial of the search is as good on every objective and better on one; with one objective, the
+    best trials), the cost columns ``params_m`` / ``gflops`` / ``latency_ms`` / ``latency_batch_ms``
+    / ``latency_batch_size`` (:mod:`iqa_ray.cost`), ``test_srcc`` / ``test_plcc`` /
     ``test_krcc`` / ``test_rmse`` / ``test_plcc_logistic`` / ``test_n`` (only on the selected
     trial's row, once the search has ended: its best-by-validation weights scored on the test split
     once; every other row has none, so nothing invites choosing on test), ``test_source``
@@ -50,7 +54,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from iqa_ray.selection import finite, kept_report, select_trial, trial_score
+from iqa_ray.selection import SelectionRule, finite, kept_report, objective_values, pareto_flags, select_by_rule, trial_score
 from iqa_ray.utils.io import atomic_path, git_revision
 
 METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
@@ -110,11 +114,13 @@ def _resolver(experiment: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return study.with_encoders(info.get("encoders") or {}).resolve
 
 
-def _selection(experiment: Path) -> tuple[str, str]:
-    """The study's (metric, mode) as recorded in ``experiment.json`` (the defaults without one)."""
+def _selection(experiment: Path) -> SelectionRule:
+    """The study's objectives and selection rule as recorded in ``experiment.json`` (the
+    single-objective defaults without one)."""
     info_file = experiment / "experiment.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    return str(info.get("metric", "val_srcc")), str(info.get("mode", "max"))
+    objectives = info.get("objectives") or [[info.get("metric", "val_srcc"), info.get("mode", "max")]]
+    return SelectionRule.parse([tuple(o) for o in objectives], info.get("select", "best"))
 
 
 def _finite_or_minus_inf(value: Any) -> float:
@@ -122,7 +128,25 @@ def _finite_or_minus_inf(value: Any) -> float:
     return -math.inf if number is None else number
 
 
-def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any) -> str:
+def _scheduler_stops(experiment: Path) -> tuple[frozenset[int] | None, bool]:
+    """(epochs at which the search's scheduler may stop a trial, or None when any; whether the search
+    had a time budget), from ``experiment.json``."""
+    info_file = experiment / "experiment.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    budget = bool(info.get("time_budget"))
+    if info.get("scheduler") == "asha" and all(info.get(k) for k in ("grace_period", "reduction_factor", "max_epochs")):
+        rungs, t = set(), int(info["grace_period"])
+        while t < int(info["max_epochs"]):
+            rungs.add(t)
+            t *= int(info["reduction_factor"])
+        return frozenset(rungs), budget
+    if info.get("scheduler") == "none":
+        return frozenset(), budget
+    return None, budget
+
+
+def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any,
+              stops: tuple[frozenset[int] | None, bool] = (None, False)) -> str:
     if error or status == "ERROR":
         return "error"
     if last is None:
@@ -131,7 +155,13 @@ def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_e
         return "interrupted"
     if max_epochs and last["epoch"] >= max_epochs:
         return "completed"
-    return "early_stopping" if last.get("stopped_early") else "scheduler"
+    if last.get("stopped_early"):
+        return "early_stopping"
+    rungs, budget = stops
+    # With a time budget, a trial that ended where its scheduler cannot stop one was ended by the budget.
+    if budget and rungs is not None and int(last["epoch"]) not in rungs:
+        return "time_budget"
+    return "scheduler"
 
 
 def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -144,7 +174,9 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary_file = experiment / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     export_revision = git_revision()
-    metric, mode = _selection(experiment)
+    rule = _selection(experiment)
+    metric, mode = rule.primary
+    stops = _scheduler_stops(experiment)
     trial_rows, epoch_rows, reports = [], [], {}
     splits_dir = experiment / SPLITS_DIR
     split_states = _trial_states(splits_dir) if splits_dir.is_dir() else {}
@@ -183,7 +215,7 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             last = epochs[-1]
             row.update({
                 "stop_epoch": int(last["epoch"]), "max_epochs": max_epochs,
-                "ended_by": _ended_by(status, error, last, max_epochs),
+                "ended_by": _ended_by(status, error, last, max_epochs, stops),
                 "best_val_srcc": best.get("val_srcc"), "best_epoch": int(best["epoch"]),
                 "best_val_plcc": best.get("val_plcc"), "best_val_krcc": best.get("val_krcc"),
                 "best_val_rmse": best.get("val_rmse"),
@@ -210,12 +242,16 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         })
         trial_rows.append(row)
     # The same rule as the end-of-run summary; mid-run it marks the current leader (no test yet).
-    chosen = select_trial(reports, metric, mode)
+    chosen = select_by_rule(reports, rule)
+    # Pareto-optimal among the search's trials on every objective (single-objective: the best ones).
+    front = pareto_flags({k: objective_values(v, rule.objectives) for k, v in reports.items()},
+                         [d for _, d in rule.objectives])
     for row in trial_rows:
         if row["kind"] == "split":
-            row["selected"] = False
+            row["selected"] = row["pareto_optimal"] = False
             continue
         row["selected"] = row["trial_id"] == chosen
+        row["pareto_optimal"] = bool(front.get(row["trial_id"], False))
         tested = row["selected"] and summary.get("best_trial_id") == chosen and summary.get("test")
         row.update({f"test_{k}": v for k, v in (summary["test"].items() if tested else ())})
         row["test_source"] = "checkpoint" if tested else None

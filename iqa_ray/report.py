@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
-# (notebook, what it shows, studies it applies to: None = every study)
-NOTEBOOKS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+MULTI_OBJECTIVE = "multi-objective"  # applies to experiments whose study names several objectives
+# (notebook, what it shows, studies it applies to: None = every study, or MULTI_OBJECTIVE)
+NOTEBOOKS: tuple[tuple[str, str, tuple[str, ...] | str | None], ...] = (
     ("ranking_study", "validation SRCC over alpha x margin, learning curves, where ASHA stopped trials", ("ranking",)),
     ("hyperparameters", "score against every searched axis, with the edge check", None),
     ("family_comparison", "validation and test SRCC per family and backbone, spread of every trial", None),
     ("run_report", "the selected trial: training curves, test predictions, sample predictions, feature PCA, clusters", None),
+    ("pareto_front", "validation SRCC against latency: the Pareto front, the selected trial, the dominated ones",
+     MULTI_OBJECTIVE),
 )
 
 
@@ -34,11 +37,17 @@ class ReportError(ValueError):
     """An experiment or notebook selection the report cannot use; the message says why."""
 
 
-def experiment_study(experiment: Path) -> str | None:
+def experiment_info(experiment: Path) -> dict:
     info = experiment / "experiment.json"
-    if info.exists():
-        return json.loads(info.read_text()).get("study")
-    return None
+    return json.loads(info.read_text()) if info.exists() else {}
+
+
+def _applies(studies: tuple[str, ...] | str | None, info: dict) -> bool:
+    if studies is None:
+        return True
+    if studies == MULTI_OBJECTIVE:
+        return len(info.get("objectives") or ()) > 1
+    return info.get("study") in studies
 
 
 def chosen_notebooks(experiment: Path, names: list[str] | None) -> list[str]:
@@ -48,8 +57,8 @@ def chosen_notebooks(experiment: Path, names: list[str] | None) -> list[str]:
         if bad:
             raise ReportError(f"unknown notebook(s) {', '.join(bad)}; valid: {', '.join(known)}")
         return names
-    study = experiment_study(experiment)
-    return [n for n, _, studies in NOTEBOOKS if studies is None or study in studies]
+    info = experiment_info(experiment)
+    return [n for n, _, studies in NOTEBOOKS if _applies(studies, info)]
 
 
 def execute(name: str, experiment: Path, timeout: int):

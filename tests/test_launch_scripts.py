@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("tune_ranking.py", []),
     ("tune_gmm.py", []),
     ("tune_schedule.py", []),
+    ("tune_efficiency.py", []),  # two objectives: val_srcc and latency_ms, the knee handed back
     # Hub weights need internet, so this runs offline from scratch. Seed 10 makes TPE's two
     # start-up draws efficientnet_lite0 and resnet18: the default seed draws swin_base, which
     # trains at about 1 img/s on CPU and made this one test take 3 minutes of CI.
@@ -26,7 +27,7 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--smoke-test", "--storage", str(tmp_path),
                            "--name", "smoke", *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "best config (selected on validation SRCC)" in proc.stdout
+    assert "best config (selected on validation" in proc.stdout  # SRCC, or the study's rule over its objectives
     assert "tensorboard --logdir" in proc.stdout
     trials = pd.read_parquet(tmp_path / "smoke" / "trials.parquet")
     assert len(trials) == 2 and (trials.status == "TERMINATED").all()
@@ -36,6 +37,7 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     assert (trials.latency_batch_size >= 1).all()  # the batch the per-image batched latency was timed at
     selected = trials[trials.selected]
     assert len(selected) == 1 and selected.test_srcc.notna().all()
+    assert selected.pareto_optimal.all()  # whatever the rule, the trial handed back is on the front
     # Trials score validation only; the selected one is scored on test once, after the search.
     assert trials[~trials.selected].test_srcc.isna().all()
     epochs = pd.read_parquet(tmp_path / "smoke" / "epochs.parquet")
@@ -50,6 +52,13 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     assert summary["versus_probe"] == pytest.approx(summary["test"]["srcc"] - baselines["linear_probe"]["srcc"])
     assert "baselines on the same" in proc.stdout and "the probe" in proc.stdout
     assert summary["val_test_gap"] == pytest.approx(summary["best_val"]["srcc"] - summary["test"]["srcc"])
+    if script == "tune_efficiency.py":  # the front, its values and the rule are in the summary and printed
+        front = {row["trial_id"]: row for row in summary["pareto_front"]}
+        assert set(front) == set(trials.trial_id[trials.pareto_optimal])
+        assert summary["best_trial_id"] in front and summary["selection_rule"].startswith("knee of the front")
+        for trial_id, row in front.items():
+            assert row["latency_ms"] == pytest.approx(trials.set_index("trial_id").latency_ms[trial_id])
+        assert "Pareto front (" in proc.stdout and "<- selected" in proc.stdout
     if script == "tune_ranking.py":  # our console, not Ray's; Ray's lines kept in files
         console = proc.stdout + proc.stderr
         for ray_line in ("Checkpoint successfully created", "logging_progress", "Trial status:", "View detailed results",

@@ -199,3 +199,56 @@ def test_a_study_that_needs_hub_weights_fails_at_once_offline(monkeypatch, capsy
     err = capsys.readouterr().err
     assert "not reachable" in err and "--set pretrained=none" in err
     assert time.monotonic() - start < 15
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "inf"])
+def test_bad_time_budget_names_what_is_valid(value, capsys):
+    with pytest.raises(SystemExit):
+        parse("--time-budget", value)
+    assert f"--time-budget: expected a number of minutes > 0, e.g. 30, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_time_budget_reaches_tune_and_the_record_and_a_resume_keeps_it(tmp_path):
+    from iqa_ray.search.tuner import build_tuner
+
+    settings = _started(tmp_path, "--time-budget", "1.5", "--num-samples", "3")
+    assert settings.time_budget == 1.5
+    tuner = build_tuner(settings, lambda config: None)
+    assert tuner._local_tuner._tune_config.time_budget_s == 90.0
+    assert build_tuner(settings_from_args(parse(), "ranking"), lambda config: None
+                       )._local_tuner._tune_config.time_budget_s is None
+    resumed = settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume"), "ranking")
+    assert resumed.time_budget == 1.5
+    with pytest.raises(LaunchError, match=r"--time-budget \(5.0 now, 1.5 recorded\)"):
+        settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume", "--time-budget", "5"),
+                           "ranking")
+
+
+def test_select_flag_overrides_the_studys_rule_and_survives_a_resume(tmp_path, capsys):
+    settings = _started(tmp_path, "--select", "latency_ms<=30", study="efficiency")
+    assert settings.study.selection_rule.budgets == (("latency_ms", 30.0),)
+    assert settings_from_args(parse(study="efficiency"), "efficiency").study.select == "knee"
+    resumed = settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume", study="efficiency"),
+                                 "efficiency")
+    assert resumed.study.select == "latency_ms<=30"
+    # the rule only picks among finished trials: a resume may change it
+    changed = settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume", "--select", "best",
+                                       study="efficiency"), "efficiency")
+    assert changed.study.select == "best"
+    assert main(["--select", "fastest"], study="efficiency") == 2
+    assert "selection rule 'fastest' is not valid" in capsys.readouterr().err
+
+
+def test_ended_by_names_the_time_budget_only_where_the_scheduler_cannot_stop(tmp_path):
+    import json
+
+    from iqa_ray.export import _ended_by, _scheduler_stops
+
+    (tmp_path / "experiment.json").write_text(json.dumps({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+                                                          "max_epochs": 8, "time_budget": 10}))
+    stops = _scheduler_stops(tmp_path)
+    assert stops == (frozenset({1, 2, 4}), True)
+    assert _ended_by("TERMINATED", None, {"epoch": 4}, 8, stops) == "scheduler"
+    assert _ended_by("TERMINATED", None, {"epoch": 3}, 8, stops) == "time_budget"
+    assert _ended_by("TERMINATED", None, {"epoch": 8}, 8, stops) == "completed"
+    assert _ended_by("TERMINATED", None, {"epoch": 3}, 8, (frozenset({1, 2, 4}), False)) == "scheduler"

@@ -399,3 +399,43 @@ def test_the_optuna_study_holds_every_trial_and_opens_in_optuna_dashboard(experi
     shown = wsgi_get(app, f"/api/studies/{summary['study_id']}")["trials"]
     assert len(shown) == len(study.trials)
     assert {p["name"] for t in shown for p in t["params"]} == set(searched)
+
+
+# ----------------------------------------------------------------------------- pareto_front
+
+
+def test_pareto_front_notebook_draws_the_front_and_names_the_fastest_near_the_best(tmp_path):
+    """A synthetic two-objective experiment (export as a search writes it): the notebook's figure,
+    its front table and the "fastest within 0.02 SRCC" figure, checked against a hand count."""
+    from iqa_ray.export import export_experiment
+
+    experiment = tmp_path / "front"
+    # (val SRCC at the kept epoch, ms per image, M parameters): a front of 4 and 2 dominated trials
+    values = {"acc": (0.85, 40.0, 6.0), "near": (0.84, 12.0, 4.0), "mid": (0.80, 6.0, 3.0),
+              "tiny": (0.70, 2.0, 1.0), "slow": (0.79, 50.0, 6.0), "worse": (0.69, 13.0, 4.0)}
+    for trial_id, (srcc, ms, params) in values.items():
+        folder = experiment / f"trial_{trial_id}"
+        folder.mkdir(parents=True)
+        (folder / "params.json").write_text(json.dumps({"lr": 1e-3, "hidden_dim": int(params * 64), "epochs": 2}))
+        rows = [{"trial_id": trial_id, "epoch": e, "best_epoch": 2, "val_srcc": srcc - 0.05 * (2 - e), "val_plcc": srcc,
+                 "latency_ms": ms, "params_m": params, "gflops": ms / 10, "latency_batch_ms": ms / 2} for e in (1, 2)]
+        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study = {"study": {"objectives": [{"metric": "val_srcc", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}],
+                       "select": "knee"},
+             "params": {"lr": {"role": "nuisance", "type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+    (experiment / "experiment.json").write_text(json.dumps({
+        "study": "efficiency", "metric": "val_srcc", "mode": "max", "study_definition": study,
+        "objectives": [["val_srcc", "max"], ["latency_ms", "min"]], "select": "knee"}))
+    export_experiment(experiment)
+    trials = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id")
+    assert trials.pareto_optimal.to_dict() == {"acc": True, "mid": True, "near": True, "slow": False, "tiny": True,
+                                               "worse": False}
+    from iqa_ray.report import chosen_notebooks
+
+    assert "pareto_front" in chosen_notebooks(experiment, None)
+    _, text = run_notebook("pareto_front", tmp_path, IQA_EXPERIMENT=str(experiment))
+    assert_png(experiment / "figures" / "pareto_front.png")
+    assert "6 trials with values, 4 on the front" in text
+    # within 0.02 of 0.85: acc (40 ms) and near (12 ms) -> near, 12 / 40 = 0.30x
+    assert "fastest within 0.02 val_srcc: near (val val_srcc 0.8400, latency_ms 12): 0.30x" in text
+    assert "selection rule: knee" in text

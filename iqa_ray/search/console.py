@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from iqa_ray.search.tuner import DEFAULT_PROGRESS_EVERY_S, SearchSettings
-from iqa_ray.selection import kept_report, select_trial, trial_score
+from iqa_ray.selection import SelectionRule, kept_report, select_by_rule, select_trial, trial_score
 
 #: Loggers whose INFO records go to the driver log instead of the console.
 DRIVER_LOGGERS = ("ray", "optuna")
@@ -44,7 +44,7 @@ def console_callbacks(settings: SearchSettings) -> list[Any]:
         return []
     study = settings.effective_study
     return [TrialProgress(study.metric, study.mode, params=[p.name for p in study.params], scheduler=settings.scheduler,
-                          every=settings.progress_every)]
+                          every=settings.progress_every, rule=study.selection_rule)]
 
 
 @contextlib.contextmanager
@@ -165,10 +165,14 @@ class TrialProgress(Callback):
 
     def __init__(self, metric: str = "val_srcc", mode: str = "max", params: Sequence[str] = (),
                  scheduler: str | None = None, every: float = DEFAULT_PROGRESS_EVERY_S, out: TextIO | None = None,
-                 max_rows: int = MAX_ROWS, clock: Any = time.monotonic) -> None:
+                 max_rows: int = MAX_ROWS, clock: Any = time.monotonic, rule: SelectionRule | None = None) -> None:
         if every < 0:
             raise ValueError(f"progress interval must be >= 0 seconds, got {every}")
         self.metric, self.mode = metric, mode
+        # The study's selection rule (several objectives, a budget); None: best metric
+        self.rule = rule
+        extra = [m for m, _ in rule.objectives] + [c for c, _ in rule.budgets] if rule is not None else []
+        self._keys = tuple(dict.fromkeys(("epoch", "best_epoch", metric, *extra)))
         self.params = tuple(params)
         self.scheduler = scheduler
         self.every = float(every)
@@ -187,7 +191,7 @@ class TrialProgress(Callback):
         self._started = self.clock()
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
-        slim = {k: result[k] for k in ("epoch", "best_epoch", self.metric) if k in result}
+        slim = {k: result[k] for k in self._keys if k in result}
         self._reports.setdefault(trial.trial_id, []).append(slim)
         self._dirty = True
 
@@ -296,7 +300,11 @@ class TrialProgress(Callback):
 
     def _selected(self) -> str | None:
         """The trial the search would hand back now: the summary's rule (:mod:`iqa_ray.selection`)."""
-        return select_trial(self._reports, self.metric, self.mode) if self._reports else None
+        if not self._reports:
+            return None
+        if self.rule is not None:
+            return select_by_rule(self._reports, self.rule)
+        return select_trial(self._reports, self.metric, self.mode)
 
     @staticmethod
     def _epoch(trial: Any) -> int | None:

@@ -65,6 +65,13 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--grace-period", type=int, default=None, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA/HyperBand reduction factor")
     p.add_argument("--seed", type=int, default=None, help="searcher seed (default: the study's)")
+    p.add_argument("--time-budget", type=_minutes, default=None, metavar="MINUTES",
+                   help="end the search after this many minutes: running trials stop with their last checkpoint "
+                        "and are selected from like the others (default: no limit; --num-samples still applies)")
+    p.add_argument("--select", default=None, metavar="RULE",
+                   help="which trial the search hands back (validation only): best (the primary objective's best), "
+                        "knee (the knee of a multi-objective study's Pareto front) or a cost budget such as "
+                        "'latency_ms<=20' or 'latency_ms<=20,params_m<=5' (default: the study's select, else best)")
     p.add_argument("--dataset", default=None,
                    help="embedded (default), a pre-generated folder, or ADAPTER:ROOT (e.g. koniq10k:/data/koniq10k)")
     p.add_argument("--recipe", default=None, metavar="NAME|PATH",
@@ -100,6 +107,16 @@ def _seconds(text: str) -> float:
         value = -1.0
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, e.g. 30, got {text!r}")
+    return value
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, e.g. 30, got {text!r}")
     return value
 
 
@@ -141,13 +158,15 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     if args.resume:
         return resume_settings(args, study_name)
     study = load_study(study_name)
+    if getattr(args, "select", None) is not None:
+        study = study.with_select(args.select)
     overrides = parse_sets(args.set)
     overrides["dataset"] = args.dataset or EMBEDDED
     recipe, note = resolve_recipe(args.recipe, args.gpus, study, overrides["dataset"])
     applied = apply_recipe(recipe, study, overrides["dataset"], overrides) if recipe is not None else None
     if applied is not None:
         study = applied.study
-    if args.smoke_test:
+    if args.smoke_test and "eval_patches" not in {p.name for p in study.params}:
         overrides.setdefault("eval_patches", 1)
     # Every override must make a valid config with the study's fixed values.
     TrainConfig.from_dict({**study.fixed, **overrides})
@@ -200,13 +219,14 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         overrides=tuple(sorted(overrides.items())), splits=1 if args.smoke_test and splits else splits,
         recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else ((note,) if note else ()),
-        verbose=args.verbose, progress_every=args.progress_every,
+        verbose=args.verbose, progress_every=args.progress_every, time_budget=getattr(args, "time_budget", None),
     )
 
 
 # Flags that shape what a search computes: on --resume they must match the recorded experiment
 # (the restored Tuner would ignore new values silently). Resource flags may change.
-_RECORDED_FLAGS = ("searcher", "scheduler", "num_samples", "max_epochs", "grace_period", "reduction_factor", "seed")
+_RECORDED_FLAGS = ("searcher", "scheduler", "num_samples", "max_epochs", "grace_period", "reduction_factor", "seed",
+                   "time_budget")
 
 
 def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings:
@@ -237,6 +257,9 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
                           "flags; start a new experiment")
     study = parse_study(record["study_definition"], name=record["study"],
                         path=Path(record["study_file"]) if record.get("study_file") else None)
+    # The selection rule only decides which finished trial is handed back: --select may change it.
+    select = args.select if getattr(args, "select", None) is not None else record.get("select", study.select)
+    study = study.with_select(select)
     recorded_recipe = record.get("recipe")
     applied = None
     if recorded_recipe is not None:
@@ -263,7 +286,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
     for flag in _RECORDED_FLAGS:
         value = getattr(args, flag)
-        if value is not None and value != record[flag]:
+        if value is not None and value != record.get(flag):
             differs.append(f"--{flag.replace('_', '-')} ({value} now, {record[flag]} recorded)")
     if differs:
         raise LaunchError(f"--resume of {args.name!r} would not continue the experiment that was started: "
@@ -278,7 +301,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
         splits=record.get("splits", 0), recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
-        verbose=args.verbose, progress_every=args.progress_every,
+        verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
     )
 
 

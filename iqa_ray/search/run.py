@@ -40,7 +40,7 @@ from iqa_ray.search.tuner import (
     stop_epochs,
 )
 from iqa_ray.search.tensorboard import tensorboard_command
-from iqa_ray.selection import kept_report, select_trial
+from iqa_ray.selection import kept_report, objective_values, pareto_flags, select_by_rule
 from iqa_ray.trainables.resources import worker_device
 from iqa_ray.utils.io import atomic_write_json, git_revision
 
@@ -91,9 +91,10 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
     atomic_write_json(local / "experiment.json", {
         "study": study.name, "study_file": str(study.path) if study.path else None,
         "study_definition": study.definition, "metric": study.metric, "mode": study.mode,
+        "objectives": [list(o) for o in study.objectives], "select": study.select,
         "searcher": settings.searcher, "scheduler": settings.scheduler, "num_samples": settings.num_samples,
         "max_epochs": settings.max_epochs, "grace_period": settings.grace_period,
-        "reduction_factor": settings.reduction_factor, "seed": settings.seed,
+        "reduction_factor": settings.reduction_factor, "seed": settings.seed, "time_budget": settings.time_budget,
         "cpus_per_trial": settings.cpus_per_trial, "gpus_per_trial": settings.gpus_per_trial,
         "workers_per_trial": trial_workers(settings),
         "max_concurrent": settings.max_concurrent, "fixed": study.fixed, "encoders": study.encoders,
@@ -256,8 +257,23 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
             reports[r.metrics.get("trial_id") or r.path] = (r, frame.to_dict("records"))
     if not reports:
         raise LaunchError(f"no trial reported any epoch ({len(errors)} errored); see {experiment_dir_hint(settings)}")
-    chosen = select_trial({k: rows for k, (_, rows) in reports.items()}, study.metric, study.mode)
+    rule = study.selection_rule
+    chosen = select_by_rule({k: rows for k, (_, rows) in reports.items()}, rule)
+    local = settings.local_experiment_dir()
     if chosen is None:
+        if local is not None:  # every finished trial stays readable in the exports (no trial selected)
+            close_orphaned_optuna_trials(local / "optuna.db")
+            from iqa_ray.export import export_experiment
+
+            export_experiment(local)
+        if rule.rule == "budget":
+            seen = {k: objective_values(rows, [(c, "min") for c, _ in rule.budgets]) for k, (_, rows) in reports.items()}
+            cheapest = {c: min((v[i] for v in seen.values() if v is not None), default=None)
+                        for i, (c, _) in enumerate(rule.budgets)}
+            raise LaunchError(f"no trial fits the selection rule {rule.describe()} (the cheapest trials: "
+                              + ", ".join(f"{c} = {v:.4g}" if v is not None else f"{c} not reported" for c, v in cheapest.items())
+                              + f"); every trial is kept in {experiment_dir_hint(settings)}; search again with a larger "
+                              "budget (--select) or cheaper models")
         raise LaunchError(f"no trial reported a finite {study.metric} ({len(reports)} reported, {len(errors)} errored; "
                           f"every model diverged or predicted constants); see {experiment_dir_hint(settings)}")
     best, rows = reports[chosen]
@@ -279,7 +295,6 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
                                         features=features)
         except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
             baselines_error = f"{type(exc).__name__}: {exc}"
-    local = settings.local_experiment_dir()
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
         "searcher": settings.searcher, "scheduler": settings.scheduler, "trials": len(results),
@@ -295,6 +310,9 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
         "baselines": baselines,
     }
+    if study.multi_objective or study.select != "best":
+        summary.update(objectives=[list(o) for o in study.objectives], select=study.select,
+                       selection_rule=rule.describe(), pareto_front=pareto_front(reports, study.objectives))
     if baselines.get(PROBE):
         summary["versus_probe"] = test["srcc"] - baselines[PROBE]["srcc"]
     if test_error:
@@ -314,6 +332,15 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     else:
         summary["exports"] = {}
     return summary
+
+
+def pareto_front(reports: dict[str, tuple[Any, list[dict[str, Any]]]], objectives: Any) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials: id and each objective's value at the kept epoch, best primary first."""
+    points = {k: objective_values(rows, objectives) for k, (_, rows) in reports.items()}
+    flags = pareto_flags(points, [d for _, d in objectives])
+    front = [{"trial_id": k, **dict(zip((m for m, _ in objectives), points[k]))} for k, on in flags.items() if on]
+    primary, mode = objectives[0]
+    return sorted(front, key=lambda r: -r[primary] if mode == "max" else r[primary])
 
 
 def _selection_value(value: Any, mode: str) -> float:
@@ -436,7 +463,15 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     print("\n" + "=" * 78)
     print(f"study {s['study']}: {s['trials']} trials ({s['errored_trials']} errored) in {s['elapsed_s']:.0f} s, "
           f"searcher={s['searcher']}, scheduler={s['scheduler']}")
-    print("best config (selected on validation SRCC):")
+    if s.get("pareto_front"):
+        names = [m for m, _ in s["objectives"]]
+        print(f"Pareto front ({len(s['pareto_front'])} trials; " + " / ".join(f"{m} ({d})" for m, d in s["objectives"]) + "):")
+        for row in s["pareto_front"]:
+            mark = "  <- selected" if row["trial_id"] == s["best_trial_id"] else ""
+            print("  " + row["trial_id"] + "  " + "  ".join(f"{m} {row[m]:.4g}" for m in names) + mark)
+        print(f"best config (selected on validation only: {s['selection_rule']}):")
+    else:
+        print("best config (selected on validation SRCC):")
     searched = {p.name for p in settings.study.params}
     for k in sorted(s["best_config"]):
         if k in searched:

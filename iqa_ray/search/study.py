@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from iqa_ray.config import ConfigError, TrainConfig, valid_keys
-from iqa_ray.selection import check_selection
+from iqa_ray.selection import SelectionRule, check_selection
 
 #: Search algorithms and trial schedulers a study (or the command line) may name.
 SEARCHERS = ("optuna", "random", "grid")
@@ -83,7 +83,9 @@ TYPES = ("uniform", "loguniform", "int", "logint", "choice")
 UNIT_SUFFIX = "__unit"
 STUDY_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 _STUDY_KEYS = {"name", "description", "metric", "mode", "num_samples", "max_epochs", "grace_period",
-               "reduction_factor", "searcher", "scheduler", "seed"}
+               "reduction_factor", "searcher", "scheduler", "seed", "objectives", "select", "sampler"}
+#: Optuna samplers a study may name (`sampler`): TPE (also multi-objective) and NSGA-II.
+SAMPLERS = ("tpe", "nsga2")
 _PARAM_KEYS = {"role", "type", "low", "high", "values", "grid", "range_by", "description"}
 PRETRAINING = "pretraining"  # study-only key: "none" or "ssl" (resolved to pretrained_encoder)
 PRETRAINING_CHOICES = ("none", "ssl")
@@ -136,6 +138,32 @@ class Study:
     definition: dict[str, Any] = field(default_factory=dict)  # the parsed file, as written
     pretraining: dict[str, Any] = field(default_factory=dict)  # the [pretraining] table
     encoders: dict[str, str] = field(default_factory=dict)  # backbone -> SSL encoder file (set by the launcher)
+    # Several objectives (accuracy against cost): (metric, mode) pairs, the primary one first; a
+    # single-objective study has just (metric, mode). See iqa_ray.selection.
+    objectives: tuple[tuple[str, str], ...] = ()
+    select: str = "best"  # which trial is handed back: best | knee | <cost> <= <value> (selection.SelectionRule)
+    sampler: str = "tpe"  # the optuna searcher's sampler: tpe | nsga2
+
+    def __post_init__(self) -> None:
+        if not self.objectives:
+            object.__setattr__(self, "objectives", ((self.metric, self.mode),))
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def selection_rule(self) -> SelectionRule:
+        """How the search picks the trial it hands back (:mod:`iqa_ray.selection`)."""
+        return SelectionRule.parse(self.objectives, self.select)
+
+    def with_select(self, select: str) -> "Study":
+        """This study with another selection rule (``--select``), validated."""
+        try:
+            SelectionRule.parse(self.objectives, select)
+        except ValueError as exc:
+            raise StudyError(f"--select: {exc}") from None
+        return replace(self, select=str(select))
 
     # ------------------------------------------------------------------ pre-training
 
@@ -262,8 +290,12 @@ class Study:
         return out
 
     def describe(self) -> list[str]:
+        goal = (" and ".join(f"{m} ({d})" for m, d in self.objectives) + f", sampler {self.sampler}; hand back the "
+                f"{self.selection_rule.describe()}") if self.multi_objective else f"{self.metric} ({self.mode})"
+        if not self.multi_objective and self.select != "best":
+            goal += f"; hand back the {self.selection_rule.describe()}"
         lines = [f"study {self.name}: {self.description}",
-                 f"  optimise {self.metric} ({self.mode}); {self.num_samples} samples, up to {self.max_epochs} epochs"]
+                 f"  optimise {goal}; {self.num_samples} samples, up to {self.max_epochs} epochs"]
         for p in self.params:
             rng = (f"{p.values}" if p.type == "choice" else f"[{p.low}, {p.high}]")
             if p.range_by:
@@ -325,9 +357,12 @@ def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None)
     if not raw_params:
         raise StudyError(f"{where}: the search space is empty: add at least one [params.<name>] table")
     params = tuple(_parse_param(where, pname, spec, keys, fixed) for pname, spec in raw_params.items())
+    objectives = _parse_objectives(where, meta)
+    metric, mode = objectives[0] if objectives else (str(meta.get("metric", "val_srcc")), str(meta.get("mode", "max")))
     study = Study(
         name=str(meta.get("name", name)), path=path, description=str(meta.get("description", "")),
-        fixed=fixed, params=params, metric=str(meta.get("metric", "val_srcc")), mode=str(meta.get("mode", "max")),
+        fixed=fixed, params=params, metric=metric, mode=mode, objectives=objectives,
+        select=str(meta.get("select", "best")), sampler=str(meta.get("sampler", "tpe")),
         num_samples=int(meta.get("num_samples", 12)), max_epochs=int(meta.get("max_epochs", 6)),
         grace_period=int(meta.get("grace_period", 1)), reduction_factor=int(meta.get("reduction_factor", 3)),
         searcher=str(meta.get("searcher", "optuna")), scheduler=str(meta.get("scheduler", "asha")),
@@ -337,6 +372,23 @@ def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None)
     )
     check_study(where, study)
     return study
+
+
+def _parse_objectives(where: str, meta: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``[study] objectives`` as (metric, mode) pairs, or ``()`` when the study has one metric."""
+    if "objectives" not in meta:
+        return ()
+    raw = meta["objectives"]
+    example = '[{metric = "val_srcc", mode = "max"}, {metric = "latency_ms", mode = "min"}]'
+    if not (isinstance(raw, list) and raw and all(isinstance(o, Mapping) and set(o) == {"metric", "mode"} for o in raw)):
+        raise StudyError(f"{where}: objectives must be a list of {{metric, mode}} tables, e.g. objectives = {example}; "
+                         f"got {raw!r}")
+    objectives = tuple((str(o["metric"]), str(o["mode"])) for o in raw)
+    for key in ("metric", "mode"):
+        if key in meta and str(meta[key]) != dict(zip(("metric", "mode"), objectives[0]))[key]:
+            raise StudyError(f"{where}: {key} = {meta[key]!r} disagrees with the first (primary) objective "
+                             f"{objectives[0]}; drop {key}, the primary objective sets it")
+    return objectives
 
 
 def _parse_param(where: str, name: str, spec: Mapping[str, Any], keys: set[str], fixed: Mapping[str, Any]) -> Param:
@@ -407,8 +459,12 @@ def _check_range(at: str, kind: str, low: Any, high: Any) -> tuple[float, float]
 def check_study(where: str, study: Study) -> None:
     try:  # before Ray starts: a metric no trial reports would make every trial look equally bad
         check_selection(study.metric, study.mode)
+        study.selection_rule  # the objectives and the selection rule  # noqa: B018
     except ValueError as exc:
         raise StudyError(f"{where}: {exc}") from None
+    if study.sampler not in SAMPLERS:
+        raise StudyError(f"{where}: sampler must be one of {SAMPLERS}, got {study.sampler!r}")
+
     if study.searcher not in SEARCHERS:
         raise StudyError(f"{where}: searcher must be one of {SEARCHERS}, got {study.searcher!r}")
     if study.scheduler not in TRIAL_SCHEDULERS:

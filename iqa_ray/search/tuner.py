@@ -56,6 +56,7 @@ class SearchSettings:
     recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
     verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
     progress_every: float = DEFAULT_PROGRESS_EVERY_S  # seconds between live trial tables (our console)
+    time_budget: float | None = None  # minutes: the search stops starting and running trials after this
 
     def __post_init__(self) -> None:
         check_experiment_name(self.name)
@@ -75,6 +76,8 @@ class SearchSettings:
             raise StudyError(f"splits must be >= 0, got {self.splits}")
         if not self.progress_every >= 0:
             raise StudyError(f"progress_every must be >= 0 seconds, got {self.progress_every}")
+        if self.time_budget is not None and not (0 < self.time_budget < math.inf):
+            raise StudyError(f"time_budget must be a number of minutes > 0, got {self.time_budget}")
 
     @property
     def effective_study(self) -> Study:
@@ -109,11 +112,15 @@ def make_searcher(settings: SearchSettings, optuna_db: Path | None) -> tuple[Any
     if optuna_db is not None:
         optuna_db.parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_db}")
+    # Several objectives: Optuna is told every one (TPE and NSGA-II both handle a front); Tune's
+    # schedulers (ASHA) stop trials on the primary one, which is the Tuner's metric.
+    metrics = [m for m, _ in study.objectives] if study.multi_objective else study.metric
+    modes = [d for _, d in study.objectives] if study.multi_objective else study.mode
     searcher = ResumableOptunaSearch(
         space=study.optuna_space(),
-        metric=study.metric,
-        mode=study.mode,
-        sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(5, settings.num_samples // 3))),
+        metric=metrics,
+        mode=modes,
+        sampler=make_sampler(study.sampler, settings.seed, settings.num_samples),
         study_name=settings.name,
         storage=storage,
         seed=settings.seed,
@@ -121,6 +128,20 @@ def make_searcher(settings: SearchSettings, optuna_db: Path | None) -> tuple[Any
     if settings.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
     return searcher, study.constants(), settings.num_samples
+
+
+def make_sampler(name: str, seed: int, num_samples: int) -> Any:
+    """The seeded Optuna sampler ``name`` (``tpe`` or ``nsga2``), sized for ``num_samples`` trials:
+    TPE samples a third of the budget (2 to 5 trials) at random first; NSGA-II's generations are a
+    third of the budget (2 to 50 trials)."""
+    import optuna
+
+    startup = max(2, min(5, num_samples // 3))
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, min(50, num_samples // 3)))
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    raise StudyError(f"sampler must be one of tpe, nsga2, got {name!r}")
 
 
 def _resumable_optuna_class() -> type:
@@ -227,6 +248,9 @@ def build_tuner(settings: SearchSettings, trainable: Any, *, callbacks: list[Any
             metric=settings.study.metric, mode=settings.study.mode, search_alg=searcher,
             scheduler=make_scheduler(settings), num_samples=num_samples, max_concurrent_trials=max_concurrent,
             trial_dirname_creator=trial_dirname,
+            # Tune ends the search at the budget: running trials stop with their last checkpoint
+            # and every finished epoch stays in the results.
+            time_budget_s=settings.time_budget * 60 if settings.time_budget else None,
         ),
         run_config=run_config(settings, callbacks),
     )
