@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from iqa_ray.data.labels import LABELS
 from iqa_ray.models.backbones import SUPPORTED_BACKBONES
 from iqa_ray.models.losses import LOSSES
+from iqa_ray.models.mlp import POOLINGS
 from iqa_ray.models.registry import FAMILIES, family_arguments
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -29,7 +30,6 @@ LR_SCHEDULES = ("cosine", "step", "plateau", "none")  # OptimConfig.scheduler (t
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 AMP_FORCED = "bf16"  # bfloat16 autocast on every device
 PATCH_PLACEMENTS = ("grid", "random")
-POOLINGS = ("last", "stages")
 SELECT_EPOCHS = ("best", "last")
 
 
@@ -201,7 +201,8 @@ class ModelConfig:
         pooling: what the mlp head regresses: ``last`` (global average pool of the last stage,
             KonCept-style) or ``stages`` (every stage's mean and standard deviation over space,
             concatenated and standardised on the training images: the features of the strong
-            linear probe, plus their spread).
+            linear probe, plus their spread) or ``blocks`` (the same over every block group's output
+            where the backbone has block groups: EfficientNet-Lite0's 7 instead of its 5 stages).
         n_clusters, feature_dim, cluster_loss_weight, balance_weight, refit_interval: the GMM
             cluster model (gmm).
         multiscale, hypernet_lr_mult: HyperIQA (hyperiqa).

@@ -624,7 +624,7 @@ class _CachedFeed:
         return len(self.rows[split]) > 0
 
     def on_train_start(self, model: IQAModel) -> None:
-        if getattr(model, "pooling", None) == "stages":
+        if getattr(model, "pooling", None) in ("stages", "blocks"):
             model.fit_feature_stats(self.plain[self.rows["train"].to(self.plain.device)])
 
     def feature_batches(self) -> Iterator[torch.Tensor]:

@@ -44,25 +44,31 @@ class FeatureCache:
         plain: (N, D) float32 features of each whole image.
         flipped: (N, D) float32 features of each image mirrored left-right.
         key: :func:`cache_key` of the config they were computed for.
-        channels: the backbone's channels per stage (how the columns are laid out).
+        channels: the channels of each map the backbone returned (how the columns are laid out).
+        stage_taps: which of those maps are the backbone's feature stages (all of them unless the
+            backbone tapped every block group, ``pooling = "blocks"``).
     """
 
     plain: np.ndarray
     flipped: np.ndarray
     key: tuple[Any, ...]
     channels: tuple[int, ...] = ()
+    stage_taps: tuple[int, ...] | None = None
 
     def stage_means(self) -> np.ndarray:
         """(N, sum of channels) every stage's spatial mean of each whole image, unflipped: the
         strong linear probe's features (:func:`iqa_ray.baselines.pooled_stage_features`).
 
-        Only ``stages`` pooling holds them (per stage, the means then the standard deviations).
+        Only ``stages`` and ``blocks`` pooling hold them (per map, the means then the standard
+        deviations; of ``blocks``, the maps that are stages).
         """
-        if self.key[-1] != "stages" or not self.channels:
-            raise ValueError(f"stage means need a 'stages' pooling cache, this one is {self.key[-1]!r}")
+        if self.key[-1] not in ("stages", "blocks") or not self.channels:
+            raise ValueError(f"stage means need a 'stages' or 'blocks' pooling cache, this one is {self.key[-1]!r}")
+        stages = set(range(len(self.channels)) if self.stage_taps is None else self.stage_taps)
         columns, start = [], 0
-        for c in self.channels:
-            columns.append(np.arange(start, start + c))
+        for i, c in enumerate(self.channels):
+            if i in stages:
+                columns.append(np.arange(start, start + c))
             start += 2 * c
         return self.plain[:, np.concatenate(columns)].astype(np.float64)
 
@@ -124,12 +130,13 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
         yield stop
     yield FeatureCache(plain=np.concatenate(plain).astype(np.float32),
                         flipped=np.concatenate(flipped).astype(np.float32), key=cache_key(config),
-                        channels=tuple(int(c) for c in model.backbone.channels))
+                        channels=tuple(int(c) for c in model.backbone.tap_channels),
+                        stage_taps=tuple(int(i) for i in model.backbone.stage_taps))
 
 
 def probe_features(features: Any, config: Any) -> Any:
     """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
-    holds them (``pooling = "stages"`` of the same frozen ImageNet backbone), else ``None``."""
-    if features is None or config.model.pooling != "stages" or config.model.pretrained_encoder:
+    holds them (``stages`` or ``blocks`` pooling of the same frozen ImageNet backbone), else ``None``."""
+    if features is None or config.model.pooling not in ("stages", "blocks") or config.model.pretrained_encoder:
         return None
     return features.stage_means()

@@ -120,6 +120,10 @@ class Backbone(nn.Module):
         self.frozen = frozen
         self.trainable_stages: int | None = None
         self._frozen_modules: list[nn.Module] = []
+        # What forward returns: "stages" (timm's feature stages) or "blocks" (see use_block_taps).
+        self.taps = "stages"
+        self.tap_channels: list[int] = list(self.channels)
+        self.stage_taps: list[int] = list(range(len(self.channels)))  # which returned maps are the stages
         if frozen:
             for param in self.body.parameters():
                 param.requires_grad_(False)
@@ -138,6 +142,32 @@ class Backbone(nn.Module):
         for module in self._frozen_modules:
             module.eval()
         return self
+
+    def has_blocks(self) -> bool:
+        """Whether the body runs a stem then a sequence of block groups (timm's EfficientNet
+        family), some of whose outputs are not feature stages (Lite0: 7 groups, 5 stages)."""
+        return all(hasattr(self.body, a) for a in ("conv_stem", "bn1", "blocks")) and hasattr(self.body, "_stage_out_idx")
+
+    def use_block_taps(self) -> None:
+        """Make :meth:`forward` return the output of every block group, not only the feature stages.
+
+        The groups timm does not emit as stages (EfficientNet-Lite0's ``blocks.3`` and ``blocks.5``)
+        add mid-level features between the stages. ``stage_taps`` says which returned maps are the
+        stages. Bodies without block groups (ResNet, ViT, Swin) keep returning their stages.
+        """
+        if not self.has_blocks():
+            return
+        stage_of_block = dict(self.body._stage_out_idx)  # 1-based block count -> stage index
+        if 0 in stage_of_block:  # a stem stage (not used by the supported models) has no block group
+            return
+        self.taps = "blocks"
+        with torch.no_grad():
+            was_training = self.body.training
+            self.body.eval()
+            maps = self(torch.zeros(1, 3, 64, 64, device=self.mean.device))
+            self.body.train(was_training)
+        self.tap_channels = [int(m.shape[1]) for m in maps]
+        self.stage_taps = sorted(i - 1 for i in stage_of_block)
 
     def parameter_stages(self) -> dict[str, int]:
         """The feature stage each parameter of the body computes (0 = the first returned map).
@@ -200,7 +230,15 @@ class Backbone(nn.Module):
                 f"{images.shape[-2]}x{images.shape[-1]}; pass img_size={images.shape[-1]} when "
                 "building it (ViT and Swin have a fixed input size)"
             )
-        features = self.body((images - self.mean) / self.std)
+        x = (images - self.mean) / self.std
+        if self.taps == "blocks":  # the body's own forward, keeping every block group's output
+            x = self.body.bn1(self.body.conv_stem(x))
+            features = []
+            for block in self.body.blocks:
+                x = block(x)
+                features.append(x)
+            return features
+        features = self.body(x)
         if self._nhwc:
             features = [f.permute(0, 3, 1, 2) for f in features]
         return list(features)

@@ -17,9 +17,11 @@ from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel
 from iqa_ray.models.losses import RegressionLoss
 
-__all__ = ["MLPIQA", "init_small_output", "POOLINGS", "pool_stages"]
+__all__ = ["MLPIQA", "init_small_output", "POOLINGS", "SPREAD_POOLINGS", "pool_stages"]
 
-POOLINGS = ("last", "stages")
+POOLINGS = ("last", "stages", "blocks")
+#: Poolings that standardise every map's mean and standard deviation (fitted on training images).
+SPREAD_POOLINGS = ("stages", "blocks")
 
 
 def pool_stages(stages: list[Tensor], pooling: str) -> Tensor:
@@ -32,7 +34,7 @@ def pool_stages(stages: list[Tensor], pooling: str) -> Tensor:
     """
     if pooling == "last":
         return stages[-1].float().mean(dim=(2, 3))
-    if pooling == "stages":
+    if pooling in SPREAD_POOLINGS:
         parts = []
         for s in stages:
             flat = s.float().flatten(2)
@@ -56,7 +58,9 @@ class MLPIQA(IQAModel):
         hidden_dim: Width of the hidden layer.
         dropout: Dropout before the output layer, in [0, 1).
         loss: Regression loss; L1 by default.
-        pooling: ``last`` or ``stages`` (see :func:`pool_stages`).
+        pooling: ``last``, ``stages`` or ``blocks`` (see :func:`pool_stages`; ``blocks`` makes the
+            backbone return every block group's output where it has block groups, e.g. 7 maps of
+            EfficientNet-Lite0 instead of its 5 stages).
 
     The pooled features are standardised with a per-feature mean and std measured on the
     training images when training starts (:meth:`fit_feature_stats`; identity until then), buffers
@@ -78,11 +82,13 @@ class MLPIQA(IQAModel):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
+        if pooling == "blocks":
+            backbone.use_block_taps()
         if hidden_dim < 1:
             raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        in_dim = backbone.channels[-1] if pooling == "last" else 2 * sum(backbone.channels)
+        in_dim = backbone.channels[-1] if pooling == "last" else 2 * sum(backbone.tap_channels)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
         self.head = nn.Sequential(
@@ -107,7 +113,7 @@ class MLPIQA(IQAModel):
 
     @torch.no_grad()
     def on_train_start(self, feature_batches: Iterable[Tensor]) -> None:
-        if self.pooling != "stages":
+        if self.pooling not in SPREAD_POOLINGS:
             return  # the KonCept-style head learns on raw pooled features, as before
         was_training = self.training
         self.eval()

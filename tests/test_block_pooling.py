@@ -1,0 +1,83 @@
+"""pooling = "blocks": every block group's mean and spread (EfficientNet-Lite0: 7 groups, 5 stages)."""
+
+import numpy as np
+import pytest
+import torch
+
+from iqa_ray.config import TrainConfig
+from iqa_ray.models.backbones import create_backbone
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_block_taps_return_every_group_and_the_stages_among_them_unchanged():
+    backbone = create_backbone("efficientnet_lite0", pretrained="offline", frozen=True)
+    x = torch.rand(2, 3, 96, 128)
+    stages = backbone(x)
+    backbone.use_block_taps()
+    blocks = backbone(x)
+    assert backbone.tap_channels == [16, 24, 40, 80, 112, 192, 320] and len(blocks) == 7
+    assert backbone.stage_taps == [0, 1, 2, 4, 6]
+    for stage, tap in zip(stages, backbone.stage_taps):
+        assert torch.equal(stage, blocks[tap])
+    # a backbone without block groups keeps returning its stages
+    resnet = create_backbone("resnet18", pretrained="none")
+    resnet.use_block_taps()
+    assert resnet.taps == "stages" and len(resnet(x)) == 5
+
+
+def config(tiny_dataset, **kw):
+    return TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 32, "whole_image": True,
+                                  "feature_cache": True, "family": "mlp", "pooling": "blocks", "frozen_backbone": True,
+                                  "pretrained": "offline", "hidden_dim": 32, "batch_size": 8, "epochs": 3, "lr": 3e-3,
+                                  "amp": False, **kw})
+
+
+def test_a_block_cache_holds_what_the_model_pools_and_the_probes_stage_means(tiny_dataset):
+    from iqa_ray.build import build
+    from iqa_ray.engine import load_decoded
+    from iqa_ray.features import compute_features
+
+    cfg = config(tiny_dataset)
+    decoded = load_decoded(cfg)
+    blocks = compute_features(decoded, cfg)
+    stages = compute_features(decoded, config(tiny_dataset, pooling="stages"))
+    model = build(cfg, torch.device("cpu")).eval()
+    assert model.feature_dim == 2 * (16 + 24 + 40 + 80 + 112 + 192 + 320) == blocks.plain.shape[1]
+    with torch.no_grad():
+        image = torch.from_numpy(decoded.images[0]).permute(2, 0, 1)[None].float() / 255
+        np.testing.assert_allclose(model(image)["features"][0].numpy(), blocks.plain[0], rtol=1e-5, atol=1e-5)
+    # the strong probe reads the same stage means from either cache
+    np.testing.assert_allclose(blocks.stage_means(), stages.stage_means(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_pooled_head_trains_on_the_cache_and_its_checkpoint_scores_images_alike(tiny_dataset, tmp_path):
+    from iqa_ray.engine import eval_dataset, eval_loader, fit, load_decoded, model_from_checkpoint, predict
+    from iqa_ray.features import compute_features
+
+    cfg = config(tiny_dataset)
+    decoded = load_decoded(cfg)
+    saved = []
+    result = fit(cfg, decoded, features=compute_features(decoded, cfg), on_epoch_end=lambda e: saved.append(e.save(tmp_path)))
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    model, _ = model_from_checkpoint(saved[-1])
+    pred, _ = predict(model, eval_loader(cfg, eval_dataset(cfg, decoded, "test")), torch.device("cpu"))
+    np.testing.assert_allclose(pred, result.test_predictions[0], rtol=1e-4, atol=1e-3)
+
+
+def test_a_block_pooled_model_exports_to_torchscript_with_the_same_scores(tiny_dataset, tmp_path):
+    """The block taps are the body's own forward written out: tracing keeps them."""
+    import iqa_ray
+    from iqa_ray.engine import fit, load_decoded
+    from iqa_ray.portable import export_torchscript
+
+    cfg = config(tiny_dataset, feature_cache=False, epochs=1)
+    decoded = load_decoded(cfg)
+    saved = []
+    fit(cfg, decoded, on_epoch_end=lambda e: saved.append(e.save(tmp_path / "run")))
+    scorer = iqa_ray.load_model(saved[-1], device="cpu")
+    images = [decoded.images[i] for i in decoded.split_indices("test")[:3]]
+    expected = scorer(images)
+    exported = torch.jit.load(str(export_torchscript(scorer, tmp_path / "model.pt")))
+    got = exported(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
