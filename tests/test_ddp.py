@@ -268,6 +268,10 @@ def test_a_two_worker_trial_reports_what_a_one_worker_trial_does(tmp_path):
     assert "workers/trial=2" in (tmp_path / "two.log").read_text()
     reports = _reports(tmp_path / "two")
     assert [r["workers"] for r in reports] == [2, 2, 2]
+    # the model's cost, measured once by rank 0 on its device, as an ordinary trial does
+    cost = pd.read_parquet(tmp_path / "two" / "trials.parquet")[["params_m", "gflops", "latency_ms", "latency_batch_ms"]]
+    assert (cost > 0).all().all(), cost
+    assert cost.params_m.iloc[0] == pytest.approx(pd.read_parquet(tmp_path / "one" / "trials.parquet").params_m.iloc[0])
     assert all(len(set(r["worker_pids"].split(","))) == 2 for r in reports)
     assert list(two.epoch) == list(one.epoch) == [1, 2, 3]
     assert_same_metrics(one.to_dict("records"), two.to_dict("records"))

@@ -90,6 +90,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
             "git_revision": git_revision(), "workers": world,
             "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
+    if rank == 0:  # the model's cost on one worker's device, as an ordinary trial measures it (the
+        # driver forwards rank 0's reports; the other workers wait at their first collective)
+        from iqa_ray.cost import model_cost
+
+        cost = model_cost(train_config, decoded, device)
+        node.update(cost.metrics(), latency_batch_size=cost.batch_size)
     must_checkpoint = set(loop_config["stop_epochs"])
 
     def report(epoch: EpochResult) -> None:
