@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -23,7 +24,9 @@ from iqa_ray.models.mlp import POOLINGS
 from iqa_ray.models.registry import FAMILIES, family_arguments
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("cosine", "step", "plateau", "none")  # OptimConfig.scheduler (trial schedulers: search.study)
+LR_SCHEDULES = ("cosine", "step", "plateau", "none")  # OptimConfig.lr_schedule (trial schedulers: search.study)
+#: Config keys renamed; the old spelling is still read, with a FutureWarning naming the new one.
+RENAMED_KEYS = {"scheduler": "lr_schedule"}
 # Mixed precision: "auto" (also written true) = bfloat16 on CUDA devices that have it, float16 with a
 # gradient scaler on those that do not (V100, T4), off on CPU; "bf16" / "fp16" force that dtype on every
 # device, CPU included (how the tests run the path a GPU runs); "off" (also false) = float32.
@@ -296,7 +299,9 @@ class OptimConfig:
         backbone_lr_mult: backbone LR as a fraction of ``lr`` when ``backbone_lr`` is None.
         weight_decay: decoupled for AdamW, L2 for Adam/SGD.
         momentum: SGD momentum.
-        scheduler: ``cosine``, ``step``, ``plateau`` or ``none``.
+        lr_schedule: ``cosine``, ``step``, ``plateau`` or ``none`` (the learning-rate schedule of
+            one run; a search's trial scheduler, ASHA, is a study's ``trial_scheduler``). The old
+            key ``scheduler`` is still read, with a deprecation message.
         t_max: cosine period in epochs (default: the run's epochs).
         eta_min: cosine floor, as a fraction of each group's base LR.
         step_size, gamma: step schedule (every ``step_size`` epochs multiply by ``gamma``).
@@ -335,7 +340,7 @@ class OptimConfig:
     backbone_lr_mult: float = 0.1
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    scheduler: str = "cosine"
+    lr_schedule: str = "cosine"
     t_max: int | None = None
     eta_min: float = 0.01
     step_size: int = 6
@@ -358,7 +363,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
         require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        require(self.scheduler in LR_SCHEDULES, f"unknown scheduler {self.scheduler!r}; valid: {', '.join(LR_SCHEDULES)}")
+        require(self.lr_schedule in LR_SCHEDULES,
+                f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         require(finite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         require(self.backbone_lr is None or (finite(self.backbone_lr) and self.backbone_lr >= 0),
                 f"backbone_lr must be None or >= 0, got {self.backbone_lr!r}")
@@ -440,6 +446,7 @@ class TrainConfig:
                     merged.update(value)
                 else:
                     merged[key] = value
+        merged = renamed_keys(merged, "config")
         unknown = sorted(k for k in merged if k not in _KEY_SECTION)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(_KEY_SECTION)}")
@@ -464,6 +471,21 @@ class TrainConfig:
     def replace(self, **flat_overrides: Any) -> TrainConfig:
         """A copy with some flat keys changed (validated again)."""
         return TrainConfig.from_dict(self.flat(), **flat_overrides)
+
+
+def renamed_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with renamed keys (:data:`RENAMED_KEYS`) under their new names, warning once per
+    old key; giving both spellings is an error."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{where}: both {old!r} (its old name) and {new!r} are given; keep {new!r}")
+        warnings.warn(f"{where}: the key {old!r} is deprecated, use {new!r} (same values: "
+                      f"{', '.join(LR_SCHEDULES)}); it is read as {new!r} for now", FutureWarning, stacklevel=3)
+        out = {(new if k == old else k): v for k, v in out.items()}
+    return out
 
 
 def valid_keys() -> list[str]:

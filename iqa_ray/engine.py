@@ -247,11 +247,11 @@ def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     o = config.optim
     epoch = step / steps_per_epoch
     warm = min(1.0, epoch / o.warmup_epochs) if o.warmup_epochs > 0 else 1.0
-    if o.scheduler == "cosine":
+    if o.lr_schedule == "cosine":
         t_max = o.t_max or o.epochs
         progress = min(1.0, max(0.0, epoch - o.warmup_epochs) / max(t_max - o.warmup_epochs, 1e-9))
         factor = o.eta_min + (1 - o.eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
-    elif o.scheduler == "step":
+    elif o.lr_schedule == "step":
         factor = o.gamma ** int(epoch // o.step_size)
     else:
         factor = 1.0
@@ -283,7 +283,7 @@ class Schedule:
 
     def epoch_end(self, epoch: int, val_srcc: float) -> None:
         o = self.config.optim
-        if o.scheduler != "plateau" or epoch + 1 <= o.warmup_epochs:
+        if o.lr_schedule != "plateau" or epoch + 1 <= o.warmup_epochs:
             return
         if val_srcc > self.plateau_best + 1e-4:
             self.plateau_best, self.plateau_bad_epochs = val_srcc, 0

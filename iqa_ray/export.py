@@ -134,13 +134,14 @@ def _scheduler_stops(experiment: Path) -> tuple[frozenset[int] | None, bool]:
     info_file = experiment / "experiment.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     budget = bool(info.get("time_budget"))
-    if info.get("scheduler") == "asha" and all(info.get(k) for k in ("grace_period", "reduction_factor", "max_epochs")):
+    scheduler = info.get("trial_scheduler", info.get("scheduler"))  # "scheduler" in records before the rename
+    if scheduler == "asha" and all(info.get(k) for k in ("grace_period", "reduction_factor", "max_epochs")):
         rungs, t = set(), int(info["grace_period"])
         while t < int(info["max_epochs"]):
             rungs.add(t)
             t *= int(info["reduction_factor"])
         return frozenset(rungs), budget
-    if info.get("scheduler") == "none":
+    if scheduler == "none":
         return frozenset(), budget
     return None, budget
 

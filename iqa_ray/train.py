@@ -46,7 +46,8 @@ _COMMON = [
     ("--lr", "lr", float, "head learning rate"),
     ("--backbone-lr", "backbone_lr", float, "backbone learning rate (default: lr * backbone_lr_mult)"),
     ("--optimizer", "optimizer", str, "adam, adamw, sgd"),
-    ("--scheduler", "scheduler", str, "cosine, step, plateau, none"),
+    (("--lr-schedule", "--scheduler"), "lr_schedule", str, "learning-rate schedule: cosine, step, plateau, none "
+     "(--scheduler is its old name)"),
     ("--warmup-epochs", "warmup_epochs", float, "linear warm-up epochs"),
     ("--loss", "loss", str, "l1, mse, ranking"),
     ("--alpha", "alpha", float, "ranking loss weight (loss=ranking)"),
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m iqa_ray.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for flag, key, kind, text in _COMMON:
-        p.add_argument(flag, dest=key, type=kind, default=None, help=text)
+        p.add_argument(*(flag if isinstance(flag, tuple) else (flag,)), dest=key, type=kind, default=None, help=text)
     p.add_argument("--frozen-backbone", dest="frozen_backbone", action="store_const", const=True, default=None,
                    help="freeze the backbone (seed 001's resnet18_frozen)")
     p.add_argument("--multiscale", dest="multiscale", action="store_const", const=True, default=None,

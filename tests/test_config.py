@@ -25,7 +25,7 @@ def test_flat_and_nested_keys_build_the_same_config():
         ({"family": "gmm", "n_clusters": 0}, "n_clusters must be an integer >= 1, got 0"),
         ({"lr": 0}, "lr must be > 0"),
         ({"lr": float("nan")}, "lr must be > 0"),
-        ({"scheduler": "linear"}, "unknown scheduler 'linear'; valid: cosine, step, plateau, none"),
+        ({"lr_schedule": "linear"}, "unknown lr_schedule 'linear'; valid: cosine, step, plateau, none"),
         ({"optimizer": "lamb"}, "unknown optimizer 'lamb'"),
         ({"batch_size": 1}, "batch_size must be an integer >= 2"),
         ({"epochs": 3, "warmup_epochs": 3}, "warmup_epochs must be in \\[0, epochs=3\\)"),
@@ -50,5 +50,17 @@ def test_family_kwargs_pick_only_the_familys_arguments():
 
 def test_valid_keys_cover_every_section():
     keys = valid_keys()
-    for k in ("dataset", "crop_size", "family", "backbone", "alpha", "margin", "n_clusters", "lr", "scheduler"):
+    for k in ("dataset", "crop_size", "family", "backbone", "alpha", "margin", "n_clusters", "lr", "lr_schedule"):
         assert k in keys
+
+
+def test_the_old_key_scheduler_is_read_as_lr_schedule_with_a_deprecation_message():
+    with pytest.warns(FutureWarning, match="the key 'scheduler' is deprecated, use 'lr_schedule'"):
+        old = TrainConfig.from_dict({"scheduler": "step"})
+    assert old.optim.lr_schedule == "step" and old == TrainConfig.from_dict({"lr_schedule": "step"})
+    assert "scheduler" not in old.flat() and old.flat()["lr_schedule"] == "step"
+    with pytest.raises(ConfigError, match="both 'scheduler' \\(its old name\\) and 'lr_schedule'"):
+        TrainConfig.from_dict({"scheduler": "step", "lr_schedule": "cosine"})
+    # a checkpoint written before the rename stores {"optim": {"scheduler": ...}}: it still loads
+    with pytest.warns(FutureWarning):
+        assert TrainConfig.from_dict({"optim": {"scheduler": "plateau"}}).optim.lr_schedule == "plateau"

@@ -204,7 +204,7 @@ num_samples = 1
 max_epochs = {max_epochs}
 grace_period = 1
 searcher = "random"
-scheduler = "none"
+trial_scheduler = "none"
 
 [fixed]
 family = "mlp"

@@ -83,7 +83,7 @@ def test_a_search_trial_reports_validation_only_and_never_touches_the_test_split
 
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_run(tiny_dataset, decoded, tmp_path):
-    config = small(tiny_dataset, epochs=3, family="hyperiqa", scheduler="cosine", warmup_epochs=0.5)
+    config = small(tiny_dataset, epochs=3, family="hyperiqa", lr_schedule="cosine", warmup_epochs=0.5)
     uninterrupted = fit(config, decoded)
 
     saved = {}
@@ -108,7 +108,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_dataset, decoded, tm
 
 def test_optimizer_state_persists_and_every_group_keeps_training(tiny_dataset, decoded):
     """The seeds' three bugs: optimiser re-created, hypernetwork frozen after epoch 1, backbone LR constant."""
-    config = small(tiny_dataset, epochs=3, family="hyperiqa", scheduler="cosine", eta_min=0.0)
+    config = small(tiny_dataset, epochs=3, family="hyperiqa", lr_schedule="cosine", eta_min=0.0)
     snapshots = []
 
     def snap(e):
@@ -139,26 +139,26 @@ def test_optimizer_state_persists_and_every_group_keeps_training(tiny_dataset, d
 
 
 def test_lr_schedules():
-    cfg = TrainConfig.from_dict({"epochs": 10, "scheduler": "cosine", "eta_min": 0.0, "warmup_epochs": 2})
+    cfg = TrainConfig.from_dict({"epochs": 10, "lr_schedule": "cosine", "eta_min": 0.0, "warmup_epochs": 2})
     assert lr_factor(cfg, 0, 10) == 0.0
     assert lr_factor(cfg, 10, 10) == pytest.approx(0.5)  # half-way through warm-up
     assert lr_factor(cfg, 20, 10) == pytest.approx(1.0)
     assert lr_factor(cfg, 60, 10) == pytest.approx(0.5)  # cosine mid-point after warm-up
     assert lr_factor(cfg, 100, 10) == pytest.approx(0.0, abs=1e-12)
-    step = TrainConfig.from_dict({"epochs": 20, "scheduler": "step", "step_size": 6, "gamma": 0.1})
+    step = TrainConfig.from_dict({"epochs": 20, "lr_schedule": "step", "step_size": 6, "gamma": 0.1})
     assert [lr_factor(step, e * 5, 5) for e in (0, 5, 6, 12)] == pytest.approx([1, 1, 0.1, 0.01])
-    assert lr_factor(TrainConfig.from_dict({"scheduler": "none"}), 123, 4) == 1.0
+    assert lr_factor(TrainConfig.from_dict({"lr_schedule": "none"}), 123, 4) == 1.0
 
 
 def test_plateau_reduces_lr_when_validation_stalls(tiny_dataset, decoded):
-    config = small(tiny_dataset, epochs=4, scheduler="plateau", plateau_patience=0, plateau_factor=0.5, lr=1e-9)
+    config = small(tiny_dataset, epochs=4, lr_schedule="plateau", plateau_patience=0, plateau_factor=0.5, lr=1e-9)
     result = fit(config, decoded)  # an LR this small cannot improve validation SRCC
     lrs = [h["lr_head"] for h in result.history]
     assert lrs[-1] < lrs[0]
 
 
 def test_early_stopping_stops_after_patience(tiny_dataset, decoded):
-    config = small(tiny_dataset, epochs=8, lr=1e-9, early_stopping_patience=2, scheduler="none")
+    config = small(tiny_dataset, epochs=8, lr=1e-9, early_stopping_patience=2, lr_schedule="none")
     result = fit(config, decoded)
     assert result.stopped_early and len(result.history) < 8
 

@@ -29,7 +29,7 @@ num_samples = {num_samples}
 max_epochs = {max_epochs}
 grace_period = 1
 searcher = "{searcher}"
-scheduler = "{scheduler}"
+trial_scheduler = "{scheduler}"
 
 [fixed]
 family = "mlp"

@@ -164,8 +164,8 @@ def test_grid_values_categorical_axes_and_a_copy_without_checkpoints(experiments
     # Put the real trials on a 2 x 2 grid of alpha x margin, as the grid searcher would have.
     for column, (low, high) in (("config.alpha", (0.1, 0.5)), ("config.margin", (0.3, 1.0))):
         trials[column] = np.where(trials[column] > trials[column].median(), high, low)
-    # and give them a categorical axis too (as the lr_schedule study searches the scheduler)
-    trials["config.scheduler"] = ["cosine", "step"] * (len(trials) // 2) + ["cosine"] * (len(trials) % 2)
+    # and give them a categorical axis too (as the lr_schedule study searches lr_schedule)
+    trials["config.lr_schedule"] = ["cosine", "step"] * (len(trials) // 2) + ["cosine"] * (len(trials) % 2)
     trials.to_parquet(copy / "trials.parquet", index=False)
     _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(copy))
     assert_png(copy / "figures" / "ranking_alpha_margin_heatmap.png")
@@ -173,8 +173,8 @@ def test_grid_values_categorical_axes_and_a_copy_without_checkpoints(experiments
     assert "no grid to pivot" not in text
 
     _, text = run_notebook("hyperparameters", tmp_path, IQA_EXPERIMENT=str(copy))
-    assert "edge check scheduler: ok: best scheduler = " in text and "(categorical" in text
-    assert_png(copy / "figures" / "hparam_scheduler.png")
+    assert "edge check lr_schedule: ok: best lr_schedule = " in text and "(categorical" in text
+    assert_png(copy / "figures" / "hparam_lr_schedule.png")
     # two grid values per axis: the best is at an edge by construction, and the notebook says so
     assert "edge check alpha: WARNING: " in text and "only 2 values tried" in text
 

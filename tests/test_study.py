@@ -35,7 +35,7 @@ def test_gmm_and_schedule_spaces():
     assert gmm["cluster_loss_weight"].type == gmm["balance_weight"].type == "loguniform"
     assert "refit_interval" in gmm
     sched = {p.name: p for p in load_study("lr_schedule").params}
-    assert set(sched["scheduler"].values) == {"cosine", "step", "plateau", "none"}
+    assert set(sched["lr_schedule"].values) == {"cosine", "step", "plateau", "none"}
     assert sched["lr"].type == sched["weight_decay"].type == "loguniform"
     assert "warmup_epochs" in sched
 
@@ -107,3 +107,34 @@ def test_a_new_study_is_one_file(tmp_path):
     assert study.name == "mine" and study.num_samples == 3
     space = study.optuna_space()
     assert space["dropout"].low == 0.0 and space["dropout"].high == 0.5
+
+
+def test_study_files_with_the_old_scheduler_keys_still_load_with_deprecation_messages():
+    old = {"study": {"scheduler": "none"}, "fixed": {"family": "mlp", "scheduler": "step"},
+           "params": {"lr": {"role": "nuisance", "type": "loguniform", "low": 1e-4, "high": 1e-2},
+                      "scheduler": {"role": "scientific", "type": "choice", "values": ["cosine", "none"]}}}
+    del old["fixed"]["scheduler"]  # searched and fixed at once would be an error, renamed or not
+    with pytest.warns(FutureWarning) as seen:
+        study = parse_study(old, name="old")
+    messages = " ".join(str(w.message) for w in seen)
+    assert "[study] scheduler is deprecated, use trial_scheduler" in messages
+    assert "the key 'scheduler' is deprecated, use 'lr_schedule'" in messages
+    assert study.trial_scheduler == "none" and [p.name for p in study.params] == ["lr", "lr_schedule"]
+    fixed = {"study": {}, "fixed": {"scheduler": "step"}, "params": {"lr": old["params"]["lr"]}}
+    with pytest.warns(FutureWarning):
+        assert parse_study(fixed, name="fixed").fixed == {"lr_schedule": "step"}
+    with pytest.raises(StudyError, match="both 'scheduler' \\(its old name\\) and 'trial_scheduler'"):
+        parse_study({"study": {"scheduler": "asha", "trial_scheduler": "none"}, "params": fixed["params"]}, name="both")
+
+
+def test_shipped_studies_and_recipes_use_the_current_key_names():
+    import warnings
+
+    from iqa_ray.search.recipe import load_recipe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for name in available_studies():
+            load_study(name)
+        for recipe in ("cpu", "paper"):
+            load_recipe(recipe)

@@ -56,7 +56,7 @@ max_epochs = 2
 grace_period = 1
 reduction_factor = 2
 searcher = "optuna"
-scheduler = "asha"
+trial_scheduler = "asha"
 seed = 0
 
 [fixed]

@@ -60,7 +60,9 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--num-samples", type=int, default=None, help="trials to sample (grid: repeats of the grid)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
     p.add_argument("--searcher", choices=SEARCHERS, default=None, help="optuna (TPE), random or grid (default: the study's)")
-    p.add_argument("--scheduler", choices=TRIAL_SCHEDULERS, default=None, help="asha, hyperband or none (default: the study's)")
+    p.add_argument("--trial-scheduler", "--scheduler", dest="scheduler", choices=TRIAL_SCHEDULERS, default=None,
+                   help="what stops trials early: asha, hyperband or none (default: the study's trial_scheduler; "
+                        "--scheduler is the old name)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs a trial may train at most (default: the study's)")
     p.add_argument("--grace-period", type=int, default=None, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA/HyperBand reduction factor")
@@ -210,7 +212,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     return SearchSettings(
         study=study, name=args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=args.storage or str(default_results_dir()),
-        searcher=args.searcher or study.searcher, scheduler=args.scheduler or study.scheduler,
+        searcher=args.searcher or study.searcher, scheduler=args.scheduler or study.trial_scheduler,
         num_samples=num_samples, max_epochs=max_epochs, grace_period=grace,
         reduction_factor=args.reduction_factor or study.reduction_factor, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
@@ -286,15 +288,17 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
     for flag in _RECORDED_FLAGS:
         value = getattr(args, flag)
-        if value is not None and value != record.get(flag):
-            differs.append(f"--{flag.replace('_', '-')} ({value} now, {record[flag]} recorded)")
+        recorded = record.get("trial_scheduler", record.get("scheduler")) if flag == "scheduler" else record.get(flag)
+        if value is not None and value != recorded:
+            shown = "trial-scheduler" if flag == "scheduler" else flag.replace("_", "-")
+            differs.append(f"--{shown} ({value} now, {recorded} recorded)")
     if differs:
         raise LaunchError(f"--resume of {args.name!r} would not continue the experiment that was started: "
                           f"{'; '.join(differs)}. Drop those flags (the recorded values are used), or start a new "
                           "experiment with another --name")
     return SearchSettings(
         study=applied.study if applied is not None else study, name=args.name, storage=storage,
-        searcher=record["searcher"], scheduler=record["scheduler"],
+        searcher=record["searcher"], scheduler=record.get("trial_scheduler", record.get("scheduler")),
         num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
         reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from iqa_ray.config import FAMILY_FIELDS, ConfigError, TrainConfig, valid_keys
+from iqa_ray.config import FAMILY_FIELDS, ConfigError, TrainConfig, renamed_keys, valid_keys
 from iqa_ray.search.study import Study, StudyError, check_study
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -165,8 +165,12 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: Path | None = None
     for key, value in budget.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise StudyError(f"{where}: [study] {key} must be an integer >= 1, got {value!r}")
-    fixed = dict(data.get("fixed", {}))
-    datasets = {str(k): dict(v) for k, v in dict(data.get("dataset", {})).items()}
+    try:  # renamed config keys (scheduler -> lr_schedule) still read, with a deprecation message
+        fixed = renamed_keys(dict(data.get("fixed", {})), f"{where}: [fixed]")
+        datasets = {str(k): renamed_keys(dict(v), f"{where}: [dataset.{k}]")
+                    for k, v in dict(data.get("dataset", {})).items()}
+    except ConfigError as exc:
+        raise StudyError(str(exc)) from None
     keys = set(valid_keys())
     for table, values in [("[fixed]", fixed), *((f"[dataset.{k}]", v) for k, v in datasets.items())]:
         bad = sorted(k for k in values if k not in keys)

@@ -92,7 +92,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "study": study.name, "study_file": str(study.path) if study.path else None,
         "study_definition": study.definition, "metric": study.metric, "mode": study.mode,
         "objectives": [list(o) for o in study.objectives], "select": study.select,
-        "searcher": settings.searcher, "scheduler": settings.scheduler, "num_samples": settings.num_samples,
+        "searcher": settings.searcher, "trial_scheduler": settings.scheduler, "num_samples": settings.num_samples,
         "max_epochs": settings.max_epochs, "grace_period": settings.grace_period,
         "reduction_factor": settings.reduction_factor, "seed": settings.seed, "time_budget": settings.time_budget,
         "cpus_per_trial": settings.cpus_per_trial, "gpus_per_trial": settings.gpus_per_trial,
@@ -166,7 +166,7 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
             # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
             settings = replace(settings, max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
         print("\n".join([*settings.recipe_lines, *settings.effective_study.describe()]), flush=True)
-        print(f"[search] searcher={settings.searcher} scheduler={settings.scheduler} samples={settings.num_samples} "
+        print(f"[search] searcher={settings.searcher} trial_scheduler={settings.scheduler} samples={settings.num_samples} "
               f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
               f"workers/trial={trial_workers(settings)} "
               f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
@@ -297,7 +297,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
             baselines_error = f"{type(exc).__name__}: {exc}"
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
-        "searcher": settings.searcher, "scheduler": settings.scheduler, "trials": len(results),
+        "searcher": settings.searcher, "trial_scheduler": settings.scheduler, "trials": len(results),
         "errored_trials": len(errors), "elapsed_s": round(elapsed, 1),
         "metric": study.metric, "mode": study.mode,
         "best_trial": best.path.rsplit("/", 1)[-1] if best.path else None,
@@ -462,7 +462,7 @@ def baseline_lines(s: dict[str, Any]) -> list[str]:
 def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     print("\n" + "=" * 78)
     print(f"study {s['study']}: {s['trials']} trials ({s['errored_trials']} errored) in {s['elapsed_s']:.0f} s, "
-          f"searcher={s['searcher']}, scheduler={s['scheduler']}")
+          f"searcher={s['searcher']}, trial_scheduler={s['trial_scheduler']}")
     if s.get("pareto_front"):
         names = [m for m, _ in s["objectives"]]
         print(f"Pareto front ({len(s['pareto_front'])} trials; " + " / ".join(f"{m} ({d})" for m, d in s["objectives"]) + "):")

@@ -65,16 +65,19 @@ from __future__ import annotations
 import itertools
 import math
 import tomllib
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from iqa_ray.config import ConfigError, TrainConfig, valid_keys
+from iqa_ray.config import ConfigError, TrainConfig, renamed_keys, valid_keys
 from iqa_ray.selection import SelectionRule, check_selection
 
 #: Search algorithms and trial schedulers a study (or the command line) may name.
 SEARCHERS = ("optuna", "random", "grid")
-TRIAL_SCHEDULERS = ("asha", "hyperband", "none")  # a study's `scheduler` (LR schedules: config.LR_SCHEDULES)
+TRIAL_SCHEDULERS = ("asha", "hyperband", "none")  # a study's `trial_scheduler` (LR schedules: config.LR_SCHEDULES)
+#: [study] keys renamed; the old spelling is still read, with a FutureWarning naming the new one.
+RENAMED_STUDY_KEYS = {"scheduler": "trial_scheduler"}
 
 ROLES = ("scientific", "nuisance")
 # Data keys the launcher decodes the dataset with, once for all trials (search/run.py).
@@ -83,7 +86,7 @@ TYPES = ("uniform", "loguniform", "int", "logint", "choice")
 UNIT_SUFFIX = "__unit"
 STUDY_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 _STUDY_KEYS = {"name", "description", "metric", "mode", "num_samples", "max_epochs", "grace_period",
-               "reduction_factor", "searcher", "scheduler", "seed", "objectives", "select", "sampler"}
+               "reduction_factor", "searcher", "trial_scheduler", "seed", "objectives", "select", "sampler"}
 #: Optuna samplers a study may name (`sampler`): TPE (also multi-objective) and NSGA-II.
 SAMPLERS = ("tpe", "nsga2")
 _PARAM_KEYS = {"role", "type", "low", "high", "values", "grid", "range_by", "description"}
@@ -132,7 +135,7 @@ class Study:
     grace_period: int = 1
     reduction_factor: int = 3
     searcher: str = "optuna"
-    scheduler: str = "asha"
+    trial_scheduler: str = "asha"
     seed: int = 0
     roles: dict[str, str] = field(default_factory=dict)
     definition: dict[str, Any] = field(default_factory=dict)  # the parsed file, as written
@@ -343,17 +346,27 @@ def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None)
         raise StudyError(f"{where}: unknown tables {unknown_tables}; valid: [study], [fixed], [params.<name>], "
                          "[pretraining]")
     meta = dict(data.get("study", {}))
+    for old_key, new_key in RENAMED_STUDY_KEYS.items():
+        if old_key in meta:
+            if new_key in meta:
+                raise StudyError(f"{where}: [study] has both {old_key!r} (its old name) and {new_key!r}; keep {new_key!r}")
+            warnings.warn(f"{where}: [study] {old_key} is deprecated, use {new_key} (same values: "
+                          f"{', '.join(TRIAL_SCHEDULERS)}); it is read as {new_key} for now", FutureWarning, stacklevel=2)
+            meta[new_key] = meta.pop(old_key)
     unknown = sorted(set(meta) - _STUDY_KEYS)
     if unknown:
         raise StudyError(f"{where}: unknown [study] keys {unknown}; valid: {sorted(_STUDY_KEYS)}")
-    fixed = dict(data.get("fixed", {}))
+    try:  # renamed config keys (scheduler -> lr_schedule) still read, with a deprecation message
+        fixed = renamed_keys(dict(data.get("fixed", {})), f"{where}: [fixed]")
+        raw_params = renamed_keys(dict(data.get("params", {})), f"{where}: [params]")
+    except ConfigError as exc:
+        raise StudyError(str(exc)) from None
     keys = set(valid_keys()) | {PRETRAINING}
     bad_fixed = sorted(k for k in fixed if k not in keys)
     if bad_fixed:
         raise StudyError(f"{where}: [fixed] keys {bad_fixed} are not config keys; valid: {sorted(keys)}")
     if "epochs" in fixed:
         raise StudyError(f"{where}: set the epoch budget with [study] max_epochs, not [fixed] epochs")
-    raw_params = data.get("params", {})
     if not raw_params:
         raise StudyError(f"{where}: the search space is empty: add at least one [params.<name>] table")
     params = tuple(_parse_param(where, pname, spec, keys, fixed) for pname, spec in raw_params.items())
@@ -365,7 +378,7 @@ def parse_study(data: Mapping[str, Any], *, name: str, path: Path | None = None)
         select=str(meta.get("select", "best")), sampler=str(meta.get("sampler", "tpe")),
         num_samples=int(meta.get("num_samples", 12)), max_epochs=int(meta.get("max_epochs", 6)),
         grace_period=int(meta.get("grace_period", 1)), reduction_factor=int(meta.get("reduction_factor", 3)),
-        searcher=str(meta.get("searcher", "optuna")), scheduler=str(meta.get("scheduler", "asha")),
+        searcher=str(meta.get("searcher", "optuna")), trial_scheduler=str(meta.get("trial_scheduler", "asha")),
         seed=int(meta.get("seed", 0)), roles={p.name: p.role for p in params} | {k: "fixed" for k in fixed},
         definition={k: dict(v) for k, v in data.items()},
         pretraining=dict(data.get("pretraining", {})),
@@ -467,8 +480,8 @@ def check_study(where: str, study: Study) -> None:
 
     if study.searcher not in SEARCHERS:
         raise StudyError(f"{where}: searcher must be one of {SEARCHERS}, got {study.searcher!r}")
-    if study.scheduler not in TRIAL_SCHEDULERS:
-        raise StudyError(f"{where}: scheduler must be one of {TRIAL_SCHEDULERS}, got {study.scheduler!r}")
+    if study.trial_scheduler not in TRIAL_SCHEDULERS:
+        raise StudyError(f"{where}: trial_scheduler must be one of {TRIAL_SCHEDULERS}, got {study.trial_scheduler!r}")
     for key, value, lo in (("num_samples", study.num_samples, 1), ("max_epochs", study.max_epochs, 1),
                            ("grace_period", study.grace_period, 1), ("reduction_factor", study.reduction_factor, 2)):
         if value < lo:
