@@ -31,7 +31,7 @@ num_samples = 1
 max_epochs = {epochs}
 grace_period = 1
 searcher = "random"
-scheduler = "none"
+trial_scheduler = "none"
 
 [fixed]
 family = "mlp"

@@ -49,7 +49,7 @@ def main() -> int:
             start = time.perf_counter()
             code = launch(["--gpus", "1", "--gpus-per-trial", str(share), "--cpus-per-trial", str(args.cpus_per_trial),
                            "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
-                           "--scheduler", "none", "--searcher", "random", "--storage", storage, "--name", name,
+                           "--trial-scheduler", "none", "--searcher", "random", "--storage", storage, "--name", name,
                            "--recipe", "none"],  # the study as written: the paper recipe needs hub weights
                           study="ranking")
             wall = time.perf_counter() - start

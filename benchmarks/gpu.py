@@ -201,7 +201,7 @@ def run_fractional(out_json: Path) -> dict[str, Any]:
 def run_ddp(storage: Path) -> dict[str, Any]:
     """One trial data-parallel on 2 GPUs through the real launcher."""
     cmd = [sys.executable, "launch/tune_ranking.py", "--gpus", "2", "--gpus-per-trial", "2", "--num-samples", "1",
-           "--max-epochs", "2", "--scheduler", "none", "--searcher", "random", "--storage", str(storage),
+           "--max-epochs", "2", "--trial-scheduler", "none", "--searcher", "random", "--storage", str(storage),
            "--name", "ddp2", "--recipe", "none"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)

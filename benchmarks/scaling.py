@@ -85,7 +85,7 @@ def search(nodes: int, cpus_per_node: int, trials: int, epochs: int) -> dict:
     name = f"scale{nodes}x{cpus_per_node}"
     with ray_cluster(nodes, cpus_per_node) as cpus, tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
-        code = launch(["--num-samples", str(trials), "--max-epochs", str(epochs), "--scheduler", "none",
+        code = launch(["--num-samples", str(trials), "--max-epochs", str(epochs), "--trial-scheduler", "none",
                        "--searcher", "random", "--cpus-per-trial", "1", "--set", "crop_size=64",
                        "--set", "eval_patches=1", "--storage", storage, "--name", name], study="ranking")
         wall = time.perf_counter() - start
