@@ -46,6 +46,11 @@ class ModelCost:
         """The numeric cost keys (``COST_METRICS``) for a trial's report."""
         return {k: float(getattr(self, k)) for k in COST_METRICS}
 
+    def report(self) -> dict[str, float | int]:
+        """What a trial reports with every epoch: :meth:`metrics` and ``latency_batch_size``, the
+        batch the per-image batched latency was timed at."""
+        return {**self.metrics(), "latency_batch_size": int(self.batch_size)}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

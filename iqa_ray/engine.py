@@ -44,6 +44,7 @@ from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.metrics import all_metrics
 from iqa_ray.models import IQAModel
+from iqa_ray.models.mlp import SPREAD_POOLINGS
 from iqa_ray.build import build, memory_format
 from iqa_ray.utils.io import CheckpointError, git_revision, load_weights_file, save_checkpoint
 from iqa_ray.utils.runtime import default_device, epoch_seed, seed_everything
@@ -624,7 +625,7 @@ class _CachedFeed:
         return len(self.rows[split]) > 0
 
     def on_train_start(self, model: IQAModel) -> None:
-        if getattr(model, "pooling", None) in ("stages", "blocks"):
+        if getattr(model, "pooling", None) in SPREAD_POOLINGS:
             model.fit_feature_stats(self.plain[self.rows["train"].to(self.plain.device)])
 
     def feature_batches(self) -> Iterator[torch.Tensor]:

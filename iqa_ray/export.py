@@ -100,25 +100,27 @@ def _latest_checkpoint(trial_dir: Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
-def _resolver(experiment: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Maps a trial's params to its run config (derived keys such as ``lr__unit`` -> ``lr``)."""
+def _experiment_info(experiment: Path) -> dict[str, Any]:
+    """``experiment.json`` (how the search was set up), or ``{}`` without one."""
     info_file = experiment / "experiment.json"
-    if not info_file.exists():
+    return json.loads(info_file.read_text()) if info_file.exists() else {}
+
+
+def _resolver(info: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Maps a trial's params to its run config (derived keys such as ``lr__unit`` -> ``lr``)."""
+    if not info:
         return dict
     from iqa_ray.search.study import parse_study
 
-    info = json.loads(info_file.read_text())
     definition = dict(info.get("study_definition") or {})
     definition["fixed"] = info.get("fixed", definition.get("fixed", {}))
     study = parse_study(definition, name=info.get("study", "study"))
     return study.with_encoders(info.get("encoders") or {}).resolve
 
 
-def _selection(experiment: Path) -> SelectionRule:
+def _selection(info: dict[str, Any]) -> SelectionRule:
     """The study's objectives and selection rule as recorded in ``experiment.json`` (the
     single-objective defaults without one)."""
-    info_file = experiment / "experiment.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
     objectives = info.get("objectives") or [[info.get("metric", "val_srcc"), info.get("mode", "max")]]
     return SelectionRule.parse([tuple(o) for o in objectives], info.get("select", "best"))
 
@@ -128,18 +130,15 @@ def _finite_or_minus_inf(value: Any) -> float:
     return -math.inf if number is None else number
 
 
-def _scheduler_stops(experiment: Path) -> tuple[frozenset[int] | None, bool]:
+def _scheduler_stops(info: dict[str, Any]) -> tuple[frozenset[int] | None, bool]:
     """(epochs at which the search's scheduler may stop a trial, or None when any; whether the search
     had a time budget), from ``experiment.json``."""
-    info_file = experiment / "experiment.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
     budget = bool(info.get("time_budget"))
     scheduler = info.get("trial_scheduler", info.get("scheduler"))  # "scheduler" in records before the rename
     if scheduler == "asha" and all(info.get(k) for k in ("grace_period", "reduction_factor", "max_epochs")):
-        rungs, t = set(), int(info["grace_period"])
-        while t < int(info["max_epochs"]):
-            rungs.add(t)
-            t *= int(info["reduction_factor"])
+        from iqa_ray.search.tuner import asha_rungs
+
+        rungs = asha_rungs(int(info["grace_period"]), int(info["reduction_factor"]), int(info["max_epochs"]))
         return frozenset(rungs), budget
     if scheduler == "none":
         return frozenset(), budget
@@ -171,13 +170,14 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not experiment.is_dir():
         raise FileNotFoundError(f"no experiment folder at {experiment}")
     states = _trial_states(experiment)
-    resolve = _resolver(experiment)
+    info = _experiment_info(experiment)
+    resolve = _resolver(info)
     summary_file = experiment / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     export_revision = git_revision()
-    rule = _selection(experiment)
+    rule = _selection(info)
     metric, mode = rule.primary
-    stops = _scheduler_stops(experiment)
+    stops = _scheduler_stops(info)
     trial_rows, epoch_rows, reports = [], [], {}
     splits_dir = experiment / SPLITS_DIR
     split_states = _trial_states(splits_dir) if splits_dir.is_dir() else {}

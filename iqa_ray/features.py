@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from iqa_ray.models.mlp import SPREAD_POOLINGS
+
 __all__ = ["FeatureCache", "cache_key", "compute_features", "feature_steps", "probe_features", "CACHE_KEYS"]
 
 # Config keys a cache depends on (besides the decoded images): a search may not search them.
@@ -62,7 +64,7 @@ class FeatureCache:
         Only ``stages`` and ``blocks`` pooling hold them (per map, the means then the standard
         deviations; of ``blocks``, the maps that are stages).
         """
-        if self.key[-1] not in ("stages", "blocks") or not self.channels:
+        if self.key[-1] not in SPREAD_POOLINGS or not self.channels:
             raise ValueError(f"stage means need a 'stages' or 'blocks' pooling cache, this one is {self.key[-1]!r}")
         stages = set(range(len(self.channels)) if self.stage_taps is None else self.stage_taps)
         columns, start = [], 0
@@ -137,6 +139,6 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
 def probe_features(features: Any, config: Any) -> Any:
     """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
     holds them (``stages`` or ``blocks`` pooling of the same frozen ImageNet backbone), else ``None``."""
-    if features is None or config.model.pooling not in ("stages", "blocks") or config.model.pretrained_encoder:
+    if features is None or config.model.pooling not in SPREAD_POOLINGS or config.model.pretrained_encoder:
         return None
     return features.stage_means()

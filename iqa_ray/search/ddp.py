@@ -94,8 +94,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # driver forwards rank 0's reports; the other workers wait at their first collective)
         from iqa_ray.cost import model_cost
 
-        cost = model_cost(train_config, decoded, device)
-        node.update(cost.metrics(), latency_batch_size=cost.batch_size)
+        node.update(model_cost(train_config, decoded, device).report())
     must_checkpoint = set(loop_config["stop_epochs"])
 
     def report(epoch: EpochResult) -> None:

@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from iqa_ray.config import ConfigError, TrainConfig, renamed_keys, valid_keys
-from iqa_ray.selection import SelectionRule, check_selection
+from iqa_ray.selection import SelectionRule
 
 #: Search algorithms and trial schedulers a study (or the command line) may name.
 SEARCHERS = ("optuna", "random", "grid")
@@ -293,9 +293,10 @@ class Study:
         return out
 
     def describe(self) -> list[str]:
-        goal = (" and ".join(f"{m} ({d})" for m, d in self.objectives) + f", sampler {self.sampler}; hand back the "
-                f"{self.selection_rule.describe()}") if self.multi_objective else f"{self.metric} ({self.mode})"
-        if not self.multi_objective and self.select != "best":
+        goal = " and ".join(f"{m} ({d})" for m, d in self.objectives)
+        if self.multi_objective:
+            goal += f", sampler {self.sampler}"
+        if self.multi_objective or self.select != "best":
             goal += f"; hand back the {self.selection_rule.describe()}"
         lines = [f"study {self.name}: {self.description}",
                  f"  optimise {goal}; {self.num_samples} samples, up to {self.max_epochs} epochs"]
@@ -397,8 +398,9 @@ def _parse_objectives(where: str, meta: Mapping[str, Any]) -> tuple[tuple[str, s
         raise StudyError(f"{where}: objectives must be a list of {{metric, mode}} tables, e.g. objectives = {example}; "
                          f"got {raw!r}")
     objectives = tuple((str(o["metric"]), str(o["mode"])) for o in raw)
+    primary = {"metric": objectives[0][0], "mode": objectives[0][1]}
     for key in ("metric", "mode"):
-        if key in meta and str(meta[key]) != dict(zip(("metric", "mode"), objectives[0]))[key]:
+        if key in meta and str(meta[key]) != primary[key]:
             raise StudyError(f"{where}: {key} = {meta[key]!r} disagrees with the first (primary) objective "
                              f"{objectives[0]}; drop {key}, the primary objective sets it")
     return objectives
@@ -471,13 +473,11 @@ def _check_range(at: str, kind: str, low: Any, high: Any) -> tuple[float, float]
 
 def check_study(where: str, study: Study) -> None:
     try:  # before Ray starts: a metric no trial reports would make every trial look equally bad
-        check_selection(study.metric, study.mode)
-        study.selection_rule  # the objectives and the selection rule  # noqa: B018
+        study.selection_rule  # checks the objectives (the primary one is metric, mode) and the rule  # noqa: B018
     except ValueError as exc:
         raise StudyError(f"{where}: {exc}") from None
     if study.sampler not in SAMPLERS:
         raise StudyError(f"{where}: sampler must be one of {SAMPLERS}, got {study.sampler!r}")
-
     if study.searcher not in SEARCHERS:
         raise StudyError(f"{where}: searcher must be one of {SEARCHERS}, got {study.searcher!r}")
     if study.trial_scheduler not in TRIAL_SCHEDULERS:

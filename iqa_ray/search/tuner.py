@@ -136,11 +136,10 @@ def make_sampler(name: str, seed: int, num_samples: int) -> Any:
     third of the budget (2 to 50 trials)."""
     import optuna
 
-    startup = max(2, min(5, num_samples // 3))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, min(50, num_samples // 3)))
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(5, num_samples // 3)))
     raise StudyError(f"sampler must be one of tpe, nsga2, got {name!r}")
 
 
@@ -210,6 +209,15 @@ def make_scheduler(settings: SearchSettings) -> Any:
     return FIFOScheduler()
 
 
+def asha_rungs(grace_period: int, reduction_factor: int, max_epochs: int) -> tuple[int, ...]:
+    """ASHA's rungs below ``max_epochs``: ``grace_period * reduction_factor**k`` (epochs from 1)."""
+    rungs, t = [], grace_period
+    while t < max_epochs:
+        rungs.append(t)
+        t *= reduction_factor
+    return tuple(rungs)
+
+
 def stop_epochs(settings: SearchSettings) -> tuple[int, ...]:
     """Epochs (counted from 1) after which the search's scheduler may stop a trial.
 
@@ -218,11 +226,7 @@ def stop_epochs(settings: SearchSettings) -> tuple[int, ...]:
     HyperBand's brackets stop trials at many epochs, so every epoch is one.
     """
     if settings.scheduler == "asha":
-        rungs, t = [], settings.grace_period
-        while t < settings.max_epochs:
-            rungs.append(t)
-            t *= settings.reduction_factor
-        return tuple(rungs)
+        return asha_rungs(settings.grace_period, settings.reduction_factor, settings.max_epochs)
     if settings.scheduler == "hyperband":
         return tuple(range(1, settings.max_epochs + 1))
     return ()

@@ -101,8 +101,7 @@ def iqa_trainable(
     # device): reported with every epoch, so it reaches trials.parquet and HParams for every trial.
     from iqa_ray.cost import model_cost
 
-    cost = model_cost(train_config, decoded, device)
-    node.update(cost.metrics(), latency_batch_size=cost.batch_size)
+    node.update(model_cost(train_config, decoded, device).report())
     must_checkpoint = set(stop_epochs)
 
     def report(epoch: EpochResult) -> None:
