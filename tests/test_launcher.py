@@ -252,3 +252,10 @@ def test_ended_by_names_the_time_budget_only_where_the_scheduler_cannot_stop(tmp
     assert _ended_by("TERMINATED", None, {"epoch": 3}, 8, stops) == "time_budget"
     assert _ended_by("TERMINATED", None, {"epoch": 8}, 8, stops) == "completed"
     assert _ended_by("TERMINATED", None, {"epoch": 3}, 8, (frozenset({1, 2, 4}), False)) == "scheduler"
+
+
+def test_an_old_key_in_set_overrides_the_studys_value_written_with_the_new_one():
+    # ranking.toml fixes lr_schedule = "cosine"; --set scheduler=step is the same key by its old name
+    with pytest.warns(FutureWarning, match="--set: the key 'scheduler' is deprecated, use 'lr_schedule'"):
+        settings = settings_from_args(parse("--set", "scheduler=step", "--recipe", "none"), "ranking")
+    assert dict(settings.overrides)["lr_schedule"] == "step" and "scheduler" not in dict(settings.overrides)

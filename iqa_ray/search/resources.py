@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any
 
+from iqa_ray.config import renamed_keys
 from iqa_ray.search.tuner import SearchSettings, per_gpu
 
 
@@ -19,6 +20,8 @@ class LaunchError(RuntimeError):
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` flags as a dict (values parsed as JSON, else kept as text), renamed keys
+    under their new names, so an old key overrides a study's value written with the new one."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -28,7 +31,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = json.loads(text)
         except json.JSONDecodeError:
             out[key.strip()] = text
-    return out
+    return renamed_keys(out, "--set")
 
 
 def resolve_gpus(args: argparse.Namespace, resources: dict[str, float]) -> tuple[float, float]:
