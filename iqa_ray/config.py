@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from iqa_ray.data.labels import LABELS
-from iqa_ray.models.backbones import SUPPORTED_BACKBONES
+from iqa_ray.models.backbones import FEATURE_STAGES, SUPPORTED_BACKBONES
 from iqa_ray.models.losses import LOSSES
 from iqa_ray.models.mlp import POOLINGS
 from iqa_ray.models.registry import FAMILIES, family_arguments
@@ -261,6 +261,9 @@ class ModelConfig:
                                                   and not isinstance(self.trainable_stages, bool)
                                                   and self.trainable_stages >= 0),
                 f"trainable_stages must be None (every stage trains) or an integer >= 0, got {self.trainable_stages!r}")
+        require(self.trainable_stages is None or self.trainable_stages <= FEATURE_STAGES[self.backbone],
+                f"trainable_stages must be at most {FEATURE_STAGES[self.backbone]} for {self.backbone} (its feature "
+                f"stages), got {self.trainable_stages!r}")
         require(self.trainable_stages is None or not self.frozen_backbone,
                 "trainable_stages with frozen_backbone = true: a frozen backbone trains no stage; set one of them")
         require(self.img_size is None or (isinstance(self.img_size, int) and self.img_size >= 16),

@@ -71,3 +71,16 @@ def test_a_run_with_a_frozen_depth_trains_the_last_stage_and_its_head_only(tiny_
     by_id = {id(p): n for n, p in model.backbone.body.named_parameters()}
     assert trained and {stages[by_id[i]] for i in trained} == {3, 4}
     assert groups["head"]["params"]
+
+
+def test_a_config_bounds_the_frozen_depth_by_its_backbones_stages_before_anything_is_built():
+    from iqa_ray.models.backbones import FEATURE_STAGES, SUPPORTED_BACKBONES
+
+    assert set(FEATURE_STAGES) == set(SUPPORTED_BACKBONES)
+    for name in SUPPORTED_BACKBONES:  # the table is what the built backbones return
+        assert len(create_backbone(name, pretrained="none").channels) == FEATURE_STAGES[name], name
+    assert TrainConfig.from_dict({"trainable_stages": 5}).model.trainable_stages == 5
+    with pytest.raises(ConfigError, match="trainable_stages must be at most 5 for efficientnet_lite0"):
+        TrainConfig.from_dict({"trainable_stages": 9})
+    with pytest.raises(ConfigError, match="at most 4 for swin_tiny_patch4_window7_224"):
+        TrainConfig.from_dict({"backbone": "swin_tiny_patch4_window7_224", "trainable_stages": 5})

@@ -58,6 +58,13 @@ SUPPORTED_BACKBONES: tuple[str, ...] = (
     "swin_tiny_patch4_window7_224",
     "swin_base_patch4_window7_224",
 )
+#: Feature stages each supported backbone returns (``len(Backbone.channels)``; a test builds every
+#: one to check), so a config can bound ``trainable_stages`` before anything is built.
+FEATURE_STAGES: dict[str, int] = {
+    "resnet18": 5, "resnet34": 5, "resnet50": 5, "efficientnet_b0": 5, "efficientnet_lite0": 5,
+    "tf_efficientnet_lite0": 5, "vit_small_patch16_224": 3, "swin_tiny_patch4_window7_224": 4,
+    "swin_base_patch4_window7_224": 4,
+}
 
 OFFLINE_WEIGHTS_ALIASES: tuple[str, ...] = ("offline", "efficientnet_lite0_offline")
 PRETRAINED_CHOICES: tuple[str, ...] = ("none", "hub", *OFFLINE_WEIGHTS_ALIASES)
