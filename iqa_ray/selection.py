@@ -6,7 +6,9 @@ that epoch as ``best_epoch`` (the best validation SRCC so far with ``select_epoc
 latest epoch with ``"last"``), whether the trial ran to the end or a scheduler stopped it. Reports
 without ``best_epoch`` (older runs) fall back to the metric's best value over the epochs. Only
 validation metrics can select; a non-finite value (a diverged or collapsed model gives NaN) never
-wins, and a trial with no finite value is never selected. Ties go to the trial listed first.
+wins, and a trial with no finite value is never selected. :func:`select_by_rule` breaks ties the
+same way whatever order its caller lists the trials in (the summary lists them in the order Ray
+started them, the export in the order of their folders): by the trial id.
 
 Multi-objective studies (accuracy against cost) name several ``objectives``; the first is the
 *primary* one, always a validation metric (schedulers such as ASHA stop trials on it). Every
@@ -245,7 +247,10 @@ def pareto_flags(points: Mapping[str, tuple[float, ...] | None], modes: Iterable
 
 def knee_index(front: list[tuple[float, ...]], modes: Iterable[str]) -> int:
     """Index of the knee of ``front`` (Pareto-optimal values): every objective min-max scaled over the
-    front with 0 at its best value, the point nearest the ideal point (0, ..., 0); ties: the first."""
+    front with 0 at its best value, the point nearest the ideal point (0, ..., 0).
+
+    Ties (a front of two points is always one: each is 0 on one axis and 1 on the other) go to the
+    point better on the first objective, then on the next ones, then to the first listed."""
     if not front:
         raise ValueError("the front is empty")
     costs = [_as_costs(p, tuple(modes)) for p in front]
@@ -253,12 +258,16 @@ def knee_index(front: list[tuple[float, ...]], modes: Iterable[str]) -> int:
     spans = [max(c[i] for c in costs) - lows[i] for i in range(len(costs[0]))]
     distances = [math.sqrt(sum(((c[i] - lows[i]) / spans[i]) ** 2 for i in range(len(c)) if spans[i] > 0))
                  for c in costs]
-    return min(range(len(front)), key=lambda i: (distances[i], i))
+    return min(range(len(front)), key=lambda i: (distances[i], costs[i], i))
 
 
 def select_by_rule(trials: Mapping[str, Iterable[Mapping[str, Any]]], rule: SelectionRule) -> str | None:
-    """The id of the trial ``rule`` hands back, or ``None`` when no trial qualifies."""
-    trials = {k: list(v) for k, v in trials.items()}
+    """The id of the trial ``rule`` hands back, or ``None`` when no trial qualifies.
+
+    The answer does not depend on the order of ``trials``: they are taken in the order of their ids,
+    so a tie goes to the smallest id (after :func:`knee_index`'s own tie-break).
+    """
+    trials = {k: list(trials[k]) for k in sorted(trials, key=str)}
     metric, mode = rule.primary
     if rule.rule == "best":
         return select_trial(trials, metric, mode)

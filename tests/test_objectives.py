@@ -72,6 +72,22 @@ def test_best_knee_and_budget_rules_pick_their_trials():
     assert select_by_rule(trials, SelectionRule.parse([("val_srcc", "max")], "latency_ms<=25")) == "knee"
 
 
+def test_the_trial_handed_back_does_not_depend_on_the_order_trials_are_listed_in():
+    # The summary lists trials in the order Ray started them, the export in the order of their
+    # folders: on a tie they must still agree (CI once saw them hand back different trials).
+    # A front of two points is always a tie for the knee: each is 0 on one scaled axis and 1 on the other.
+    two = {"5da4e225": reports(0.33, 14.0), "4ee29d46": reports(0.09, 3.0)}
+    knee = SelectionRule.parse(SRCC_LATENCY, "knee")
+    for order in (list(two), list(reversed(two))):
+        assert select_by_rule({k: two[k] for k in order}, knee) == "5da4e225"  # the more accurate one
+    # exact ties on the primary metric go to the smallest trial id, in any order
+    tied = {"b": reports(0.5, 10.0), "a": reports(0.5, 10.0), "c": reports(0.4, 1.0)}
+    best = SelectionRule.parse(SRCC_LATENCY, "best")
+    for order in (["b", "a", "c"], ["c", "a", "b"]):
+        assert select_by_rule({k: tied[k] for k in order}, best) == "a"
+    assert knee_index([(0.09, 3.0), (0.33, 14.0)], ("max", "min")) == 1
+
+
 @pytest.mark.parametrize("text, match", [
     ("fastest", "not valid: use one of"),
     ("val_srcc<=0.5", "not valid"),
