@@ -26,8 +26,8 @@ Schema (the README's Results section points here):
     resolved, e.g. ``config.lr`` from ``config.lr__unit``, which is kept too), ``best_val_srcc``,
     ``best_epoch``, ``best_val_plcc`` / ``_krcc`` / ``_rmse`` (at the best epoch), ``last_*``
     metrics, ``selection_score`` (the study's metric at the trial's best epoch, the value
-    :mod:`iqa_ray.selection` compares), ``selected`` (the one trial the study's selection rule picks;
-    notebooks read this column instead of ranking trials themselves), ``pareto_optimal`` (no other
+    :mod:`iqa_ray.selection` compares), ``selected`` (the one trial the search handed back, as its ``summary.json`` records; while
+    it runs, the current leader by the study's selection rule; notebooks read this column instead of ranking trials themselves), ``pareto_optimal`` (no other
     trial of the search is as good on every objective and better on one; with one objective, the
     best trials), the cost columns ``params_m`` / ``gflops`` / ``latency_ms`` / ``latency_batch_ms``
     / ``latency_batch_size`` (:mod:`iqa_ray.cost`), ``test_srcc`` / ``test_plcc`` /
@@ -242,8 +242,9 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             "error": error, "trial_dir": trial_dir.name,
         })
         trial_rows.append(row)
-    # The same rule as the end-of-run summary; mid-run it marks the current leader (no test yet).
-    chosen = select_by_rule(reports, rule)
+    # The trial the end-of-run summary handed back; mid-run (no summary yet) the current leader by
+    # the same rule (no test yet).
+    chosen = summary.get("best_trial_id") if summary.get("best_trial_id") in reports else select_by_rule(reports, rule)
     # Pareto-optimal among the search's trials on every objective (single-objective: the best ones).
     front = pareto_flags({k: objective_values(v, rule.objectives) for k, v in reports.items()},
                          [d for _, d in rule.objectives])

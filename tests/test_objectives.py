@@ -226,6 +226,28 @@ def test_the_export_flags_the_front_and_selects_by_the_recorded_rule(tmp_path, s
     assert frame.loc["knee", "latency_ms"] == 20.0
 
 
+def test_the_export_marks_the_trial_the_summary_handed_back_with_its_test_figures(tmp_path):
+    import pandas as pd
+
+    from iqa_ray.export import export_experiment
+
+    exp = tmp_path / "exp"
+    for trial_id, rows in {"b": reports(0.33, 14.0), "a": reports(0.09, 3.0)}.items():
+        write_trial(exp, trial_id, rows)
+    (exp / "experiment.json").write_text(json.dumps({"metric": "val_srcc", "mode": "max", "select": "knee",
+                                                     "objectives": [list(o) for o in SRCC_LATENCY],
+                                                     "study_definition": STUDY}))
+    # The summary is the record of what the run handed back and scored on test (here the cheaper
+    # trial, as a run recorded with another tie-break would have): the export follows it, so the
+    # selected row always carries the test figures.
+    (exp / "summary.json").write_text(json.dumps({"best_trial_id": "a", "test": {"srcc": 0.08, "plcc": 0.07}}))
+    export_experiment(exp)
+    frame = pd.read_parquet(exp / "trials.parquet").set_index("trial_id")
+    assert frame.index[frame.selected].tolist() == ["a"]
+    assert frame.loc["a", "test_srcc"] == 0.08 and frame.loc["a", "test_source"] == "checkpoint"
+    assert pd.isna(frame.loc["b", "test_srcc"]) and frame.pareto_optimal.all()
+
+
 def test_an_old_experiment_without_objectives_exports_as_before(tmp_path):
     import pandas as pd
 
