@@ -259,3 +259,16 @@ def test_an_old_key_in_set_overrides_the_studys_value_written_with_the_new_one()
     with pytest.warns(FutureWarning, match="--set: the key 'scheduler' is deprecated, use 'lr_schedule'"):
         settings = settings_from_args(parse("--set", "scheduler=step", "--recipe", "none"), "ranking")
     assert dict(settings.overrides)["lr_schedule"] == "step" and "scheduler" not in dict(settings.overrides)
+
+
+def test_set_is_parsed_once_so_an_old_key_warns_once(tmp_path):
+    import json
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # every warning, even a repeat from the same line
+        _started(tmp_path, "--set", "scheduler=step", "--recipe", "none")
+    deprecations = [w for w in seen if "the key 'scheduler' is deprecated" in str(w.message)]
+    assert len(deprecations) == 1, [str(w.message) for w in deprecations]
+    record = json.loads((tmp_path / "exp" / "experiment.json").read_text())
+    assert record["launch"]["set"] == {"lr_schedule": "step"}  # what --resume compares, by the key's new name

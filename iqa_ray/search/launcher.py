@@ -162,8 +162,8 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     study = load_study(study_name)
     if getattr(args, "select", None) is not None:
         study = study.with_select(args.select)
-    overrides = parse_sets(args.set)
-    overrides["dataset"] = args.dataset or EMBEDDED
+    sets = parse_sets(args.set)
+    overrides = {**sets, "dataset": args.dataset or EMBEDDED}
     recipe, note = resolve_recipe(args.recipe, args.gpus, study, overrides["dataset"])
     applied = apply_recipe(recipe, study, overrides["dataset"], overrides) if recipe is not None else None
     if applied is not None:
@@ -218,7 +218,8 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
         workers_per_trial=int(args.workers_per_trial or 1),
         seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
-        overrides=tuple(sorted(overrides.items())), splits=1 if args.smoke_test and splits else splits,
+        overrides=tuple(sorted(overrides.items())), sets=tuple(sets.items()),
+        splits=1 if args.smoke_test and splits else splits,
         recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else ((note,) if note else ()),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=getattr(args, "time_budget", None),
@@ -302,7 +303,8 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
         reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
-        workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures, overrides=tuple(sorted(record["overrides"].items())),
+        workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures,
+        overrides=tuple(sorted(record["overrides"].items())), sets=tuple(launch["set"].items()),
         splits=record.get("splits", 0), recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),

@@ -26,7 +26,6 @@ from iqa_ray.search.resources import (
     cpus_per_worker,
     experiment_dir_hint,
     gpu_concurrency,
-    parse_sets,
     resolve_gpus,
     trial_workers,
 )
@@ -101,7 +100,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "recipe": settings.recipe, "splits": settings.splits,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
-        "launch": {"dataset": args.dataset or EMBEDDED, "set": parse_sets(args.set), "smoke_test": args.smoke_test},
+        "launch": {"dataset": args.dataset or EMBEDDED, "set": dict(settings.sets), "smoke_test": args.smoke_test},
         "overrides": dict(settings.overrides),
         "params": [{"name": p.name, "role": p.role, "type": p.type, "low": p.low, "high": p.high,
                     "values": list(p.values), "grid": list(p.grid),
@@ -263,8 +262,6 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if chosen is None:
         if local is not None:  # every finished trial stays readable in the exports (no trial selected)
             close_orphaned_optuna_trials(local / "optuna.db")
-            from iqa_ray.export import export_experiment
-
             export_experiment(local)
         if rule.rule == "budget":
             seen = {k: objective_values(rows, [(c, "min") for c, _ in rule.budgets]) for k, (_, rows) in reports.items()}

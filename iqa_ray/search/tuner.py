@@ -51,6 +51,7 @@ class SearchSettings:
     max_failures: int = 2
     workers_per_trial: int = 1  # CPU data-parallel workers per trial (GPU ones: gpus_per_trial > 1)
     overrides: tuple[tuple[str, Any], ...] = ()
+    sets: tuple[tuple[str, Any], ...] = ()  # the --set values as given (parsed once), recorded for --resume
     splits: int = 0  # re-train the selected config on this many more random splits after the search
     recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
     recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
