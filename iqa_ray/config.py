@@ -11,7 +11,6 @@ written next to every result (:meth:`TrainConfig.to_dict`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -20,8 +19,8 @@ from typing import Any, Mapping
 from iqa_ray.data.labels import LABELS
 from iqa_ray.models.backbones import FEATURE_STAGES, SUPPORTED_BACKBONES
 from iqa_ray.models.losses import LOSSES
-from iqa_ray.models.mlp import POOLINGS
-from iqa_ray.models.registry import FAMILIES, family_arguments
+from iqa_ray.models.registry import FAMILIES, family, family_keys
+from iqa_ray.utils.config_base import ConfigError, Options, finite, require
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step", "plateau", "none")  # OptimConfig.lr_schedule (trial schedulers: search.study)
@@ -35,23 +34,15 @@ AMP_FORCED = "bf16"  # bfloat16 autocast on every device
 PATCH_PLACEMENTS = ("grid", "random")
 SELECT_EPOCHS = ("best", "last")
 
-
-FEATURE_CACHE_FAMILIES = ("mlp",)  # families whose head reads pooled features, which a cache can hold
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the valid values."""
+# ConfigError, require and finite live in the core layer (iqa_ray.utils.config_base), where model
+# families declare their options; they are re-exported here, where configs have always found them.
+__all__ = ["ConfigError", "require", "finite", "DataConfig", "ModelConfig", "OptimConfig", "TrainConfig",
+           "feature_cache_families", "renamed_keys", "valid_keys"]
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (every config's validator)."""
-    if not condition:
-        raise ConfigError(message)
-
-
-def finite(x: Any) -> bool:
-    """Whether ``x`` is a finite int or float (``True``/``False`` are not numbers here)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def feature_cache_families() -> tuple[str, ...]:
+    """Families whose head reads pooled features, which a frozen-feature cache can hold."""
+    return tuple(name for name in FAMILIES if family(name).pools_features)
 
 
 @dataclass(frozen=True)
@@ -165,27 +156,17 @@ class DataConfig:
                 "feature_cache caches whole-image features: it needs whole_image = true")
 
 
-# Family-specific model fields, and the family that takes each.
-FAMILY_FIELDS = {
-    "hidden_dim": ("mlp", "gmm"),
-    "pooling": ("mlp",),
-    "dropout": ("mlp", "gmm"),
-    "n_clusters": ("gmm",),
-    "feature_dim": ("gmm",),
-    "cluster_loss_weight": ("gmm",),
-    "balance_weight": ("gmm",),
-    "refit_interval": ("gmm",),
-    "multiscale": ("hyperiqa",),
-    "hypernet_lr_mult": ("hyperiqa",),
-}
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model is trained and with which loss.
 
+    The keys every family shares are fields here; each family's own keys (``hidden_dim``,
+    ``n_clusters``, ``multiscale``, ...) are its options class's fields, declared next to its model
+    and registered with it (:func:`iqa_ray.models.registry.register_family`), held in ``options``
+    and readable as attributes (``config.model.hidden_dim``).
+
     Attributes:
-        family: ``mlp``, ``gmm`` or ``hyperiqa``.
+        family: a registered family: ``mlp``, ``gmm``, ``hyperiqa`` (see ``iqa_ray.models.FAMILIES``).
         backbone: a timm backbone (see ``iqa_ray.models.SUPPORTED_BACKBONES``).
         pretrained: ``none``, ``hub``, ``offline`` (EfficientNet-Lite0 ImageNet weights shipped in
             a pip package) or a path to a weights file.
@@ -200,15 +181,9 @@ class ModelConfig:
         loss: ``l1``, ``mse`` or ``ranking``.
         alpha: ranking-loss weight in ``(1 - alpha) * L1 + alpha * L_rank``, in [0, 1].
         margin: ranking-loss margin on the 0-100 MOS scale, >= 0.
-        hidden_dim, dropout: MLP head (mlp, gmm).
-        pooling: what the mlp head regresses: ``last`` (global average pool of the last stage,
-            KonCept-style) or ``stages`` (every stage's mean and standard deviation over space,
-            concatenated and standardised on the training images: the features of the strong
-            linear probe, plus their spread) or ``blocks`` (the same over every block group's output
-            where the backbone has block groups: EfficientNet-Lite0's 7 instead of its 5 stages).
-        n_clusters, feature_dim, cluster_loss_weight, balance_weight, refit_interval: the GMM
-            cluster model (gmm).
-        multiscale, hypernet_lr_mult: HyperIQA (hyperiqa).
+        options: the family's options (an instance of its options class, or a mapping of its keys;
+            ``None``: every default): :class:`~iqa_ray.models.mlp.MLPOptions`,
+            :class:`~iqa_ray.models.gmm.GMMOptions`, :class:`~iqa_ray.models.hyperiqa.HyperIQAOptions`.
     """
 
     family: str = "hyperiqa"
@@ -221,19 +196,16 @@ class ModelConfig:
     loss: str = "l1"
     alpha: float = 0.0
     margin: float = 0.5
-    hidden_dim: int = 512
-    dropout: float = 0.3
-    pooling: str = "last"
-    n_clusters: int = 8
-    feature_dim: int = 512
-    cluster_loss_weight: float = 0.1
-    balance_weight: float = 1.0
-    refit_interval: int = 0
-    multiscale: bool = False
-    hypernet_lr_mult: float = 10.0
+    options: Any = None
 
     def __post_init__(self) -> None:
         require(self.family in FAMILIES, f"unknown model family {self.family!r}; valid: {', '.join(FAMILIES)}")
+        kind = family(self.family).options
+        if not isinstance(self.options, kind):
+            require(self.options is None or isinstance(self.options, Mapping),
+                    f"options of family {self.family!r} must be a {kind.__name__} or a mapping of its keys "
+                    f"{list(kind.names())}, got {self.options!r}")
+            object.__setattr__(self, "options", kind.from_dict(self.options, what=f"family {self.family!r}"))
         require(self.backbone in SUPPORTED_BACKBONES,
                 f"unknown backbone {self.backbone!r}; valid: {', '.join(SUPPORTED_BACKBONES)}")
         require(isinstance(self.pretrained, str) and self.pretrained != "", "pretrained must be a non-empty string")
@@ -243,20 +215,6 @@ class ModelConfig:
         require(self.loss in LOSSES, f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         require(finite(self.alpha) and 0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha!r}")
         require(finite(self.margin) and self.margin >= 0, f"margin must be >= 0, got {self.margin!r}")
-        require(isinstance(self.n_clusters, int) and self.n_clusters >= 1,
-                f"n_clusters must be an integer >= 1, got {self.n_clusters!r}")
-        require(isinstance(self.hidden_dim, int) and self.hidden_dim >= 1, f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
-        require(isinstance(self.feature_dim, int) and self.feature_dim >= 1,
-                f"feature_dim must be >= 1, got {self.feature_dim!r}")
-        require(finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
-        require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        for name in ("cluster_loss_weight", "balance_weight"):
-            value = getattr(self, name)
-            require(finite(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
-        require(isinstance(self.refit_interval, int) and self.refit_interval >= 0,
-                f"refit_interval must be an integer >= 0 (0 = never refit), got {self.refit_interval!r}")
-        require(finite(self.hypernet_lr_mult) and self.hypernet_lr_mult > 0,
-                f"hypernet_lr_mult must be > 0, got {self.hypernet_lr_mult!r}")
         require(self.trainable_stages is None or (isinstance(self.trainable_stages, int)
                                                   and not isinstance(self.trainable_stages, bool)
                                                   and self.trainable_stages >= 0),
@@ -271,20 +229,36 @@ class ModelConfig:
         if self.loss != "ranking":
             require(self.alpha == 0.0, f"alpha={self.alpha} only applies to loss='ranking' (loss is {self.loss!r})")
 
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: the family's options read as attributes.
+        if name.startswith("_") or name == "options":  # unpickling asks before options exists
+            raise AttributeError(name)
+        options = self.options
+        if isinstance(options, Options) and name in options.names():
+            return getattr(options, name)
+        takers = family_keys().get(name)
+        if takers:
+            raise AttributeError(f"{name!r} is an option of family {'/'.join(takers)}, not of {self.family!r}")
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     def family_kwargs(self, *, seed: int | None = None) -> dict[str, Any]:
-        """The family-specific arguments of this config's family.
+        """The family-specific arguments of this config's family (its options).
 
         Args:
             seed: the run's seed (``OptimConfig.seed``); given, it becomes the ``random_state`` of
                 families that take one (the GMM's EM initialisation), so that runs with different
                 seeds differ in their mixture fit too, not only in their weights and batches.
         """
-        accepted = set(family_arguments(self.family))
-        kwargs = {k: getattr(self, k) for k in FAMILY_FIELDS if k in accepted}
-        if seed is not None and "random_state" in accepted:
+        kwargs = self.options.to_dict()
+        if seed is not None and family(self.family).seeded:
             # scikit-learn takes seeds in [0, 2**32); the engine's seed_everything reduces the same way.
             kwargs["random_state"] = seed % 2**32
         return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat plain data: the shared fields, then the family's options."""
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {**shared, **self.options.to_dict()}
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "margin": self.margin} if self.loss == "ranking" else {}
@@ -408,8 +382,20 @@ class OptimConfig:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}
-_KEY_SECTION = {f.name: section for section, cls in _SECTIONS.items() for f in fields(cls)}
-assert len(_KEY_SECTION) == sum(len(fields(c)) for c in _SECTIONS.values()), "config field names must be unique"
+# The keys of the sections' own fields (a family's options are model keys too: see _key_sections).
+_KEY_SECTION = {f.name: section for section, cls in _SECTIONS.items() for f in fields(cls) if f.name != "options"}
+assert len(_KEY_SECTION) == sum(len(fields(c)) for c in _SECTIONS.values()) - 1, "config field names must be unique"
+
+
+def _key_sections() -> dict[str, str]:
+    """Every flat key -> its section, the registered families' options included (as ``model``)."""
+    out = dict(_KEY_SECTION)
+    for key, takers in family_keys().items():
+        if key in _KEY_SECTION:
+            raise ConfigError(f"family {takers[0]!r} declares the option {key!r}, which is already the config key "
+                              f"{key!r} of the {_KEY_SECTION[key]} section; rename the option")
+        out[key] = "model"
+    return out
 
 
 @dataclass(frozen=True)
@@ -421,19 +407,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        # Family-specific knobs set away from their defaults on a family that ignores them are
-        # almost always a mistake in a search space (e.g. n_clusters searched for an mlp).
-        defaults = ModelConfig(family=self.model.family)
-        for name, families in FAMILY_FIELDS.items():
-            if self.model.family not in families and getattr(self.model, name) != getattr(defaults, name):
-                raise ConfigError(f"{name} applies to family {'/'.join(families)} only, not {self.model.family!r}")
         if self.data.feature_cache:
             if not self.model.frozen_backbone:
                 raise ConfigError("feature_cache needs frozen_backbone = true (cached features are the frozen "
                                   "backbone's); set frozen_backbone = true or feature_cache = false")
-            if self.model.family not in FEATURE_CACHE_FAMILIES:
-                raise ConfigError(f"feature_cache works with family {'/'.join(FEATURE_CACHE_FAMILIES)} (a head on "
-                                  f"pooled features), not {self.model.family!r}")
+            if self.model.family not in feature_cache_families():
+                raise ConfigError(f"feature_cache works with family {'/'.join(feature_cache_families())} (a head "
+                                  f"on pooled features), not {self.model.family!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> TrainConfig:
@@ -450,22 +430,39 @@ class TrainConfig:
                 else:
                     merged[key] = value
         merged = renamed_keys(merged, "config")
-        unknown = sorted(k for k in merged if k not in _KEY_SECTION)
+        sections = _key_sections()
+        unknown = sorted(k for k in merged if k not in sections)
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(_KEY_SECTION)}")
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(sections)}")
+        chosen = merged.get("family", ModelConfig.family)
+        require(chosen in FAMILIES, f"unknown model family {chosen!r}; valid: {', '.join(FAMILIES)}")
+        own = set(family(chosen).options.names())
         parts: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        options: dict[str, Any] = {}
         for key, value in merged.items():
             if key in ("image_size", "split_fractions") and isinstance(value, list):
                 value = tuple(value)
-            parts[_KEY_SECTION[key]][key] = value
+            if key in own:
+                options[key] = value
+            elif key in _KEY_SECTION:
+                parts[_KEY_SECTION[key]][key] = value
+            else:
+                # Another family's key: at its default it is the untouched value of a full config
+                # written by to_dict before (harmless); set away from it, it is almost always a
+                # mistake in a search space (e.g. n_clusters searched for an mlp).
+                takers = family_keys()[key]
+                if value != family(takers[0]).options.defaults()[key]:
+                    raise ConfigError(f"{key} applies to family {'/'.join(takers)} only, not {chosen!r}")
+        parts["model"]["options"] = options
         try:
             return cls(**{s: _SECTIONS[s](**kw) for s, kw in parts.items()})
         except TypeError as exc:  # a wrongly typed value that a comparison choked on
             raise ConfigError(str(exc)) from exc
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Nested plain-data form (JSON-serialisable), written next to every result."""
-        return {s: dataclasses.asdict(getattr(self, s)) for s in _SECTIONS}
+        """Nested plain-data form (JSON-serialisable), written next to every result: each section's
+        keys, the model section with its family's options (not other families' keys)."""
+        return {"data": dataclasses.asdict(self.data), "model": self.model.to_dict(), "optim": dataclasses.asdict(self.optim)}
 
     def flat(self) -> dict[str, Any]:
         """All fields as one flat dict (the form search spaces and exports use)."""
@@ -492,5 +489,5 @@ def renamed_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def valid_keys() -> list[str]:
-    """Every flat config key."""
-    return sorted(_KEY_SECTION)
+    """Every flat config key (every registered family's options included)."""
+    return sorted(_key_sections())

@@ -45,7 +45,10 @@ def test_family_kwargs_pick_only_the_familys_arguments():
     gmm = TrainConfig.from_dict({"family": "gmm", "n_clusters": 4}).model.family_kwargs()
     assert gmm["n_clusters"] == 4 and "multiscale" not in gmm
     hyper = TrainConfig.from_dict({"family": "hyperiqa", "multiscale": True}).model.family_kwargs()
-    assert hyper == {"multiscale": True, "hypernet_lr_mult": 10.0}
+    # HyperIQA's layer sizes are its options too (settable), at the paper's values by default
+    assert hyper == {"multiscale": True, "hyper_channels": 112, "target_in": 224, "target_sizes": (112, 56, 28, 14),
+                     "lda_dim": 16, "lda_channels": 16, "lda_grid": 4, "hypernet_lr_mult": 10.0}
+    assert "n_clusters" not in TrainConfig.from_dict({"family": "hyperiqa"}).to_dict()["model"]
 
 
 def test_valid_keys_cover_every_section():

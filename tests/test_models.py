@@ -408,7 +408,7 @@ def test_gmm_loss_reports_each_part_and_sums_them():
 
 
 def test_gmm_argument_validation():
-    with pytest.raises(ValueError, match="n_clusters must be >= 1"):
+    with pytest.raises(ValueError, match="n_clusters must be an integer >= 1"):
         _model("gmm", n_clusters=0)
     with pytest.raises(ValueError, match="refit_interval"):
         _model("gmm", refit_interval=-1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,44 @@ from torch import Tensor, nn
 from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel, full_precision
 from iqa_ray.models.losses import RegressionLoss
+from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
-__all__ = ["GMMIQA", "balance_term", "posterior_entropy", "images_of"]
+__all__ = ["GMMIQA", "GMMOptions", "balance_term", "posterior_entropy", "images_of"]
+
+
+@dataclass(frozen=True)
+class GMMOptions(Options):
+    """The ``gmm`` family's config keys (see :class:`GMMIQA`).
+
+    Attributes:
+        n_clusters: mixture components (experts).
+        feature_dim: width of the projected features the mixture models.
+        hidden_dim, dropout: each expert's MLP.
+        cluster_loss_weight: weight of the posterior-entropy loss, >= 0.
+        balance_weight: weight of the cluster-balance loss, >= 0.
+        refit_interval: refit the mixture by EM every this many epochs; 0 never refits.
+    """
+
+    n_clusters: int = 8
+    feature_dim: int = 512
+    hidden_dim: int = 512
+    dropout: float = 0.3
+    cluster_loss_weight: float = 0.1
+    balance_weight: float = 1.0
+    refit_interval: int = 0
+
+    def __post_init__(self) -> None:
+        require(positive_int(self.n_clusters), f"n_clusters must be an integer >= 1, got {self.n_clusters!r}")
+        for name in ("feature_dim", "hidden_dim"):
+            value = getattr(self, name)
+            require(positive_int(value), f"{name} must be >= 1, got {value!r}")
+        require(finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("cluster_loss_weight", "balance_weight"):
+            value = getattr(self, name)
+            require(finite(value) and value >= 0, f"{name} must be >= 0, got {value!r}")
+        require(isinstance(self.refit_interval, int) and not isinstance(self.refit_interval, bool)
+                and self.refit_interval >= 0,
+                f"refit_interval must be an integer >= 0 (0 = never refit), got {self.refit_interval!r}")
 
 # Keeps exp(log_var) inside float32's comfortable range whatever the optimiser does.
 _LOG_VAR_RANGE = (-12.0, 12.0)
@@ -90,29 +127,20 @@ class GMMIQA(IQAModel):
         self,
         backbone: Backbone,
         *,
-        n_clusters: int = 8,
-        feature_dim: int = 512,
-        hidden_dim: int = 512,
-        dropout: float = 0.3,
-        cluster_loss_weight: float = 0.1,
-        balance_weight: float = 1.0,
-        refit_interval: int = 0,
+        n_clusters: int = GMMOptions.n_clusters,
+        feature_dim: int = GMMOptions.feature_dim,
+        hidden_dim: int = GMMOptions.hidden_dim,
+        dropout: float = GMMOptions.dropout,
+        cluster_loss_weight: float = GMMOptions.cluster_loss_weight,
+        balance_weight: float = GMMOptions.balance_weight,
+        refit_interval: int = GMMOptions.refit_interval,
         random_state: int = 0,
         loss: RegressionLoss | None = None,
     ) -> None:
         super().__init__(backbone, loss=loss)
-        if n_clusters < 1:
-            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
-        for label, value in (("feature_dim", feature_dim), ("hidden_dim", hidden_dim)):
-            if value < 1:
-                raise ValueError(f"{label} must be >= 1, got {value}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        for label, value in (("cluster_loss_weight", cluster_loss_weight), ("balance_weight", balance_weight)):
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"{label} must be finite and >= 0, got {value}")
-        if refit_interval < 0:
-            raise ValueError(f"refit_interval must be >= 0 (0 disables refitting), got {refit_interval}")
+        GMMOptions(n_clusters=n_clusters, feature_dim=feature_dim, hidden_dim=hidden_dim, dropout=dropout,
+                   cluster_loss_weight=cluster_loss_weight, balance_weight=balance_weight,
+                   refit_interval=refit_interval)  # validates (ConfigError names the key)
         self.n_clusters = n_clusters
         self.feature_dim = feature_dim
         self.cluster_loss_weight = float(cluster_loss_weight)

@@ -26,6 +26,7 @@ scaled by 1/sqrt(fan-in) so target-network activations keep unit scale at any wi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,45 @@ from torch import Tensor, nn
 from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel, ParamGroup
 from iqa_ray.models.losses import RegressionLoss
+from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
-__all__ = ["HyperIQA"]
+__all__ = ["HyperIQA", "HyperIQAOptions"]
+
+
+@dataclass(frozen=True)
+class HyperIQAOptions(Options):
+    """The ``hyperiqa`` family's config keys (see :class:`HyperIQA`; defaults: the paper's sizes).
+
+    Attributes:
+        multiscale: fuse all stages into the semantic features that feed the hypernetwork (seed 002).
+        hyper_channels: width of the semantic vector the hypernetwork reads (paper: 112).
+        target_in: input width of the target network (paper: 224).
+        target_sizes: hidden widths of the target network (paper: 112, 56, 28, 14).
+        lda_dim: output width of each lower stage's LDA branch (paper: 16).
+        lda_channels: channels of the LDA branches' 1x1 convs.
+        lda_grid: side of the grid the LDA branches pool to.
+        hypernet_lr_mult: learning-rate multiplier of the hypernetwork group (paper: 10).
+    """
+
+    multiscale: bool = False
+    hyper_channels: int = 112
+    target_in: int = 224
+    target_sizes: tuple[int, ...] = (112, 56, 28, 14)
+    lda_dim: int = 16
+    lda_channels: int = 16
+    lda_grid: int = 4
+    hypernet_lr_mult: float = 10.0
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.multiscale, bool), f"multiscale must be true or false, got {self.multiscale!r}")
+        for name in ("hyper_channels", "target_in", "lda_dim", "lda_channels", "lda_grid"):
+            value = getattr(self, name)
+            require(positive_int(value), f"{name} must be >= 1, got {value!r}")
+        require(isinstance(self.target_sizes, tuple) and len(self.target_sizes) >= 1
+                and all(positive_int(v) for v in self.target_sizes),
+                f"target_sizes must be a list of integers >= 1, got {self.target_sizes!r}")
+        require(finite(self.hypernet_lr_mult) and self.hypernet_lr_mult > 0,
+                f"hypernet_lr_mult must be > 0, got {self.hypernet_lr_mult!r}")
 
 
 class _LocalPool(nn.Module):
@@ -75,36 +113,28 @@ class HyperIQA(IQAModel):
         self,
         backbone: Backbone,
         *,
-        multiscale: bool = False,
-        hyper_channels: int = 112,
-        target_in: int = 224,
-        target_sizes: tuple[int, ...] = (112, 56, 28, 14),
-        lda_dim: int = 16,
-        lda_channels: int = 16,
-        lda_grid: int = 4,
-        hypernet_lr_mult: float = 10.0,
+        multiscale: bool = HyperIQAOptions.multiscale,
+        hyper_channels: int = HyperIQAOptions.hyper_channels,
+        target_in: int = HyperIQAOptions.target_in,
+        target_sizes: tuple[int, ...] = HyperIQAOptions.target_sizes,
+        lda_dim: int = HyperIQAOptions.lda_dim,
+        lda_channels: int = HyperIQAOptions.lda_channels,
+        lda_grid: int = HyperIQAOptions.lda_grid,
+        hypernet_lr_mult: float = HyperIQAOptions.hypernet_lr_mult,
         loss: RegressionLoss | None = None,
     ) -> None:
         super().__init__(backbone, loss=loss)
         channels = backbone.channels
-        for label, value in (
-            ("hyper_channels", hyper_channels),
-            ("lda_dim", lda_dim),
-            ("lda_channels", lda_channels),
-            ("lda_grid", lda_grid),
-        ):
-            if value < 1:
-                raise ValueError(f"{label} must be >= 1, got {value}")
-        if any(size < 1 for size in target_sizes):
-            raise ValueError(f"target_sizes must all be >= 1, got {tuple(target_sizes)}")
+        target_sizes = tuple(target_sizes)
+        HyperIQAOptions(multiscale=multiscale, hyper_channels=hyper_channels, target_in=target_in,
+                        target_sizes=target_sizes, lda_dim=lda_dim, lda_channels=lda_channels, lda_grid=lda_grid,
+                        hypernet_lr_mult=hypernet_lr_mult)  # validates (ConfigError names the key)
         last_dim = target_in - (len(channels) - 1) * lda_dim
         if last_dim < 1:
             raise ValueError(
                 f"target_in={target_in} leaves no room for the last stage: {len(channels) - 1} lower "
                 f"stages already take {len(channels) - 1} x lda_dim={lda_dim}; raise target_in or lower lda_dim"
             )
-        if not (hypernet_lr_mult > 0.0 and math.isfinite(hypernet_lr_mult)):
-            raise ValueError(f"hypernet_lr_mult must be finite and > 0, got {hypernet_lr_mult}")
         self.multiscale = multiscale
         self.hypernet_lr_mult = float(hypernet_lr_mult)
         self.layer_sizes = (target_in, *(int(s) for s in target_sizes), 1)

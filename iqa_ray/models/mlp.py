@@ -8,6 +8,7 @@ backbone, global average pooling of the last stage, and fully connected layers w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -16,12 +17,37 @@ from torch import Tensor, nn
 from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel
 from iqa_ray.models.losses import RegressionLoss
+from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
-__all__ = ["MLPIQA", "init_small_output", "POOLINGS", "SPREAD_POOLINGS", "pool_stages"]
+__all__ = ["MLPIQA", "MLPOptions", "init_small_output", "POOLINGS", "SPREAD_POOLINGS", "pool_stages"]
 
 POOLINGS = ("last", "stages", "blocks")
 #: Poolings that standardise every map's mean and standard deviation (fitted on training images).
 SPREAD_POOLINGS = ("stages", "blocks")
+
+
+@dataclass(frozen=True)
+class MLPOptions(Options):
+    """The ``mlp`` family's config keys (see :class:`MLPIQA`).
+
+    Attributes:
+        hidden_dim: width of the hidden layer.
+        dropout: dropout before the output layer, in [0, 1).
+        pooling: what the head regresses: ``last`` (global average pool of the last stage,
+            KonCept-style), ``stages`` (every stage's mean and standard deviation over space,
+            concatenated and standardised on the training images: the features of the strong linear
+            probe, plus their spread) or ``blocks`` (the same over every block group's output where
+            the backbone has block groups: EfficientNet-Lite0's 7 instead of its 5 stages).
+    """
+
+    hidden_dim: int = 512
+    dropout: float = 0.3
+    pooling: str = "last"
+
+    def __post_init__(self) -> None:
+        require(positive_int(self.hidden_dim), f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
+        require(finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
 
 def pool_stages(stages: list[Tensor], pooling: str) -> Tensor:
@@ -73,21 +99,16 @@ class MLPIQA(IQAModel):
         self,
         backbone: Backbone,
         *,
-        hidden_dim: int = 512,
-        dropout: float = 0.3,
+        hidden_dim: int = MLPOptions.hidden_dim,
+        dropout: float = MLPOptions.dropout,
         loss: RegressionLoss | None = None,
-        pooling: str = "last",
+        pooling: str = MLPOptions.pooling,
     ) -> None:
         super().__init__(backbone, loss=loss)
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        MLPOptions(hidden_dim=hidden_dim, dropout=dropout, pooling=pooling)  # validates (ConfigError names the key)
         self.pooling = pooling
         if pooling == "blocks":
             backbone.use_block_taps()
-        if hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         in_dim = backbone.channels[-1] if pooling == "last" else 2 * sum(backbone.tap_channels)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))

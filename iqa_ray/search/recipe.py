@@ -36,7 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from iqa_ray.config import FAMILY_FIELDS, ConfigError, TrainConfig, renamed_keys, valid_keys
+from iqa_ray.config import ConfigError, TrainConfig, renamed_keys, valid_keys
+from iqa_ray.models.registry import family_keys
 from iqa_ray.search.study import Study, StudyError, check_study
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -205,8 +206,8 @@ def apply_recipe(recipe: Recipe, study: Study, dataset: str, overrides: Mapping[
     applied = {k: v for k, v in values.items() if k not in searched_names}
     searched = {k: v for k, v in values.items() if k in searched_names}
     family = applied.get("family", study.fixed.get("family", TrainConfig().model.family))
-    dropped = {k: v for k, v in study.fixed.items()
-               if k in FAMILY_FIELDS and family not in FAMILY_FIELDS[k] and k not in applied}
+    takers = family_keys()
+    dropped = {k: v for k, v in study.fixed.items() if k in takers and family not in takers[k] and k not in applied}
     fixed = {**{k: v for k, v in study.fixed.items() if k not in dropped}, **applied}
     budget = {k: v for k, v in recipe.budget.items()}
     if "grace_period" not in budget and "max_epochs" in budget:
@@ -234,7 +235,8 @@ def recipe_conflict(recipe: Recipe, study: Study, dataset: str) -> str | None:
     searched = {p.name for p in study.params}
     family = values.get("family") if "family" not in searched else None
     if family is not None:
-        foreign = sorted(k for k in searched if k in FAMILY_FIELDS and family not in FAMILY_FIELDS[k])
+        takers = family_keys()
+        foreign = sorted(k for k in searched if k in takers and family not in takers[k])
         if foreign:
             return (f"the study searches {', '.join(foreign)}, which the recipe's family {family!r} does not take")
     if values.get("feature_cache"):
