@@ -99,25 +99,42 @@ columns, unreadable files, nothing left to load) always raise. Images are not de
 
 from __future__ import annotations
 
-import csv
-import io
-import math
+import functools
 import os
 import re
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from iqa_ray.data.errors import DatasetError
-from iqa_ray.data.splits import SPLITS, assign_group_splits, validate_fractions
+from iqa_ray.data.label_table import (
+    BASE_COLUMNS,
+    ON_ERROR_VALUES,
+    REAL_FRACTIONS,
+    Loc,
+    Row,
+    Spec,
+    build_table,
+    check_on_error,
+    dataset_root,
+    find_image_dir,
+    find_label_file,
+    float_or_nan,
+    read_csv,
+    read_excel,
+    seeded_group_split,
+    under,
+)
+from iqa_ray.data.layouts import AGIQA3K, BUILT_IN_LAYOUTS, Layout, read_layout
+from iqa_ray.data.splits import SPLITS, validate_fractions
+from iqa_ray.utils.plugins import load_plugins
 
 __all__ = [
     "ADAPTERS",
     "ALIASES",
+    "BASE_COLUMNS",
     "REAL_FRACTIONS",
     "KADID_DISTORTIONS",
     "ON_ERROR_VALUES",
@@ -129,24 +146,11 @@ __all__ = [
     "load_koniq10k",
     "load_livec",
     "load_spaq",
+    "register_layout",
     "resolve_dataset_name",
+    "unregister_layout",
     "seeded_group_split",
 ]
-
-REAL_FRACTIONS = (0.7, 0.1, 0.2)  # train/val/test of a real dataset without an official split
-ON_ERROR_VALUES = ("raise", "skip")
-BASE_COLUMNS = ("image_id", "path", "mos", "mos_raw", "split", "group")
-
-# Split labels accepted in split columns (compared lower-cased and stripped).
-_SPLIT_NAMES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
 
 # KADID-10k distortion types, numbered as in the file names (Lin, Hosu, Saupe, QoMEX 2019).
 KADID_DISTORTIONS = {
@@ -188,475 +192,9 @@ LIVEC_MOS_FILE = "AllMOS_release.mat"
 LIVEC_STD_FILE = "AllStdDev_release.mat"
 LIVEC_CSV_FILE = "livec.csv"
 LIVEC_N_TRAINING = 7
-AGIQA_LABEL_FILE = "data.csv"
-AGIQA_IMAGE_DIRS = ("AGIQA-3K", "AGIQA-3k", "AGIQA3K", "images")
 
 _KADID_NAME = re.compile(r"^I(\d+)_(\d+)_(\d+)\.[A-Za-z0-9]+$")
 _LIVEC_TRAINING_NAME = re.compile(r"^(?:trainingimages/)?t[1-7]\.[a-z]+$")
-
-
-# --------------------------------------------------------------------------------------------
-# Reading label files
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Loc:
-    """Where a label row lives, for messages: ``<file>: <unit> <row> (line <line>)<note>``."""
-
-    file: Path
-    row: int
-    line: int | None = None
-    unit: str = "data row"
-    note: str = ""
-
-    def describe(self) -> str:
-        line = f" (line {self.line})" if self.line is not None else ""
-        return f"{self.file}: {self.unit} {self.row}{line}{self.note}"
-
-
-@dataclass
-class _Table:
-    """A label file read as text: header and rows keyed by header name, with locations."""
-
-    file: Path
-    header: list[str]
-    rows: list[tuple[_Loc, dict[str, str]]]
-
-    def require(self, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, str]:
-        """Map the wanted column names to the header's spelling; raise if a required one is absent.
-
-        Matching ignores case and repeated or surrounding whitespace (``"Image Name"`` matches
-        ``"image name"``); an exact match wins.
-        """
-        found: dict[str, str] = {}
-        missing = []
-        for want in list(required) + list(optional):
-            col = _match_column(want, self.header)
-            if col is not None:
-                found[want] = col
-            elif want in required:
-                missing.append(want)
-        if missing:
-            raise DatasetError(
-                f"{self.file}: missing required column(s) {missing}; expected columns "
-                f"{list(required)} (optional {list(optional)}), found {self.header}"
-            )
-        return found
-
-
-def _norm_col(name: str) -> str:
-    return " ".join(str(name).split()).lower()
-
-
-def _match_column(want: str, header: Sequence[str]) -> str | None:
-    if want in header:
-        return want
-    target = _norm_col(want)
-    for col in header:
-        if _norm_col(col) == target:
-            return col
-    return None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"cannot read label file {path}: {exc}") from exc
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
-def _read_csv(path: Path, delimiter: str | None = None) -> _Table:
-    """Read a CSV (comma, tab or semicolon separated) keeping 1-based data rows and line numbers."""
-    text = _read_text(path)
-    first_line = text.split("\n", 1)[0]
-    if delimiter is None:
-        delimiter = ","
-        if "," not in first_line:
-            if "\t" in first_line:
-                delimiter = "\t"
-            elif ";" in first_line:
-                delimiter = ";"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise DatasetError(f"{path}: the file is empty; expected a header line with column names") from None
-    except csv.Error as exc:
-        raise DatasetError(f"{path}: not a readable CSV file ({exc})") from exc
-    header = [h.strip() for h in header]
-    rows: list[tuple[_Loc, dict[str, str]]] = []
-    n = 0
-    try:
-        for record in reader:
-            if not record or all(not cell.strip() for cell in record):
-                continue  # blank line
-            n += 1
-            values = {col: (record[i] if i < len(record) else "") for i, col in enumerate(header)}
-            rows.append((_Loc(path, n, reader.line_num), values))
-    except csv.Error as exc:
-        raise DatasetError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from exc
-    return _Table(path, header, rows)
-
-
-def _cell_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        if value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return repr(value)
-    return str(value)
-
-
-def _frame_to_table(frame: pd.DataFrame, path: Path, unit: str, first_line: int) -> _Table:
-    header = [str(c).strip() for c in frame.columns]
-    rows = []
-    for i, record in enumerate(frame.itertuples(index=False, name=None)):
-        values = {col: _cell_text(v) for col, v in zip(header, record)}
-        if all(not v.strip() for v in values.values()):
-            continue
-        rows.append((_Loc(path, i + 1, None, unit, f" (sheet row {i + first_line})"), values))
-    return _Table(path, header, rows)
-
-
-def _read_excel(path: Path, csv_name: str, columns: Sequence[str]) -> _Table:
-    try:
-        frame = pd.read_excel(path)
-    except ImportError as exc:
-        raise DatasetError(
-            f"{path}: reading .xlsx needs the optional package openpyxl, which is not installed "
-            f"({exc}). Either `pip install openpyxl`, or export the sheet to CSV as "
-            f"{path.with_name(csv_name)} with the columns {list(columns)}."
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - any reader failure becomes a clear DatasetError
-        raise DatasetError(f"{path}: cannot read the spreadsheet ({type(exc).__name__}: {exc})") from exc
-    return _frame_to_table(frame, path, "data row", 2)
-
-
-# --------------------------------------------------------------------------------------------
-# Building the common table
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Row:
-    """One label row before validation."""
-
-    loc: _Loc
-    image: str
-    raw: Any
-    extras: dict[str, Any] = field(default_factory=dict)
-    group: str | None = None
-    split: str | None = None
-    rel_path: str | None = None  # location under the image folder when it differs from ``image``
-    error: str | None = None  # problem found by the adapter (e.g. bad file name pattern)
-
-
-@dataclass
-class _Spec:
-    """What the shared builder needs to know about a dataset."""
-
-    dataset: str
-    root: Path
-    image_dir: Path
-    label_file: Path
-    mos_label: str
-    mos_range: tuple[float, float]
-    mos_scale: str
-    higher_is_better: bool = True
-    official_split: bool = False
-    split_column: str = "split"
-    extra_columns: tuple[str, ...] = ()
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    def normalise(self, value: float) -> float:
-        lo, hi = self.mos_range
-        if self.higher_is_better:
-            return (value - lo) / (hi - lo) * 100.0
-        return (hi - value) / (hi - lo) * 100.0
-
-
-class _FileIndex:
-    """Cheap existence checks: one ``os.listdir`` per folder instead of one ``stat`` per image."""
-
-    def __init__(self) -> None:
-        self._listings: dict[str, set[str]] = {}
-
-    def exists(self, path: str) -> bool:
-        parent, name = os.path.split(path)
-        listing = self._listings.get(parent)
-        if listing is None:
-            try:
-                listing = set(os.listdir(parent))
-            except OSError:
-                listing = set()
-            self._listings[parent] = listing
-        return name in listing
-
-
-def _parse_mos(raw: Any, spec: _Spec) -> tuple[float | None, str | None]:
-    """Return (value, None) or (None, problem)."""
-    lo, hi = spec.mos_range
-    valid = f"expected a number in [{lo:g}, {hi:g}]"
-    if isinstance(raw, np.generic):
-        raw = raw.item()  # numpy scalars from .mat files: report them as plain numbers
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return None, f"{spec.mos_label} value is empty; {valid}"
-    try:
-        value = float(raw.strip() if isinstance(raw, str) else raw)
-    except (TypeError, ValueError):
-        return None, f"{spec.mos_label} value {raw!r} is not a number; {valid}"
-    if not math.isfinite(value):
-        return None, f"{spec.mos_label} value {raw!r} is not a finite number; {valid}"
-    eps = 1e-9 * max(1.0, abs(hi - lo))
-    if value < lo - eps or value > hi + eps:
-        return None, f"{spec.mos_label} value {raw!r} is outside the raw range; {valid}"
-    return value, None
-
-
-def _check_on_error(on_error: str) -> None:
-    if on_error not in ON_ERROR_VALUES:
-        raise ValueError(f"on_error must be one of {list(ON_ERROR_VALUES)}, got {on_error!r}")
-
-
-def _build(
-    spec: _Spec,
-    rows: Iterable[_Row],
-    *,
-    split_seed: int,
-    fractions: Sequence[float],
-    on_error: str,
-    check_files: bool,
-) -> pd.DataFrame:
-    """Validate rows, normalise MOS, split, and assemble the common table."""
-    _check_on_error(on_error)
-    fracs = validate_fractions(fractions)
-    skipped: list[dict[str, Any]] = []
-    files = _FileIndex()
-    first_seen: dict[str, _Loc] = {}
-    kept: list[dict[str, Any]] = []
-    n_read = 0
-
-    def fail(row: _Row, problem: str) -> None:
-        message = f"{row.loc.describe()}, image {row.image!r}: {problem}"
-        if on_error == "raise":
-            raise DatasetError(message)
-        skipped.append(
-            {
-                "file": str(row.loc.file),
-                "row": row.loc.row,
-                "line": row.loc.line,
-                "image": row.image,
-                "reason": problem,
-            }
-        )
-
-    for row in rows:
-        n_read += 1
-        image = row.image.strip().replace("\\", "/")
-        row.image = image
-        if not image:
-            fail(row, f"the image name is empty; expected a file name relative to {spec.image_dir}")
-            continue
-        if image in first_seen:
-            fail(
-                row,
-                f"duplicated image name: it is also listed at {first_seen[image].describe()}; "
-                "each image must be listed once",
-            )
-            continue
-        first_seen[image] = row.loc
-        if row.error is not None:
-            fail(row, row.error)
-            continue
-        value, problem = _parse_mos(row.raw, spec)
-        if problem is not None:
-            fail(row, problem)
-            continue
-        split = None
-        if spec.official_split:
-            text = "" if row.split is None else str(row.split).strip()
-            split = _SPLIT_NAMES.get(text.lower())
-            if split is None:
-                shown = repr(text) if text else "empty"
-                fail(
-                    row,
-                    f"{spec.split_column} value {shown} is not a known split; valid values are "
-                    f"{sorted(_SPLIT_NAMES)}",
-                )
-                continue
-        rel = (row.rel_path or image).replace("\\", "/")
-        path = os.path.abspath(os.path.join(spec.image_dir, rel))
-        if check_files and not files.exists(path):
-            fail(row, f"image file not found: expected {path}")
-            continue
-        group = row.group.strip() if isinstance(row.group, str) else ""
-        record = {
-            "image_id": image,
-            "path": path,
-            "mos": spec.normalise(value),
-            "mos_raw": value,
-            "split": split,
-            "group": group or image,
-        }
-        record.update(row.extras)
-        kept.append(record)
-
-    if not kept:
-        if skipped:
-            examples = "; ".join(
-                f"{s['file']} row {s['row']} ({s['image']}): {s['reason']}" for s in skipped[:3]
-            )
-            raise DatasetError(
-                f"{spec.dataset}: all {len(skipped)} rows of {spec.label_file} were skipped, "
-                f"nothing is left to load. First problems: {examples}"
-            )
-        raise DatasetError(
-            f"{spec.dataset}: {spec.label_file} has no data rows; expected one row per image "
-            f"with a {spec.mos_label} score"
-        )
-    if skipped:
-        warnings.warn(
-            f"{spec.dataset}: skipped {len(skipped)} of {n_read} rows of {spec.label_file} "
-            "(bad labels or missing images); see df.attrs['skipped']",
-            UserWarning,
-            stacklevel=3,
-        )
-
-    frame = pd.DataFrame.from_records(kept)
-    extra = [c for c in spec.extra_columns if c in frame.columns]
-    extra += [c for c in frame.columns if c not in BASE_COLUMNS and c not in extra]
-    frame = frame[list(BASE_COLUMNS) + extra]
-    frame["mos"] = frame["mos"].astype("float64")
-    frame["mos_raw"] = frame["mos_raw"].astype("float64")
-    if spec.official_split:
-        split_source = "official"
-    else:
-        frame["split"] = seeded_group_split(frame["group"].tolist(), seed=split_seed, fractions=fracs)
-        split_source = f"seeded-random(seed={split_seed}, fractions={fracs})"
-    frame = frame.reset_index(drop=True)
-    frame.attrs.update(
-        {
-            "dataset": spec.dataset,
-            "mos_scale": spec.mos_scale,
-            "split_source": split_source,
-            "skipped": skipped,
-            "root": str(spec.root),
-            "image_dir": str(spec.image_dir),
-            "label_file": str(spec.label_file),
-            "n_rows_read": n_read,
-        }
-    )
-    frame.attrs.update(spec.attrs)
-    return frame
-
-
-# --------------------------------------------------------------------------------------------
-# Splitting
-# --------------------------------------------------------------------------------------------
-
-
-def seeded_group_split(
-    groups: Sequence[str],
-    *,
-    seed: int = 0,
-    fractions: Sequence[float] = REAL_FRACTIONS,
-) -> list[str]:
-    """The split of each item, whole groups per split (see :func:`iqa_ray.data.splits.assign_group_splits`).
-
-    Args:
-        groups: The group of each item (compared as strings).
-        seed: Seed of the shuffle.
-        fractions: (train, val, test) fractions of groups, non-negative, summing to 1.
-
-    Returns:
-        The split name of each item, in the order of ``groups``.
-    """
-    keys = [str(g) for g in groups]
-    if not keys:
-        return []
-    assignment = assign_group_splits(keys, fractions, seed)
-    return [assignment[k] for k in keys]
-
-
-# --------------------------------------------------------------------------------------------
-# Path helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _root(root: str | os.PathLike[str], dataset: str, expected: str) -> Path:
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise DatasetError(
-            f"{dataset}: dataset root {path} does not exist; expected a folder with {expected}"
-        )
-    if not path.is_dir():
-        raise DatasetError(
-            f"{dataset}: dataset root {path} is not a folder; expected a folder with {expected}"
-        )
-    return Path(os.path.abspath(path))
-
-
-def _under(root: Path, value: str | os.PathLike[str]) -> Path:
-    path = Path(value).expanduser()
-    return Path(os.path.abspath(path if path.is_absolute() else root / path))
-
-
-def _image_dir(
-    root: Path,
-    dataset: str,
-    override: str | os.PathLike[str] | None,
-    candidates: Sequence[str],
-    check: bool,
-) -> Path:
-    if override is not None:
-        path = _under(root, override)
-        if check and not path.is_dir():
-            raise DatasetError(f"{dataset}: image folder {path} (from image_dir) does not exist")
-        return path
-    for name in candidates:
-        path = root / name
-        if path.is_dir():
-            return path
-    if check:
-        tried = ", ".join(str(root / c) for c in candidates)
-        raise DatasetError(
-            f"{dataset}: no image folder found; expected one of {tried} (or pass image_dir=...)"
-        )
-    return root / candidates[0]
-
-
-def _find_file(
-    root: Path,
-    dataset: str,
-    override: str | os.PathLike[str] | None,
-    candidates: Sequence[Path],
-) -> Path:
-    if override is not None:
-        path = _under(root, override)
-        if not path.is_file():
-            raise DatasetError(f"{dataset}: label file {path} (from label_file) does not exist")
-        return path
-    for path in candidates:
-        if path.is_file():
-            return path
-    tried = " or ".join(str(p) for p in candidates)
-    raise DatasetError(f"{dataset}: label file not found; expected {tried}")
-
-
-def _float_or_nan(text: str) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return float("nan")
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -700,11 +238,11 @@ def load_koniq10k(
         DatasetError: See the module docstring.
     """
     dataset = "koniq10k"
-    root_p = _root(root, dataset, f"{KONIQ_IMAGE_DIRS[0]}/ and {KONIQ_SCORES_FILE}")
+    root_p = dataset_root(root, dataset, f"{KONIQ_IMAGE_DIRS[0]}/ and {KONIQ_SCORES_FILE}")
     if mos_column not in ("MOS", "MOS_zscore"):
         raise ValueError(f"mos_column must be 'MOS' or 'MOS_zscore', got {mos_column!r}")
-    scores_path = _under(root_p, label_file) if label_file is not None else root_p / KONIQ_SCORES_FILE
-    sets_path = _under(root_p, sets_file) if sets_file is not None else root_p / KONIQ_SETS_FILE
+    scores_path = under(root_p, label_file) if label_file is not None else root_p / KONIQ_SCORES_FILE
+    sets_path = under(root_p, sets_file) if sets_file is not None else root_p / KONIQ_SETS_FILE
     if label_file is not None and not scores_path.is_file():
         raise DatasetError(f"{dataset}: label file {scores_path} (from label_file) does not exist")
     if sets_file is not None and not sets_path.is_file():
@@ -717,11 +255,11 @@ def load_koniq10k(
             f"{dataset}: label file not found; expected {scores_path} (or the official split file "
             f"{sets_path}, whose MOS is on 0-100)"
         )
-    images = _image_dir(root_p, dataset, image_dir, KONIQ_IMAGE_DIRS, check_files)
+    images = find_image_dir(root_p, dataset, image_dir, KONIQ_IMAGE_DIRS, check_files)
     official = use_official_split and have_sets
-    split_of: dict[str, tuple[str, _Loc]] = {}
+    split_of: dict[str, tuple[str, Loc]] = {}
     if have_sets and (official or not have_scores):
-        sets = _read_csv(sets_path)
+        sets = read_csv(sets_path)
         scols = sets.require(
             ["image_name", "set"] + ([] if have_scores else ["MOS"]),
             [] if have_scores else ["SD", "c1", "c2", "c3", "c4", "c5", "c_total"],
@@ -732,7 +270,7 @@ def load_koniq10k(
                 split_of[name] = (values[scols["set"]], loc)
 
     if have_scores:
-        table = _read_csv(scores_path)
+        table = read_csv(scores_path)
         cols = table.require(
             ["image_name", mos_column], ["SD", "MOS_zscore", "c1", "c2", "c3", "c4", "c5", "c_total"]
         )
@@ -753,11 +291,11 @@ def load_koniq10k(
     for loc, values in table.rows:
         name = values[cols["image_name"]]
         extras = {
-            out: _float_or_nan(values[cols[col]])
+            out: float_or_nan(values[cols[col]])
             for col, out in extra_names.items()
             if col in cols and not (col == "MOS_zscore" and mos_column == "MOS_zscore")
         }
-        row = _Row(loc, name, values[mos_col], extras)
+        row = Row(loc, name, values[mos_col], extras)
         if official:
             entry = split_of.get(name.strip())
             if entry is None:
@@ -766,7 +304,7 @@ def load_koniq10k(
                 row.split = entry[0]
         rows.append(row)
 
-    spec = _Spec(
+    spec = Spec(
         dataset=dataset,
         root=root_p,
         image_dir=images,
@@ -779,7 +317,7 @@ def load_koniq10k(
         extra_columns=tuple(extra_names.values()),
         attrs={"split_file": str(sets_path) if official else None},
     )
-    return _build(
+    return build_table(
         spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
     )
 
@@ -816,17 +354,17 @@ def load_kadid10k(
         DatasetError: See the module docstring.
     """
     dataset = "kadid10k"
-    root_p = _root(root, dataset, f"images/ and {KADID_LABEL_FILE}")
-    label = _find_file(root_p, dataset, label_file, [root_p / KADID_LABEL_FILE])
-    images = _image_dir(root_p, dataset, image_dir, ("images",), check_files)
-    table = _read_csv(label)
+    root_p = dataset_root(root, dataset, f"images/ and {KADID_LABEL_FILE}")
+    label = find_label_file(root_p, dataset, label_file, [root_p / KADID_LABEL_FILE])
+    images = find_image_dir(root_p, dataset, image_dir, ("images",), check_files)
+    table = read_csv(label)
     cols = table.require(["dist_img", "ref_img", "dmos"], ["var"])
     rows = []
     for loc, values in table.rows:
         name = values[cols["dist_img"]].strip()
         ref = values[cols["ref_img"]].strip()
         extras: dict[str, Any] = {"ref_img": ref, "distortion": -1, "distortion_name": "", "level": -1}
-        row = _Row(loc, name, values[cols["dmos"]], extras)
+        row = Row(loc, name, values[cols["dmos"]], extras)
         match = _KADID_NAME.match(os.path.basename(name))
         if match is None:
             row.error = (
@@ -843,10 +381,10 @@ def load_kadid10k(
                 extras["ref_img"] = ref
         extras["ref_path"] = os.path.abspath(os.path.join(images, ref)) if ref else ""
         if "var" in cols:
-            extras["var"] = _float_or_nan(values[cols["var"]])
+            extras["var"] = float_or_nan(values[cols["var"]])
         row.group = ref
         rows.append(row)
-    spec = _Spec(
+    spec = Spec(
         dataset=dataset,
         root=root_p,
         image_dir=images,
@@ -857,7 +395,7 @@ def load_kadid10k(
         extra_columns=("ref_img", "ref_path", "distortion", "distortion_name", "level", "var"),
         attrs={"group_by": "ref_img"},
     )
-    frame = _build(
+    frame = build_table(
         spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
     )
     frame["distortion"] = frame["distortion"].astype("int64")
@@ -900,25 +438,25 @@ def load_spaq(
             is missing.
     """
     dataset = "spaq"
-    root_p = _root(root, dataset, f"TestImage/ and Annotations/{SPAQ_LABEL_STEM}.xlsx")
+    root_p = dataset_root(root, dataset, f"TestImage/ and Annotations/{SPAQ_LABEL_STEM}.xlsx")
     candidates = [
         Path(os.path.normpath(root_p / d / f"{SPAQ_LABEL_STEM}{ext}"))
         for ext in (".csv", ".xlsx")
         for d in SPAQ_LABEL_DIRS
     ]
-    label = _find_file(root_p, dataset, label_file, candidates)
-    images = _image_dir(root_p, dataset, image_dir, ("TestImage",), check_files)
+    label = find_label_file(root_p, dataset, label_file, candidates)
+    images = find_image_dir(root_p, dataset, image_dir, ("TestImage",), check_files)
     attributes = ["Brightness", "Colorfulness", "Contrast", "Noisiness", "Sharpness"]
     if label.suffix.lower() in (".xlsx", ".xls"):
-        table = _read_excel(label, f"{label.stem}.csv", ["Image name", "MOS"] + attributes)
+        table = read_excel(label, f"{label.stem}.csv", ["Image name", "MOS"] + attributes)
     else:
-        table = _read_csv(label)
+        table = read_csv(label)
     cols = table.require(["Image name", "MOS"], attributes)
     rows = []
     for loc, values in table.rows:
-        extras = {a.lower(): _float_or_nan(values[cols[a]]) for a in attributes if a in cols}
-        rows.append(_Row(loc, values[cols["Image name"]], values[cols["MOS"]], extras))
-    spec = _Spec(
+        extras = {a.lower(): float_or_nan(values[cols[a]]) for a in attributes if a in cols}
+        rows.append(Row(loc, values[cols["Image name"]], values[cols["MOS"]], extras))
+    spec = Spec(
         dataset=dataset,
         root=root_p,
         image_dir=images,
@@ -928,7 +466,7 @@ def load_spaq(
         mos_scale="SPAQ MOS 0-100 used as is",
         extra_columns=tuple(a.lower() for a in attributes),
     )
-    return _build(
+    return build_table(
         spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
     )
 
@@ -1006,7 +544,7 @@ def load_livec(
         DatasetError: See the module docstring.
     """
     dataset = "livec"
-    root_p = _root(root, dataset, "Images/ and Data/AllMOS_release.mat")
+    root_p = dataset_root(root, dataset, "Images/ and Data/AllMOS_release.mat")
     nested = root_p / "ChallengeDB_release"
     if not (root_p / "Data").is_dir() and not (root_p / LIVEC_CSV_FILE).is_file() and nested.is_dir():
         root_p = nested
@@ -1019,22 +557,22 @@ def load_livec(
             f"{dataset}: label files not found; expected {names_path} and {mos_path} "
             f"(original release) or a converted {csv_candidates[0]} with columns ['image', 'mos']"
         )
-    images = _image_dir(root_p, dataset, image_dir, ("Images",), check_files)
+    images = find_image_dir(root_p, dataset, image_dir, ("Images",), check_files)
 
-    rows: list[_Row] = []
+    rows: list[Row] = []
     dropped: list[str] = []
     if use_csv:
-        label = _find_file(root_p, dataset, label_file, csv_candidates)
-        table = _read_csv(label)
+        label = find_label_file(root_p, dataset, label_file, csv_candidates)
+        table = read_csv(label)
         cols = table.require(["image", "mos"], ["std"])
         for loc, values in table.rows:
             name = values[cols["image"]].strip().replace("\\", "/")
             if drop_training_images and _LIVEC_TRAINING_NAME.match(name.lower()):
                 dropped.append(name)
                 continue
-            extras = {"mos_std": _float_or_nan(values[cols["std"]])} if "std" in cols else {}
+            extras = {"mos_std": float_or_nan(values[cols["std"]])} if "std" in cols else {}
             rel = _livec_image_path(images, name)
-            rows.append(_Row(loc, name, values[cols["mos"]], extras, rel_path=rel))
+            rows.append(Row(loc, name, values[cols["mos"]], extras, rel_path=rel))
         mos_label = "mos"
     else:
         for path in (names_path, mos_path):
@@ -1058,11 +596,11 @@ def load_livec(
             if drop_training_images and i < LIVEC_N_TRAINING:
                 dropped.append(name)
                 continue
-            loc = _Loc(mos_path, i + 1, None, "entry", f" (image names from {names_path.name})")
+            loc = Loc(mos_path, i + 1, None, "entry", f" (image names from {names_path.name})")
             extras = {"mos_std": float(std[i])} if std is not None else {}
-            rows.append(_Row(loc, name, value, extras, rel_path=_livec_image_path(images, name)))
+            rows.append(Row(loc, name, value, extras, rel_path=_livec_image_path(images, name)))
         mos_label = "AllMOS_release"
-    spec = _Spec(
+    spec = Spec(
         dataset=dataset,
         root=root_p,
         image_dir=images,
@@ -1073,7 +611,7 @@ def load_livec(
         extra_columns=("mos_std",),
         attrs={"dropped_training_images": dropped},
     )
-    return _build(
+    return build_table(
         spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
     )
 
@@ -1088,60 +626,15 @@ def load_agiqa3k(
     image_dir: str | os.PathLike[str] | None = None,
     label_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
-    """Read AGIQA-3K (Li et al., IEEE TCSVT 2023), AI-generated images with perception MOS.
+    """Read AGIQA-3K (Li et al., IEEE TCSVT 2023), AI-generated images with perception MOS: the
+    declared layout :data:`iqa_ray.data.layouts.AGIQA3K` read by :func:`~iqa_ray.data.layouts.read_layout`.
 
     The score is ``mos_quality`` (perceptual quality); the split is seeded and grouped by
-    ``prompt``.
-
-    Args:
-        root: Folder with ``data.csv`` and the images (``AGIQA-3K/`` or ``images/``).
-        split_seed: Seed of the grouped random split.
-        fractions: (train, val, test) fractions of prompts.
-        on_error: ``"raise"`` or ``"skip"``.
-        check_files: Check that every image exists (no decoding).
-        image_dir: Image folder, relative to ``root`` or absolute.
-        label_file: Label CSV (default ``data.csv``).
-
-    Returns:
-        The common table; extras ``prompt``, ``generator`` (file-name prefix, e.g. ``sd1.5``),
-        ``adj1``, ``adj2``, ``style``, ``std_quality``, ``mos_align`` and ``std_align``.
-
-    Raises:
-        DatasetError: See the module docstring.
+    ``prompt``. Extras: ``prompt``, ``generator`` (file-name prefix, e.g. ``sd1.5``), ``adj1``,
+    ``adj2``, ``style``, ``std_quality``, ``mos_align`` and ``std_align``.
     """
-    dataset = "agiqa3k"
-    root_p = _root(root, dataset, f"{AGIQA_LABEL_FILE} and AGIQA-3K/")
-    label = _find_file(root_p, dataset, label_file, [root_p / AGIQA_LABEL_FILE])
-    images = _image_dir(root_p, dataset, image_dir, AGIQA_IMAGE_DIRS, check_files)
-    table = _read_csv(label)
-    optional = ["adj1", "adj2", "style", "std_quality", "mos_align", "std_align"]
-    cols = table.require(["name", "prompt", "mos_quality"], optional)
-    rows = []
-    for loc, values in table.rows:
-        name = values[cols["name"]].strip()
-        prompt = values[cols["prompt"]].strip()
-        extras: dict[str, Any] = {"prompt": prompt, "generator": name.split("_", 1)[0] if "_" in name else ""}
-        for col in ("adj1", "adj2", "style"):
-            if col in cols:
-                extras[col] = values[cols[col]].strip()
-        for col in ("std_quality", "mos_align", "std_align"):
-            if col in cols:
-                extras[col] = _float_or_nan(values[cols[col]])
-        rows.append(_Row(loc, name, values[cols["mos_quality"]], extras, group=prompt))
-    spec = _Spec(
-        dataset=dataset,
-        root=root_p,
-        image_dir=images,
-        label_file=label,
-        mos_label="mos_quality",
-        mos_range=(0.0, 5.0),
-        mos_scale="AGIQA-3K mos_quality 0-5 -> mos_quality*20",
-        extra_columns=("prompt", "generator", "adj1", "adj2", "style", *optional[3:]),
-        attrs={"group_by": "prompt"},
-    )
-    return _build(
-        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
-    )
+    return read_layout(AGIQA3K, root, split_seed=split_seed, fractions=fractions, on_error=on_error,
+                       check_files=check_files, image_dir=image_dir, label_file=label_file)
 
 
 def load_csv_dataset(
@@ -1191,47 +684,14 @@ def load_csv_dataset(
         ValueError: If ``mos_range`` is not two finite numbers with lowest < highest.
     """
     try:
-        lo, hi = (float(v) for v in mos_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"mos_range must be (lowest, highest), got {mos_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"mos_range must be two finite numbers with lowest < highest, got {mos_range!r}")
-    root_p = _root(root, name, f"the label CSV {csv_file}")
-    label = _find_file(root_p, name, None, [_under(root_p, csv_file)])
-    images = _under(root_p, image_dir) if image_dir is not None else root_p
-    if check_files and not images.is_dir():
-        raise DatasetError(f"{name}: image folder {images} (from image_dir) does not exist")
-    table = _read_csv(label, delimiter)
-    optional = [c for c in (group_col, split_col) if c]
-    cols = table.require([image_col, mos_col] + optional)
-    used = {cols[c] for c in cols}
-    rows = []
-    for loc, values in table.rows:
-        extras = {c: v for c, v in values.items() if c not in used and c not in BASE_COLUMNS and c}
-        row = _Row(loc, values[cols[image_col]], values[cols[mos_col]], extras)
-        if group_col:
-            row.group = values[cols[group_col]]
-        if split_col:
-            row.split = values[cols[split_col]]
-        rows.append(row)
-    direction = "higher is better" if higher_is_better else "lower is better"
-    mapping = "(x-lo)/(hi-lo)*100" if higher_is_better else "(hi-x)/(hi-lo)*100"
-    spec = _Spec(
-        dataset=name,
-        root=root_p,
-        image_dir=images,
-        label_file=label,
-        mos_label=mos_col,
-        mos_range=(lo, hi),
-        mos_scale=f"{mos_col} {lo:g}-{hi:g} ({direction}) -> {mapping} with lo={lo:g}, hi={hi:g}",
-        higher_is_better=higher_is_better,
-        official_split=bool(split_col),
-        split_column=repr(split_col) if split_col else "split",
-        attrs={"group_by": group_col, "split_column": split_col},
-    )
-    return _build(
-        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
-    )
+        layout = Layout(name=name, label_files=(str(csv_file),), image_col=image_col, score_col=mos_col,
+                        score_range=mos_range, higher_is_better=higher_is_better, group_col=group_col,
+                        split_col=split_col, keep_other_columns=True, delimiter=delimiter,
+                        expected=f"the label CSV {csv_file}")
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(f"{name}: score_range", "mos_range")) from None
+    return read_layout(layout, root, split_seed=split_seed, fractions=fractions, on_error=on_error,
+                       check_files=check_files, image_dir=image_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1264,6 +724,33 @@ ALIASES: dict[str, str] = {
     "agiqa": "agiqa3k",
     "generic": "csv",
 }
+
+
+def register_layout(layout: Layout, *, aliases: Sequence[str] = ()) -> None:
+    """Make a declared layout (:class:`~iqa_ray.data.layouts.Layout`) an adapter: ``<name>:ROOT``
+    then works wherever a dataset spec does (``--dataset``, ``dataset = ...``, evaluation).
+
+    Raises:
+        ValueError: the name or an alias is taken.
+    """
+    names = [layout.name.lower(), *(a.lower() for a in aliases)]
+    taken = [n for n in names if n in ADAPTERS or n in ALIASES]
+    if taken:
+        raise ValueError(f"dataset names {taken} are already registered; registered: {sorted(ADAPTERS)} "
+                         f"(aliases: {sorted(ALIASES)})")
+    ADAPTERS[names[0]] = functools.partial(read_layout, layout)
+    ALIASES.update({alias: names[0] for alias in names[1:]})
+
+
+def unregister_layout(name: str) -> None:
+    """Remove a registered layout and its aliases (for tests and temporary plug-ins)."""
+    key = resolve_dataset_name(name)
+    adapter = ADAPTERS[key]
+    if not isinstance(adapter, functools.partial) or adapter.func is not read_layout:
+        raise ValueError(f"{key!r} is a built-in adapter, not a registered layout")
+    del ADAPTERS[key]
+    for alias in [a for a, target in ALIASES.items() if target == key]:
+        del ALIASES[alias]
 
 
 def resolve_dataset_name(name: str) -> str:
@@ -1313,7 +800,7 @@ def load_iqa_dataset(
         ValueError: Unknown name, invalid ``on_error`` or invalid ``fractions``.
         DatasetError: Missing or malformed data (see the module docstring).
     """
-    _check_on_error(on_error)
+    check_on_error(on_error)
     validate_fractions(fractions)
     adapter = ADAPTERS[resolve_dataset_name(name)]
     return adapter(
@@ -1324,3 +811,9 @@ def load_iqa_dataset(
         check_files=check_files,
         **kwargs,
     )
+
+
+for _layout in BUILT_IN_LAYOUTS:
+    if _layout.name not in ADAPTERS:  # AGIQA-3K keeps its documented wrapper, load_agiqa3k
+        register_layout(_layout)
+load_plugins()  # the user's layouts (IQA_RAY_PLUGINS), in every process that imports the adapters

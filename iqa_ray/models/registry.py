@@ -6,7 +6,9 @@ backbone, the family's options as keyword arguments and ``loss``) and an options
 the family's config keys, with their defaults and validation). :func:`register_family` adds one;
 the training config (:mod:`iqa_ray.config`) reads the registry, so a family's keys are config keys,
 ``--set`` keys and search-space parameters with nothing else to edit. The built-in families are
-registered at the bottom of this module; unknown names fail loudly with the list of valid ones.
+registered at the bottom of this module, then the user's plug-in modules are imported
+(:mod:`iqa_ray.utils.plugins`, ``IQA_RAY_PLUGINS``); unknown names fail loudly with the list of
+valid ones.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from iqa_ray.models.hyperiqa import HyperIQA, HyperIQAOptions
 from iqa_ray.models.losses import RegressionLoss
 from iqa_ray.models.mlp import MLPIQA, MLPOptions
 from iqa_ray.utils.config_base import Options
+from iqa_ray.utils.plugins import load_plugins
 
 __all__ = ["FAMILIES", "Family", "build_model", "family", "family_arguments", "family_keys", "register_family",
            "unregister_family"]
@@ -175,3 +178,4 @@ def build_model(
 register_family("mlp", MLPIQA, MLPOptions, pools_features=True)
 register_family("gmm", GMMIQA, GMMOptions)
 register_family("hyperiqa", HyperIQA, HyperIQAOptions)
+load_plugins()  # the user's families (IQA_RAY_PLUGINS), in every process that imports the registry

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from iqa_ray.utils.plugins import PLUGINS_ENV
+
 TRIAL_THREAD_EXIT_WAIT_S = 10.0
 # Runs once in every worker process of the jobs `init_ray` starts (runtime_env setup hook).
 WORKER_SETUP_HOOK = "iqa_ray.search.ray_init.wait_for_trial_threads_at_exit"
@@ -51,7 +53,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
 
     The dashboard is not started (it would open a port); Ray's own logs stay in its temp folder.
     Every worker runs :func:`wait_for_trial_threads_at_exit` at start-up (unless ``runtime_env``
-    names another setup hook), so a stopped trial's actor exits without a SIGABRT.
+    names another setup hook), so a stopped trial's actor exits without a SIGABRT; the
+    ``IQA_RAY_PLUGINS`` variable (:mod:`iqa_ray.utils.plugins`) is passed on to every worker.
     """
     import ray
 
@@ -60,6 +63,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
+    if os.environ.get(PLUGINS_ENV):  # the user's families and layouts, registered in every worker too
+        runtime_env["env_vars"] = {PLUGINS_ENV: os.environ[PLUGINS_ENV], **runtime_env.get("env_vars", {})}
     init_kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True, "log_to_driver": True,
                                    "runtime_env": runtime_env}
     if address:
