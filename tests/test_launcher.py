@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from iqa_ray.config import TrainConfig
 from iqa_ray.search.launcher import LaunchError, build_parser, check_address, main, resolve_gpus, settings_from_args
 from iqa_ray.search.tuner import per_gpu
 
@@ -272,3 +273,16 @@ def test_set_is_parsed_once_so_an_old_key_warns_once(tmp_path):
     assert len(deprecations) == 1, [str(w.message) for w in deprecations]
     record = json.loads((tmp_path / "exp" / "experiment.json").read_text())
     assert record["launch"]["set"] == {"lr_schedule": "step"}  # what --resume compares, by the key's new name
+
+
+def test_set_family_drops_the_studys_keys_of_another_family_and_says_so():
+    # ranking.toml is written for hyperiqa and fixes its multiscale; an mlp search drops it, aloud
+    settings = settings_from_args(parse("--set", "family=mlp", "--set", "hidden_dim=64", "--recipe", "none"), "ranking")
+    assert "multiscale" not in settings.study.fixed
+    assert any("--set family=mlp: the study's fixed multiscale = " in line and "dropped" in line
+               for line in settings.recipe_lines), settings.recipe_lines
+    assert TrainConfig.from_dict({**settings.study.fixed, **dict(settings.overrides)}).model.hidden_dim == 64
+    # a study that searches another family's keys cannot be switched
+    with pytest.raises(LaunchError, match="--set family=mlp: study 'gmm' searches .*n_clusters.*which family 'mlp' "
+                                          "does not take"):
+        settings_from_args(parse("--set", "family=mlp", "--recipe", "none", study="gmm"), "gmm")

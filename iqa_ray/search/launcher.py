@@ -13,15 +13,16 @@ import json
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from iqa_ray.config import ConfigError, TrainConfig
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.paths import default_results_dir
 from iqa_ray.data.catalog import EMBEDDED
 from iqa_ray.search.preflight import check_weights
-from iqa_ray.search.recipe import apply_recipe, dataset_adapter, parse_recipe, resolve_recipe
+from iqa_ray.search.recipe import apply_recipe, dataset_adapter, foreign_family_keys, parse_recipe, resolve_recipe
 from iqa_ray.search.resources import (  # re-exported: the launcher's checks, as before
     LaunchError,
     check_cpus_per_trial,
@@ -168,6 +169,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     applied = apply_recipe(recipe, study, overrides["dataset"], overrides) if recipe is not None else None
     if applied is not None:
         study = applied.study
+    study, family_note = switch_family(study, sets)
     if args.smoke_test and "eval_patches" not in {p.name for p in study.params}:
         overrides.setdefault("eval_patches", 1)
     # Every override must make a valid config with the study's fixed values.
@@ -221,7 +223,8 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         overrides=tuple(sorted(overrides.items())), sets=tuple(sets.items()),
         splits=1 if args.smoke_test and splits else splits,
         recipe=applied.record() if applied is not None else None,
-        recipe_lines=tuple(applied.describe()) if applied is not None else ((note,) if note else ()),
+        recipe_lines=(*(applied.describe() if applied is not None else ((note,) if note else ())),
+                      *((family_note,) if family_note else ())),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=getattr(args, "time_budget", None),
     )
 
@@ -297,8 +300,9 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         raise LaunchError(f"--resume of {args.name!r} would not continue the experiment that was started: "
                           f"{'; '.join(differs)}. Drop those flags (the recorded values are used), or start a new "
                           "experiment with another --name")
+    resumed, _ = switch_family(applied.study if applied is not None else study, launch["set"])
     return SearchSettings(
-        study=applied.study if applied is not None else study, name=args.name, storage=storage,
+        study=resumed, name=args.name, storage=storage,
         searcher=record["searcher"], scheduler=record.get("trial_scheduler", record.get("scheduler")),
         num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
         reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
@@ -309,6 +313,28 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
     )
+
+
+def switch_family(study: Any, sets: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """The study with ``--set family=X`` honoured: its fixed keys that only other families take are
+    dropped (said in the returned note); searching one of them is an error.
+
+    Raises:
+        LaunchError: the study searches a key the chosen family does not take.
+    """
+    family = sets.get("family")
+    if family is None or family == study.fixed.get("family", TrainConfig().model.family):
+        return study, None
+    searched = foreign_family_keys({p.name: None for p in study.params}, str(family))
+    if searched:
+        raise LaunchError(f"--set family={family}: study {study.name!r} searches {', '.join(sorted(searched))}, which "
+                          f"family {family!r} does not take; use a study written for it (or copy this one without them)")
+    dropped = foreign_family_keys(study.fixed, str(family), keep=sets)
+    if not dropped:
+        return study, None
+    study = replace(study, fixed={k: v for k, v in study.fixed.items() if k not in dropped})
+    return study, (f"--set family={family}: the study's fixed {', '.join(f'{k} = {v!r}' for k, v in dropped.items())} "
+                   "apply to another family and are dropped")
 
 
 def check_weights_reachable(study: Any, overrides: dict[str, Any]) -> None:

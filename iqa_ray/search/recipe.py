@@ -34,7 +34,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from iqa_ray.config import ConfigError, TrainConfig, renamed_keys, valid_keys
 from iqa_ray.models.registry import family_keys
@@ -187,6 +187,13 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: Path | None = None
                   budget=budget, fixed=fixed, datasets=datasets, definition={k: v for k, v in data.items()})
 
 
+def foreign_family_keys(fixed: Mapping[str, Any], family: str, keep: Iterable[str] = ()) -> dict[str, Any]:
+    """The keys of ``fixed`` that only other model families take (a study written for ``hyperiqa``
+    fixes ``multiscale``), except those in ``keep``: what a switch to ``family`` drops."""
+    takers, keep = family_keys(), set(keep)
+    return {k: v for k, v in fixed.items() if k in takers and family not in takers[k] and k not in keep}
+
+
 def apply_recipe(recipe: Recipe, study: Study, dataset: str, overrides: Mapping[str, Any] = ()) -> AppliedRecipe:
     """The study with the recipe's values for ``dataset`` fixed (see the module docstring).
 
@@ -206,8 +213,7 @@ def apply_recipe(recipe: Recipe, study: Study, dataset: str, overrides: Mapping[
     applied = {k: v for k, v in values.items() if k not in searched_names}
     searched = {k: v for k, v in values.items() if k in searched_names}
     family = applied.get("family", study.fixed.get("family", TrainConfig().model.family))
-    takers = family_keys()
-    dropped = {k: v for k, v in study.fixed.items() if k in takers and family not in takers[k] and k not in applied}
+    dropped = foreign_family_keys(study.fixed, family, keep=applied)
     fixed = {**{k: v for k, v in study.fixed.items() if k not in dropped}, **applied}
     budget = {k: v for k, v in recipe.budget.items()}
     if "grace_period" not in budget and "max_epochs" in budget:
