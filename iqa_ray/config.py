@@ -1,7 +1,9 @@
 """Frozen, validated configuration of one training run: data, model, optimisation.
 
-One config type per concern, each a frozen dataclass validated when it is built, so a bad value
-fails before any work starts with a message naming the key and what is valid. Search spaces and
+One config type per concern, each a frozen dataclass on the config base
+(:class:`iqa_ray.utils.config_base.Options`, as are the families' options, the pre-training config
+and the pre-generation config) validated when it is built, so a bad value fails before any work
+starts with a :class:`ConfigError` naming the key and what is valid. Search spaces and
 the command line speak in *flat* keys (``lr``, ``alpha``, ``n_clusters``, ...): every field name is
 unique across the three sections, and :meth:`TrainConfig.from_dict` routes each key to its section
 (nested ``{"data": {...}, "model": {...}, "optim": {...}}`` works too). The resolved config is
@@ -46,7 +48,7 @@ def feature_cache_families() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Options):
     """What data a run sees and how it is cropped and batched.
 
     Attributes:
@@ -157,7 +159,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Options):
     """Which model is trained and with which loss.
 
     The keys every family shares are fields here; each family's own keys (``hidden_dim``,
@@ -265,7 +267,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Options):
     """How a run is optimised.
 
     Attributes:

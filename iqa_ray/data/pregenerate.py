@@ -65,6 +65,7 @@ from iqa_ray.data.sources import (
     load_reference,
 )
 from iqa_ray.data.splits import EMBEDDED_FRACTIONS, assign_group_splits, validate_fractions
+from iqa_ray.utils.config_base import Options, require
 from iqa_ray.utils.io import atomic_path, atomic_write_json, git_revision, stable_hash
 
 FORMAT_VERSION = 1
@@ -97,7 +98,7 @@ SHARD_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class PregenConfig:
+class PregenConfig(Options):
     """Everything that determines a generated dataset; its hash names the output folder.
 
     Attributes:
@@ -139,24 +140,18 @@ class PregenConfig:
     severity_levels: int = 6
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCE_KINDS:
-            raise ValueError(f"unknown source {self.source!r}; valid: {', '.join(SOURCE_KINDS)}")
-        if self.source != "embedded" and not self.source_path:
-            raise ValueError(f"source {self.source!r} needs source_path (a folder, saved dataset or hub name)")
-        if self.strength not in dist.STRENGTH_PRESETS:
-            raise ValueError(f"unknown strength {self.strength!r}; valid: {', '.join(dist.STRENGTH_PRESETS)}")
-        if self.per_image < 1:
-            raise ValueError(f"per_image must be >= 1, got {self.per_image}")
-        if self.crop_size < 32:
-            raise ValueError(f"crop_size must be >= 32 pixels, got {self.crop_size}")
-        if self.max_crops_per_photo < 1:
-            raise ValueError(f"max_crops_per_photo must be >= 1, got {self.max_crops_per_photo}")
-        if self.max_short_side < self.crop_size:
-            raise ValueError(f"max_short_side ({self.max_short_side}) must be >= crop_size ({self.crop_size})")
-        if not 0.0 < self.sample <= 1.0:
-            raise ValueError(f"sample must be in (0, 1], got {self.sample}")
-        if self.severity_levels < 3:
-            raise ValueError(f"severity_levels must be >= 3, got {self.severity_levels}")
+        require(self.source in SOURCE_KINDS, f"unknown source {self.source!r}; valid: {', '.join(SOURCE_KINDS)}")
+        require(self.source == "embedded" or bool(self.source_path),
+                f"source {self.source!r} needs source_path (a folder, saved dataset or hub name)")
+        require(self.strength in dist.STRENGTH_PRESETS,
+                f"unknown strength {self.strength!r}; valid: {', '.join(dist.STRENGTH_PRESETS)}")
+        require(self.per_image >= 1, f"per_image must be >= 1, got {self.per_image}")
+        require(self.crop_size >= 32, f"crop_size must be >= 32 pixels, got {self.crop_size}")
+        require(self.max_crops_per_photo >= 1, f"max_crops_per_photo must be >= 1, got {self.max_crops_per_photo}")
+        require(self.max_short_side >= self.crop_size,
+                f"max_short_side ({self.max_short_side}) must be >= crop_size ({self.crop_size})")
+        require(0.0 < self.sample <= 1.0, f"sample must be in (0, 1], got {self.sample}")
+        require(self.severity_levels >= 3, f"severity_levels must be >= 3, got {self.severity_levels}")
         for name in self.distortions:
             dist.get_distortion(name)  # raises, listing the valid names
         object.__setattr__(self, "distortions", tuple(self.distortions))

@@ -471,6 +471,17 @@ def _check_range(at: str, kind: str, low: Any, high: Any) -> tuple[float, float]
     return (int(low), int(high)) if kind in ("int", "logint") else (float(low), float(high))
 
 
+def budget_problem(num_samples: int, max_epochs: int, grace_period: int, reduction_factor: int) -> str | None:
+    """What is wrong with a search's budget (a study's, or the settings a launch resolved), or ``None``."""
+    for key, value, lo in (("num_samples", num_samples, 1), ("max_epochs", max_epochs, 1),
+                           ("grace_period", grace_period, 1), ("reduction_factor", reduction_factor, 2)):
+        if value < lo:
+            return f"{key} must be >= {lo}, got {value}"
+    if grace_period > max_epochs:
+        return f"grace_period ({grace_period}) exceeds max_epochs ({max_epochs})"
+    return None
+
+
 def check_study(where: str, study: Study) -> None:
     try:  # before Ray starts: a metric no trial reports would make every trial look equally bad
         study.selection_rule  # checks the objectives (the primary one is metric, mode) and the rule  # noqa: B018
@@ -482,12 +493,9 @@ def check_study(where: str, study: Study) -> None:
         raise StudyError(f"{where}: searcher must be one of {SEARCHERS}, got {study.searcher!r}")
     if study.trial_scheduler not in TRIAL_SCHEDULERS:
         raise StudyError(f"{where}: trial_scheduler must be one of {TRIAL_SCHEDULERS}, got {study.trial_scheduler!r}")
-    for key, value, lo in (("num_samples", study.num_samples, 1), ("max_epochs", study.max_epochs, 1),
-                           ("grace_period", study.grace_period, 1), ("reduction_factor", study.reduction_factor, 2)):
-        if value < lo:
-            raise StudyError(f"{where}: {key} must be >= {lo}, got {value}")
-    if study.grace_period > study.max_epochs:
-        raise StudyError(f"{where}: grace_period ({study.grace_period}) exceeds max_epochs ({study.max_epochs})")
+    problem = budget_problem(study.num_samples, study.max_epochs, study.grace_period, study.reduction_factor)
+    if problem:
+        raise StudyError(f"{where}: {problem}")
     decoded_once = sorted(p.name for p in study.params if p.name in DECODE_KEYS)
     if decoded_once:
         # The launcher decodes the dataset once, from the study's fixed values, and every trial reads

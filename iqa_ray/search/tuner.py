@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
+from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError, budget_problem
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -65,10 +65,9 @@ class SearchSettings:
             raise StudyError(f"searcher must be one of {SEARCHERS}, got {self.searcher!r}")
         if self.scheduler not in TRIAL_SCHEDULERS:
             raise StudyError(f"scheduler must be one of {TRIAL_SCHEDULERS}, got {self.scheduler!r}")
-        if self.num_samples < 1 or self.max_epochs < 1 or self.grace_period < 1 or self.reduction_factor < 2:
-            raise StudyError("num_samples, max_epochs and grace_period must be >= 1 and reduction_factor >= 2")
-        if self.grace_period > self.max_epochs:
-            raise StudyError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
+        problem = budget_problem(self.num_samples, self.max_epochs, self.grace_period, self.reduction_factor)
+        if problem:
+            raise StudyError(problem)
         if self.cpus_per_trial <= 0:
             raise StudyError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
         if self.workers_per_trial < 1:
