@@ -20,7 +20,7 @@ from iqa_ray.data.layouts import Layout
 from iqa_ray.data.real import ADAPTERS, load_iqa_dataset, register_layout, unregister_layout
 from iqa_ray.engine import load_decoded
 
-# ----------------------------------------------------------------------------- the new dataset (5 lines)
+# ----------------------------------------------------------------------------- the new dataset (3 lines)
 MYDB = Layout(name="mydb", label_files=("labels/scores.csv",), image_dirs=("photos",), image_col="file",
               score_col="dmos", score_range=(0, 10), higher_is_better=False, group_col="scene",
               number_columns=("std",), text_columns=("device",))
