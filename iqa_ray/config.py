@@ -453,7 +453,7 @@ class TrainConfig:
                 # written by to_dict before (harmless); set away from it, it is almost always a
                 # mistake in a search space (e.g. n_clusters searched for an mlp).
                 takers = family_keys()[key]
-                if value != family(takers[0]).options.defaults()[key]:
+                if (tuple(value) if isinstance(value, list) else value) != family(takers[0]).options.defaults()[key]:
                     raise ConfigError(f"{key} applies to family {'/'.join(takers)} only, not {chosen!r}")
         parts["model"]["options"] = options
         try:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from iqa_ray.config import ConfigError, TrainConfig, valid_keys
@@ -49,6 +51,10 @@ def test_family_kwargs_pick_only_the_familys_arguments():
     assert hyper == {"multiscale": True, "hyper_channels": 112, "target_in": 224, "target_sizes": (112, 56, 28, 14),
                      "lda_dim": 16, "lda_channels": 16, "lda_grid": 4, "hypernet_lr_mult": 10.0}
     assert "n_clusters" not in TrainConfig.from_dict({"family": "hyperiqa"}).to_dict()["model"]
+    # a record written as JSON (lists for tuples) with another family's keys at their defaults loads
+    record = json.loads(json.dumps(TrainConfig.from_dict({"family": "hyperiqa"}).to_dict()))
+    assert record["model"]["target_sizes"] == [112, 56, 28, 14]
+    assert TrainConfig.from_dict(record, family="mlp").model.options == TrainConfig.from_dict({"family": "mlp"}).model.options
 
 
 def test_valid_keys_cover_every_section():
