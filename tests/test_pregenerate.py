@@ -250,3 +250,31 @@ def test_ray_data_engine_matches_local_engine(tiny_config, tiny_dataset, tmp_pat
     assert a.drop(columns=["image"]).equals(b.drop(columns=["image"]))
     assert (a["image"] == b["image"]).all()
     assert json.loads((on_ray.path / "manifest.json").read_text())["severity_table"] == tiny_dataset.manifest["severity_table"]
+
+
+def test_two_processes_generating_the_same_dataset_do_not_tear_each_others_files(tiny_config, tmp_path):
+    # Two launches (or two test workers) sharing the dataset cache used to race: one's clean-up of
+    # torn files or its final rename pulled the partial folder from under the other
+    # (FileNotFoundError renaming a shard). Now the second waits and reuses the first's folder.
+    import threading
+
+    results, errors, messages = [], [], []
+
+    def run():
+        try:
+            results.append(pregenerate(tiny_config, tmp_path, engine="local", progress=messages.append))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results[0].path == results[1].path and (results[0].path / "manifest.json").exists()
+    assert any("another process" in m for m in messages)
+    assert not list(tmp_path.glob(".partial-*"))
+    table = read_shards(results[1]).to_pandas()
+    assert table["image_id"].is_unique
+    assert len(table) == sum(r["crops"] for r in results[1].manifest["references"]) * (1 + tiny_config.per_image)

@@ -632,16 +632,42 @@ def pregenerate(
     if (final / "manifest.json").exists() and not force:
         say(f"reusing {final} (same config hash)")
         return open_generated(final, reused=True)
-    partial = out_dir / f".partial-{name}"
-    shards_dir = partial / "shards"
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    for torn in partial.rglob(".*.tmp"):  # half-written by a killed run; never renamed into place
-        torn.unlink()
-    with progress_bar_for(progress_bar) as bar:
-        if bar is not None:  # messages above the bar, not through it
-            say = _above(bar, say)
-        return _generate(config, refs, listing_failed, final, partial, shards_dir, crops_per_unit, start,
-                         engine, engine_map, bar, say)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _generation_lock(out_dir / f".lock-{name}", say):
+        # Another process may have finished this dataset while we waited for the lock.
+        if (final / "manifest.json").exists() and not force:
+            say(f"reusing {final} (same config hash, written by another process)")
+            return open_generated(final, reused=True)
+        partial = out_dir / f".partial-{name}"
+        shards_dir = partial / "shards"
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        for torn in partial.rglob(".*.tmp"):  # half-written by a killed run; never renamed into place
+            torn.unlink()
+        with progress_bar_for(progress_bar) as bar:
+            if bar is not None:  # messages above the bar, not through it
+                say = _above(bar, say)
+            return _generate(config, refs, listing_failed, final, partial, shards_dir, crops_per_unit, start,
+                             engine, engine_map, bar, say)
+
+
+@contextlib.contextmanager
+def _generation_lock(path: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """One process at a time generates a given dataset (two launches, or parallel test workers,
+    sharing the dataset cache): the other waits, then reuses the finished folder. Without it, one
+    process's clean-up of torn files, or its final rename, pulled the partial folder from under the
+    other. The lock is released by the kernel if its holder dies, so a killed run never blocks."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process generating the same dataset ({path.name})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _above(bar: Any, say: Callable[[str], None]) -> Callable[[str], None]:
