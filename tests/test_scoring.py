@@ -37,7 +37,11 @@ def test_a_loaded_model_scores_files_exactly_as_the_engine_evaluated_them(traine
 def test_pil_images_arrays_and_tensors_score_like_their_files(trained):
     model = iqa_ray.load_model(trained["checkpoint"], device="cpu")
     arrays = trained["arrays"][:5]
-    expected = trained["expected"][:5]
+    # The files of the same five images, in one batch of five: identical scores are expected only
+    # for the same batch (matrix products group differently in another batch size: a few ulp,
+    # which the engine's scores of all the images are checked against below).
+    expected = model(trained["paths"][:5])
+    np.testing.assert_allclose(expected, trained["expected"][:5], rtol=1e-6, atol=0)
     np.testing.assert_array_equal(model([Image.fromarray(a) for a in arrays]), expected)
     np.testing.assert_array_equal(model(arrays), expected)
     uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
@@ -69,7 +73,7 @@ def test_a_trial_folder_means_its_newest_checkpoint(trained, tmp_path):
     shutil.copy(trained["checkpoint"], trial / "checkpoint_000000" / "checkpoint.pt")
     model = iqa_ray.load_model(trial, device="cpu")
     assert "trial trial_abc" in repr(model)
-    np.testing.assert_array_equal(model(trained["paths"][:3]), trained["expected"][:3])
+    np.testing.assert_array_equal(model(trained["paths"]), trained["expected"])
 
 
 def test_iqa_ray_score_writes_csv_and_reports_unreadable_files_without_stopping(trained, tmp_path, capsys):
