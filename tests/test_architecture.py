@@ -21,7 +21,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "iqa_ray"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("iqa_ray.utils", "iqa_ray.utils.*", "iqa_ray.paths", "iqa_ray.metrics", "iqa_ray.selection", "iqa_ray.data.errors")),
     ("data and models", ("iqa_ray.data", "iqa_ray.data.*", "iqa_ray.models", "iqa_ray.models.*", "iqa_ray.config")),
-    ("training", ("iqa_ray.build", "iqa_ray.engine", "iqa_ray.features", "iqa_ray.ssl", "iqa_ray.ssl.*", "iqa_ray.baselines")),
+    ("training", ("iqa_ray.build", "iqa_ray.engine", "iqa_ray.loaders", "iqa_ray.schedule", "iqa_ray.device",
+                  "iqa_ray.inference", "iqa_ray.checkpoints", "iqa_ray.parallel", "iqa_ray.features", "iqa_ray.ssl",
+                  "iqa_ray.ssl.*", "iqa_ray.baselines")),
     ("evaluation", ("iqa_ray.evaluate", "iqa_ray.scoring", "iqa_ray.portable", "iqa_ray.cost")),
     ("search", ("iqa_ray.trainables", "iqa_ray.trainables.*", "iqa_ray.search", "iqa_ray.search.*", "iqa_ray.export")),
     ("commands", ("iqa_ray", "iqa_ray.cli", "iqa_ray.command", "iqa_ray.train", "iqa_ray.pretrain", "iqa_ray.pregen",
