@@ -68,7 +68,7 @@ from iqa_ray.models import IQAModel
 from iqa_ray.models.mlp import SPREAD_POOLINGS
 from iqa_ray.parallel import DataParallel, check_data_parallel, sum_over_processes
 from iqa_ray.schedule import Schedule, build_optimizer, lr_factor
-from iqa_ray.utils.io import CheckpointError, git_revision, save_checkpoint
+from iqa_ray.utils.io import CheckpointError, git_revision, save_checkpoint, written_with
 from iqa_ray.utils.runtime import default_device, epoch_seed, seed_everything
 
 # The engine's public names, wherever they are defined: callers import them from here.
@@ -349,9 +349,7 @@ def fit(
     bad_epochs = 0
     if resume is not None:
         state = resume if isinstance(resume, dict) else load_checkpoint(resume)
-        # Compared as JSON reads them back: the file holds lists where the config holds tuples
-        # (HyperIQA's target_sizes, image_size).
-        if json.loads(state["config"]) != json.loads(json.dumps(config.to_dict())):
+        if not written_with(state, config):
             raise CheckpointError("the checkpoint was written by a different config; resume needs the same config")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -45,7 +45,7 @@ from iqa_ray.ssl import (
     load_unlabelled,
     pretrain,
 )
-from iqa_ray.utils.io import atomic_write_json, atomic_write_text, git_revision
+from iqa_ray.utils.io import atomic_write_json, atomic_write_text, git_revision, written_with
 
 _DEFAULTS = PretrainConfig()
 # (flag, config key, type, help): one flag per PretrainConfig field.
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        if json.loads(state["config"]) != json.loads(json.dumps(config.to_dict())):
+        if not written_with(state, config):
             # checked before anything in the folder is rewritten
             print(f"error: {out} was pre-trained with a different config; --resume needs the same flags",
                   file=sys.stderr)

@@ -241,8 +241,7 @@ def recipe_conflict(recipe: Recipe, study: Study, dataset: str) -> str | None:
     searched = {p.name for p in study.params}
     family = values.get("family") if "family" not in searched else None
     if family is not None:
-        takers = family_keys()
-        foreign = sorted(k for k in searched if k in takers and family not in takers[k])
+        foreign = sorted(foreign_family_keys(dict.fromkeys(searched), family))
         if foreign:
             return (f"the study searches {', '.join(foreign)}, which the recipe's family {family!r} does not take")
     if values.get("feature_cache"):

@@ -19,7 +19,7 @@ from iqa_ray.data import distortions as dist
 from iqa_ray.data.errors import DatasetError
 from iqa_ray.models.encoder_file import ENCODER_FILE, save_encoder
 from iqa_ray.models.backbones import create_backbone
-from iqa_ray.utils.io import CheckpointError, git_revision, load_weights_file, save_checkpoint
+from iqa_ray.utils.io import CheckpointError, git_revision, load_weights_file, save_checkpoint, written_with
 from iqa_ray.utils.runtime import default_device, epoch_seed, seed_everything
 from iqa_ray.ssl.config import PretrainConfig
 from iqa_ray.ssl.data import UnlabelledImages, batch_tensor, make_sample
@@ -169,7 +169,7 @@ def pretrain(
     start_epoch = 0
     if resume is not None:
         state = load_pretrain_checkpoint(resume)
-        if json.loads(state["config"]) != json.loads(json.dumps(config.to_dict())):
+        if not written_with(state, config):
             raise CheckpointError("the pre-training checkpoint was written by a different config; resume needs the same")
         encoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -126,6 +126,12 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, tampered with or from another config."""
 
 
+def written_with(state: dict[str, Any], config: Any) -> bool:
+    """Whether a checkpoint's config record (``state["config"]``, JSON) is ``config``: compared as
+    JSON reads it back, since the record holds lists where the config holds tuples."""
+    return json.loads(state["config"]) == json.loads(json.dumps(config.to_dict()))
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Write a checkpoint atomically (a crash leaves the old file or the new one)."""
     import torch
