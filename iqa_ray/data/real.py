@@ -544,7 +544,7 @@ def load_livec(
         DatasetError: See the module docstring.
     """
     dataset = "livec"
-    root_p = dataset_root(root, dataset, "Images/ and Data/AllMOS_release.mat")
+    root_p = dataset_root(root, dataset, "Images/ and Data/AllMOS_release.mat (or livec.csv)")
     nested = root_p / "ChallengeDB_release"
     if not (root_p / "Data").is_dir() and not (root_p / LIVEC_CSV_FILE).is_file() and nested.is_dir():
         root_p = nested
