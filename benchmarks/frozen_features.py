@@ -17,9 +17,10 @@ and its stage feature maps are pooled three ways (:func:`iqa_ray.models.mlp.pool
   recipe's choice).
 
 and, at native size, ``block mean+std``: the same over every block group of Lite0 (7 groups: the 5
-stages plus ``blocks.3`` and ``blocks.5``; ``pooling = "blocks"``, the recipe's choice).
+stages plus ``blocks.3`` and ``blocks.5``; ``pooling = "blocks"``), and ``every-block mean+std``:
+over every block of Lite0 (16 blocks; ``pooling = "every_block"``, the recipe's choice).
 
-Each of the 10 feature sets gets a ridge probe (:func:`iqa_ray.baselines.ridge_probe`: features
+Each of the 11 feature sets gets a ridge probe (:func:`iqa_ray.baselines.ridge_probe`: features
 standardised on train, ridge strength chosen on validation SRCC, test scored once). Printed as a
 markdown table (validation and test SRCC, test PLCC), written to
 ``benchmarks/results/frozen_features.json``. Features are cached under /tmp per input size, so a
@@ -27,12 +28,20 @@ rerun only fits the probes.
 
     python benchmarks/frozen_features.py [--json OUT]
     python benchmarks/frozen_features.py --quick   # 150 photos, JSON under /tmp
-    python benchmarks/frozen_features.py --cv      # also: stage vs block mean+std by cross-validation
+    python benchmarks/frozen_features.py --cv      # also: stage vs block vs every-block mean+std by cross-validation
 
-``--cv`` compares the two poolings the way the recipe was chosen, on training and validation photos
-only: 5-fold cross-validation over the split's train+val photos (in each fold a quarter of the
-other folds picks the ridge strength), for 3 fold seeds; it prints each pooling's mean SRCC and the
-paired difference per fold (mean +- standard error, folds where blocks win). Test photos are not used.
+``--cv`` compares the native-size poolings the way the recipe was chosen, on training and
+validation photos only: 5-fold cross-validation over the split's train+val photos, for 5 fold
+seeds (25 folds), of
+
+* ridge probes on stage, block and every-block mean+std (in each fold a quarter of the other folds
+  picks the ridge strength), and
+* the recipe's MLP head (:func:`head_srcc`: standardised features, one hidden layer of 256 with
+  dropout 0.5, AdamW at 3e-4 with a cosine schedule, 20 epochs of 10 draws per photo, L1 mixed with
+  the ranking loss at alpha 0.1, margin 0.5) on block and every-block mean+std.
+
+It prints each one's mean SRCC and the paired difference per fold against the previous pooling
+(mean +- standard error, folds where the richer pooling wins). Test photos are not used.
 """
 
 from __future__ import annotations
@@ -52,7 +61,8 @@ import numpy as np
 DATASET = "livec:../shared/data/livec-jpg"
 SCALES = {"native": 1.0, "0.5x": 0.5, "1.5x": 1.5}
 POOLINGS = ("last mean", "stage means", "stage mean+std")
-CV_FOLDS, CV_SEEDS = 5, (0, 1, 2)
+CV_FOLDS, CV_SEEDS = 5, (0, 1, 2, 3, 4)
+NATIVE_POOLINGS = ("stages", "blocks", "every_block")
 DEFAULT_JSON = Path("benchmarks/results/frozen_features.json")
 QUICK_JSON = Path(tempfile.gettempdir()) / "frozen_features_quick.json"
 FEATURE_DIR = Path(tempfile.gettempdir()) / "iqa_ray_feature_cache"
@@ -81,13 +91,18 @@ def fingerprint(table: Any, extra: dict[str, Any]) -> str:
 
 def pooled_features(backbone: Any, images: list[np.ndarray], scale: float, blocks: Any = None) -> dict[str, np.ndarray]:
     """Each photo (resized by ``scale`` unless 1) through the frozen backbone, pooled three ways (and
-    through ``blocks``, the same backbone tapping every block group, pooled as ``blocks``)."""
+    through ``blocks``, the same backbone tapping every block, pooled as ``every_block`` and, from
+    the maps that end a block group, as ``blocks``)."""
     import torch
     import torch.nn.functional as F
 
     from iqa_ray.models.mlp import pool_stages
 
-    out: dict[str, list[np.ndarray]] = {"last": [], "stages": [], **({"blocks": []} if blocks is not None else {})}
+    out: dict[str, list[np.ndarray]] = {"last": [], "stages": [],
+                                        **({"blocks": [], "every_block": []} if blocks is not None else {})}
+    if blocks is not None:
+        sizes = [len(group) for group in blocks.body.blocks]
+        group_ends = [sum(sizes[:g + 1]) - 1 for g in range(len(sizes))]
     start = 0
     with torch.no_grad():
         while start < len(images):
@@ -102,7 +117,9 @@ def pooled_features(backbone: Any, images: list[np.ndarray], scale: float, block
             out["last"].append(pool_stages(stages, "last").numpy())
             out["stages"].append(pool_stages(stages, "stages").numpy())
             if blocks is not None:
-                out["blocks"].append(pool_stages(blocks(batch), "blocks").numpy())
+                maps = blocks(batch)
+                out["every_block"].append(pool_stages(maps, "every_block").numpy())
+                out["blocks"].append(pool_stages([maps[i] for i in group_ends], "blocks").numpy())
             start = stop
     return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
@@ -116,22 +133,74 @@ def stage_means(mean_std: np.ndarray, channels: tuple[int, ...]) -> np.ndarray:
     return mean_std[:, np.concatenate(columns)]
 
 
+def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> float:
+    """Test SRCC of the recipe's MLP head trained on rows ``train`` of features ``x`` (a plain torch loop
+    with the recipe's settings and the ranking study's middle values; see the module docstring)."""
+    import torch
+    from torch import nn
+
+    from iqa_ray.metrics import srcc
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    feats, target = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(mos.astype(np.float32))
+    mean, std = feats[train].mean(0), feats[train].std(0, correction=0).clamp_min(1e-6)
+    t_mean, t_std = target[train].mean(), target[train].std()
+    head = nn.Sequential(nn.Linear(feats.shape[1], 256), nn.GELU(), nn.Dropout(0.5), nn.Linear(256, 1))
+    nn.init.normal_(head[-1].weight, std=1e-3)
+    nn.init.zeros_(head[-1].bias)
+    epochs, draws, batch, lr, alpha, margin = 20, 10, 32, 3e-4, 0.1, 0.5
+    steps = len(train) * draws // batch
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps, eta_min=lr * 0.01)
+    rows = torch.from_numpy(train).repeat(draws)
+    for _ in range(epochs):
+        order = rows[torch.randperm(len(rows), generator=gen)]
+        for step in range(steps):
+            idx = order[step * batch:(step + 1) * batch]
+            y = (target[idx] - t_mean) / t_std
+            pred = head((feats[idx] - mean) / std).squeeze(1)
+            ordered = y[:, None] > y[None, :]
+            rank = (margin / t_std - (pred[:, None] - pred[None, :])).clamp_min(0)[ordered].mean()
+            loss = (1 - alpha) * (pred - y).abs().mean() + alpha * rank
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    head.eval()
+    with torch.no_grad():
+        return float(srcc(head((feats[test] - mean) / std).squeeze(1).numpy().astype(np.float64), mos[test]))
+
+
+def paired(scores: dict[str, list[float]], richer: str, base: str) -> dict[str, Any]:
+    diff = np.array(scores[richer]) - np.array(scores[base])
+    return {"richer": richer, "base": base, "diff_mean": float(diff.mean()),
+            "diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff))), "wins": int((diff > 0).sum()), "folds": int(len(diff))}
+
+
 def cross_validate(feats: dict[str, np.ndarray], mos: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
-    """Stage vs block mean+std ridge probes by k-fold cross-validation over ``rows`` (train+val)."""
+    """Ridge probes on every native pooling and the MLP head on the two block poolings, by k-fold
+    cross-validation over ``rows`` (train+val)."""
     from iqa_ray.baselines import ridge_probe
 
-    scores: dict[str, list[float]] = {"stages": [], "blocks": []}
+    ridge: dict[str, list[float]] = {name: [] for name in NATIVE_POOLINGS}
+    head: dict[str, list[float]] = {name: [] for name in NATIVE_POOLINGS[1:]}
     for seed in CV_SEEDS:
         folds = np.array_split(np.random.default_rng(seed).permutation(rows), CV_FOLDS)
         for k in range(CV_FOLDS):
             rest = np.concatenate([folds[j] for j in range(CV_FOLDS) if j != k])
             pick, fit_rows = rest[: len(rest) // 4], rest[len(rest) // 4:]
-            for name in scores:
-                scores[name].append(ridge_probe(feats[name].astype(np.float64), mos, fit_rows, pick, folds[k])["srcc"])
-    diff = np.array(scores["blocks"]) - np.array(scores["stages"])
-    return {"stages": float(np.mean(scores["stages"])), "blocks": float(np.mean(scores["blocks"])),
-            "diff_mean": float(diff.mean()), "diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
-            "blocks_better": int((diff > 0).sum()), "folds": int(len(diff)), "per_fold": scores}
+            for name in ridge:
+                ridge[name].append(ridge_probe(feats[name].astype(np.float64), mos, fit_rows, pick, folds[k])["srcc"])
+            for name in head:
+                head[name].append(head_srcc(feats[name], mos, rest, folds[k], seed=100 * seed + k))
+            print(f"[cv] fold seed {seed} fold {k}: ridge " + " ".join(f"{n} {v[-1]:.3f}" for n, v in ridge.items())
+                  + "; head " + " ".join(f"{n} {v[-1]:.3f}" for n, v in head.items()), flush=True)
+    return {"ridge": {n: float(np.mean(v)) for n, v in ridge.items()}, "head": {n: float(np.mean(v)) for n, v in head.items()},
+            "paired": {"ridge blocks vs stages": paired(ridge, "blocks", "stages"),
+                       "ridge every_block vs blocks": paired(ridge, "every_block", "blocks"),
+                       "head every_block vs blocks": paired(head, "every_block", "blocks")},
+            "per_fold": {"ridge": ridge, "head": head}}
 
 
 def main() -> None:
@@ -171,14 +240,14 @@ def main() -> None:
     stage_config = TrainConfig.from_dict({**config.to_dict(), "pooling": "stages"})
     backbone = build(stage_config, torch.device("cpu")).backbone.eval()  # the recipe's frozen Lite0, as the cache builds it
     channels = tuple(int(c) for c in backbone.channels)
-    block_config = TrainConfig.from_dict({**config.to_dict(), "pooling": "blocks"})
-    block_backbone = build(block_config, torch.device("cpu")).backbone.eval()  # tapping every block group
+    block_config = TrainConfig.from_dict({**config.to_dict(), "pooling": "every_block"})
+    block_backbone = build(block_config, torch.device("cpu")).backbone.eval()  # tapping every block
     results, timings = [], {}
     for name, scale in SCALES.items():
         key = {"backbone": config.model.backbone, "pretrained": str(config.model.pretrained), "scale": scale,
                "channels": channels, "resize": "bilinear, antialias" if scale != 1.0 else None,
                "blocks": block_backbone.tap_channels if scale == 1.0 else None}
-        names = ("last", "stages", "blocks") if scale == 1.0 else ("last", "stages")
+        names = ("last", "stages", "blocks", "every_block") if scale == 1.0 else ("last", "stages")
         path = FEATURE_DIR / f"livec_probe_{name}_{fingerprint(table, key)}.npz"
         if path.exists():
             with np.load(path) as z:
@@ -199,6 +268,7 @@ def main() -> None:
                 "stage mean+std": feats["stages"]}
         if "blocks" in feats:
             sets["block mean+std"] = feats["blocks"]
+            sets["every-block mean+std"] = feats["every_block"]
             native = {k: v for k, v in feats.items()}
         for pooling in sets:
             x = sets[pooling].astype(np.float64)
@@ -217,10 +287,12 @@ def main() -> None:
     cv = cross_validate(native, mos, np.concatenate([train, val])) if args.cv else None
     if cv is not None:
         print(f"\nCross-validation on the {len(train) + len(val)} train+val photos ({CV_FOLDS} folds x "
-              f"{len(CV_SEEDS)} fold seeds, native size; test photos not used):")
-        print(f"  stage mean+std: SRCC {cv['stages']:.4f}   block mean+std: SRCC {cv['blocks']:.4f}")
-        print(f"  blocks - stages per fold: {cv['diff_mean']:+.4f} +- {cv['diff_se']:.4f} (standard error), "
-              f"blocks better in {cv['blocks_better']} of {cv['folds']} folds")
+              f"{len(CV_SEEDS)} fold seeds, native size; test photos not used), mean SRCC:")
+        print("  ridge: " + "   ".join(f"{n} mean+std {v:.4f}" for n, v in cv["ridge"].items()))
+        print("  MLP head: " + "   ".join(f"{n} mean+std {v:.4f}" for n, v in cv["head"].items()))
+        for name, d in cv["paired"].items():
+            print(f"  {name}, per fold: {d['diff_mean']:+.4f} +- {d['diff_se']:.4f} (standard error), "
+                  f"{d['richer']} better in {d['wins']} of {d['folds']} folds")
     best = max(results, key=lambda r: r["val_srcc"])
     print(f"\nbest on validation: {best['input']}, {best['pooling']} (test SRCC {best['test_srcc']:.3f})")
     summary = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",

@@ -48,7 +48,7 @@ class FeatureCache:
         key: :func:`cache_key` of the config they were computed for.
         channels: the channels of each map the backbone returned (how the columns are laid out).
         stage_taps: which of those maps are the backbone's feature stages (all of them unless the
-            backbone tapped every block group, ``pooling = "blocks"``).
+            backbone tapped every block group or block, ``pooling = "blocks"`` or ``"every_block"``).
     """
 
     plain: np.ndarray
@@ -61,11 +61,11 @@ class FeatureCache:
         """(N, sum of channels) every stage's spatial mean of each whole image, unflipped: the
         strong linear probe's features (:func:`iqa_ray.baselines.pooled_stage_features`).
 
-        Only ``stages`` and ``blocks`` pooling hold them (per map, the means then the standard
-        deviations; of ``blocks``, the maps that are stages).
+        Only ``stages``, ``blocks`` and ``every_block`` pooling hold them (per map, the means then
+        the standard deviations; of the block poolings, the maps that are stages).
         """
         if self.key[-1] not in SPREAD_POOLINGS or not self.channels:
-            raise ValueError(f"stage means need a 'stages' or 'blocks' pooling cache, this one is {self.key[-1]!r}")
+            raise ValueError(f"stage means need a 'stages', 'blocks' or 'every_block' pooling cache, this one is {self.key[-1]!r}")
         stages = set(range(len(self.channels)) if self.stage_taps is None else self.stage_taps)
         columns, start = [], 0
         for i, c in enumerate(self.channels):
@@ -138,7 +138,7 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
 
 def probe_features(features: Any, config: Any) -> Any:
     """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
-    holds them (``stages`` or ``blocks`` pooling of the same frozen ImageNet backbone), else ``None``."""
+    holds them (``stages``, ``blocks`` or ``every_block`` pooling of the same frozen ImageNet backbone), else ``None``."""
     if features is None or config.model.pooling not in SPREAD_POOLINGS or config.model.pretrained_encoder:
         return None
     return features.stage_means()

@@ -70,7 +70,7 @@ def test_applying_the_cpu_recipe_keeps_searched_keys_searched_and_drops_foreign_
     text = "\n".join(applied.describe())
     assert "recipe     feature_cache = True" in text and "dropped    multiscale" in text
     record = json.loads(json.dumps(applied.record()))
-    assert record["name"] == "cpu" and record["applied"]["pooling"] == "blocks"
+    assert record["name"] == "cpu" and record["applied"]["pooling"] == "every_block"
 
 
 def test_a_recipe_value_for_a_searched_key_is_reported_not_applied(tmp_path):

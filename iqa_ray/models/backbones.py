@@ -127,7 +127,7 @@ class Backbone(nn.Module):
         self.frozen = frozen
         self.trainable_stages: int | None = None
         self._frozen_modules: list[nn.Module] = []
-        # What forward returns: "stages" (timm's feature stages) or "blocks" (see use_block_taps).
+        # What forward returns: "stages" (timm's feature stages), "blocks" or "every_block" (see use_block_taps).
         self.taps = "stages"
         self.tap_channels: list[int] = list(self.channels)
         self.stage_taps: list[int] = list(range(len(self.channels)))  # which returned maps are the stages
@@ -155,26 +155,31 @@ class Backbone(nn.Module):
         family), some of whose outputs are not feature stages (Lite0: 7 groups, 5 stages)."""
         return all(hasattr(self.body, a) for a in ("conv_stem", "bn1", "blocks")) and hasattr(self.body, "_stage_out_idx")
 
-    def use_block_taps(self) -> None:
+    def use_block_taps(self, every_block: bool = False) -> None:
         """Make :meth:`forward` return the output of every block group, not only the feature stages.
 
         The groups timm does not emit as stages (EfficientNet-Lite0's ``blocks.3`` and ``blocks.5``)
-        add mid-level features between the stages. ``stage_taps`` says which returned maps are the
-        stages. Bodies without block groups (ResNet, ViT, Swin) keep returning their stages.
+        add mid-level features between the stages. With ``every_block``, the output of every block
+        inside the groups too (Lite0: 16 blocks in 7 groups). ``stage_taps`` says which returned
+        maps are the stages. Bodies without block groups (ResNet, ViT, Swin) keep returning their
+        stages.
         """
         if not self.has_blocks():
             return
-        stage_of_block = dict(self.body._stage_out_idx)  # 1-based block count -> stage index
+        stage_of_block = dict(self.body._stage_out_idx)  # 1-based block-group count -> stage index
         if 0 in stage_of_block:  # a stem stage (not used by the supported models) has no block group
             return
-        self.taps = "blocks"
+        self.taps = "every_block" if every_block else "blocks"
         with torch.no_grad():
             was_training = self.body.training
             self.body.eval()
             maps = self(torch.zeros(1, 3, 64, 64, device=self.mean.device))
             self.body.train(was_training)
         self.tap_channels = [int(m.shape[1]) for m in maps]
-        self.stage_taps = sorted(i - 1 for i in stage_of_block)
+        # the map a group ends with: its own index, or (every block) its last block's
+        sizes = [len(group) if every_block else 1 for group in self.body.blocks]
+        group_end = [sum(sizes[:g + 1]) - 1 for g in range(len(sizes))]
+        self.stage_taps = sorted(int(group_end[i - 1]) for i in stage_of_block)
 
     def parameter_stages(self) -> dict[str, int]:
         """The feature stage each parameter of the body computes (0 = the first returned map).
@@ -238,12 +243,13 @@ class Backbone(nn.Module):
                 "building it (ViT and Swin have a fixed input size)"
             )
         x = (images - self.mean) / self.std
-        if self.taps == "blocks":  # the body's own forward, keeping every block group's output
+        if self.taps != "stages":  # the body's own forward, keeping every block group's (or block's) output
             x = self.body.bn1(self.body.conv_stem(x))
             features = []
-            for block in self.body.blocks:
-                x = block(x)
-                features.append(x)
+            for group in self.body.blocks:
+                for block in (group if self.taps == "every_block" else (group,)):
+                    x = block(x)
+                    features.append(x)
             return features
         features = self.body(x)
         if self._nhwc:

@@ -19,11 +19,14 @@ from iqa_ray.models.base import IQAModel
 from iqa_ray.models.losses import RegressionLoss
 from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
-__all__ = ["MLPIQA", "MLPOptions", "init_small_output", "POOLINGS", "SPREAD_POOLINGS", "pool_stages"]
+__all__ = ["MLPIQA", "MLPOptions", "init_small_output", "POOLINGS", "SPREAD_POOLINGS", "BLOCK_POOLINGS",
+           "pool_stages"]
 
-POOLINGS = ("last", "stages", "blocks")
+POOLINGS = ("last", "stages", "blocks", "every_block")
 #: Poolings that standardise every map's mean and standard deviation (fitted on training images).
-SPREAD_POOLINGS = ("stages", "blocks")
+SPREAD_POOLINGS = ("stages", "blocks", "every_block")
+#: Poolings that tap the backbone's block groups (:meth:`~iqa_ray.models.backbones.Backbone.use_block_taps`).
+BLOCK_POOLINGS = ("blocks", "every_block")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,9 @@ class MLPOptions(Options):
         pooling: what the head regresses: ``last`` (global average pool of the last stage,
             KonCept-style), ``stages`` (every stage's mean and standard deviation over space,
             concatenated and standardised on the training images: the features of the strong linear
-            probe, plus their spread) or ``blocks`` (the same over every block group's output where
-            the backbone has block groups: EfficientNet-Lite0's 7 instead of its 5 stages).
+            probe, plus their spread), ``blocks`` (the same over every block group's output where
+            the backbone has block groups: EfficientNet-Lite0's 7 instead of its 5 stages) or
+            ``every_block`` (the same over every block's output: Lite0's 16 blocks).
     """
 
     hidden_dim: int = 512
@@ -84,9 +88,10 @@ class MLPIQA(IQAModel):
         hidden_dim: Width of the hidden layer.
         dropout: Dropout before the output layer, in [0, 1).
         loss: Regression loss; L1 by default.
-        pooling: ``last``, ``stages`` or ``blocks`` (see :func:`pool_stages`; ``blocks`` makes the
-            backbone return every block group's output where it has block groups, e.g. 7 maps of
-            EfficientNet-Lite0 instead of its 5 stages).
+        pooling: ``last``, ``stages``, ``blocks`` or ``every_block`` (see :func:`pool_stages`;
+            ``blocks`` makes the backbone return every block group's output where it has block
+            groups, e.g. 7 maps of EfficientNet-Lite0 instead of its 5 stages, ``every_block`` every
+            block's, 16 maps of Lite0).
 
     The pooled features are standardised with a per-feature mean and std measured on the
     training images when training starts (:meth:`fit_feature_stats`; identity until then), buffers
@@ -107,8 +112,8 @@ class MLPIQA(IQAModel):
         super().__init__(backbone, loss=loss)
         MLPOptions(hidden_dim=hidden_dim, dropout=dropout, pooling=pooling)  # validates (ConfigError names the key)
         self.pooling = pooling
-        if pooling == "blocks":
-            backbone.use_block_taps()
+        if pooling in BLOCK_POOLINGS:
+            backbone.use_block_taps(every_block=pooling == "every_block")
         in_dim = backbone.channels[-1] if pooling == "last" else 2 * sum(backbone.tap_channels)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
