@@ -442,8 +442,6 @@ class TrainConfig:
         parts: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
         options: dict[str, Any] = {}
         for key, value in merged.items():
-            if key in ("image_size", "split_fractions") and isinstance(value, list):
-                value = tuple(value)
             if key in own:
                 options[key] = value
             elif key in _KEY_SECTION:
@@ -453,11 +451,12 @@ class TrainConfig:
                 # written by to_dict before (harmless); set away from it, it is almost always a
                 # mistake in a search space (e.g. n_clusters searched for an mlp).
                 takers = family_keys()[key]
-                if (tuple(value) if isinstance(value, list) else value) != family(takers[0]).options.defaults()[key]:
+                options_class = family(takers[0]).options
+                if options_class.with_tuples({key: value})[key] != options_class.defaults()[key]:
                     raise ConfigError(f"{key} applies to family {'/'.join(takers)} only, not {chosen!r}")
         parts["model"]["options"] = options
         try:
-            return cls(**{s: _SECTIONS[s](**kw) for s, kw in parts.items()})
+            return cls(**{s: _SECTIONS[s](**_SECTIONS[s].with_tuples(kw)) for s, kw in parts.items()})
         except TypeError as exc:  # a wrongly typed value that a comparison choked on
             raise ConfigError(str(exc)) from exc
 

@@ -73,3 +73,27 @@ def test_the_old_key_scheduler_is_read_as_lr_schedule_with_a_deprecation_message
     # a checkpoint written before the rename stores {"optim": {"scheduler": ...}}: it still loads
     with pytest.warns(FutureWarning):
         assert TrainConfig.from_dict({"optim": {"scheduler": "plateau"}}).optim.lr_schedule == "plateau"
+
+
+def test_lists_read_from_json_or_toml_become_tuples_by_the_field_type_in_every_config():
+    import dataclasses
+
+    from iqa_ray.utils.config_base import Options
+
+    cfg = TrainConfig.from_dict({"dataset": "embedded", "family": "hyperiqa", "image_size": [256, 192],
+                                 "split_fractions": [0.6, 0.2, 0.2], "target_sizes": [56, 28]})
+    assert cfg.data.image_size == (256, 192) and cfg.data.split_fractions == (0.6, 0.2, 0.2)
+    assert cfg.model.options.target_sizes == (56, 28)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # another family's tuple key, written as a JSON list: harmless at its default, refused away from it
+    TrainConfig.from_dict({"dataset": "embedded", "family": "mlp", "target_sizes": [112, 56, 28, 14]})
+    with pytest.raises(ConfigError, match="target_sizes applies to family hyperiqa"):
+        TrainConfig.from_dict({"dataset": "embedded", "family": "mlp", "target_sizes": [56, 28]})
+
+    @dataclasses.dataclass(frozen=True)
+    class Sizes(Options):  # a plug-in's options: a tuple field whose default is None, and a list field
+        sizes: tuple[int, ...] | None = None
+        names: list[str] = dataclasses.field(default_factory=list)
+
+    got = Sizes.from_dict({"sizes": [1, 2], "names": ["a"]})
+    assert got.sizes == (1, 2) and isinstance(got.sizes, tuple) and got.names == ["a"]

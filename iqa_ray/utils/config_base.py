@@ -42,13 +42,21 @@ class Options:
     """Base of a frozen, validated group of options (subclass it as a frozen dataclass and validate
     in ``__post_init__`` with :func:`require`).
 
-    Lists given for tuple-typed fields (JSON and TOML have no tuples) become tuples.
+    Lists given for tuple-typed fields (JSON and TOML have no tuples) become tuples
+    (:meth:`with_tuples`).
     """
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The option names, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def with_tuples(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` with a list given for a field annotated as a tuple (``tuple[...]``, or
+        ``tuple[...] | None``) made a tuple: the one rule for what JSON and TOML read as lists."""
+        tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple[")}
+        return {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -66,11 +74,8 @@ class Options:
         unknown = sorted(k for k in values if k not in cls.names())
         if unknown:
             raise ConfigError(f"unknown {what or cls.__name__} keys {unknown}; valid keys: {list(cls.names())}")
-        for f in dataclasses.fields(cls):
-            if isinstance(values.get(f.name), list) and isinstance(f.default, tuple):
-                values[f.name] = tuple(values[f.name])
         try:
-            return cls(**values)
+            return cls(**cls.with_tuples(values))
         except TypeError as exc:  # a wrongly typed value that a comparison choked on
             raise ConfigError(f"{what or cls.__name__}: {exc}") from exc
 
