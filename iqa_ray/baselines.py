@@ -113,22 +113,34 @@ def pooled_stage_features(images: Sequence[np.ndarray], *, backbone: str = "effi
 
 
 def ridge_probe(features: np.ndarray, mos: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray,
-                alphas: Sequence[float] = PROBE_ALPHAS) -> dict[str, float]:
+                alphas: Sequence[float] = PROBE_ALPHAS, *, refit: bool = False) -> dict[str, float]:
     """Ridge regression from features to MOS: fit on ``train``, strength chosen on ``val``, scored on ``test``.
+
+    ``refit``: once the strength is chosen, fit it again on ``train`` and ``val`` together (and
+    standardise on both) before scoring the test photos: the probe's side of a model re-trained
+    on training and validation photos (``train_on_val``).
 
     Returns:
         The test metrics (:func:`~iqa_ray.metrics.all_metrics`), the chosen ``alpha``, its
-        validation SRCC ``val_srcc`` and the test count ``n``.
+        validation SRCC ``val_srcc`` (of the fit on ``train`` alone) and the test count ``n``.
     """
     from sklearn.linear_model import Ridge
 
-    mean, std = features[train].mean(axis=0), features[train].std(axis=0) + 1e-8
-    x = (features - mean) / std
+    def standardised(rows: np.ndarray) -> np.ndarray:
+        mean, std = features[rows].mean(axis=0), features[rows].std(axis=0) + 1e-8
+        return (features - mean) / std
+
+    x = standardised(train)
     fits = {a: Ridge(alpha=a).fit(x[train], mos[train]) for a in alphas}
     val_srcc = {a: srcc(f.predict(x[val]), mos[val]) for a, f in fits.items()}
     # A NaN validation SRCC (constant predictions) never wins; ties go to the stronger ridge.
     alpha = max(alphas, key=lambda a: (np.nan_to_num(val_srcc[a], nan=-np.inf), a))
-    return {**all_metrics(fits[alpha].predict(x[test]), mos[test]), "alpha": float(alpha),
+    final = fits[alpha]
+    if refit:
+        both = np.concatenate([train, val])
+        x = standardised(both)
+        final = Ridge(alpha=alpha).fit(x[both], mos[both])
+    return {**all_metrics(final.predict(x[test]), mos[test]), "alpha": float(alpha),
             "val_srcc": float(val_srcc[alpha]), "n": int(len(test))}
 
 

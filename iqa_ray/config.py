@@ -42,6 +42,18 @@ __all__ = ["ConfigError", "require", "finite", "DataConfig", "ModelConfig", "Opt
            "feature_cache_families", "renamed_keys", "valid_keys"]
 
 
+def validation_chooser(optim: Any) -> str | None:
+    """What in a run's optimisation settings chooses on validation photos (``None``: nothing, so a
+    refit on training and validation photos, ``train_on_val``, is sound)."""
+    if optim.select_epoch != "last":
+        return f"select_epoch = {optim.select_epoch!r}"
+    if optim.early_stopping_patience is not None:
+        return "early_stopping_patience"
+    if optim.lr_schedule == "plateau":
+        return "lr_schedule = 'plateau'"
+    return None
+
+
 def feature_cache_families() -> tuple[str, ...]:
     """Families whose head reads pooled features, which a frozen-feature cache can hold."""
     return tuple(name for name in FAMILIES if family(name).pools_features)
@@ -310,6 +322,11 @@ class OptimConfig(Options):
         select_epoch: which weights a run hands back: ``best`` (the epoch with the best
             validation SRCC) or ``last`` (the final epoch, a rule that cannot overfit a small
             validation split by picking among epochs; its validation metrics are the last epoch's).
+        train_on_val: train on the training and the validation photos (a refit: the final model of
+            a configuration already selected, as ``--splits`` re-trains it). Allowed only where
+            nothing in the run is chosen on validation (``select_epoch = "last"``, no
+            ``early_stopping_patience``, an ``lr_schedule`` other than ``plateau``); the validation
+            metrics it reports are then measured on photos it trained on.
     """
 
     epochs: int = 10
@@ -332,6 +349,7 @@ class OptimConfig(Options):
     seed: int = 0
     early_stopping_patience: int | None = None
     select_epoch: str = "best"
+    train_on_val: bool = False
     finite_check_every: int = 50
     channels_last: bool = True
     cudnn_benchmark: bool = True
@@ -377,6 +395,12 @@ class OptimConfig(Options):
                 f"early_stopping_patience must be None or >= 1, got {self.early_stopping_patience!r}")
         require(self.select_epoch in SELECT_EPOCHS,
                 f"select_epoch must be one of {SELECT_EPOCHS}, got {self.select_epoch!r}")
+        require(isinstance(self.train_on_val, bool), f"train_on_val must be true or false, got {self.train_on_val!r}")
+        chooser = validation_chooser(self)
+        require(not (self.train_on_val and chooser),
+                f"train_on_val = true trains on the validation photos, but {chooser} chooses on them; "
+                "set select_epoch = \"last\", no early_stopping_patience and an lr_schedule other than plateau, "
+                "or train_on_val = false")
 
     @property
     def resolved_backbone_lr(self) -> float:

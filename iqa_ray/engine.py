@@ -219,7 +219,8 @@ class _CachedFeed:
         self.plain = torch.from_numpy(np.array(cache.plain, dtype=np.float32)).to(device)
         self.flipped = torch.from_numpy(np.array(cache.flipped, dtype=np.float32)).to(device)
         self.mos = torch.from_numpy(decoded.table["mos"].to_numpy(np.float32)).to(device)
-        self.rows = {"train": torch.from_numpy(train_indices(decoded, d.label_fraction, config.optim.seed)),
+        self.rows = {"train": torch.from_numpy(train_indices(decoded, d.label_fraction, config.optim.seed,
+                                                                  with_val=config.optim.train_on_val)),
                      "val": torch.from_numpy(decoded.split_indices("val")),
                      "test": torch.from_numpy(decoded.split_indices("test")) if with_test else torch.zeros(0, dtype=torch.long)}
         if len(self.rows["val"]) == 0:

@@ -54,9 +54,12 @@ def eval_loader(config: TrainConfig, dataset: IQADataset, **kw: Any) -> DataLoad
     return DataLoader(dataset, batch_size=config.data.eval_batch_size if dataset.same_size else 1, **kw)
 
 
-def train_indices(decoded: DecodedImages, label_fraction: float, seed: int) -> np.ndarray:
-    """Rows of the training split, restricted to a seeded fraction of its groups (photos)."""
+def train_indices(decoded: DecodedImages, label_fraction: float, seed: int, *, with_val: bool = False) -> np.ndarray:
+    """Rows of the training split (and, ``with_val``, of the validation split: a refit, see
+    ``train_on_val``), restricted to a seeded fraction of their groups (photos)."""
     idx = decoded.split_indices("train")
+    if with_val:
+        idx = np.sort(np.concatenate([idx, decoded.split_indices("val")]))
     if label_fraction >= 1.0:
         return idx
     groups = decoded.table["group"].to_numpy()[idx] if "group" in decoded.table else idx.astype(str)
@@ -108,7 +111,7 @@ def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool
                  device: torch.device | None = None, cpus: int | None = None) -> SplitLoaders:
     """Loaders of every split; ``with_test=False`` builds none for the test split."""
     d = config.data
-    tr = train_indices(decoded, d.label_fraction, config.optim.seed)
+    tr = train_indices(decoded, d.label_fraction, config.optim.seed, with_val=config.optim.train_on_val)
     has_test = with_test and bool((decoded.table["split"] == "test").any())
     kw = loader_kwargs(config, device, cpus)
     train_ds = IQADataset(decoded, tr, train=True, crop_size=d.crop_size, patches_per_image=d.patches_per_image,

@@ -146,6 +146,19 @@ def test_resume_re_applies_the_recorded_recipe_and_refuses_another(tmp_path):
         resume_settings(parse("--resume", "--name", "rec", "--storage", str(tmp_path), "--recipe", "paper"), "ranking")
 
 
+def test_splits_train_only_is_recorded_and_a_resume_keeps_it(tmp_path):
+    from iqa_ray.search.run import write_experiment_info
+
+    assert settings_from_args(parse("--gpus", "0"), "ranking").splits_train_on_val is True
+    args = parse("--gpus", "0", "--name", "only", "--storage", str(tmp_path), "--splits-train-only")
+    s = settings_from_args(args, "ranking")
+    assert s.splits_train_on_val is False
+    s.local_experiment_dir().mkdir(parents=True)
+    write_experiment_info(s, args)
+    assert json.loads((s.local_experiment_dir() / "experiment.json").read_text())["splits_train_on_val"] is False
+    assert resume_settings(parse("--resume", "--name", "only", "--storage", str(tmp_path)), "ranking").splits_train_on_val is False
+
+
 def test_split_helpers_compute_what_statistics_computes():
     assert split_seeds(0, 3) == [1, 2, 3]
     values = [0.8, 0.75, 0.9, 0.85, float("nan")]
@@ -206,6 +219,10 @@ def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(
     report = summary["splits"]
     assert report["seeds"] == [1] and report["per_split"][0]["error"] is None
     assert np.isfinite(report["test_srcc"]["median"]) and "probe_srcc" in report["per_split"][0]
+    # the cpu recipe keeps the last epoch: each split's model is a refit on its training and validation
+    # photos (their SRCC is not reported as validation), and the probe beside it is refitted too
+    assert report["train_on_val"] is True and report["per_split"][0]["val_srcc"] is None
+    assert "on training and validation photos" in out
     trials = pd.read_parquet(experiment / "trials.parquet")
     split_rows = trials[trials["kind"] == "split"]
     assert len(split_rows) == 1 and not split_rows["selected"].any()

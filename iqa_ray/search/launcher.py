@@ -84,6 +84,10 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--splits", type=int, default=None, metavar="N",
                    help="after the search, re-train the selected config on N more random splits (one trial each, in "
                         "parallel) and report median and mean +- std over them (default: the recipe's)")
+    p.add_argument("--splits-train-only", action="store_true",
+                   help="train the --splits models on each split's training photos only; by default they train on "
+                        "its training and validation photos where the selected config chooses nothing on validation "
+                        "(select_epoch = last, as the cpu recipe), the probe beside them likewise")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key for every trial (repeatable), e.g. --set crop_size=96")
     p.add_argument("--address", default=None, help="address of an existing Ray cluster, e.g. 10.0.0.5:6379 or auto")
@@ -222,6 +226,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
         overrides=tuple(sorted(overrides.items())), sets=tuple(sets.items()),
         splits=1 if args.smoke_test and splits else splits,
+        splits_train_on_val=not getattr(args, "splits_train_only", False),
         recipe=applied.record() if applied is not None else None,
         recipe_lines=(*(applied.describe() if applied is not None else ((note,) if note else ())),
                       *((family_note,) if family_note else ())),
@@ -288,6 +293,8 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         differs.append(f"--recipe ({args.recipe} now, {recorded_name} recorded)")
     if args.splits is not None and args.splits != record.get("splits", 0):
         differs.append(f"--splits ({args.splits} now, {record.get('splits', 0)} recorded)")
+    if getattr(args, "splits_train_only", False) and record.get("splits_train_on_val", True):
+        differs.append("--splits-train-only (given now, not recorded)")
     if args.smoke_test != launch["smoke_test"]:
         differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
     for flag in _RECORDED_FLAGS:
@@ -309,7 +316,8 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
         workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures,
         overrides=tuple(sorted(record["overrides"].items())), sets=tuple(launch["set"].items()),
-        splits=record.get("splits", 0), recipe=applied.record() if applied is not None else None,
+        splits=record.get("splits", 0), splits_train_on_val=record.get("splits_train_on_val", True),
+        recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
     )

@@ -98,6 +98,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "workers_per_trial": trial_workers(settings),
         "max_concurrent": settings.max_concurrent, "fixed": study.fixed, "encoders": study.encoders,
         "recipe": settings.recipe, "splits": settings.splits,
+        "splits_train_on_val": settings.splits_train_on_val,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
         "launch": {"dataset": args.dataset or EMBEDDED, "set": dict(settings.sets), "smoke_test": args.smoke_test},

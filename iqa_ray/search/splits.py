@@ -5,13 +5,17 @@ of a dataset, because one split of a few hundred photos moves SRCC by several hu
 search has selected its configuration (on the validation photos of the search's split), each of N
 new split seeds draws another split of the same photos by source photo; one Tune trial per split
 trains the selected configuration from scratch on it, keeps its weights by the configuration's own
-rule (validation only) and scores them on that split's test photos once. The trials run in
-parallel as resources allow, in a Tune experiment inside the search's folder (``splits/``), and
-their rows appear in ``trials.parquet`` with ``kind = "split"``.
+rule (validation only) and scores them on that split's test photos once. Where that rule chooses
+nothing on validation (``select_epoch = "last"``, no early stopping, no plateau schedule; the cpu
+recipe's), the split's model trains on its training and validation photos together
+(``train_on_val``: a refit of a configuration already selected, the papers' 80 % for training);
+``SearchSettings.splits_train_on_val = False`` (``--splits-train-only``) keeps the validation
+photos out. The trials run in parallel as resources allow, in a Tune experiment inside the
+search's folder (``splits/``), and their rows appear in ``trials.parquet`` with ``kind = "split"``.
 
 Beside each split's model, the frozen-feature linear probe is fitted and scored on the same split
-(ridge strength chosen on that split's validation photos), so "beats the probe on every split"
-is measured, not assumed.
+(ridge strength chosen on that split's validation photos, then, beside a refit model, fitted again
+on training and validation photos), so "beats the probe on every split" is measured, not assumed.
 
 What this protocol does not hide: the configuration was selected on the search split's validation
 photos, and the other splits' test photos were among that split's photos. That is the papers'
@@ -26,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from iqa_ray.config import TrainConfig
+from iqa_ray.config import TrainConfig, validation_chooser
 
 from iqa_ray.export import SPLITS_DIR
 
@@ -76,15 +80,18 @@ def summarise_values(values: list[float]) -> dict[str, float]:
             "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite)}
 
 
-def probe_on_splits(features: np.ndarray, table: Any, splits: Mapping[int, list[str]]) -> dict[int, dict[str, Any]]:
-    """The ridge probe (:func:`iqa_ray.baselines.ridge_probe`) fitted and scored on each split."""
+def probe_on_splits(features: np.ndarray, table: Any, splits: Mapping[int, list[str]], *,
+                    refit: bool = False) -> dict[int, dict[str, Any]]:
+    """The ridge probe (:func:`iqa_ray.baselines.ridge_probe`) fitted and scored on each split
+    (``refit``: fitted again on training and validation photos once its strength is chosen)."""
     from iqa_ray.baselines import ridge_probe
 
     mos = table["mos"].to_numpy(dtype=np.float64)
     out = {}
     for seed, column in splits.items():
         split = np.asarray(column)
-        out[seed] = ridge_probe(features, mos, *(np.flatnonzero(split == s) for s in ("train", "val", "test")))
+        out[seed] = ridge_probe(features, mos, *(np.flatnonzero(split == s) for s in ("train", "val", "test")),
+                                refit=refit)
     return out
 
 
@@ -112,13 +119,16 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     config = TrainConfig.from_dict(resolved)
     seeds = split_seeds(config.data.split_seed, settings.splits)
     columns = split_columns(config, table, seeds)
-    print(f"[splits] re-training the selected config on {len(seeds)} random splits (seeds {seeds})", flush=True)
+    refit, fit_on = split_fit(settings, config)
+    print(f"[splits] re-training the selected config on {len(seeds)} random splits (seeds {seeds}), "
+          f"on {fit_on}" + ("; their val_srcc is measured on photos they train on: it follows the fit, "
+                            "the summary gives each split's test SRCC" if refit else ""), flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(iqa_trainable, decoded=decoded, cpus_per_trial=settings.cpus_per_trial,
                              features=features, splits=columns, score_test=True),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    space = {**resolved, "split_seed": tune.grid_search(seeds)}
+    space = {**resolved, "split_seed": tune.grid_search(seeds), "train_on_val": refit}
     local = settings.local_experiment_dir()
     storage = str(local) if local is not None else settings.experiment_path()
     tuner = tune.Tuner(
@@ -133,13 +143,14 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     probe_matrix = probe_features(features, config)
     if probe_matrix is None:  # no cache to take them from: one backbone pass over every image, once
         probe_matrix = _probe_matrix(config, decoded, settings)
-    probe = probe_on_splits(probe_matrix, table, columns)
+    probe = probe_on_splits(probe_matrix, table, columns, refit=refit)
     rows = []
     for result in results:
         seed = int(result.config["split_seed"])
         m = result.metrics or {}
         row = {"split_seed": seed, "test_srcc": m.get("test_srcc"), "test_plcc": m.get("test_plcc"),
-               "val_srcc": m.get("best_val_srcc"), "n_test": columns[seed].count("test"),
+               # a refit model trained on its validation photos: their SRCC measures nothing
+               "val_srcc": None if refit else m.get("best_val_srcc"), "n_test": columns[seed].count("test"),
                "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"}
         if seed in probe:
             row["probe_srcc"] = probe[seed]["srcc"]
@@ -149,12 +160,24 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     report = {"seeds": seeds, "per_split": rows,
               "test_srcc": summarise_values([r["test_srcc"] for r in rows]),
               "test_plcc": summarise_values([r["test_plcc"] for r in rows]),
-              "protocol": "selected config re-trained from scratch on each split; kept weights by validation; "
-                          "test scored once per split"}
+              "train_on_val": refit, "fit_on": fit_on,
+              "protocol": "selected config re-trained from scratch on each split, on " + fit_on + "; "
+                          + ("final epoch's weights" if refit else "kept weights by validation")
+                          + "; test scored once per split"}
     if probe:
         report["probe_srcc"] = summarise_values([r.get("probe_srcc") for r in rows])
         report["beats_probe_on"] = sum(bool(r.get("beats_probe")) for r in rows)
     return report
+
+
+def split_fit(settings: Any, config: TrainConfig) -> tuple[bool, str]:
+    """Whether the split runs train on training and validation photos (a refit), and in words why (not)."""
+    chooser = validation_chooser(config.optim)
+    if not settings.splits_train_on_val:
+        return False, "training photos only (--splits-train-only)"
+    if chooser:
+        return False, f"training photos only ({chooser} chooses on validation photos)"
+    return True, "training and validation photos (the configuration is already selected; select_epoch = 'last')"
 
 
 def _probe_matrix(config: TrainConfig, decoded: Any, settings: Any) -> np.ndarray:
@@ -181,7 +204,8 @@ def split_lines(report: Mapping[str, Any]) -> list[str]:
     s, p = report["test_srcc"], report["test_plcc"]
     if not s.get("n"):
         return [f"splits: no split run finished ({len(report['per_split'])} started)"]
-    lines = [f"over {s['n']} more random splits (selected config re-trained on each): test SRCC median "
+    lines = [f"over {s['n']} more random splits (selected config re-trained on each, on "
+             f"{report.get('fit_on', 'training photos only')}): test SRCC median "
              f"{s['median']:.4f}, mean {s['mean']:.4f} +- {s['std']:.4f}; PLCC median {p['median']:.4f}, "
              f"mean {p['mean']:.4f} +- {p['std']:.4f}"]
     if "probe_srcc" in report and report["probe_srcc"].get("n"):

@@ -53,6 +53,7 @@ class SearchSettings:
     overrides: tuple[tuple[str, Any], ...] = ()
     sets: tuple[tuple[str, Any], ...] = ()  # the --set values as given (parsed once), recorded for --resume
     splits: int = 0  # re-train the selected config on this many more random splits after the search
+    splits_train_on_val: bool = True  # split runs train on train+val where the config chooses nothing on val
     recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
     recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
     verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
@@ -74,6 +75,11 @@ class SearchSettings:
             raise StudyError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.splits < 0:
             raise StudyError(f"splits must be >= 0, got {self.splits}")
+        if self.study.fixed.get("train_on_val") or dict(self.overrides).get("train_on_val") or any(
+                p.name == "train_on_val" for p in self.study.params):
+            raise StudyError("train_on_val trains on the validation photos a search selects its trials on; it is for "
+                             "re-training a selected configuration, which --splits does where select_epoch = 'last'. "
+                             "Drop train_on_val from the study and --set")
         if not self.progress_every >= 0:
             raise StudyError(f"progress_every must be >= 0 seconds, got {self.progress_every}")
         if self.time_budget is not None and not (0 < self.time_budget < math.inf):
