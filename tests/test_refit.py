@@ -7,24 +7,21 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from iqa_ray.baselines import ridge_probe
-from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.config import ConfigError
 from iqa_ray.data.dataset import DecodedImages
 from iqa_ray.engine import fit, load_decoded, make_loaders
 from iqa_ray.features import compute_features
 from iqa_ray.search.splits import split_fit
 from iqa_ray.search.study import StudyError, load_study
 from iqa_ray.search.tuner import SearchSettings
+from test_feature_cache import cached as feature_cache_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cached(tiny_dataset, **kw):
-    base = {"dataset": str(tiny_dataset.path), "crop_size": 32, "whole_image": True, "feature_cache": True,
-            "family": "mlp", "pooling": "stages", "frozen_backbone": True, "pretrained": "offline",
-            "hidden_dim": 32, "batch_size": 8, "epochs": 3, "lr": 3e-3, "patches_per_image": 2, "amp": False,
-            "select_epoch": "last"}
-    base.update(kw)
-    return TrainConfig.from_dict(base)
+    """test_feature_cache's run on cached features, 3 epochs, keeping the last (what a refit needs)."""
+    return feature_cache_run(tiny_dataset, **{"epochs": 3, "select_epoch": "last", **kw})
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,8 @@ class SearchSettings:
             raise StudyError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.splits < 0:
             raise StudyError(f"splits must be >= 0, got {self.splits}")
-        if self.study.fixed.get("train_on_val") or dict(self.overrides).get("train_on_val") or any(
-                p.name == "train_on_val" for p in self.study.params):
+        study = self.effective_study  # the study's fixed values with the overrides (--set) on top
+        if study.fixed.get("train_on_val") or any(p.name == "train_on_val" for p in study.params):
             raise StudyError("train_on_val trains on the validation photos a search selects its trials on; it is for "
                              "re-training a selected configuration, which --splits does where select_epoch = 'last'. "
                              "Drop train_on_val from the study and --set")
