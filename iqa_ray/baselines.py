@@ -154,11 +154,14 @@ def classical_baseline(decoded: Any, name: str) -> dict[str, Any]:
 
 
 def probe_baseline(decoded: Any, *, backbone: str = "efficientnet_lite0", pretrained: str = "offline",
-                   img_size: int | None = None, device: Any = None, features: np.ndarray | None = None) -> dict[str, Any]:
+                   img_size: int | None = None, device: Any = None, features: np.ndarray | None = None,
+                   refit: bool = False) -> dict[str, Any]:
     """The frozen-feature linear probe on a decoded dataset: fit on train, ridge strength on val, scored on test.
 
     ``features``: the (N, D) probe features of every row when already computed (a search's feature
     cache, :meth:`iqa_ray.features.FeatureCache.stage_means`); computed here otherwise.
+    ``refit``: fitted again on train and val once the strength is chosen (:func:`ridge_probe`), the
+    probe's side of a model re-trained on training and validation photos.
 
     Returns:
         :func:`ridge_probe`'s result plus the backbone it probed; empty without a test split.
@@ -171,8 +174,9 @@ def probe_baseline(decoded: Any, *, backbone: str = "efficientnet_lite0", pretra
     if features is None:
         features = pooled_stage_features([decoded.images[i] for i in range(len(split))], backbone=backbone,
                                          pretrained=pretrained, img_size=img_size, device=device)
-    probe = ridge_probe(features, mos, np.flatnonzero(split == "train"), np.flatnonzero(split == "val"), test)
-    return {**probe, "backbone": backbone, "pretrained": str(pretrained),
+    probe = ridge_probe(features, mos, np.flatnonzero(split == "train"), np.flatnonzero(split == "val"), test,
+                        refit=refit)
+    return {**probe, "backbone": backbone, "pretrained": str(pretrained), "refit": refit,
             "features": "every stage, global average pool, whole image at its own size"}
 
 

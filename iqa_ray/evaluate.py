@@ -4,9 +4,10 @@
 
 ``EXPERIMENT_OR_RUN`` is one of
 
-* an experiment folder of a search (``RESULTS_DIR/<name>``): its ``summary.json`` names the selected
-  trial (``best_trial``, the trial's folder), whose checkpoint (the newest ``checkpoint_*`` folder
-  in it) holds that trial's best-by-validation weights;
+* an experiment folder of a search (``RESULTS_DIR/<name>``): its ``summary.json`` names the model
+  the search handed back (``model``: the selected configuration re-trained on training and
+  validation photos, ``refit/<trial folder>``, or the selected trial's folder; summaries written
+  before refits name only ``best_trial``), whose newest ``checkpoint_*`` folder holds its kept weights;
 * a run folder holding a checkpoint (``checkpoint.pt``: an ``iqa-train`` run, or one Tune
   ``checkpoint_*`` folder);
 * a checkpoint file.
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from iqa_ray.paths import REFIT_DIR
+
 if TYPE_CHECKING:
     import pandas as pd
     import torch
@@ -68,7 +71,7 @@ class Source:
     kind: str  # "experiment", "run" or "checkpoint"
     checkpoint: Path  # a checkpoint file or a folder holding one (what model_from_checkpoint takes)
     folder: Path  # the default output folder
-    trial: str | None = None  # the selected trial's folder name (experiments)
+    trial: str | None = None  # the handed-back model's trial folder (experiments): refit/<trial> or the selected trial's
 
 
 # ----------------------------------------------------------------------------- locating the model
@@ -93,18 +96,24 @@ def _experiment_source(folder: Path) -> Source:
         summary = json.loads(summary_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise EvaluateError(f"cannot read {summary_file}: {exc}") from None
-    trial = summary.get("best_trial") if isinstance(summary, dict) else None
+    # The model the search handed back (a refit of the selected configuration, refit/<trial>), or,
+    # in summaries without it, the selected trial.
+    key = "model" if isinstance(summary, dict) and summary.get("model") else "best_trial"
+    trial = summary.get(key) if isinstance(summary, dict) else None
     if not trial:
         raise EvaluateError(f"experiment {folder} has no selected trial ({SUMMARY_FILE} names no best_trial)")
     trial = str(trial)
-    if Path(trial).name != trial or trial in (".", ".."):
-        raise EvaluateError(f"{summary_file}: best_trial {trial!r} is not a trial folder name")
+    parts = Path(trial).parts
+    allowed = 2 if key == "model" and parts[:1] == (REFIT_DIR,) else 1  # refit/<trial folder>
+    if len(parts) != allowed or Path(trial).is_absolute() or any(p in (".", "..") for p in parts):
+        raise EvaluateError(f"{summary_file}: {key} {trial!r} is not a trial folder name"
+                            + (f" (or {REFIT_DIR}/<trial folder>)" if key == "model" else ""))
     trial_dir = folder / trial
     if not trial_dir.is_dir():
-        raise EvaluateError(f"experiment {folder}: the selected trial's folder {trial_dir} does not exist")
+        raise EvaluateError(f"experiment {folder}: the folder of the model it handed back, {trial_dir}, does not exist")
     checkpoint = latest_trial_checkpoint(trial_dir)
     if checkpoint is None:
-        raise EvaluateError(f"experiment {folder}: the selected trial {trial} left no checkpoint "
+        raise EvaluateError(f"experiment {folder}: the model it handed back, {trial}, left no checkpoint "
                             f"(no checkpoint_*/checkpoint.pt in {trial_dir})")
     return Source("experiment", checkpoint, folder, trial)
 
@@ -260,10 +269,12 @@ def describe(source: Source, config: Any, device: Any) -> list[str]:
 
     m, d = config.model, config.data
     checkpoint = source.checkpoint / CHECKPOINT_FILE if source.checkpoint.is_dir() else source.checkpoint
-    what = {"experiment": f"experiment {source.folder}, selected trial {source.trial}",
+    what = {"experiment": f"experiment {source.folder}, " + (f"the selected config refitted, {source.trial}"
+                                                              if "/" in str(source.trial) else f"selected trial {source.trial}"),
             "run": f"run folder {source.folder}", "checkpoint": "checkpoint file"}[source.kind]
     settings = ", ".join(f"{k} {getattr(d, k)}" for k in EVAL_SETTINGS if hasattr(d, k))
-    return [f"model: {m.family} / {m.backbone}, best-by-validation weights of {checkpoint} ({what})",
+    kept = "final weights (trained on training and validation photos)" if config.optim.train_on_val else "kept weights"
+    return [f"model: {m.family} / {m.backbone}, {kept} of {checkpoint} ({what})",
             f"trained on: {d.dataset}",
             f"evaluation settings (the recorded config's): {settings}; device {device}"]
 

@@ -17,7 +17,8 @@ Schema (the README's Results section points here):
 ``trials.parquet`` - one row per trial:
     ``trial_id``, ``kind`` (``search``: a trial of the search; ``split``: a ``--splits`` re-run of
     the selected config on another random split, with its own ``config.split_seed`` and its own
-    ``test_*`` figures, never selectable), ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
+    ``test_*`` figures, never selectable; ``refit``: the selected config re-trained on the search
+    split's training and validation photos, the model handed back, :mod:`iqa_ray.search.refit`), ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
     mid-run), ``ended_by`` (``completed``: reached max epochs; ``scheduler``: stopped by ASHA /
     HyperBand; ``time_budget``: ended by ``--time-budget`` at an epoch where the scheduler cannot
     stop a trial; ``early_stopping``: the engine's own patience; ``error``; ``interrupted``; ``not
@@ -31,10 +32,11 @@ Schema (the README's Results section points here):
     trial of the search is as good on every objective and better on one; with one objective, the
     best trials), the cost columns ``params_m`` / ``gflops`` / ``latency_ms`` / ``latency_batch_ms``
     / ``latency_batch_size`` (:mod:`iqa_ray.cost`), ``test_srcc`` / ``test_plcc`` /
-    ``test_krcc`` / ``test_rmse`` / ``test_plcc_logistic`` / ``test_n`` (only on the selected
-    trial's row, once the search has ended: its best-by-validation weights scored on the test split
-    once; every other row has none, so nothing invites choosing on test), ``test_source``
-    (``checkpoint`` on that row), ``time_total_s``, ``checkpoint_path`` (relative to the experiment folder),
+    ``test_krcc`` / ``test_rmse`` / ``test_plcc_logistic`` / ``test_n`` (only on the row of the
+    model the search handed back, once the search has ended: the refit's row, or the selected
+    trial's where there is no refit; its kept weights scored on the test split once; every other
+    search row has none, so nothing invites choosing on test), ``test_source`` (``refit`` or
+    ``checkpoint`` on that row, ``split run`` on split rows), ``time_total_s``, ``checkpoint_path`` (relative to the experiment folder),
     ``node_id``, ``hostname``, ``git_revision`` (of the code that trained the trial), ``error``
     (last line of the error, if any), ``trial_dir`` (folder name).
 
@@ -54,6 +56,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from iqa_ray.paths import REFIT_DIR
 from iqa_ray.selection import SelectionRule, finite, kept_report, objective_values, pareto_flags, select_by_rule, trial_score
 from iqa_ray.utils.io import atomic_path, git_revision
 
@@ -179,11 +182,14 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, mode = rule.primary
     stops = _scheduler_stops(info)
     trial_rows, epoch_rows, reports = [], [], {}
-    splits_dir = experiment / SPLITS_DIR
-    split_states = _trial_states(splits_dir) if splits_dir.is_dir() else {}
     folders = [(p, "search") for p in sorted(experiment.iterdir()) if p.is_dir() and (p / "params.json").exists()]
-    if splits_dir.is_dir():
-        folders += [(p, "split") for p in sorted(splits_dir.iterdir()) if p.is_dir() and (p / "params.json").exists()]
+    inner_states: dict[str, dict[str, str]] = {"search": states}
+    for kind, name in (("split", SPLITS_DIR), ("refit", REFIT_DIR)):  # Tune experiments inside the experiment
+        inner = experiment / name
+        if inner.is_dir():
+            inner_states[kind] = _trial_states(inner)
+            folders += [(p, kind) for p in sorted(inner.iterdir()) if p.is_dir() and (p / "params.json").exists()]
+    handed_back = summary.get("model") if summary.get("test") else None  # the folder the test metrics belong to
     for trial_dir, kind in folders:
         params = json.loads((trial_dir / "params.json").read_text())
         results = _read_results(trial_dir)
@@ -202,8 +208,7 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             epoch_rows.append(row)
         error_file = trial_dir / "error.txt"
         error = error_file.read_text().strip().splitlines()[-1][:500] if error_file.exists() else None
-        status = (states if kind == "search" else split_states).get(
-            trial_id, "ERROR" if error else ("TERMINATED" if by_epoch else "PENDING"))
+        status = inner_states.get(kind, {}).get(trial_id, "ERROR" if error else ("TERMINATED" if by_epoch else "PENDING"))
         max_epochs = params.get("epochs")
         row: dict[str, Any] = {"trial_id": trial_id, "kind": kind, "status": status}
         row.update({f"config.{k}": v for k, v in sorted(resolve(params).items())})
@@ -235,6 +240,10 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             final = by_epoch[max(by_epoch)]
             row.update({k: v for k, v in final.items() if k.startswith("test_")})
             row["test_source"] = "split run"
+        if kind == "refit" and handed_back == f"{REFIT_DIR}/{trial_dir.name}":
+            # The model the search handed back: the test split was scored once, for it.
+            row.update({f"test_{k}": v for k, v in summary["test"].items()})
+            row["test_source"] = "refit"
         checkpoint = _latest_checkpoint(trial_dir)
         row.update({
             "checkpoint_path": str(Path(checkpoint).relative_to(experiment)) if checkpoint else None,
@@ -249,12 +258,14 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     front = pareto_flags({k: objective_values(v, rule.objectives) for k, v in reports.items()},
                          [d for _, d in rule.objectives])
     for row in trial_rows:
-        if row["kind"] == "split":
+        if row["kind"] != "search":
             row["selected"] = row["pareto_optimal"] = False
             continue
         row["selected"] = row["trial_id"] == chosen
         row["pareto_optimal"] = bool(front.get(row["trial_id"], False))
-        tested = row["selected"] and summary.get("best_trial_id") == chosen and summary.get("test")
+        # The test metrics sit on the row of the model handed back: the selected trial's, unless a refit's.
+        tested = (row["selected"] and summary.get("best_trial_id") == chosen and summary.get("test")
+                  and (handed_back is None or handed_back == row["trial_dir"]))
         row.update({f"test_{k}": v for k, v in (summary["test"].items() if tested else ())})
         row["test_source"] = "checkpoint" if tested else None
     return pd.DataFrame(trial_rows), pd.DataFrame(epoch_rows)

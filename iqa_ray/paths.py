@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Inside an experiment folder: the selected configuration re-trained on training and validation
+# photos, the model the search hands back (a Tune experiment of one trial; iqa_ray.search.refit).
+REFIT_DIR = "refit"
+
 
 def default_data_dir() -> Path:
     """Root of pre-generated datasets: ``$IQA_RAY_DATA`` or ``~/.cache/iqa_ray/datasets``."""

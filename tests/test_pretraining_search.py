@@ -212,6 +212,7 @@ def test_a_search_over_pretraining_pretrains_once_and_ssl_trials_start_from_the_
     assert info["encoders"] == {"efficientnet_lite0": str(encoders[0].resolve())}
 
     trials = pd.read_parquet(tmp_path / "results" / "pt" / "trials.parquet")
+    trials = trials[trials["kind"] == "search"]
     assert len(trials) == 4 and (trials.status == "TERMINATED").all()  # {none, ssl} x backbone_lr {1e-5, 1e-4}
     ssl = trials[trials["config.pretraining"] == "ssl"]
     none = trials[trials["config.pretraining"] == "none"]

@@ -229,6 +229,17 @@ def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(
     assert split_rows["test_srcc"].iloc[0] == pytest.approx(report["per_split"][0]["test_srcc"])
     assert trials[trials["kind"] == "search"]["selected"].sum() == 1
     assert "[features]" in out and "over 1 more random splits" in out
+    # The model handed back is the selected config re-trained on the search split's training and
+    # validation photos: its trial holds the test metrics, the probe beside it is refitted too, and
+    # the experiment folder resolves to it (score / load_model / export-model / evaluate).
+    from iqa_ray.evaluate import resolve_source
+
+    assert summary["model"].startswith("refit/") and summary["refit"]["trial"] == summary["model"]
+    refit_rows = trials[trials["kind"] == "refit"]
+    assert len(refit_rows) == 1 and refit_rows["test_srcc"].iloc[0] == pytest.approx(summary["test"]["srcc"])
+    assert trials[trials["selected"]]["test_srcc"].isna().all()
+    assert summary["baselines"]["linear_probe"]["refit"] is True and "model handed back" in out
+    assert resolve_source(experiment).trial == summary["model"]
     # The run report's table of the split re-runs, with their median and mean +- std.
     from test_notebooks import run_notebook
 
@@ -237,6 +248,11 @@ def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(
     assert f"1 splits: test SRCC median {median:.4f}" in text
     _, text = run_notebook("ranking_study", tmp_path, IQA_EXPERIMENT=str(experiment))
     assert "config.split_seed" not in text  # the split re-runs are not ranked with the trials
+    # the family comparison shows the handed-back refit's test figure beside the selected config
+    _, text = run_notebook("family_comparison", tmp_path, IQA_EXPERIMENTS=str(experiment),
+                           IQA_FIGURES=str(tmp_path / "family_figures"))
+    searched = int((trials["kind"] == "search").sum())
+    assert f"test SRCC {summary['test']['srcc']:.4f}" in text and f": {searched} trials, selected" in text
 
 
 def test_a_study_file_of_your_own_runs_as_written_unless_a_recipe_is_named(tmp_path):

@@ -1,6 +1,9 @@
 """train_on_val: the refit of a selected configuration on training and validation photos (--splits)."""
 
 import dataclasses
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +12,9 @@ from sklearn.linear_model import Ridge
 from iqa_ray.baselines import ridge_probe
 from iqa_ray.config import ConfigError
 from iqa_ray.data.dataset import DecodedImages
-from iqa_ray.engine import fit, load_decoded, make_loaders
+from iqa_ray.engine import CHECKPOINT_FILE, fit, load_decoded, make_loaders
 from iqa_ray.features import compute_features
+from iqa_ray.paths import REFIT_DIR
 from iqa_ray.search.splits import split_fit
 from iqa_ray.search.study import StudyError, load_study
 from iqa_ray.search.tuner import SearchSettings
@@ -96,3 +100,105 @@ def test_a_search_refuses_train_on_val_and_split_runs_refit_only_where_nothing_i
     assert refit is False and "select_epoch = 'best'" in why
     refit, why = split_fit(settings(study, splits_train_on_val=False), cached(tiny_dataset))
     assert refit is False and "--splits-train-only" in why
+
+
+def test_the_model_handed_back_is_a_refit_only_where_nothing_is_chosen_on_validation(tiny_dataset):
+    from iqa_ray.search.refit import refit_plan
+
+    study = load_study("ranking")
+    planned, why = refit_plan(settings(study), cached(tiny_dataset))
+    assert planned is True and "training and validation photos" in why
+    planned, why = refit_plan(settings(study), cached(tiny_dataset, early_stopping_patience=2))
+    assert planned is False and "early_stopping_patience" in why
+    planned, why = refit_plan(settings(study, refit=False), cached(tiny_dataset))
+    assert planned is False and "--no-refit" in why
+
+
+def test_no_refit_is_recorded_and_a_resume_keeps_it(tmp_path):
+    from iqa_ray.search.launcher import LaunchError, build_parser, resume_settings, settings_from_args
+    from iqa_ray.search.run import write_experiment_info
+
+    def parse(*argv):
+        return build_parser("ranking").parse_args(list(argv))
+
+    assert settings_from_args(parse("--gpus", "0"), "ranking").refit is True
+    args = parse("--gpus", "0", "--name", "kept", "--storage", str(tmp_path), "--no-refit")
+    s = settings_from_args(args, "ranking")
+    assert s.refit is False
+    s.local_experiment_dir().mkdir(parents=True)
+    write_experiment_info(s, args)
+    assert json.loads((s.local_experiment_dir() / "experiment.json").read_text())["refit"] is False
+    assert resume_settings(parse("--resume", "--name", "kept", "--storage", str(tmp_path)), "ranking").refit is False
+    args = parse("--gpus", "0", "--name", "refits", "--storage", str(tmp_path))
+    s = settings_from_args(args, "ranking")
+    s.local_experiment_dir().mkdir(parents=True)
+    write_experiment_info(s, args)
+    with pytest.raises(LaunchError, match="--no-refit"):
+        resume_settings(parse("--resume", "--name", "refits", "--storage", str(tmp_path), "--no-refit"), "ranking")
+
+
+def experiment_with_refit(root: Path, checkpoint: Path) -> Path:
+    """The folders and files a finished search with a refit leaves (as search/run.py and Tune write
+    them): two search trials, the selected one's checkpoint, and the refit trial's."""
+    exp = root / "exp"
+    for trial, val in (("trial_a", 0.5), ("trial_b", 0.7)):
+        (exp / trial / "checkpoint_000000").mkdir(parents=True)
+        (exp / trial / "params.json").write_text(json.dumps({"lr": 0.1, "epochs": 1}))
+        (exp / trial / "result.json").write_text(json.dumps({"trial_id": trial[-1], "epoch": 1, "val_srcc": val}) + "\n")
+    refit = exp / REFIT_DIR / "iqa_trainable_r_00000_0"
+    (refit / "checkpoint_000000").mkdir(parents=True)
+    shutil.copy(checkpoint, refit / "checkpoint_000000" / CHECKPOINT_FILE)
+    (refit / "params.json").write_text(json.dumps({"lr": 0.1, "epochs": 1, "train_on_val": True}))
+    (refit / "result.json").write_text(json.dumps({"trial_id": "r_00000", "epoch": 1, "val_srcc": 0.9}) + "\n")
+    summary = {"best_trial": "trial_b", "best_trial_id": "b", "model": f"{REFIT_DIR}/{refit.name}",
+               "refit": {"planned": True, "trial": f"{REFIT_DIR}/{refit.name}"}, "test": {"srcc": 0.61, "n": 10}}
+    (exp / "summary.json").write_text(json.dumps(summary))
+    return exp
+
+
+def test_the_refit_is_what_an_experiment_hands_back_and_its_row_holds_the_test_metrics(tiny_dataset, tmp_path):
+    from iqa_ray import export
+    from iqa_ray.evaluate import EvaluateError, resolve_source
+
+    run = tmp_path / "run"
+    fit(cached(tiny_dataset, epochs=1, train_on_val=True), on_epoch_end=lambda e: e.save(run))
+    exp = experiment_with_refit(tmp_path, run / CHECKPOINT_FILE)
+    source = resolve_source(exp)
+    assert source.trial == f"{REFIT_DIR}/iqa_trainable_r_00000_0"
+    assert source.checkpoint == exp / REFIT_DIR / "iqa_trainable_r_00000_0" / "checkpoint_000000"
+    trials, _ = export.collect(exp)
+    rows = trials.set_index("trial_id")
+    assert rows.loc["r_00000", "kind"] == "refit" and not rows.loc["r_00000", "selected"]
+    assert rows.loc["r_00000", "test_srcc"] == 0.61 and rows.loc["r_00000", "test_source"] == "refit"
+    assert rows.loc["b", "selected"] and np.isnan(rows.loc["b", "test_srcc"])  # the test belongs to the refit
+    # without a refit, the selected trial's row holds them, as before
+    summary = json.loads((exp / "summary.json").read_text())
+    (exp / "summary.json").write_text(json.dumps({**summary, "model": "trial_b", "refit": {"planned": False}}))
+    rows = export.collect(exp)[0].set_index("trial_id")
+    assert rows.loc["b", "test_srcc"] == 0.61 and np.isnan(rows.loc["r_00000", "test_srcc"])
+    for bad in ("../elsewhere", "refit/../../x", "splits/trial_x", "/abs"):
+        (exp / "summary.json").write_text(json.dumps({**summary, "model": bad}))
+        with pytest.raises(EvaluateError, match="not a trial folder name"):
+            resolve_source(exp)
+
+
+@pytest.mark.parametrize("outcome", ["error", "raises", "no checkpoint"])
+def test_a_refit_that_fails_hands_back_the_selected_trial_and_says_why(tiny_dataset, monkeypatch, outcome):
+    from types import SimpleNamespace
+
+    from iqa_ray.search import refit as refit_module
+    from iqa_ray.search.run import hand_back
+
+    def run_refit(*_args, **_kw):
+        if outcome == "raises":
+            raise RuntimeError("cluster lost")
+        return SimpleNamespace(error=ValueError("diverged") if outcome == "error" else None, checkpoint=None,
+                               metrics={}, path="/r/refit/iqa_trainable_x")
+
+    monkeypatch.setattr(refit_module, "run_refit", run_refit)
+    best = SimpleNamespace(checkpoint="selected checkpoint", path="/r/trial_b", metrics={})
+    handed, report = hand_back(settings(load_study("ranking")), best, cached(tiny_dataset).to_dict(), None, None)
+    assert handed is best and report["planned"] is True and "trial" not in report
+    assert {"error": "diverged", "raises": "cluster lost", "no checkpoint": "no checkpoint"}[outcome] in report["error"]
+    assert "the refit failed" in report["model"]
+

@@ -88,6 +88,10 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
                    help="train the --splits models on each split's training photos only; by default they train on "
                         "its training and validation photos where the selected config chooses nothing on validation "
                         "(select_epoch = last, as the cpu recipe), the probe beside them likewise")
+    p.add_argument("--no-refit", action="store_true",
+                   help="hand back the selected trial's own weights (trained on training photos); by default, where the "
+                        "selected config chooses nothing on validation (select_epoch = last, as the cpu recipe), one more "
+                        "trial re-trains it on training and validation photos and that model is handed back and tested")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key for every trial (repeatable), e.g. --set crop_size=96")
     p.add_argument("--address", default=None, help="address of an existing Ray cluster, e.g. 10.0.0.5:6379 or auto")
@@ -227,6 +231,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         overrides=tuple(sorted(overrides.items())), sets=tuple(sets.items()),
         splits=1 if args.smoke_test and splits else splits,
         splits_train_on_val=not getattr(args, "splits_train_only", False),
+        refit=not getattr(args, "no_refit", False),
         recipe=applied.record() if applied is not None else None,
         recipe_lines=(*(applied.describe() if applied is not None else ((note,) if note else ())),
                       *((family_note,) if family_note else ())),
@@ -295,6 +300,8 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         differs.append(f"--splits ({args.splits} now, {record.get('splits', 0)} recorded)")
     if getattr(args, "splits_train_only", False) and record.get("splits_train_on_val", True):
         differs.append("--splits-train-only (given now, not recorded)")
+    if getattr(args, "no_refit", False) and record.get("refit", True):
+        differs.append("--no-refit (given now, not recorded)")
     if args.smoke_test != launch["smoke_test"]:
         differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
     for flag in _RECORDED_FLAGS:
@@ -317,6 +324,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures,
         overrides=tuple(sorted(record["overrides"].items())), sets=tuple(launch["set"].items()),
         splits=record.get("splits", 0), splits_train_on_val=record.get("splits_train_on_val", True),
+        refit=record.get("refit", True),
         recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),

@@ -31,6 +31,7 @@ from iqa_ray.search.resources import (
 )
 from iqa_ray.features import probe_features
 from iqa_ray.search.pretraining import prepare_encoders
+from iqa_ray.search.refit import REFIT_FIT_ON
 from iqa_ray.search.tuner import (
     SearchSettings,
     build_tuner,
@@ -99,6 +100,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "max_concurrent": settings.max_concurrent, "fixed": study.fixed, "encoders": study.encoders,
         "recipe": settings.recipe, "splits": settings.splits,
         "splits_train_on_val": settings.splits_train_on_val,
+        "refit": settings.refit,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
         "launch": {"dataset": args.dataset or EMBEDDED, "set": dict(settings.sets), "smoke_test": args.smoke_test},
@@ -276,11 +278,14 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
                           f"every model diverged or predicted constants); see {experiment_dir_hint(settings)}")
     best, rows = reports[chosen]
     best_row = kept_report(rows) or max(rows, key=lambda row: _selection_value(row.get(study.metric), study.mode))
+    # The split and refit runs train single-process trials: one GPU at most each.
+    single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
+    handed, refit = hand_back(single, best, study.resolve(best.config), decoded, features)
     test, test_error = {}, None
-    if best.checkpoint is None:
+    if handed.checkpoint is None:
         test_error = "the selected trial left no checkpoint"
     else:
-        test = score_test_split(best.checkpoint, decoded, cpus=settings.cpus_per_trial,
+        test = score_test_split(handed.checkpoint, decoded, cpus=settings.cpus_per_trial,
                                 gpus=min(settings.gpus_per_trial, 1.0))
         if not test:
             test_error = "the dataset has no test split"
@@ -290,7 +295,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         try:  # a baseline that cannot run (e.g. hub weights offline) must not lose the finished search
             baselines = score_baselines(TrainConfig.from_dict(study.resolve(best.config)), decoded,
                                         cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0),
-                                        features=features)
+                                        features=features, refit=bool(refit.get("trial")))
         except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
             baselines_error = f"{type(exc).__name__}: {exc}"
     summary = {
@@ -302,8 +307,15 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         "best_config": {k: v for k, v in config.items()},
         "best_val": {"srcc": float(best_row["val_srcc"]), "plcc": float(best_row["val_plcc"]),
                      "epoch": int(best_row["epoch"]), study.metric: float(best_row[study.metric])},
-        "best_trial_id": best.metrics.get("trial_id"), "test": test,
-        "test_source": "the selected trial's best-by-validation weights, scored once after the search",
+        "best_trial_id": best.metrics.get("trial_id"),
+        # The model handed back (score / load_model / export-model / evaluate read it): the refit's
+        # trial folder, or the selected trial's.
+        "model": refit.get("trial") or (best.path.rsplit("/", 1)[-1] if best.path else None),
+        "refit": refit, "test": test,
+        "test_source": (f"the selected configuration re-trained on {REFIT_FIT_ON} ({refit['trial']}), its final "
+                        "weights, scored once after the search" if refit.get("trial") else
+                        "the selected trial's kept weights (chosen by validation, or its final ones), scored once "
+                        "after the search"),
         # Validation SRCC of the selected epoch minus its test SRCC: how much the pick flatters itself.
         "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
         "baselines": baselines,
@@ -320,8 +332,6 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if settings.splits and best.checkpoint is not None:
         from iqa_ray.search.splits import run_splits
 
-        # The split runs train single-process trials: one GPU at most each.
-        single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
         summary["splits"] = run_splits(single, study.resolve(best.config), decoded, table, features=features)
     if local is not None:
         close_orphaned_optuna_trials(local / "optuna.db")
@@ -330,6 +340,37 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     else:
         summary["exports"] = {}
     return summary
+
+
+def hand_back(settings: SearchSettings, best: Any, resolved: dict[str, Any], decoded: Any,
+              features: Any) -> tuple[Any, dict[str, Any]]:
+    """The model the search hands back: a refit of the selected configuration on training and
+    validation photos where it chooses nothing on validation (:mod:`iqa_ray.search.refit`), else the
+    selected trial itself. A refit that fails hands back the selected trial, with the error recorded.
+
+    Returns:
+        The Tune result whose checkpoint is handed back, and ``summary.json``'s ``refit``.
+    """
+    from iqa_ray.search.refit import refit_folder, refit_plan, run_refit
+
+    planned, why = refit_plan(settings, TrainConfig.from_dict(resolved))
+    report: dict[str, Any] = {"planned": planned, "model": why}
+    if not planned or best.checkpoint is None:
+        return best, report
+    print(f"[refit] {why}: one more trial, the model handed back", flush=True)
+    try:  # the search has finished: whatever the refit does, its selected trial is kept and handed back
+        result = run_refit(settings, resolved, decoded, features=features)
+        failure = result.error if result.error is not None else (None if result.checkpoint is not None else "")
+    except Exception as exc:  # noqa: BLE001 - printed and recorded in summary.json, not swallowed
+        result, failure = None, exc
+    if failure is not None:
+        problem = f"{type(failure).__name__}: {failure}" if failure != "" else "it left no checkpoint"
+        print(f"[refit] failed ({problem}); the selected trial's own weights are handed back", flush=True)
+        report.update(error=problem, model="the selected trial's own weights (the refit failed)")
+        return best, report
+    epochs = result.metrics.get("epoch")
+    report.update(trial=refit_folder(result), epochs=int(epochs) if epochs is not None else None)
+    return result, report
 
 
 def pareto_front(reports: dict[str, tuple[Any, list[dict[str, Any]]]], objectives: Any) -> list[dict[str, Any]]:
@@ -362,7 +403,8 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, 
             "n": len(loader.dataset)}
 
 
-def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None) -> dict[str, Any]:
+def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None,
+                    refit: bool = False) -> dict[str, Any]:
     from iqa_ray.baselines import classical_baseline, probe_baseline
 
     device = worker_device(threads)
@@ -371,7 +413,7 @@ def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, 
     m = config.model
     return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
                           img_size=m.img_size or config.data.crop_size, device=device,
-                          features=probe_features(features, config))
+                          features=probe_features(features, config), refit=refit)
 
 
 def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpus: float,
@@ -409,8 +451,9 @@ def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpu
 
 
 def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float,
-                    features: Any = None) -> dict[str, dict[str, Any]]:
-    """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split.
+                    features: Any = None, refit: bool = False) -> dict[str, dict[str, Any]]:
+    """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split
+    (``refit``: the probe fitted again on training and validation photos, beside a refit model).
 
     One Ray task per baseline, side by side, each with one trial's resources and reading the
     dataset's object-store copy, like :func:`score_test_split`.
@@ -421,7 +464,7 @@ def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: flo
 
     task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     names = [PROBE, *BASELINES]
-    results = ray.get([task.remote(name, config, decoded, int(cpus), features if name == PROBE else None)
+    results = ray.get([task.remote(name, config, decoded, int(cpus), features if name == PROBE else None, refit)
                        for name in names])
     return dict(zip(names, results))
 
@@ -446,12 +489,14 @@ def baseline_lines(s: dict[str, Any]) -> list[str]:
         probe = b[PROBE]
         lines.append(f"baselines on the same {probe['n']} test photos:")
         lines.append(f"  linear probe ({probe['backbone']}, {probe['pretrained']} weights, frozen; every stage pooled, "
-                     f"ridge alpha {probe['alpha']:g} chosen on validation): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
+                     f"ridge alpha {probe['alpha']:g} chosen on validation"
+                     + (", then fitted on training and validation photos like the model" if probe.get("refit") else "")
+                     + f"): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
         for name in ("piqe", "brisque"):
             lines.append(f"  {name.upper()}: SRCC {b[name]['srcc']:.4f}  PLCC {b[name]['plcc']:.4f}")
         margin = s["versus_probe"]
-        lines.append(f"the selected model beats the probe by {margin:+.4f} SRCC" if margin > 0
-                     else f"the selected model does not beat the probe ({margin:+.4f} SRCC)")
+        lines.append(f"the model handed back beats the probe by {margin:+.4f} SRCC" if margin > 0
+                     else f"the model handed back does not beat the probe ({margin:+.4f} SRCC)")
     elif s.get("baselines_error"):
         lines.append(f"baselines could not be computed: {s['baselines_error']}")
     return lines
@@ -476,9 +521,12 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
             print(f"  {k} = {s['best_config'][k]}")
     if s["best_val"]:
         print(f"validation: SRCC {s['best_val']['srcc']:.4f}  PLCC {s['best_val']['plcc']:.4f}  (epoch {s['best_val']['epoch']})")
+    refit = s.get("refit") or {}
+    if refit.get("model"):
+        print(f"model handed back: {refit['model']}" + (f" ({refit['trial']})" if refit.get("trial") else ""))
     if s["test"]:
-        print(f"test (selected model, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
-              f"(validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
+        print(f"test (the model handed back, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
+              f"(selected trial's validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
     for line in baseline_lines(s):
         print(line)
     from iqa_ray.search.splits import split_lines

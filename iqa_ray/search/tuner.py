@@ -54,6 +54,7 @@ class SearchSettings:
     sets: tuple[tuple[str, Any], ...] = ()  # the --set values as given (parsed once), recorded for --resume
     splits: int = 0  # re-train the selected config on this many more random splits after the search
     splits_train_on_val: bool = True  # split runs train on train+val where the config chooses nothing on val
+    refit: bool = True  # hand back the selected config re-trained on train+val where it chooses nothing on val
     recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
     recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
     verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
