@@ -202,3 +202,19 @@ def test_a_refit_that_fails_hands_back_the_selected_trial_and_says_why(tiny_data
     assert {"error": "diverged", "raises": "cluster lost", "no checkpoint": "no checkpoint"}[outcome] in report["error"]
     assert "the refit failed" in report["model"]
 
+
+def test_the_refit_benchmark_folds_keep_each_source_photo_in_one_fold_and_cover_every_row():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from refit_cv import CV_FOLDS, grouped_folds
+
+    groups = np.repeat([f"photo{i}" for i in range(15)], [4, 6, 8] * 5)
+    rows = np.arange(len(groups))[5:]  # not every row is train+val
+    for seed in (0, 1):
+        folds = grouped_folds(groups, rows, seed)
+        assert len(folds) == CV_FOLDS and all(len(f) for f in folds)
+        assert sorted(np.concatenate(folds).tolist()) == rows.tolist()
+        seen = [set(groups[f]) for f in folds]
+        assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert [f.tolist() for f in grouped_folds(groups, rows, 0)] != [f.tolist() for f in grouped_folds(groups, rows, 1)]
