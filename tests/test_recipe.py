@@ -146,17 +146,25 @@ def test_resume_re_applies_the_recorded_recipe_and_refuses_another(tmp_path):
         resume_settings(parse("--resume", "--name", "rec", "--storage", str(tmp_path), "--recipe", "paper"), "ranking")
 
 
-def test_splits_train_only_is_recorded_and_a_resume_keeps_it(tmp_path):
+@pytest.mark.parametrize("flag, key", [("--splits-train-only", "splits_train_on_val"), ("--no-refit", "refit")])
+def test_a_train_on_val_opt_out_is_recorded_and_a_resume_keeps_it_or_refuses_it(tmp_path, flag, key):
     from iqa_ray.search.run import write_experiment_info
 
-    assert settings_from_args(parse("--gpus", "0"), "ranking").splits_train_on_val is True
-    args = parse("--gpus", "0", "--name", "only", "--storage", str(tmp_path), "--splits-train-only")
+    assert getattr(settings_from_args(parse("--gpus", "0"), "ranking"), key) is True
+    args = parse("--gpus", "0", "--name", "kept", "--storage", str(tmp_path), flag)
     s = settings_from_args(args, "ranking")
-    assert s.splits_train_on_val is False
+    assert getattr(s, key) is False
     s.local_experiment_dir().mkdir(parents=True)
     write_experiment_info(s, args)
-    assert json.loads((s.local_experiment_dir() / "experiment.json").read_text())["splits_train_on_val"] is False
-    assert resume_settings(parse("--resume", "--name", "only", "--storage", str(tmp_path)), "ranking").splits_train_on_val is False
+    assert json.loads((s.local_experiment_dir() / "experiment.json").read_text())[key] is False
+    assert getattr(resume_settings(parse("--resume", "--name", "kept", "--storage", str(tmp_path)), "ranking"), key) is False
+    # A run recorded without the flag cannot be resumed with it: the flag is named.
+    args = parse("--gpus", "0", "--name", "default", "--storage", str(tmp_path))
+    s = settings_from_args(args, "ranking")
+    s.local_experiment_dir().mkdir(parents=True)
+    write_experiment_info(s, args)
+    with pytest.raises(LaunchError, match=flag):
+        resume_settings(parse("--resume", "--name", "default", "--storage", str(tmp_path), flag), "ranking")
 
 
 def test_split_helpers_compute_what_statistics_computes():

@@ -114,29 +114,6 @@ def test_the_model_handed_back_is_a_refit_only_where_nothing_is_chosen_on_valida
     assert planned is False and "--no-refit" in why
 
 
-def test_no_refit_is_recorded_and_a_resume_keeps_it(tmp_path):
-    from iqa_ray.search.launcher import LaunchError, build_parser, resume_settings, settings_from_args
-    from iqa_ray.search.run import write_experiment_info
-
-    def parse(*argv):
-        return build_parser("ranking").parse_args(list(argv))
-
-    assert settings_from_args(parse("--gpus", "0"), "ranking").refit is True
-    args = parse("--gpus", "0", "--name", "kept", "--storage", str(tmp_path), "--no-refit")
-    s = settings_from_args(args, "ranking")
-    assert s.refit is False
-    s.local_experiment_dir().mkdir(parents=True)
-    write_experiment_info(s, args)
-    assert json.loads((s.local_experiment_dir() / "experiment.json").read_text())["refit"] is False
-    assert resume_settings(parse("--resume", "--name", "kept", "--storage", str(tmp_path)), "ranking").refit is False
-    args = parse("--gpus", "0", "--name", "refits", "--storage", str(tmp_path))
-    s = settings_from_args(args, "ranking")
-    s.local_experiment_dir().mkdir(parents=True)
-    write_experiment_info(s, args)
-    with pytest.raises(LaunchError, match="--no-refit"):
-        resume_settings(parse("--resume", "--name", "refits", "--storage", str(tmp_path), "--no-refit"), "ranking")
-
-
 def experiment_with_refit(root: Path, checkpoint: Path) -> Path:
     """The folders and files a finished search with a refit leaves (as search/run.py and Tune write
     them): two search trials, the selected one's checkpoint, and the refit trial's."""
