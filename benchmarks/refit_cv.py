@@ -3,8 +3,9 @@
 The model a search hands back is, by default, the selected configuration re-trained on the search
 split's training and validation photos (``iqa_ray/search/refit.py``). Whether that helps depends on
 the dataset: more source photos to learn from, against nothing. This benchmark measures it the way
-the default was chosen on LIVE Challenge (``frozen_features.py --refit``), for any dataset the
-cpu recipe reads, and on the split's training and validation rows only:
+the default was chosen on LIVE Challenge (it replaced ``frozen_features.py --refit``, whose folds
+were drawn by row), for any dataset the cpu recipe reads, on the split's training and validation
+rows only:
 
 * the rows are grouped by source photo (the table's ``group`` column where it has one, e.g. the
   embedded data's 4-8 distorted crops of one photo; else each row is its own photo), and the
