@@ -138,9 +138,16 @@ def stage_means(mean_std: np.ndarray, channels: tuple[int, ...]) -> np.ndarray:
     return mean_std[:, np.concatenate(columns)]
 
 
-def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> float:
+def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int, *,
+              weights: np.ndarray | None = None, flipped: np.ndarray | None = None) -> float:
     """Test SRCC of the recipe's MLP head trained on rows ``train`` of features ``x`` (a plain torch loop
-    with the recipe's settings and the ranking study's middle values; see the module docstring)."""
+    with the recipe's settings and the ranking study's middle values; see the module docstring).
+
+    ``weights`` (one per row) weight each row's L1 term and each pair's ranking term by the product
+    of the two rows' weights; ``flipped`` (the features of each photo's mirror image, as ``x``) makes
+    every training draw the photo or its mirror at random and the score the mean of the two. Without
+    either, the loop is the recipe's and draws the same random numbers as before they existed.
+    """
     import torch
     from torch import nn
 
@@ -149,6 +156,8 @@ def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarra
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     feats, target = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(mos.astype(np.float32))
+    mirror = None if flipped is None else torch.from_numpy(flipped.astype(np.float32))
+    weight = None if weights is None else torch.from_numpy(weights.astype(np.float32))
     mean, std = feats[train].mean(0), feats[train].std(0, correction=0).clamp_min(1e-6)
     t_mean, t_std = target[train].mean(), target[train].std()
     head = nn.Sequential(nn.Linear(feats.shape[1], 256), nn.GELU(), nn.Dropout(0.5), nn.Linear(256, 1))
@@ -161,20 +170,31 @@ def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarra
     rows = torch.from_numpy(train).repeat(draws)
     for _ in range(epochs):
         order = rows[torch.randperm(len(rows), generator=gen)]
+        flips = None if mirror is None else torch.rand(len(order), generator=gen) < 0.5
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
+            xb = feats[idx] if flips is None else torch.where(flips[step * batch:(step + 1) * batch, None], mirror[idx], feats[idx])
             y = (target[idx] - t_mean) / t_std
-            pred = head((feats[idx] - mean) / std).squeeze(1)
+            pred = head((xb - mean) / std).squeeze(1)
             ordered = y[:, None] > y[None, :]
-            rank = (margin / t_std - (pred[:, None] - pred[None, :])).clamp_min(0)[ordered].mean()
-            loss = (1 - alpha) * (pred - y).abs().mean() + alpha * rank
+            hinge = (margin / t_std - (pred[:, None] - pred[None, :])).clamp_min(0)[ordered]
+            if weight is None:
+                loss = (1 - alpha) * (pred - y).abs().mean() + alpha * hinge.mean()
+            else:
+                w = weight[idx]
+                pair_w = (w[:, None] * w[None, :])[ordered]
+                loss = ((1 - alpha) * ((pred - y).abs() * w).sum() / w.sum()
+                        + alpha * (hinge * pair_w).sum() / pair_w.sum().clamp_min(1e-12))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     head.eval()
     with torch.no_grad():
-        return float(srcc(head((feats[test] - mean) / std).squeeze(1).numpy().astype(np.float64), mos[test]))
+        score = head((feats[test] - mean) / std).squeeze(1)
+        if mirror is not None:
+            score = (score + head((mirror[test] - mean) / std).squeeze(1)) / 2
+        return float(srcc(score.numpy().astype(np.float64), mos[test]))
 
 
 def paired(scores: dict[str, list[float]], richer: str, base: str) -> dict[str, Any]:

@@ -50,9 +50,22 @@ def _brisque_model():
     return _FlatBRISQUE(url=False)
 
 
+def brisque_features(image: np.ndarray) -> np.ndarray:
+    """The 36 BRISQUE features of an RGB uint8 image: 18 natural-scene statistics of the grey image's
+    mean-subtracted contrast-normalised coefficients, then the same 18 at half size (bicubic), as
+    ``brisque`` 0.2.0 computes them before its SVR (:func:`brisque_score` scores these)."""
+    import cv2
+    import skimage.color
+
+    model = _brisque_model()
+    grey = skimage.color.rgb2gray(model.remove_alpha_channel(image))
+    half = cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_CUBIC)
+    return np.concatenate([model.calculate_brisque_features(g, kernel_size=7, sigma=7 / 6) for g in (grey, half)])
+
+
 def brisque_score(image: np.ndarray) -> float:
     """BRISQUE score of an RGB uint8 image (lower is better, roughly 0-100)."""
-    return float(_brisque_model().score(image))
+    return float(_brisque_model().calculate_image_quality_score(brisque_features(image)))
 
 
 BASELINES: dict[str, Callable[[np.ndarray], float]] = {"piqe": piqe_score, "brisque": brisque_score}

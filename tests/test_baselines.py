@@ -68,3 +68,17 @@ def test_baseline_report_scores_the_test_split_of_a_dataset(tiny_dataset):
     piqe = all_metrics(baseline_scores("piqe", [decoded.images[i] for i in test]), mos)
     assert report["piqe"]["srcc"] == pytest.approx(piqe["srcc"])
     assert np.isfinite(report["linear_probe"]["srcc"]) and report["linear_probe"]["backbone"] == "efficientnet_lite0"
+
+
+def test_brisque_score_is_the_package_score_of_its_36_features():
+    from skimage.data import astronaut
+
+    from iqa_ray.baselines import _brisque_model, brisque_features, brisque_score
+
+    image = astronaut()[::2, ::2]
+    features = brisque_features(image)
+    assert features.shape == (36,) and np.isfinite(features).all()
+    # the package's own path (grey image, features at full and half size, its SVR) gives the same score
+    assert brisque_score(image) == pytest.approx(float(_brisque_model().score(image)), abs=1e-9)
+    # half size is its own 18 statistics, not a copy of the first
+    assert not np.allclose(features[:18], features[18:])
