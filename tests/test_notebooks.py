@@ -1,6 +1,6 @@
 """The analysis notebooks run top to bottom, headless, on the results of a real (small) search.
 
-One module fixture runs two real searches through the launcher on the tiny pre-generated dataset: the
+One session fixture runs two real searches through the launcher on the tiny pre-generated dataset: the
 ranking study (4 trials x up to 3 epochs, ASHA with a grace period of 1, so some trials are stopped at a rung
 and others run to the end) and a smoke run of the gmm study (so the cluster-distribution cell runs). Every
 notebook is then executed with nbclient in a ``python3`` kernel of this interpreter (the kernel spec's
@@ -112,7 +112,9 @@ def copy_parquet_only(experiment: Path, target: Path) -> Path:
 # ----------------------------------------------------------------------------- the searches
 
 
-@pytest.fixture(scope="module")
+# Session scope, not module: under `make test` the e2e worker may run another module's test between
+# two of these (xdist's order), and a module fixture would then run both searches again (about 3 min).
+@pytest.fixture(scope="session")
 def experiments(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
     from iqa_ray.search.launcher import main
 
