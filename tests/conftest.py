@@ -20,11 +20,13 @@ def pytest_collection_modifyitems(config, items):
 
     Each of them starts its own Ray instance (or `ray start` cluster) sized to the whole machine,
     trains, and has timeouts set for an otherwise idle machine; two at once would each see every
-    CPU and share them. The fast tests run beside them on the other workers. Without xdist the
-    marker does nothing.
+    CPU and share them. The fast tests run beside them on the other workers, and so do the slow
+    tests marked ``in_process`` (they train in the pytest process on one thread, start no Ray and
+    no subprocess, so they take the other core as the fast tests do). Without xdist the marker
+    does nothing.
     """
     for item in items:
-        if item.get_closest_marker("slow") is not None:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("in_process") is None:
             item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
 
 @pytest.fixture

@@ -82,6 +82,7 @@ def test_a_search_trial_reports_validation_only_and_never_touches_the_test_split
 
 
 @pytest.mark.slow
+@pytest.mark.in_process
 def test_resumed_run_equals_an_uninterrupted_run(tiny_dataset, decoded, tmp_path):
     config = small(tiny_dataset, epochs=3, family="hyperiqa", lr_schedule="cosine", warmup_epochs=0.5)
     uninterrupted = fit(config, decoded)
@@ -212,6 +213,7 @@ def test_label_fraction_keeps_a_subset_of_training_photos(tiny_dataset, decoded)
 
 
 @pytest.mark.slow
+@pytest.mark.in_process
 @pytest.mark.parametrize("family", ["gmm", "hyperiqa"])
 def test_every_family_trains_through_the_same_loop(tiny_dataset, decoded, family):
     kw = {"n_clusters": 3, "feature_dim": 16, "hidden_dim": 16} if family == "gmm" else {"multiscale": True}

@@ -421,6 +421,7 @@ def test_gmm_argument_validation():
 
 
 @pytest.mark.slow
+@pytest.mark.in_process
 @pytest.mark.parametrize("backbone", SUPPORTED_BACKBONES)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_trains_on_every_backbone(family, backbone):

@@ -53,6 +53,7 @@ def test_bad_flags_fail_before_training(tiny_dataset, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.in_process
 def test_eval_on_scores_another_dataset(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args_for(tiny_dataset, out, "--epochs", "1", "--eval-on", str(tiny_dataset.path))) == 0
