@@ -129,8 +129,8 @@ def test_check_and_checkpoint_periods_are_validated():
 # ----------------------------------------------------------------------------- mixed precision
 
 
-@pytest.mark.in_process
 @pytest.mark.slow  # float16 convolutions are emulated on CPU: about 10 s per epoch here
+@pytest.mark.in_process
 def test_an_fp16_run_uses_the_gradient_scaler_and_resumes_exactly(tiny_dataset, tmp_path):
     """fp16 autocast (CPU here, the V100/T4 path on CUDA): finite float32 losses and scores, the
     scaler's state in the checkpoint, and a resumed run equal to an uninterrupted one."""
