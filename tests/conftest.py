@@ -29,6 +29,38 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("in_process") is None:
             item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
 
+
+@pytest.fixture(autouse=True)
+def in_process_starts_no_ray(request, monkeypatch):
+    """A test marked ``in_process`` that starts Ray or a subprocess fails at that call, naming the
+    marker: it runs beside the end-to-end tests under xdist, and a Ray instance or a child process
+    sized to the machine would share their cores and break their timings. ``git`` is let through:
+    a run records its code's revision (:func:`iqa_ray.utils.io.git_revision`) in milliseconds."""
+    if request.node.get_closest_marker("in_process") is None:
+        return
+    import subprocess
+
+    import ray
+
+    def refused(what):
+        return AssertionError(f"{request.node.nodeid} is marked in_process but {what}; remove the marker so it "
+                              "runs in the serial end-to-end group (tests/conftest.py)")
+
+    def no_ray(*args, **kwargs):
+        raise refused("starts Ray (ray.init)")
+
+    popen_init = subprocess.Popen.__init__
+
+    def git_only(self, args, *rest, **kwargs):
+        argv = os.fsdecode(args).split() if isinstance(args, (str, bytes)) else [os.fsdecode(a) for a in args]
+        if not argv or os.path.basename(argv[0]) != "git":
+            raise refused(f"starts a subprocess ({args!r})")
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(subprocess.Popen, "__init__", git_only)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Torch computes on one thread for the test (deterministic, and fair to the other xdist worker)."""
