@@ -2,7 +2,8 @@
 
 With a frozen backbone, every epoch of every trial would push the same images through the same
 weights. A :class:`FeatureCache` holds, for each decoded image, the pooled features
-(:func:`iqa_ray.models.mlp.pool_stages`) of the whole image and of its mirror image (the one
+(:meth:`iqa_ray.models.mlp.MLPIQA.pool_images`: :func:`~iqa_ray.models.mlp.pool_stages`, and with
+``reference_blur`` their change under a blur) of the whole image and of its mirror image (the one
 augmentation whole-image training uses), so that training a head costs milliseconds per epoch
 instead of a backbone pass per image. A search computes one cache per dataset before any trial
 starts, puts it in Ray's object store, and hands the same reference to every trial
@@ -23,19 +24,22 @@ from iqa_ray.models.mlp import SPREAD_POOLINGS
 __all__ = ["FeatureCache", "cache_key", "compute_features", "feature_steps", "probe_features", "CACHE_KEYS"]
 
 # Config keys a cache depends on (besides the decoded images): a search may not search them.
-CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "pooling", "pretraining",
-              "image_size", "short_side")
+CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "pooling", "reference_blur",
+              "pretraining", "image_size", "short_side")
 
 _BATCH = 16
 
 
 def cache_key(config: Any) -> tuple[Any, ...]:
-    """What a cache depends on besides the decoded images: backbone, its weights, input size, pooling.
+    """What a cache depends on besides the decoded images: backbone, its weights, input size, pooling
+    (and the pseudo-reference blur, where the family has one).
 
     Runs whose configs share this key (and the decoded dataset) can share one cache.
     """
     m = config.model
-    return (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size, m.pooling)
+    key = (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size, m.pooling)
+    blur = getattr(m.options, "reference_blur", 0.0)
+    return key + ((float(blur),) if blur else ())
 
 
 @dataclass
@@ -64,8 +68,9 @@ class FeatureCache:
         Only ``stages``, ``blocks`` and ``every_block`` pooling hold them (per map, the means then
         the standard deviations; of the block poolings, the maps that are stages).
         """
-        if self.key[-1] not in SPREAD_POOLINGS or not self.channels:
-            raise ValueError(f"stage means need a 'stages', 'blocks' or 'every_block' pooling cache, this one is {self.key[-1]!r}")
+        pooling = self.key[4]
+        if pooling not in SPREAD_POOLINGS or not self.channels:
+            raise ValueError(f"stage means need a 'stages', 'blocks' or 'every_block' pooling cache, this one is {pooling!r}")
         stages = set(range(len(self.channels)) if self.stage_taps is None else self.stage_taps)
         columns, start = [], 0
         for i, c in enumerate(self.channels):
@@ -110,11 +115,9 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
     import torch.nn.functional as F
 
     from iqa_ray.build import build
-    from iqa_ray.models.mlp import pool_stages
 
     device = torch.device(device or "cpu")
     model = build(config, device).eval()
-    pooling = config.model.pooling
     images = decoded.images
     plain, flipped = [], []
     start = 0
@@ -127,7 +130,7 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
             batch = F.interpolate(batch, size=(model.backbone.img_size,) * 2, mode="bilinear", antialias=True,
                                   align_corners=False)
         for out, view in ((plain, batch), (flipped, batch.flip(3))):
-            out.append(pool_stages(model.backbone(view), pooling).cpu().numpy())
+            out.append(model.pool_images(view).cpu().numpy())
         start = stop
         yield stop
     yield FeatureCache(plain=np.concatenate(plain).astype(np.float32),

@@ -8,19 +8,21 @@ backbone, global average pooling of the last stage, and fully connected layers w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from iqa_ray.models.backbones import Backbone
-from iqa_ray.models.base import IQAModel
+from iqa_ray.models.base import IQAModel, full_precision
 from iqa_ray.models.losses import RegressionLoss
 from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
 __all__ = ["MLPIQA", "MLPOptions", "init_small_output", "POOLINGS", "SPREAD_POOLINGS", "BLOCK_POOLINGS",
-           "pool_stages"]
+           "gaussian_blur", "pool_stages"]
 
 POOLINGS = ("last", "stages", "blocks", "every_block")
 #: Poolings that standardise every map's mean and standard deviation (fitted on training images).
@@ -42,16 +44,26 @@ class MLPOptions(Options):
             probe, plus their spread), ``blocks`` (the same over every block group's output where
             the backbone has block groups: EfficientNet-Lite0's 7 instead of its 5 stages) or
             ``every_block`` (the same over every block's output: Lite0's 16 blocks).
+        reference_blur: ``0`` (off) or the standard deviation in pixels of a Gaussian blur: the
+            pooled features of the image blurred by it (a pseudo-reference) are subtracted from the
+            image's own and the difference appended to them, so the head sees how much the image
+            changes under a blur: much for a sharp photo, little for one that is blurry already
+            (the pseudo-reference idea of BPRI: Min, Gu, Zhai, Liu, Yang, Chen, "Blind Quality
+            Assessment Based on Pseudo-Reference Image", IEEE TMM 2018). Costs a second backbone
+            pass per image.
     """
 
     hidden_dim: int = 512
     dropout: float = 0.3
     pooling: str = "last"
+    reference_blur: float = 0.0
 
     def __post_init__(self) -> None:
         require(positive_int(self.hidden_dim), f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
         require(finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
         require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        require(finite(self.reference_blur) and self.reference_blur >= 0,
+                f"reference_blur must be 0 (off) or a blur's standard deviation in pixels > 0, got {self.reference_blur!r}")
 
 
 def pool_stages(stages: list[Tensor], pooling: str) -> Tensor:
@@ -72,6 +84,25 @@ def pool_stages(stages: list[Tensor], pooling: str) -> Tensor:
             parts += [flat.mean(dim=2), flat.std(dim=2, correction=0)]
         return torch.cat(parts, dim=1)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """``images`` (B, C, H, W) blurred by a Gaussian of standard deviation ``sigma`` pixels.
+
+    Separable, the kernel cut at 3 sigma and normalised to sum 1, edges extended (the image's
+    border pixels repeated), computed in the images' dtype: a blurred constant image is the same
+    constant.
+    """
+    if not (finite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a blur's standard deviation in pixels > 0, got {sigma!r}")
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float64)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    c = images.shape[1]
+    out = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def init_small_output(layer: nn.Linear, std: float = 1e-3) -> None:
@@ -108,13 +139,18 @@ class MLPIQA(IQAModel):
         dropout: float = MLPOptions.dropout,
         loss: RegressionLoss | None = None,
         pooling: str = MLPOptions.pooling,
+        reference_blur: float = MLPOptions.reference_blur,
     ) -> None:
         super().__init__(backbone, loss=loss)
-        MLPOptions(hidden_dim=hidden_dim, dropout=dropout, pooling=pooling)  # validates (ConfigError names the key)
+        # validates (ConfigError names the key)
+        MLPOptions(hidden_dim=hidden_dim, dropout=dropout, pooling=pooling, reference_blur=reference_blur)
         self.pooling = pooling
+        self.reference_blur = float(reference_blur)
         if pooling in BLOCK_POOLINGS:
             backbone.use_block_taps(every_block=pooling == "every_block")
         in_dim = backbone.channels[-1] if pooling == "last" else 2 * sum(backbone.tap_channels)
+        if self.reference_blur:
+            in_dim *= 2  # the image's pooled features, then their change under the blur
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
         self.head = nn.Sequential(
@@ -143,7 +179,7 @@ class MLPIQA(IQAModel):
             return  # the KonCept-style head learns on raw pooled features, as before
         was_training = self.training
         self.eval()
-        pooled = [pool_stages(self.backbone(images), self.pooling) for images in feature_batches]
+        pooled = [self.pool_images(images) for images in feature_batches]
         self.train(was_training)
         self.fit_feature_stats(torch.cat(pooled))
 
@@ -153,5 +189,33 @@ class MLPIQA(IQAModel):
         standardised = self.head((features - self.feature_mean) / self.feature_std).squeeze(1)
         return {"score": self.to_label_scale(standardised), "features": features}
 
+    def blurred(self, images: Tensor) -> Tensor:
+        """The pseudo-reference: ``images`` blurred by ``reference_blur``, in float32 under any autocast."""
+        with full_precision(images.device):
+            return gaussian_blur(images.float(), self.reference_blur)
+
+    def pool_maps(self, stages: list[Tensor], blurred: list[Tensor] | None = None) -> Tensor:
+        """(B, D) the head's input before standardisation: ``stages`` pooled (:func:`pool_stages`),
+        then, with ``reference_blur``, minus ``blurred`` (the blurred images' maps) pooled."""
+        pooled = pool_stages(stages, self.pooling)
+        if not self.reference_blur:
+            return pooled
+        if blurred is None:
+            raise ValueError(f"reference_blur={self.reference_blur}: the head needs the maps of the blurred images too")
+        return torch.cat([pooled, pooled - pool_stages(blurred, self.pooling)], dim=1)
+
+    def pool_images(self, images: Tensor) -> Tensor:
+        """(B, D) pooled features of images in [0, 1] (what a feature cache holds): one backbone
+        pass, two with ``reference_blur``."""
+        blurred = self.backbone(self.blurred(images)) if self.reference_blur else None
+        return self.pool_maps(self.backbone(images), blurred)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        if not self.reference_blur:
+            return super().forward(images)
+        stages, blurred = self.backbone(images), self.backbone(self.blurred(images))
+        with full_precision(images.device):
+            return self.forward_pooled(self.pool_maps([s.float() for s in stages], [b.float() for b in blurred]))
+
     def forward_head(self, stages: list[Tensor]) -> dict[str, Tensor]:
-        return self.forward_pooled(pool_stages(stages, self.pooling))
+        return self.forward_pooled(self.pool_maps(stages))
