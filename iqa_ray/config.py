@@ -312,7 +312,8 @@ class OptimConfig(Options):
             tensor cores); ignored on CPU and for transformers.
         cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (fixed input sizes).
         tf32: TensorFloat-32 matmuls and convolutions on CUDA devices that have them.
-        fused_optimizer: the fused CUDA kernel of Adam/AdamW (one launch per step).
+        fused_optimizer: the fused implementation of Adam/AdamW where every parameter is on CUDA
+            (one kernel launch per step) or every one on the CPU (one vectorised loop per step).
         checkpoint_every: write a checkpoint every this many epochs (and always at the last
             one and where a scheduler may stop the trial); a killed trial resumes from the
             newest and repeats at most ``checkpoint_every - 1`` epochs, exactly as they ran.

@@ -22,8 +22,11 @@ def build_optimizer(config: TrainConfig, model: IQAModel) -> torch.optim.Optimiz
     groups = [g for g in groups if g["params"] and g["lr"] > 0]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen or has learning rate 0")
-    # The fused kernel (one launch per step for every tensor) where every parameter is on CUDA.
-    fused = {"fused": True} if o.fused_optimizer and all(p.is_cuda for g in groups for p in g["params"]) else {}
+    # The fused implementation where every parameter is on CUDA (one kernel launch per step for every
+    # tensor) or every one on the CPU (one vectorised loop: a wide head's AdamW step about 9x faster
+    # than the default per-tensor loop on one thread, which took two thirds of a cached-feature epoch).
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = {"fused": True} if o.fused_optimizer and devices in ({"cuda"}, {"cpu"}) else {}
     if o.optimizer == "adam":
         return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
     if o.optimizer == "adamw":

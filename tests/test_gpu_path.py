@@ -185,7 +185,7 @@ def test_evaluation_forward_passes_never_exceed_the_chunk(tiny_dataset):
     assert max(sizes) == 7 and sum(sizes) == 5 * len(decoded.split_indices("val"))
 
 
-# ----------------------------------------------------------------------------- CUDA-only switches
+# ----------------------------------------------------------------------------- device switches
 
 
 def test_device_switches_apply_where_they_are_safe(tiny_dataset):
@@ -196,8 +196,19 @@ def test_device_switches_apply_where_they_are_safe(tiny_dataset):
     swin = images_run(tiny_dataset, backbone="swin_tiny_patch4_window7_224", pretrained="none", crop_size=224)
     assert memory_format(swin, CUDA) is None  # transformers keep their layout
     model = build(images_run(tiny_dataset), CPU)
-    optimizer = build_optimizer(images_run(tiny_dataset), model)
-    assert not optimizer.defaults.get("fused")  # fused kernels are for CUDA parameters only
+    assert build_optimizer(images_run(tiny_dataset), model).defaults.get("fused")  # every parameter on the CPU
+    assert not build_optimizer(images_run(tiny_dataset, fused_optimizer=False), model).defaults.get("fused")
+    assert not build_optimizer(images_run(tiny_dataset, optimizer="sgd"), model).defaults.get("fused")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_the_fused_cpu_optimizer_takes_the_steps_the_default_one_takes(tiny_dataset, decoded, features, optimizer):
+    fused = fit(cached(tiny_dataset, optimizer=optimizer, weight_decay=1e-2), decoded, features=features)
+    plain = fit(cached(tiny_dataset, optimizer=optimizer, weight_decay=1e-2, fused_optimizer=False), decoded,
+                features=features)
+    for a, b in zip(fused.history, plain.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    np.testing.assert_allclose(fused.test_predictions[0], plain.test_predictions[0], rtol=1e-4, atol=1e-4)
 
 
 def test_loader_workers_are_sized_from_the_cpu_share_on_a_gpu(tiny_dataset):
