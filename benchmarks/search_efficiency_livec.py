@@ -102,8 +102,8 @@ def load_features(decoded: Any, config: Any, dataset: str) -> tuple[Any, dict[st
     path = FEATURE_DIR / f"livec_features_{digest}.npz"
     if path.exists():
         with np.load(path) as z:
-            cache = FeatureCache(plain=z["plain"], flipped=z["flipped"], key=cache_key(config),
-                                 channels=tuple(int(c) for c in z["channels"]))
+            cache = FeatureCache(plain=z["plain"], flipped=z["flipped"] if "flipped" in z else None,
+                                 key=cache_key(config), channels=tuple(int(c) for c in z["channels"]))
         return cache, {"file": str(path), "loaded": True, "seconds": 0.0}
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -113,8 +113,8 @@ def load_features(decoded: Any, config: Any, dataset: str) -> tuple[Any, dict[st
     torch.set_num_threads(threads)
     FEATURE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, plain=cache.plain, flipped=cache.flipped, channels=np.array(cache.channels, dtype=np.int64),
-             key=json.dumps(key))
+    mirrors = {} if cache.flipped is None else {"flipped": cache.flipped}
+    np.savez(tmp, plain=cache.plain, **mirrors, channels=np.array(cache.channels, dtype=np.int64), key=json.dumps(key))
     os.replace(tmp, path)
     return cache, {"file": str(path), "loaded": False, "seconds": round(seconds, 1)}
 

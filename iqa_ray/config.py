@@ -76,8 +76,12 @@ class DataConfig(Options):
             pixels when decoding (phone photos of mixed sizes, SPAQ's 512); exclusive with
             ``image_size``.
         whole_image: the model sees each whole image at its decoded size, for training (with a
-            random horizontal flip) and evaluation, instead of ``crop_size`` crops (the frozen
+            random horizontal flip unless ``hflip`` is false) and evaluation, instead of ``crop_size`` crops (the frozen
             feature recipe; a linear probe's input).
+        hflip: training samples (crops, whole images, or with ``feature_cache`` each draw of an
+            image's cached features) are mirrored left-right with odds 1/2; ``False`` trains on
+            the images as they are, and a feature cache then skips the mirror images' backbone
+            passes (half its cost). Evaluation never flips.
         patches_per_image: training samples drawn from each image per epoch (HyperIQA: 25 random
             224 px patches per image per epoch); an epoch is that many passes over the images.
         patch_placement: where evaluation patches go: ``grid`` (evenly spaced, the default) or
@@ -120,6 +124,7 @@ class DataConfig(Options):
     patch_placement: str = "grid"
     feature_cache: bool = False
     prefetch_factor: int = 4
+    hflip: bool = True
     eval_chunk: int = 64
 
     def __post_init__(self) -> None:
@@ -165,6 +170,7 @@ class DataConfig(Options):
                 f"patches_per_image must be an integer >= 1, got {self.patches_per_image!r}")
         require(self.patch_placement in PATCH_PLACEMENTS,
                 f"patch_placement must be one of {PATCH_PLACEMENTS}, got {self.patch_placement!r}")
+        require(isinstance(self.hflip, bool), f"hflip must be true or false, got {self.hflip!r}")
         require(isinstance(self.feature_cache, bool), f"feature_cache must be true or false, got {self.feature_cache!r}")
         require(not self.feature_cache or self.whole_image,
                 "feature_cache caches whole-image features: it needs whole_image = true")

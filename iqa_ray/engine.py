@@ -207,8 +207,9 @@ class _CachedFeed:
     """Batches of cached pooled features through the head only (``feature_cache``: a frozen backbone).
 
     Each epoch draws every training image ``patches_per_image`` times in a seeded random order, each
-    draw the image or its mirror with equal odds: the samples an image loader with random flips
-    would give, minus the backbone pass. Evaluation scores the whole, unflipped images.
+    draw the image or its mirror with equal odds (unless ``hflip`` is false: the cache then holds no
+    mirror images): the samples an image loader with random flips would give, minus the backbone
+    pass. Evaluation scores the whole, unflipped images.
     """
 
     def __init__(self, config: TrainConfig, decoded: DecodedImages, cache: Any, device: torch.device,
@@ -217,7 +218,8 @@ class _CachedFeed:
         cache.check(config, len(decoded.table))
         # Copies (a few MB): the object store's arrays are read-only, and torch wants to own its tensors.
         self.plain = torch.from_numpy(np.array(cache.plain, dtype=np.float32)).to(device)
-        self.flipped = torch.from_numpy(np.array(cache.flipped, dtype=np.float32)).to(device)
+        self.flipped = (None if cache.flipped is None
+                        else torch.from_numpy(np.array(cache.flipped, dtype=np.float32)).to(device))
         self.mos = torch.from_numpy(decoded.table["mos"].to_numpy(np.float32)).to(device)
         self.rows = {"train": torch.from_numpy(train_indices(decoded, d.label_fraction, config.optim.seed,
                                                                   with_val=config.optim.train_on_val)),
@@ -236,8 +238,13 @@ class _CachedFeed:
         order = draws[torch.randperm(len(draws))]
         for step in range(self.steps_per_epoch):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.plain.device)
-            mirror = (torch.rand(len(idx)) < 0.5).to(self.plain.device)  # drawn for the global batch
             n_global = len(idx)
+            if self.flipped is None:
+                if self.data_parallel is not None:
+                    idx = self.data_parallel.shard(idx)
+                yield self.plain[idx], self.mos[idx], n_global
+                continue
+            mirror = (torch.rand(len(idx)) < 0.5).to(self.plain.device)  # drawn for the global batch
             if self.data_parallel is not None:
                 idx, mirror = self.data_parallel.shard(idx), self.data_parallel.shard(mirror)
             yield torch.where(mirror[:, None], self.flipped[idx], self.plain[idx]), self.mos[idx], n_global

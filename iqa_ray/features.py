@@ -4,8 +4,8 @@ With a frozen backbone, every epoch of every trial would push the same images th
 weights. A :class:`FeatureCache` holds, for each decoded image, the pooled features
 (:meth:`iqa_ray.models.mlp.MLPIQA.pool_images`: :func:`~iqa_ray.models.mlp.pool_stages`, and with
 ``reference_blur`` their change under a blur) of the whole image and of its mirror image (the one
-augmentation whole-image training uses), so that training a head costs milliseconds per epoch
-instead of a backbone pass per image. A search computes one cache per dataset before any trial
+augmentation whole-image training uses; none with ``hflip = false``), so that training a head
+costs milliseconds per epoch instead of a backbone pass per image. A search computes one cache per dataset before any trial
 starts, puts it in Ray's object store, and hands the same reference to every trial
 (:mod:`iqa_ray.search.run`). The model trained on a cache is an ordinary
 :class:`~iqa_ray.models.mlp.MLPIQA`: its checkpoint scores raw images, with the same numbers.
@@ -25,21 +25,22 @@ __all__ = ["FeatureCache", "cache_key", "compute_features", "feature_steps", "pr
 
 # Config keys a cache depends on (besides the decoded images): a search may not search them.
 CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "pooling", "reference_blur",
-              "pretraining", "image_size", "short_side")
+              "hflip", "pretraining", "image_size", "short_side")
 
 _BATCH = 16
 
 
 def cache_key(config: Any) -> tuple[Any, ...]:
     """What a cache depends on besides the decoded images: backbone, its weights, input size, pooling
-    (and the pseudo-reference blur, where the family has one).
+    (and the pseudo-reference blur, where the family has one; and ``"unflipped"`` where ``hflip``
+    is false: such a cache holds no mirror images' features).
 
     Runs whose configs share this key (and the decoded dataset) can share one cache.
     """
     m = config.model
     key = (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size, m.pooling)
     blur = getattr(m.options, "reference_blur", 0.0)
-    return key + ((float(blur),) if blur else ())
+    return key + ((float(blur),) if blur else ()) + (() if config.data.hflip else ("unflipped",))
 
 
 @dataclass
@@ -48,7 +49,8 @@ class FeatureCache:
 
     Attributes:
         plain: (N, D) float32 features of each whole image.
-        flipped: (N, D) float32 features of each image mirrored left-right.
+        flipped: (N, D) float32 features of each image mirrored left-right; ``None`` when the
+            config's ``hflip`` is false (training never draws a mirror image).
         key: :func:`cache_key` of the config they were computed for.
         channels: the channels of each map the backbone returned (how the columns are laid out).
         stage_taps: which of those maps are the backbone's feature stages (all of them unless the
@@ -56,7 +58,7 @@ class FeatureCache:
     """
 
     plain: np.ndarray
-    flipped: np.ndarray
+    flipped: np.ndarray | None
     key: tuple[Any, ...]
     channels: tuple[int, ...] = ()
     stage_taps: tuple[int, ...] | None = None
@@ -88,7 +90,7 @@ class FeatureCache:
 
     @property
     def nbytes(self) -> int:
-        return int(self.plain.nbytes + self.flipped.nbytes)
+        return int(self.plain.nbytes + (0 if self.flipped is None else self.flipped.nbytes))
 
 
 def compute_features(decoded: Any, config: Any, device: torch.device | str | None = None,
@@ -96,8 +98,9 @@ def compute_features(decoded: Any, config: Any, device: torch.device | str | Non
     """The :class:`FeatureCache` of ``decoded`` for ``config``'s frozen backbone and pooling.
 
     The backbone is the one the run builds (same weights, including a ``pretrained_encoder``),
-    run in float32 on whole images; images of one size go through in batches of 16, others one by
-    one. ``progress(n)`` is called with the number of images done so far after each batch.
+    run in float32 on whole images, and on their mirror images unless ``hflip`` is false; images of
+    one size go through in batches of 16, others one by one. ``progress(n)`` is called with the
+    number of images done so far after each batch.
     """
     for step in feature_steps(decoded, config, device):
         if isinstance(step, FeatureCache):
@@ -119,7 +122,8 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
     device = torch.device(device or "cpu")
     model = build(config, device).eval()
     images = decoded.images
-    plain, flipped = [], []
+    plain: list[np.ndarray] = []
+    flipped: list[np.ndarray] | None = [] if config.data.hflip else None
     start = 0
     while start < len(images):
         shape, stop = images[start].shape, start + 1
@@ -129,12 +133,14 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
         if model.backbone.img_size is not None:  # fixed-size backbones (ViT, Swin) see the image resized
             batch = F.interpolate(batch, size=(model.backbone.img_size,) * 2, mode="bilinear", antialias=True,
                                   align_corners=False)
-        for out, view in ((plain, batch), (flipped, batch.flip(3))):
-            out.append(model.pool_images(view).cpu().numpy())
+        plain.append(model.pool_images(batch).cpu().numpy())
+        if flipped is not None:
+            flipped.append(model.pool_images(batch.flip(3)).cpu().numpy())
         start = stop
         yield stop
     yield FeatureCache(plain=np.concatenate(plain).astype(np.float32),
-                        flipped=np.concatenate(flipped).astype(np.float32), key=cache_key(config),
+                        flipped=None if flipped is None else np.concatenate(flipped).astype(np.float32),
+                        key=cache_key(config),
                         channels=tuple(int(c) for c in model.backbone.tap_channels),
                         stage_taps=tuple(int(i) for i in model.backbone.stage_taps))
 

@@ -115,7 +115,7 @@ def make_loaders(config: TrainConfig, decoded: DecodedImages, *, with_test: bool
     has_test = with_test and bool((decoded.table["split"] == "test").any())
     kw = loader_kwargs(config, device, cpus)
     train_ds = IQADataset(decoded, tr, train=True, crop_size=d.crop_size, patches_per_image=d.patches_per_image,
-                          whole_image=d.whole_image)
+                          whole_image=d.whole_image, hflip=d.hflip)
     if not train_ds.same_size and not d.feature_cache:
         raise DatasetError("whole_image training needs images of one size to batch them: set image_size=[W, H], "
                            "or feature_cache = true with a frozen backbone (features are computed image by image)")

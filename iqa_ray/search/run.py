@@ -444,8 +444,9 @@ def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpu
                 bar.update(step - bar.n)
             else:
                 features = step
-    print(f"[features] frozen {config.model.backbone} features of {len(features.plain)} images (and their mirror "
-          f"images) computed once in {time.perf_counter() - started:.0f} s: {features.nbytes / 1e6:.1f} MB shared "
+    mirrors = "" if features.flipped is None else " (and their mirror images)"
+    print(f"[features] frozen {config.model.backbone} features of {len(features.plain)} images{mirrors} "
+          f"computed once in {time.perf_counter() - started:.0f} s: {features.nbytes / 1e6:.1f} MB shared "
           "with every trial", flush=True)
     return features
 
