@@ -59,7 +59,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -203,6 +203,34 @@ def paired(scores: dict[str, list[float]], richer: str, base: str) -> dict[str, 
             "diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff))), "wins": int((diff > 0).sum()), "folds": int(len(diff))}
 
 
+def cv_folds(rows: np.ndarray, seed: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(k, rest, held_out)`` for each of the ``CV_FOLDS`` folds of ``rows`` permuted by fold seed ``seed``."""
+    folds = np.array_split(np.random.default_rng(seed).permutation(rows), CV_FOLDS)
+    for k in range(CV_FOLDS):
+        yield k, np.concatenate([folds[j] for j in range(CV_FOLDS) if j != k]), folds[k]
+
+
+def head_cv(variants: dict[str, dict[str, Any]], mos: np.ndarray, rows: np.ndarray, seeds: Sequence[int],
+            base: str) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
+    """The recipe's MLP head on each variant, by cross-validation over ``rows`` (train+val).
+
+    Each variant is a dict of :func:`head_srcc` keyword arguments (``x``, and optionally ``weights``
+    and ``flipped``); every variant trains on the same folds with the same seed (``100 * fold seed
+    + fold``). Prints each fold's scores; returns the scores per fold and, per variant, the mean and
+    (except ``base``) the paired difference from ``base`` as ``vs_<base>`` (:func:`paired`).
+    """
+    scores: dict[str, list[float]] = {name: [] for name in variants}
+    for seed in seeds:
+        for k, rest, held in cv_folds(rows, seed):
+            for name, v in variants.items():
+                scores[name].append(head_srcc(v["x"], mos, rest, held, seed=100 * seed + k,
+                                              weights=v.get("weights"), flipped=v.get("flipped")))
+            print(f"[cv] fold seed {seed} fold {k}: " + "  ".join(f"{n} {s[-1]:.4f}" for n, s in scores.items()), flush=True)
+    result = {name: {"mean": float(np.mean(s)), **({} if name == base else {f"vs_{base}": paired(scores, name, base)})}
+              for name, s in scores.items()}
+    return scores, result
+
+
 def cross_validate(feats: dict[str, np.ndarray], mos: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
     """Ridge probes on every native pooling and the MLP head on the two block poolings, by k-fold
     cross-validation over ``rows`` (train+val)."""
@@ -211,14 +239,12 @@ def cross_validate(feats: dict[str, np.ndarray], mos: np.ndarray, rows: np.ndarr
     ridge: dict[str, list[float]] = {name: [] for name in NATIVE_POOLINGS}
     head: dict[str, list[float]] = {name: [] for name in NATIVE_POOLINGS[1:]}
     for seed in CV_SEEDS:
-        folds = np.array_split(np.random.default_rng(seed).permutation(rows), CV_FOLDS)
-        for k in range(CV_FOLDS):
-            rest = np.concatenate([folds[j] for j in range(CV_FOLDS) if j != k])
+        for k, rest, held in cv_folds(rows, seed):
             pick, fit_rows = rest[: len(rest) // 4], rest[len(rest) // 4:]
             for name in ridge:
-                ridge[name].append(ridge_probe(feats[name].astype(np.float64), mos, fit_rows, pick, folds[k])["srcc"])
+                ridge[name].append(ridge_probe(feats[name].astype(np.float64), mos, fit_rows, pick, held)["srcc"])
             for name in head:
-                head[name].append(head_srcc(feats[name], mos, rest, folds[k], seed=100 * seed + k))
+                head[name].append(head_srcc(feats[name], mos, rest, held, seed=100 * seed + k))
             print(f"[cv] fold seed {seed} fold {k}: ridge " + " ".join(f"{n} {v[-1]:.3f}" for n, v in ridge.items())
                   + "; head " + " ".join(f"{n} {v[-1]:.3f}" for n, v in head.items()), flush=True)
     return {"ridge": {n: float(np.mean(v)) for n, v in ridge.items()}, "head": {n: float(np.mean(v)) for n, v in head.items()},

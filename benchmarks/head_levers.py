@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frozen_features import CV_FOLDS, head_srcc, paired, recipe_config  # noqa: E402
+from frozen_features import CV_FOLDS, head_cv, recipe_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTILES = (0.1, 0.9)
@@ -77,7 +77,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    config = recipe_config()
+    # the recipe's features as these levers were measured on (before reference_blur and hflip = false
+    # entered it), the mirror images included
+    config = recipe_config().replace(reference_blur=0.0, hflip=True)
     decoded = load_decoded(config)
     table = decoded.table
     if "mos_std" not in table.columns or table["mos_std"].isna().any():
@@ -108,17 +110,7 @@ def main() -> None:
         "mirror views": {"x": x, "flipped": cache.flipped},
         "all four": {"x": both, "weights": weights, "flipped": flipped_both},
     }
-    scores: dict[str, list[float]] = {name: [] for name in variants}
-    for seed in args.seeds:
-        folds = np.array_split(np.random.default_rng(seed).permutation(rows), CV_FOLDS)
-        for k in range(CV_FOLDS):
-            rest = np.concatenate([folds[j] for j in range(CV_FOLDS) if j != k])
-            for name, v in variants.items():
-                scores[name].append(head_srcc(v["x"], mos, rest, folds[k], seed=100 * seed + k,
-                                              weights=v.get("weights"), flipped=v.get("flipped")))
-            print(f"[cv] fold seed {seed} fold {k}: " + "  ".join(f"{n} {s[-1]:.4f}" for n, s in scores.items()), flush=True)
-    result = {name: {"mean": float(np.mean(s)), **({} if name == "recipe" else {"vs_recipe": paired(scores, name, "recipe")})}
-              for name, s in scores.items()}
+    scores, result = head_cv(variants, mos, rows, args.seeds, base="recipe")
     print(f"\nThe recipe's MLP head, {CV_FOLDS}-fold cross-validation over the seed-0 split's {len(rows)} train+val "
           f"photos, fold seeds {args.seeds}:\n")
     print("| variant | mean SRCC | vs the recipe, per fold | wins |")

@@ -16,7 +16,11 @@ variant and is scored on the held-out fold (SRCC). Printed: each fold, then each
 its paired difference from ``off`` (mean +- standard error, folds won). Test photos are not used.
 Written to ``benchmarks/results/pseudo_reference.json``.
 
-    python benchmarks/pseudo_reference.py [--sigmas 2] [--seeds 0 1 2 3 4]
+``--mirror`` adds, for each sigma, the head trained on mirror views too (a draw is the photo or its
+mirror, the score the mean of both; what ``hflip`` gives the product's runs): the recipe sets
+``hflip = false``, which halves the feature pass, on this comparison.
+
+    python benchmarks/pseudo_reference.py [--sigmas 2] [--seeds 0 1 2 3 4] [--mirror]
 """
 
 from __future__ import annotations
@@ -26,26 +30,21 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frozen_features import CV_FOLDS, CV_SEEDS, head_srcc, paired, recipe_config  # noqa: E402
+from frozen_features import CV_FOLDS, CV_SEEDS, head_cv, recipe_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def with_blur(config: Any, sigma: float) -> Any:
-    from iqa_ray.config import TrainConfig
-
-    return TrainConfig.from_dict({**config.to_dict(), "reference_blur": sigma})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sigmas", type=float, nargs="+", default=[2.0], help="blur standard deviations in pixels (default 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(CV_SEEDS), help="fold seeds (default 0-4: 25 folds)")
+    p.add_argument("--mirror", action="store_true",
+                   help="also train each sigma's head on mirror views (hflip: a draw is the photo or its mirror)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--json", type=Path, default=RESULTS / "pseudo_reference.json")
     args = p.parse_args()
@@ -60,42 +59,37 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    config = with_blur(recipe_config(), 0.0)
+    # the recipe's features without the lever, with the mirror images (hflip) that --mirror trains on
+    config = recipe_config().replace(reference_blur=0.0, hflip=True)
     decoded = load_decoded(config)
     table = decoded.table
     mos = table["mos"].to_numpy(np.float64)
     rows = np.flatnonzero(np.isin(table["split"].to_numpy(), ("train", "val")))
-    variants: dict[str, np.ndarray] = {}
+    variants: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}
     for sigma in args.sigmas:
         t0 = time.perf_counter()
-        cache = compute_features(decoded, with_blur(config, sigma), "cpu")
+        cache = compute_features(decoded, config.replace(reference_blur=sigma), "cpu")
         seconds[f"features sigma {sigma:g}"] = time.perf_counter() - t0
         half = cache.plain.shape[1] // 2
-        variants.setdefault("off", cache.plain[:, :half])
-        variants[f"sigma {sigma:g}"] = cache.plain
+        variants.setdefault("off", {"x": cache.plain[:, :half]})
+        variants[f"sigma {sigma:g}"] = {"x": cache.plain}
+        if args.mirror:
+            variants[f"sigma {sigma:g}, mirror views"] = {"x": cache.plain, "flipped": cache.flipped}
     print("[features] " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
           + f" (the photo, its mirror and both blurred); {len(rows)} train+val photos (test photos not used)", flush=True)
-    scores: dict[str, list[float]] = {name: [] for name in variants}
-    for seed in args.seeds:
-        folds = np.array_split(np.random.default_rng(seed).permutation(rows), CV_FOLDS)
-        for k in range(CV_FOLDS):
-            rest = np.concatenate([folds[j] for j in range(CV_FOLDS) if j != k])
-            for name, x in variants.items():
-                scores[name].append(head_srcc(x, mos, rest, folds[k], seed=100 * seed + k))
-            print(f"[cv] fold seed {seed} fold {k}: " + "  ".join(f"{n} {s[-1]:.4f}" for n, s in scores.items()), flush=True)
-    result = {name: {"mean": float(np.mean(s)), **({} if name == "off" else {"vs_off": paired(scores, name, "off")})}
-              for name, s in scores.items()}
+    scores, result = head_cv(variants, mos, rows, args.seeds, base="off")
     print(f"\nThe recipe's MLP head, {CV_FOLDS}-fold cross-validation over the seed-0 split's {len(rows)} train+val "
           f"photos, fold seeds {args.seeds}:\n")
     print("| reference_blur | features | mean SRCC | vs off, per fold | wins |")
     print("|---|---|---|---|---|")
     for name, r in result.items():
         d = r.get("vs_off")
-        print(f"| {name} | {variants[name].shape[1]} | {r['mean']:.4f} | "
+        print(f"| {name} | {variants[name]['x'].shape[1]} | {r['mean']:.4f} | "
               + ("|" if d is None else f"{d['diff_mean']:+.4f} +- {d['diff_se']:.4f} | {d['wins']} of {d['folds']} |"))
     atomic_write_json(args.json, {"dataset": config.data.dataset, "backbone": config.model.backbone,
-                                  "pooling": config.model.pooling, "sigmas": args.sigmas, "fold_seeds": args.seeds,
+                                  "pooling": config.model.pooling, "sigmas": args.sigmas, "mirror": args.mirror,
+                                  "fold_seeds": args.seeds,
                                   "rows": int(len(rows)), "variants": result, "per_fold": scores,
                                   "seconds": {**{k: round(v, 1) for k, v in seconds.items()},
                                               "total": round(time.perf_counter() - started, 1)},
