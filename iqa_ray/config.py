@@ -76,8 +76,8 @@ class DataConfig(Options):
             pixels when decoding (phone photos of mixed sizes, SPAQ's 512); exclusive with
             ``image_size``.
         whole_image: the model sees each whole image at its decoded size, for training (with a
-            random horizontal flip unless ``hflip`` is false) and evaluation, instead of ``crop_size`` crops (the frozen
-            feature recipe; a linear probe's input).
+            random horizontal flip unless ``hflip`` is false) and evaluation, instead of
+            ``crop_size`` crops (the frozen feature recipe; a linear probe's input).
         hflip: training samples (crops, whole images, or with ``feature_cache`` each draw of an
             image's cached features) are mirrored left-right with odds 1/2; ``False`` trains on
             the images as they are, and a feature cache then skips the mirror images' backbone

@@ -5,9 +5,9 @@ weights. A :class:`FeatureCache` holds, for each decoded image, the pooled featu
 (:meth:`iqa_ray.models.mlp.MLPIQA.pool_images`: :func:`~iqa_ray.models.mlp.pool_stages`, and with
 ``reference_blur`` their change under a blur) of the whole image and of its mirror image (the one
 augmentation whole-image training uses; none with ``hflip = false``), so that training a head
-costs milliseconds per epoch instead of a backbone pass per image. A search computes one cache per dataset before any trial
-starts, puts it in Ray's object store, and hands the same reference to every trial
-(:mod:`iqa_ray.search.run`). The model trained on a cache is an ordinary
+costs milliseconds per epoch instead of a backbone pass per image. A search computes one cache
+per dataset before any trial starts, puts it in Ray's object store, and hands the same reference
+to every trial (:mod:`iqa_ray.search.run`). The model trained on a cache is an ordinary
 :class:`~iqa_ray.models.mlp.MLPIQA`: its checkpoint scores raw images, with the same numbers.
 """
 
