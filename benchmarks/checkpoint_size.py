@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from synthetic import synthetic_decoded
 
 import iqa_ray
-from iqa_ray.config import OptimConfig, TrainConfig
-from iqa_ray.engine import build, build_optimizer, fit
-from synthetic import synthetic_decoded
+from iqa_ray.training.build import build
+from iqa_ray.training.config import OptimConfig, TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.schedule import build_optimizer
 
 MB = 1e6
 

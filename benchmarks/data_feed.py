@@ -19,12 +19,12 @@ import platform
 import time
 
 import torch
+from train_throughput import CASES, measure
 
-from iqa_ray.config import TrainConfig
 from iqa_ray.data.catalog import ensure_embedded, generated_table
 from iqa_ray.data.dataset import decode_table
-from iqa_ray.engine import make_loaders
-from train_throughput import CASES, measure
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.loaders import make_loaders
 
 
 def delivery(crop: int, batch: int, epochs: int = 3) -> float:

@@ -21,10 +21,11 @@ import time
 import numpy as np
 import torch
 
-from iqa_ray.baselines import baseline_scores
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import fit, load_decoded
-from iqa_ray.metrics import all_metrics
+from iqa_ray.core.metrics import all_metrics
+from iqa_ray.evaluation.baselines import baseline_scores
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.loaders import load_decoded
 
 # Head learning rates: HyperIQA's hypernetwork trains at 10x ``lr`` (hypernet_lr_mult), so its
 # ``lr`` is 10x lower to give every family's head the same 2e-3. (Measured on 2026-12-01: at

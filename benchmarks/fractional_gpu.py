@@ -38,9 +38,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU on this machine: run this benchmark on a GPU box", file=sys.stderr)
         return 2
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.engine import fit, load_decoded
-    from iqa_ray.search.launcher import main as launch
+    from iqa_ray.cli.tune import main as launch
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.engine import fit
+    from iqa_ray.training.loaders import load_decoded
 
     rows = []
     with tempfile.TemporaryDirectory() as storage:

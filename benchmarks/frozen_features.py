@@ -20,7 +20,7 @@ and, at native size, ``block mean+std``: the same over every block group of Lite
 stages plus ``blocks.3`` and ``blocks.5``; ``pooling = "blocks"``), and ``every-block mean+std``:
 over every block of Lite0 (16 blocks; ``pooling = "every_block"``, the recipe's choice).
 
-Each of the 11 feature sets gets a ridge probe (:func:`iqa_ray.baselines.ridge_probe`: features
+Each of the 11 feature sets gets a ridge probe (:func:`iqa_ray.evaluation.baselines.ridge_probe`: features
 standardised on train, ridge strength chosen on validation SRCC, test scored once). Printed as a
 markdown table (validation and test SRCC, test PLCC), written to
 ``benchmarks/results/frozen_features.json``. Features are cached under /tmp per input size, so a
@@ -77,9 +77,9 @@ _BATCH = 16
 
 def recipe_config() -> Any:
     """The run config of the ranking study under the cpu recipe on LIVE Challenge (split seed 0)."""
-    from iqa_ray.config import TrainConfig
     from iqa_ray.search.recipe import apply_recipe, load_recipe
     from iqa_ray.search.study import load_study
+    from iqa_ray.training.config import TrainConfig
 
     study = apply_recipe(load_recipe("cpu"), load_study("ranking"), DATASET).study
     grid = {p.name: p.grid[0] for p in study.params}
@@ -151,7 +151,7 @@ def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarra
     import torch
     from torch import nn
 
-    from iqa_ray.metrics import srcc
+    from iqa_ray.core.metrics import srcc
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -234,7 +234,7 @@ def head_cv(variants: dict[str, dict[str, Any]], mos: np.ndarray, rows: np.ndarr
 def cross_validate(feats: dict[str, np.ndarray], mos: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
     """Ridge probes on every native pooling and the MLP head on the two block poolings, by k-fold
     cross-validation over ``rows`` (train+val)."""
-    from iqa_ray.baselines import ridge_probe
+    from iqa_ray.evaluation.baselines import ridge_probe
 
     ridge: dict[str, list[float]] = {name: [] for name in NATIVE_POOLINGS}
     head: dict[str, list[float]] = {name: [] for name in NATIVE_POOLINGS[1:]}
@@ -267,10 +267,11 @@ def main() -> None:
 
     import torch
 
-    from iqa_ray.baselines import ridge_probe
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.engine import build, load_decoded
-    from iqa_ray.utils.io import atomic_write_json
+    from iqa_ray.core.io import atomic_write_json
+    from iqa_ray.evaluation.baselines import ridge_probe
+    from iqa_ray.training.build import build
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.loaders import load_decoded
 
     torch.set_num_threads(args.threads)
     config = recipe_config()
@@ -351,7 +352,7 @@ def main() -> None:
                "split": {"seed": 0, "fractions": list(config.data.split_fractions),
                          "counts": {"train": len(train), "val": len(val), "test": len(test)}},
                "backbone": config.model.backbone, "pretrained": str(config.model.pretrained), "channels": channels,
-               "probe": "iqa_ray.baselines.ridge_probe: standardised on train, ridge alpha by validation SRCC, "
+               "probe": "iqa_ray.evaluation.baselines.ridge_probe: standardised on train, ridge alpha by validation SRCC, "
                         "test scored once",
                "features": timings, "results": results,
                "best_on_validation": {k: best[k] for k in ("input", "pooling", "val_srcc", "test_srcc")},

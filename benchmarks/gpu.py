@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,11 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import build, build_optimizer, configure_device, make_loaders, memory_format
+from iqa_ray.training.build import build, memory_format
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.device import configure_device
+from iqa_ray.training.loaders import make_loaders
+from iqa_ray.training.schedule import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_decoded  # noqa: E402

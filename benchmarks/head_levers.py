@@ -5,7 +5,7 @@ Each lever is a change to what the recipe's MLP head (:func:`frozen_features.hea
 it weighs its training photos, on top of the recipe's frozen features (Lite0's every-block mean and
 std of each whole photo at its own size, the feature cache a search computes):
 
-* ``+ BRISQUE``: the 36 BRISQUE statistics of each photo (:func:`iqa_ray.baselines.brisque_features`)
+* ``+ BRISQUE``: the 36 BRISQUE statistics of each photo (:func:`iqa_ray.evaluation.baselines.brisque_features`)
   appended to the features: the classical natural-scene statistics the backbone may not encode;
 * ``+ quantiles``: each block's 10th and 90th spatial percentile per channel appended (the tails of
   where a feature fires, beside its mean and spread);
@@ -48,7 +48,7 @@ def block_quantiles(decoded: Any, config: Any) -> np.ndarray:
     """(N, 2 * channels) each every-block map's per-channel spatial quantiles of each whole photo."""
     import torch
 
-    from iqa_ray.build import build
+    from iqa_ray.training.build import build
 
     backbone = build(config, torch.device("cpu")).backbone.eval()
     q = torch.tensor(QUANTILES)
@@ -70,10 +70,10 @@ def main() -> None:
 
     import torch
 
-    from iqa_ray.baselines import brisque_features
-    from iqa_ray.engine import load_decoded
-    from iqa_ray.features import compute_features
-    from iqa_ray.utils.io import atomic_write_json
+    from iqa_ray.core.io import atomic_write_json
+    from iqa_ray.evaluation.baselines import brisque_features
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.loaders import load_decoded
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -5,14 +5,14 @@ Seed 004's experiment on this machine's data. Three start points for the same ba
 
 * ``ssl``: the offline ImageNet EfficientNet-Lite0 further pre-trained (4 epochs of 96 samples
   at 96 px by default; ``--pretrain-epochs``, ``--pretrain-images``) with
-  :func:`iqa_ray.ssl.pretrain` on the *training photos only* (unlabelled, the training
+  :func:`iqa_ray.ssl.loop.pretrain` on the *training photos only* (unlabelled, the training
   distortion types only);
 * ``imagenet``: the offline ImageNet weights (the project default);
 * ``scratch``: random initialisation (``pretrained="none"``);
 
 each fine-tuned with the same budget (epochs, head LR, smaller encoder LR, seed) at 10 % and 100 %
 of the training photos' labels (``label_fraction``), then scored by
-:func:`iqa_ray.evaluate.cross_dataset_table` on three sets:
+:func:`iqa_ray.evaluation.cross_dataset.cross_dataset_table` on three sets:
 
 * ``embedded test``: the held-out test photos of the training dataset (the embedded photos,
   pre-generated with the 10 training distortion types);
@@ -41,12 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iqa_ray.config import TrainConfig
+from iqa_ray.core.paths import default_data_dir
 from iqa_ray.data.pregenerate import PregenConfig, pregenerate
-from iqa_ray.engine import fit, load_decoded, train_indices
-from iqa_ray.paths import default_data_dir
-from iqa_ray.evaluate import cross_dataset_table
-from iqa_ray.ssl import PretrainConfig, load_unlabelled, pretrain
+from iqa_ray.evaluation.cross_dataset import cross_dataset_table
+from iqa_ray.ssl.config import PretrainConfig
+from iqa_ray.ssl.data import load_unlabelled
+from iqa_ray.ssl.loop import pretrain
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.loaders import load_decoded, train_indices
 
 TRAIN_TYPES = ("gaussian_blur", "gaussian_noise", "jpeg", "jpeg2000", "resample_nearest", "resample_bilinear",
                "contrast", "saturation", "pixelation", "color_quantization")

@@ -6,7 +6,7 @@ of the whole photo at its own size, the cpu recipe's feature cache) their change
 blurred by a Gaussian of that standard deviation in pixels (:class:`iqa_ray.models.mlp.MLPOptions`):
 a sharp photo changes much, one that is blurry already little (BPRI's pseudo-reference image, Min et
 al., IEEE TMM 2018). The features go through the product's own path
-(:func:`iqa_ray.features.compute_features` with the recipe's config and ``reference_blur`` set);
+(:func:`iqa_ray.training.features.compute_features` with the recipe's config and ``reference_blur`` set);
 the first half of such a cache is the features without the lever, so ``off`` is read from it.
 
 Protocol (the one the recipe's pooling, refit and the head levers were chosen by): the seed-0
@@ -53,9 +53,9 @@ def main() -> None:
 
     import torch
 
-    from iqa_ray.engine import load_decoded
-    from iqa_ray.features import compute_features
-    from iqa_ray.utils.io import atomic_write_json
+    from iqa_ray.core.io import atomic_write_json
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.loaders import load_decoded
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

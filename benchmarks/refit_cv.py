@@ -42,10 +42,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def recipe_config(spec: str) -> Any:
     """The run config of the ranking study under the cpu recipe on ``spec`` (the embedded data's
     generated folder for ``embedded``), split seed 0."""
-    from iqa_ray.config import TrainConfig
     from iqa_ray.data.catalog import EMBEDDED, ensure_embedded
     from iqa_ray.search.recipe import apply_recipe, load_recipe
     from iqa_ray.search.study import load_study
+    from iqa_ray.training.config import TrainConfig
 
     study = apply_recipe(load_recipe("cpu"), load_study("ranking"), spec).study
     grid = {p.name: p.grid[0] for p in study.params}
@@ -87,9 +87,9 @@ def main() -> None:
 
     import torch
 
-    from iqa_ray.engine import load_decoded
-    from iqa_ray.features import compute_features
-    from iqa_ray.utils.io import atomic_write_json
+    from iqa_ray.core.io import atomic_write_json
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.loaders import load_decoded
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

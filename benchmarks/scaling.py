@@ -80,7 +80,7 @@ def pregeneration(nodes: int, cpus_per_node: int, per_image: int) -> dict:
 
 
 def search(nodes: int, cpus_per_node: int, trials: int, epochs: int) -> dict:
-    from iqa_ray.search.launcher import main as launch
+    from iqa_ray.cli.tune import main as launch
 
     name = f"scale{nodes}x{cpus_per_node}"
     with ray_cluster(nodes, cpus_per_node) as cpus, tempfile.TemporaryDirectory() as storage:

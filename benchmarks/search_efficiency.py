@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from iqa_ray.core.io import atomic_write_json
 from iqa_ray.data.catalog import ensure_embedded, generated_table
 from iqa_ray.data.dataset import decode_table
 from iqa_ray.search.study import load_study
 from iqa_ray.search.tuner import SearchSettings, make_scheduler, make_searcher
-from iqa_ray.utils.io import atomic_write_json
 
 METHODS = ("grid", "random", "random_asha", "optuna_asha")
 
@@ -67,7 +67,7 @@ def epoch_budget_stopper(budget: int) -> Any:
 def run_method(method: str, seed: int, study: Any, scale: dict, decoded: Any, storage: str, cpus: int) -> dict:
     from ray import tune
 
-    from iqa_ray.trainables import iqa_trainable
+    from iqa_ray.trainables.iqa import iqa_trainable
 
     max_epochs = scale["max_epochs"]
     budget = study.grid_size() * max_epochs

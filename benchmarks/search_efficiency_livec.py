@@ -13,7 +13,7 @@ MOS, split 0.6/0.2/0.2 with split seed 0). Two searches per seed:
 
 A seed is the searcher's seed and the training seed (``seed``); the split stays seed 0, so every
 search sees the same photos and the same feature cache. Each search hands back one trial by the
-study's rule (:func:`iqa_ray.selection.select_trial` over the trials' validation reports: the
+study's rule (:func:`iqa_ray.core.selection.select_trial` over the trials' validation reports: the
 recipe keeps each trial's last epoch), and only that trial is scored on the test split, once: its
 config is re-trained with the same seed for the epochs the trial trained (training is
 deterministic; the re-trained validation SRCC is compared with the reported one and recorded), and
@@ -88,11 +88,11 @@ def images_fingerprint(table: Any) -> str:
 
 
 def load_features(decoded: Any, config: Any, dataset: str) -> tuple[Any, dict[str, Any]]:
-    """The :class:`~iqa_ray.features.FeatureCache` of ``decoded``: from /tmp when computed before for
+    """The :class:`~iqa_ray.training.features.FeatureCache` of ``decoded``: from /tmp when computed before for
     the same photos and cache config, else computed here (about 2-3 minutes on 2 cores) and saved."""
     import torch
 
-    from iqa_ray.features import FeatureCache, cache_key, compute_features
+    from iqa_ray.training.features import FeatureCache, cache_key, compute_features
 
     d = config.data
     key = {"cache_key": [str(v) for v in cache_key(config)], "dataset": dataset,
@@ -144,9 +144,9 @@ def epoch_budget(budget: int | None) -> Any:
 def refit_and_test(config_dict: dict[str, Any], epochs: int, decoded: Any, features: Any) -> dict[str, Any]:
     """Re-train a trial's config for the epochs it trained (same seed, one thread, like the trial)
     and score its kept weights on the test split once. Runs as a Ray task."""
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.engine import fit
-    from iqa_ray.trainables.resources import worker_device
+    from iqa_ray.trainables.placement import worker_device
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.engine import fit
 
     device = worker_device(1)
     started = time.perf_counter()
@@ -162,9 +162,9 @@ def run_search(search: str, seed: int, study: Any, max_epochs: int, budget: int 
     import ray
     from ray import tune
 
+    from iqa_ray.core.selection import kept_report, select_trial, trial_score
     from iqa_ray.search.tuner import SearchSettings, make_scheduler, make_searcher, trial_dirname
-    from iqa_ray.selection import kept_report, select_trial, trial_score
-    from iqa_ray.trainables import iqa_trainable
+    from iqa_ray.trainables.iqa import iqa_trainable
 
     grace = grace_period(study, max_epochs)
     # Optuna may start a trial per grace period of the budget (every one stopped at its first rung).
@@ -304,7 +304,7 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray instance (one per trial)")
     p.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=SEARCHES)
     args = p.parse_args()
-    from iqa_ray.utils.io import atomic_write_json
+    from iqa_ray.core.io import atomic_write_json
 
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     study, applied = ranking_study(DATASET, args.quick)
@@ -329,8 +329,8 @@ def main() -> None:
     if todo:
         import torch
 
-        from iqa_ray.config import TrainConfig
-        from iqa_ray.engine import load_decoded
+        from iqa_ray.training.config import TrainConfig
+        from iqa_ray.training.loaders import load_decoded
 
         constants = TrainConfig.from_dict({**study.constants(), "dataset": DATASET, "epochs": max_epochs})
         torch.set_num_threads(args.cpus)

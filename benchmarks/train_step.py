@@ -36,8 +36,8 @@ def measure(backbone: str, epochs: int, n_train: int, threads: int) -> dict:
     from synthetic import synthetic_decoded
 
     import iqa_ray
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.engine import fit
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.engine import fit
 
     torch.set_num_threads(threads)
     decoded = synthetic_decoded(n_train=n_train, n_val=16, width=160, height=160)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.child, args.epochs, args.n_train, args.threads)))
         return 0
     if args.compare and not (Path(args.compare) / "iqa_ray" / "engine.py").exists():
-        p.error(f"--compare {args.compare}: not a source tree of iqa-ray (no iqa_ray/engine.py there)")
+        p.error(f"--compare {args.compare}: not a source tree of iqa-ray (no iqa_ray/training/engine.py there)")
     rows = []
     for backbone in args.backbones:
         row = {"backbone": backbone}

@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import build, build_optimizer
+from iqa_ray.training.build import build
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.schedule import build_optimizer
 
 CASES = [
     ("mlp", "efficientnet_lite0", 128), ("gmm", "efficientnet_lite0", 128), ("hyperiqa", "efficientnet_lite0", 128),

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Tune overhead: the same configuration for the same epochs in the plain engine and in a Tune trial.
 
-Both run on one thread with the same decoded data: (1) ``iqa_ray.engine.fit`` in this process;
-(2) the same config through ``iqa_ray.trainables.iqa_trainable`` in a one-trial Tuner (data via
+Both run on one thread with the same decoded data: (1) ``iqa_ray.training.engine.fit`` in this process;
+(2) the same config through ``iqa_ray.trainables.iqa.iqa_trainable`` in a one-trial Tuner (data via
 ``tune.with_parameters``, a checkpoint and a report every epoch, as in a search). Reported: the
 trial's own training time (``time_total_s``), the whole ``Tuner.fit()`` wall time (actor start,
 data transfer, result processing), and their ratios to the plain run. Ray's start-up is excluded
@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import fit, load_decoded
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.loaders import load_decoded
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     import ray
     from ray import tune
 
-    from iqa_ray.trainables import iqa_trainable
+    from iqa_ray.trainables.iqa import iqa_trainable
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     with tempfile.TemporaryDirectory() as storage:

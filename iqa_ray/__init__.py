@@ -8,8 +8,8 @@ from typing import Any
 
 
 def load_model(model: Any, device: Any = None) -> Any:
-    """The :class:`~iqa_ray.scoring.IQAScorer` of ``model`` (see :func:`iqa_ray.scoring.load_model`)."""
-    from iqa_ray.scoring import load_model as _load  # torch and the engine load on first use
+    """The :class:`~iqa_ray.evaluation.scoring.IQAScorer` of ``model`` (see :func:`iqa_ray.evaluation.scoring.load_model`)."""
+    from iqa_ray.evaluation.scoring import load_model as _load  # torch and the engine load on first use
 
     return _load(model, device)
 

@@ -3,7 +3,7 @@
 
 import sys
 
-from iqa_ray.pregen import main
+from iqa_ray.cli.pregenerate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="launch/pregenerate.py"))

@@ -3,7 +3,7 @@
 
 import sys
 
-from iqa_ray.search.launcher import main
+from iqa_ray.cli.tune import main
 
 if __name__ == "__main__":
     sys.exit(main(study="lr_schedule"))

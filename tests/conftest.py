@@ -35,7 +35,7 @@ def in_process_starts_no_ray(request, monkeypatch):
     """A test marked ``in_process`` that starts Ray or a subprocess fails at that call, naming the
     marker: it runs beside the end-to-end tests under xdist, and a Ray instance or a child process
     sized to the machine would share their cores and break their timings. ``git`` is let through:
-    a run records its code's revision (:func:`iqa_ray.utils.io.git_revision`) in milliseconds."""
+    a run records its code's revision (:func:`iqa_ray.core.io.git_revision`) in milliseconds."""
     if request.node.get_closest_marker("in_process") is None:
         return
     import subprocess
@@ -103,8 +103,10 @@ def one_epoch_model(tiny_dataset, tmp_path_factory):
     import torch
     from PIL import Image
 
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.engine import eval_dataset, eval_loader, fit, load_decoded, predict
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.engine import fit
+    from iqa_ray.training.inference import predict
+    from iqa_ray.training.loaders import eval_dataset, eval_loader, load_decoded
 
     config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 48, "batch_size": 8,
                                     "eval_batch_size": 16, "eval_patches": 3, "epochs": 1, "lr": 3e-3,

@@ -12,9 +12,13 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from iqa_ray.config import ConfigError, TrainConfig
-from iqa_ray.engine import autocast_dtype, fit, load_decoded, predict, make_loaders
-from iqa_ray.models import build_model
+from iqa_ray.core.options import ConfigError
+from iqa_ray.models.registry import build_model
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.device import autocast_dtype
+from iqa_ray.training.engine import fit
+from iqa_ray.training.inference import predict
+from iqa_ray.training.loaders import load_decoded, make_loaders
 
 SMALL = {"mlp": {"hidden_dim": 16}, "gmm": {"n_clusters": 2, "feature_dim": 8, "hidden_dim": 8}, "hyperiqa": {}}
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from iqa_ray.engine import load_checkpoint, save_checkpoint
-from iqa_ray.utils.io import atomic_path, atomic_write_json
+from iqa_ray.core.io import atomic_path, atomic_write_json, save_checkpoint
+from iqa_ray.training.checkpoints import load_checkpoint
 
 
 class Crash(Exception):
@@ -48,7 +48,7 @@ def test_checkpoint_write_that_dies_midway_keeps_the_previous_checkpoint(tmp_pat
 
 
 def test_export_that_dies_midway_keeps_the_previous_parquet(tmp_path, monkeypatch):
-    from iqa_ray import export
+    from iqa_ray.search import export
 
     exp = tmp_path / "exp"
     (exp / "trial_a").mkdir(parents=True)

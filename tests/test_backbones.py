@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 from skimage import data, transform
 
+from iqa_ray.core.net import hub_reachable
 from iqa_ray.models import backbones
 from iqa_ray.models.backbones import (
     SUPPORTED_BACKBONES,
     create_backbone,
     create_classifier_efficientnet_lite0_offline,
-    hub_reachable,
     load_offline_efficientnet_lite0,
 )
 

@@ -5,11 +5,16 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from iqa_ray.baselines import PROBE_ALPHAS, baseline_report, baseline_scores, pooled_stage_features, ridge_probe
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import load_decoded
-from iqa_ray.metrics import all_metrics, srcc
-
+from iqa_ray.core.metrics import all_metrics, srcc
+from iqa_ray.evaluation.baselines import (
+    PROBE_ALPHAS,
+    baseline_report,
+    baseline_scores,
+    pooled_stage_features,
+    ridge_probe,
+)
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.loaders import load_decoded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -73,7 +78,7 @@ def test_baseline_report_scores_the_test_split_of_a_dataset(tiny_dataset):
 def test_brisque_score_is_the_package_score_of_its_36_features():
     from skimage.data import astronaut
 
-    from iqa_ray.baselines import _brisque_model, brisque_features, brisque_score
+    from iqa_ray.evaluation.baselines import _brisque_model, brisque_features, brisque_score
 
     image = astronaut()[::2, ::2]
     features = brisque_features(image)

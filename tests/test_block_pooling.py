@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_ray.config import TrainConfig
 from iqa_ray.models.backbones import create_backbone
+from iqa_ray.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,9 +43,9 @@ def config(tiny_dataset, **kw):
 
 
 def test_a_block_cache_holds_what_the_model_pools_and_the_probes_stage_means(tiny_dataset):
-    from iqa_ray.build import build
-    from iqa_ray.engine import load_decoded
-    from iqa_ray.features import compute_features
+    from iqa_ray.training.build import build
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.loaders import load_decoded
 
     cfg = config(tiny_dataset)
     decoded = load_decoded(cfg)
@@ -70,8 +70,11 @@ def test_a_block_cache_holds_what_the_model_pools_and_the_probes_stage_means(tin
 
 @pytest.mark.parametrize("pooling", ["blocks", "every_block"])
 def test_a_block_pooled_head_trains_on_the_cache_and_its_checkpoint_scores_images_alike(tiny_dataset, tmp_path, pooling):
-    from iqa_ray.engine import eval_dataset, eval_loader, fit, load_decoded, model_from_checkpoint, predict
-    from iqa_ray.features import compute_features
+    from iqa_ray.training.checkpoints import model_from_checkpoint
+    from iqa_ray.training.engine import fit
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.inference import predict
+    from iqa_ray.training.loaders import eval_dataset, eval_loader, load_decoded
 
     cfg = config(tiny_dataset, pooling=pooling)
     decoded = load_decoded(cfg)
@@ -87,8 +90,9 @@ def test_a_block_pooled_head_trains_on_the_cache_and_its_checkpoint_scores_image
 def test_a_block_pooled_model_exports_to_torchscript_with_the_same_scores(tiny_dataset, tmp_path, pooling):
     """The block taps are the body's own forward written out: tracing keeps them."""
     import iqa_ray
-    from iqa_ray.engine import fit, load_decoded
-    from iqa_ray.portable import export_torchscript
+    from iqa_ray.evaluation.portable import export_torchscript
+    from iqa_ray.training.engine import fit
+    from iqa_ray.training.loaders import load_decoded
 
     cfg = config(tiny_dataset, feature_cache=False, epochs=1, pooling=pooling)
     decoded = load_decoded(cfg)

@@ -344,7 +344,7 @@ def test_address_with_nothing_listening_fails_fast_without_starting_ray(tmp_path
 
 
 def test_connection_failures_say_what_to_do():
-    from iqa_ray.search.ray_init import _connection_hint
+    from iqa_ray.search.cluster import _connection_hint
 
     def chained(message: str) -> ConnectionError:
         try:

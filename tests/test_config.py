@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from iqa_ray.config import ConfigError, TrainConfig, valid_keys
+from iqa_ray.core.options import ConfigError
+from iqa_ray.training.config import TrainConfig, valid_keys
 
 
 def test_flat_and_nested_keys_build_the_same_config():
@@ -78,7 +79,7 @@ def test_the_old_key_scheduler_is_read_as_lr_schedule_with_a_deprecation_message
 def test_lists_read_from_json_or_toml_become_tuples_by_the_field_type_in_every_config():
     import dataclasses
 
-    from iqa_ray.utils.config_base import Options
+    from iqa_ray.core.options import Options
 
     cfg = TrainConfig.from_dict({"dataset": "embedded", "family": "hyperiqa", "image_size": [256, 192],
                                  "split_fractions": [0.6, 0.2, 0.2], "target_sizes": [56, 28]})

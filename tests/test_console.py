@@ -7,7 +7,7 @@ trial's tensors; once the interpreter finalizes, its next GIL take is a ``pthrea
 unwind through torch's ``noexcept`` deallocator, so the actor aborted and its worker log, streamed
 to the driver's console, showed "Fatal Python error: Aborted" and "*** SIGABRT received ***" with
 about 120 lines of stacks. The results were fine; the console said otherwise.
-``iqa_ray.cli.init_ray`` installs a worker setup hook that joins that thread before shutdown.
+``iqa_ray.search.cluster.init_ray`` installs a worker setup hook that joins that thread before shutdown.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ Trial iqa_trainable_3d31ea47 completed after 1 iterations
 STOPPED_TRIALS = """
 import torch
 from ray import tune
-from iqa_ray.cli import init_ray
+from iqa_ray.search.cluster import init_ray
 
 def trainable(config):
     torch.set_num_threads(1)

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from iqa_ray.core.selection import select_trial
 from iqa_ray.search.console import TrialProgress, driver_log, quiet_console
-from iqa_ray.selection import select_trial
 
 
 class Clock:
@@ -188,7 +188,7 @@ def test_quiet_console_selects_tunes_silent_engine_and_restores_the_environment(
 def test_ray_data_console_handler_is_quiet_inside_and_restored_after():
     import ray.data
 
-    from iqa_ray.utils.console import quiet_ray_data
+    from iqa_ray.core.progress import quiet_ray_data
 
     logger = logging.getLogger("ray.data")
     consoles = [h for h in logger.handlers if h.name == "console"]
@@ -214,9 +214,9 @@ def test_decoding_reports_each_image(tiny_dataset):
 
 
 def test_feature_progress_counts_up_to_every_image_and_changes_nothing(tiny_dataset):
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.engine import load_decoded
-    from iqa_ray.features import compute_features
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.loaders import load_decoded
 
     config = TrainConfig.from_dict({
         "dataset": str(tiny_dataset.path), "crop_size": 32, "whole_image": True, "feature_cache": True,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from iqa_ray.cost import COST_METRICS, count_flops, count_params, measure_cost, time_forward
+from iqa_ray.evaluation.cost import COST_METRICS, count_flops, count_params, measure_cost, time_forward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,10 +63,10 @@ def test_input_must_be_one_images_patches():
 
 
 def test_a_configs_cost_is_its_models_at_the_evaluation_input(tiny_dataset):
-    from iqa_ray.build import build
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.cost import model_cost
-    from iqa_ray.engine import load_decoded
+    from iqa_ray.evaluation.cost import model_cost
+    from iqa_ray.training.build import build
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.loaders import load_decoded
 
     config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 48, "eval_patches": 3,
                                     "eval_batch_size": 4, "family": "mlp", "hidden_dim": 16, "pretrained": "offline"})
@@ -93,9 +93,9 @@ def test_the_batched_timing_is_capped_by_pixels_and_records_the_batch_it_timed()
 
 
 def test_a_cpu_trials_batched_timing_stays_small(tiny_dataset):
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.cost import CPU_BATCH_PIXELS, model_cost
-    from iqa_ray.engine import load_decoded
+    from iqa_ray.evaluation.cost import CPU_BATCH_PIXELS, model_cost
+    from iqa_ray.training.config import TrainConfig
+    from iqa_ray.training.loaders import load_decoded
 
     config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 64, "eval_patches": 4,
                                     "eval_batch_size": 64, "family": "mlp", "hidden_dim": 16, "pretrained": "offline"})

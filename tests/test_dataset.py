@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.data.catalog import generated_table, load_table
 from iqa_ray.data.dataset import IQADataset, decode_table, grid_positions
-from iqa_ray.data.errors import DatasetError
 
 
 def png(array):

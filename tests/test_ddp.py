@@ -24,8 +24,11 @@ import socket
 import pytest
 import torch
 
-from iqa_ray.config import ConfigError, TrainConfig
-from iqa_ray.engine import DataParallel, check_data_parallel, fit, load_decoded
+from iqa_ray.core.options import ConfigError
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.loaders import load_decoded
+from iqa_ray.training.parallel import DataParallel, check_data_parallel
 
 # Metrics of a 2-worker run against the 1-worker run of the same config, seed and global batch.
 TOLERANCE = 1e-3
@@ -162,7 +165,7 @@ def test_unequal_shares_still_step_on_the_global_batch_mean(tiny_dataset, tmp_pa
 def test_bad_data_parallel_flags_name_the_flag_and_the_valid_values(argv, match, capsys):
     import re
 
-    from iqa_ray.search.launcher import main
+    from iqa_ray.cli.tune import main
 
     assert main(argv, study="ranking") == 2
     assert re.search(match, capsys.readouterr().err, re.S)
@@ -170,7 +173,8 @@ def test_bad_data_parallel_flags_name_the_flag_and_the_valid_values(argv, match,
 
 
 def _settings(**kw):
-    from iqa_ray.search.launcher import build_parser, settings_from_args
+    from iqa_ray.cli.tune import build_parser
+    from iqa_ray.search.settings import settings_from_args
 
     argv = [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     return settings_from_args(build_parser("ranking").parse_args(argv), "ranking")
@@ -179,7 +183,7 @@ def _settings(**kw):
 def test_workers_that_the_cluster_cannot_place_are_refused_and_concurrency_is_capped():
     from dataclasses import replace
 
-    from iqa_ray.search.launcher import LaunchError, check_data_parallel_fits, cpus_per_worker, trial_workers
+    from iqa_ray.search.resources import LaunchError, check_data_parallel_fits, cpus_per_worker, trial_workers
 
     two = _settings(workers_per_trial=2, cpus_per_trial=2)
     assert trial_workers(two) == 2 and cpus_per_worker(two) == 1.0

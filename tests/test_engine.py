@@ -5,20 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_ray.config import TrainConfig
-from iqa_ray.engine import (
-    CheckpointError,
-    NonFiniteLossError,
-    evaluate,
-    fit,
-    load_checkpoint,
-    load_decoded,
-    lr_factor,
-    make_loaders,
-    model_from_checkpoint,
-)
-from iqa_ray.metrics import srcc
-
+from iqa_ray.core.io import CheckpointError
+from iqa_ray.core.metrics import srcc
+from iqa_ray.training.checkpoints import load_checkpoint, model_from_checkpoint
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import NonFiniteLossError, fit
+from iqa_ray.training.inference import evaluate
+from iqa_ray.training.loaders import load_decoded, make_loaders
+from iqa_ray.training.schedule import lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,7 +56,7 @@ def test_model_selection_uses_validation_and_test_is_scored_once_for_the_best(ti
 
 
 def test_a_search_trial_reports_validation_only_and_never_touches_the_test_split(tiny_dataset, decoded, monkeypatch):
-    import iqa_ray.engine as engine
+    import iqa_ray.training.engine as engine
 
     scored = []
     real_predict = engine.predict
@@ -116,7 +110,7 @@ def test_optimizer_state_persists_and_every_group_keeps_training(tiny_dataset, d
         snapshots.append({k: v.detach().clone() for k, v in result_model["m"].named_parameters()})
 
     result_model = {}
-    import iqa_ray.engine as engine
+    import iqa_ray.training.engine as engine
 
     real_build = engine.build
 

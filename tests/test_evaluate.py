@@ -1,4 +1,4 @@
-"""python -m iqa_ray.evaluate: the cross-dataset table of a trained model."""
+"""iqa-ray evaluate: the cross-dataset table of a trained model."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ import pytest
 import torch
 from scipy import stats
 
-from iqa_ray import engine
-from iqa_ray.config import TrainConfig
+from iqa_ray.cli.evaluate import main
 from iqa_ray.data.catalog import load_table
-from iqa_ray.evaluate import OUTPUT_CSV, OUTPUT_MD, main
+from iqa_ray.evaluation.cross_dataset import OUTPUT_CSV, OUTPUT_MD
+from iqa_ray.training import inference
+from iqa_ray.training.checkpoints import CHECKPOINT_FILE, model_from_checkpoint
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.loaders import load_decoded, make_loaders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,10 +44,10 @@ def run_dir(tiny_dataset, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("run")
-        engine.fit(tiny_config(tiny_dataset.path), device="cpu", on_epoch_end=lambda e: e.save(out))
+        fit(tiny_config(tiny_dataset.path), device="cpu", on_epoch_end=lambda e: e.save(out))
     finally:
         torch.set_num_threads(threads)
-    assert (out / engine.CHECKPOINT_FILE).is_file()
+    assert (out / CHECKPOINT_FILE).is_file()
     return out
 
 
@@ -80,20 +84,20 @@ def test_own_test_row_then_other_datasets_scored_whole(run_dir, tiny_dataset, ot
     assert [r["split"] for r in rows] == ["test", "all"]
     assert rows[0]["dataset"] == str(tiny_dataset.path) and rows[1]["dataset"] == str(other_dataset)
 
-    model, config = engine.model_from_checkpoint(run_dir, device=CPU)
-    own = engine.evaluate_dataset(model, config, str(tiny_dataset.path), split="test", device=CPU)
+    model, config = model_from_checkpoint(run_dir, device=CPU)
+    own = inference.evaluate_dataset(model, config, str(tiny_dataset.path), split="test", device=CPU)
     table = load_table(str(tiny_dataset.path), label=config.data.label, split_seed=config.data.split_seed)
     assert int(rows[0]["n"]) == own["n"] == int((table["split"] == "test").sum())
     for key in ("srcc", "plcc", "krcc", "rmse"):
         assert float(rows[0][key]) == own[key], key
 
-    whole = engine.evaluate_dataset(model, config, str(other_dataset), device=CPU)
+    whole = inference.evaluate_dataset(model, config, str(other_dataset), device=CPU)
     assert int(rows[1]["n"]) == len(load_table(str(other_dataset))) == whole["n"]
     assert float(rows[1]["srcc"]) == whole["srcc"] and float(rows[1]["plcc"]) == whole["plcc"]
 
     # The own row independently: the engine's own test loader, predictions, scipy's SRCC.
-    loaders = engine.make_loaders(config, engine.load_decoded(config))
-    pred, mos = engine.predict(model, loaders.test, CPU)
+    loaders = make_loaders(config, load_decoded(config))
+    pred, mos = inference.predict(model, loaders.test, CPU)
     assert len(pred) == int(rows[0]["n"])
     assert float(rows[0]["srcc"]) == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-12)
     assert float(rows[0]["plcc"]) == pytest.approx(stats.pearsonr(pred, mos)[0], abs=1e-12)
@@ -109,13 +113,13 @@ def test_own_test_row_then_other_datasets_scored_whole(run_dir, tiny_dataset, ot
 def test_the_models_own_dataset_as_dataset_is_scored_on_test_only(run_dir, tiny_dataset, other_dataset,
                                                                    tmp_path, monkeypatch):
     calls = []
-    real = engine.evaluate_dataset
+    real = inference.evaluate_dataset
 
     def spy(model, config, spec, *, split="all", device=None):
         calls.append((spec, split))
         return real(model, config, spec, split=split, device=device)
 
-    monkeypatch.setattr(engine, "evaluate_dataset", spy)
+    monkeypatch.setattr(inference, "evaluate_dataset", spy)
     monkeypatch.chdir(tiny_dataset.path.parent)
     relative = f"{tiny_dataset.path.name}/"  # the same folder, spelled another way
     code = main([str(run_dir), "--dataset", relative, "--dataset", str(other_dataset),
@@ -130,7 +134,7 @@ def test_the_models_own_dataset_as_dataset_is_scored_on_test_only(run_dir, tiny_
 def test_default_out_is_the_run_folder_and_a_checkpoint_file_works(run_dir, tmp_path, capsys):
     folder = tmp_path / "copy"
     folder.mkdir()
-    shutil.copy(run_dir / engine.CHECKPOINT_FILE, folder / "model.pt")
+    shutil.copy(run_dir / CHECKPOINT_FILE, folder / "model.pt")
     assert main([str(folder / "model.pt")]) == 0
     assert (folder / OUTPUT_MD).is_file() and (folder / OUTPUT_CSV).is_file()
     assert len(read_csv(folder / OUTPUT_CSV)) == 1  # no --dataset: the own test row alone
@@ -147,7 +151,7 @@ def write_experiment(folder: Path, run_dir: Path, best_trial: str | None = "tria
     selected = folder / "trial_abc12_00001"
     (selected / "checkpoint_000000").mkdir()  # an older, emptied checkpoint folder: not the newest
     (selected / "checkpoint_000002").mkdir()
-    shutil.copy(run_dir / engine.CHECKPOINT_FILE, selected / "checkpoint_000002" / engine.CHECKPOINT_FILE)
+    shutil.copy(run_dir / CHECKPOINT_FILE, selected / "checkpoint_000002" / CHECKPOINT_FILE)
     summary = {"study": "tiny", "experiment": str(folder), "metric": "val_srcc", "mode": "max", "trials": 2,
                "best_trial": best_trial, "best_trial_id": "abc12_00001",
                "best_val": {"srcc": 0.5, "plcc": 0.5, "epoch": 1, "val_srcc": 0.5},
@@ -162,8 +166,8 @@ def test_an_experiment_folder_evaluates_its_selected_trial(run_dir, tiny_dataset
     printed = capsys.readouterr().out
     assert "selected trial trial_abc12_00001" in printed and "checkpoint_000002" in printed
     rows = read_csv(experiment / OUTPUT_CSV)
-    model, config = engine.model_from_checkpoint(run_dir, device=CPU)
-    own = engine.evaluate_dataset(model, config, str(tiny_dataset.path), split="test", device=CPU)
+    model, config = model_from_checkpoint(run_dir, device=CPU)
+    own = inference.evaluate_dataset(model, config, str(tiny_dataset.path), split="test", device=CPU)
     assert float(rows[0]["srcc"]) == own["srcc"] and int(rows[0]["n"]) == own["n"]
     assert (experiment / OUTPUT_MD).is_file()
 
@@ -187,7 +191,7 @@ def test_an_experiment_without_summary_or_selected_trial_is_refused(run_dir, tmp
 def test_a_bad_path_exits_2_naming_it_and_the_accepted_forms(tmp_path):
     missing = tmp_path / "nowhere"
     # the real entry point, in a fresh interpreter
-    done = subprocess.run([sys.executable, "-m", "iqa_ray.evaluate", str(missing), "--out", str(tmp_path / "o")],
+    done = subprocess.run([sys.executable, "-m", "iqa_ray", "evaluate", str(missing), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2, done.stderr
     assert str(missing) in done.stderr and "experiment folder" in done.stderr and "checkpoint" in done.stderr
@@ -211,12 +215,12 @@ def test_a_dataset_that_does_not_load_exits_2_with_the_dataset_error_and_writes_
 
 
 def test_a_metric_that_is_undefined_prints_as_n_a(run_dir, tmp_path, monkeypatch):
-    real = engine.evaluate_dataset
+    real = inference.evaluate_dataset
 
     def constant(model, config, spec, *, split="all", device=None):
         return {**real(model, config, spec, split=split, device=device), "srcc": math.nan}
 
-    monkeypatch.setattr(engine, "evaluate_dataset", constant)
+    monkeypatch.setattr(inference, "evaluate_dataset", constant)
     assert main([str(run_dir), "--out", str(tmp_path)]) == 0
     assert markdown_rows(tmp_path / OUTPUT_MD)[1][3] == "n/a"
     assert np.isnan(float(read_csv(tmp_path / OUTPUT_CSV)[0]["srcc"]))

@@ -219,7 +219,7 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
 
 
 def test_non_finite_loss_errors_one_trial_and_the_experiment_goes_on(tmp_path):
-    from iqa_ray.search.launcher import main
+    from iqa_ray.cli.tune import main
 
     study = write_study(
         tmp_path, num_samples=1, max_epochs=2, searcher="grid",

@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.core.metrics import srcc
+from iqa_ray.core.options import ConfigError
 from iqa_ray.data.dataset import IQADataset, grid_positions, random_positions
-from iqa_ray.engine import eval_dataset, eval_loader, fit, load_decoded, make_loaders, model_from_checkpoint, predict
-from iqa_ray.features import compute_features
-from iqa_ray.metrics import srcc
+from iqa_ray.training.checkpoints import model_from_checkpoint
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.features import compute_features
+from iqa_ray.training.inference import predict
+from iqa_ray.training.loaders import eval_dataset, eval_loader, load_decoded, make_loaders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.core.options import ConfigError
 from iqa_ray.models.backbones import create_backbone
+from iqa_ray.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +61,7 @@ def test_out_of_range_and_conflicting_settings_are_named():
 
 
 def test_a_run_with_a_frozen_depth_trains_the_last_stage_and_its_head_only(tiny_dataset):
-    from iqa_ray.build import build
+    from iqa_ray.training.build import build
 
     config = TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "family": "mlp", "pretrained": "offline",
                                     "trainable_stages": 2, "crop_size": 48})

@@ -10,23 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.core.options import ConfigError
 from iqa_ray.data.dataset import DecodedImages, IQADataset
-from iqa_ray.engine import (
-    NonFiniteLossError,
-    build,
-    build_optimizer,
-    eval_dataset,
-    eval_loader,
-    fit,
-    load_checkpoint,
-    load_decoded,
-    loader_kwargs,
-    make_loaders,
-    memory_format,
-    predict,
-)
-from iqa_ray.features import compute_features
+from iqa_ray.training.build import build, memory_format
+from iqa_ray.training.checkpoints import load_checkpoint
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import NonFiniteLossError, fit
+from iqa_ray.training.features import compute_features
+from iqa_ray.training.inference import predict
+from iqa_ray.training.loaders import eval_dataset, eval_loader, load_decoded, loader_kwargs, make_loaders
+from iqa_ray.training.schedule import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_ray.config import ConfigError, TrainConfig
-from iqa_ray.engine import _CachedFeed, fit, load_decoded, make_loaders
-from iqa_ray.features import cache_key, compute_features
+from iqa_ray.core.options import ConfigError
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import _CachedFeed, fit
+from iqa_ray.training.features import cache_key, compute_features
+from iqa_ray.training.loaders import load_decoded, make_loaders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -43,7 +43,7 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
     assert set(every.kind) == ({"search", "refit"} if refit else {"search"})
     trials = every[every.kind == "search"]
     assert len(trials) == 2
-    # every trial measured its model's cost at the evaluation size (iqa_ray/cost.py)
+    # every trial measured its model's cost at the evaluation size (iqa_ray/evaluation/cost.py)
     cost = trials[["params_m", "gflops", "latency_ms", "latency_batch_ms"]]
     assert (cost > 0).all().all(), cost
     assert (trials.latency_batch_size >= 1).all()  # the batch the per-image batched latency was timed at
@@ -83,7 +83,9 @@ def test_smoke_test_of_every_launcher(tmp_path, script, extra):
         driver_log = (tmp_path / "smoke" / "driver.log").read_text()
         assert "Started a local Ray instance" in driver_log and "A new study created" in driver_log
     if script == "tune_ranking.py":  # the figure is the handed-back checkpoint's kept weights on the test split
-        from iqa_ray.engine import evaluate, load_decoded, make_loaders, model_from_checkpoint
+        from iqa_ray.training.checkpoints import model_from_checkpoint
+        from iqa_ray.training.inference import evaluate
+        from iqa_ray.training.loaders import load_decoded, make_loaders
 
         model, config = model_from_checkpoint(tmp_path / "smoke" / tested.checkpoint_path.iloc[0])
         assert config.optim.train_on_val is bool(refit)

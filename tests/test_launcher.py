@@ -5,9 +5,11 @@ import time
 
 import pytest
 
-from iqa_ray.config import TrainConfig
-from iqa_ray.search.launcher import LaunchError, build_parser, check_address, main, resolve_gpus, settings_from_args
+from iqa_ray.cli.tune import build_parser, main
+from iqa_ray.search.resources import LaunchError, resolve_gpus
+from iqa_ray.search.settings import check_address, settings_from_args
 from iqa_ray.search.tuner import per_gpu
+from iqa_ray.training.config import TrainConfig
 
 
 def parse(*argv, study="ranking"):
@@ -180,7 +182,7 @@ def test_trial_folders_are_named_from_ids_not_config_values():
 
 
 def test_gpus_flag_caps_concurrency_and_shares_need_a_gpu():
-    from iqa_ray.search.launcher import check_cpus_per_trial, gpu_concurrency
+    from iqa_ray.search.resources import check_cpus_per_trial, gpu_concurrency
 
     assert gpu_concurrency(4, 0.25, None) == 16
     assert gpu_concurrency(1, 0.25, 2) == 2
@@ -243,7 +245,7 @@ def test_select_flag_overrides_the_studys_rule_and_survives_a_resume(tmp_path, c
 def test_ended_by_names_the_time_budget_only_where_the_scheduler_cannot_stop(tmp_path):
     import json
 
-    from iqa_ray.export import _ended_by, _experiment_info, _scheduler_stops
+    from iqa_ray.search.export import _ended_by, _experiment_info, _scheduler_stops
 
     (tmp_path / "experiment.json").write_text(json.dumps({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
                                                           "max_epochs": 8, "time_budget": 10}))

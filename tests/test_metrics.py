@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from iqa_ray import metrics
-from iqa_ray.metrics import all_metrics, krcc, logistic_4p_fit, plcc, plcc_logistic, rmse, srcc
+from iqa_ray.core import metrics
+from iqa_ray.core.metrics import all_metrics, krcc, logistic_4p_fit, plcc, plcc_logistic, rmse, srcc
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_ray.models import FAMILIES, GMMIQA, SUPPORTED_BACKBONES, HyperIQA, IQAModel, MLPIQA, RankingLoss, build_model
-from iqa_ray.models.gmm import balance_term, posterior_entropy
-from iqa_ray.models.registry import family_arguments
+from iqa_ray.models.backbones import SUPPORTED_BACKBONES
+from iqa_ray.models.base import IQAModel
+from iqa_ray.models.gmm import GMMIQA, balance_term, posterior_entropy
+from iqa_ray.models.hyperiqa import HyperIQA
+from iqa_ray.models.losses import RankingLoss
+from iqa_ray.models.mlp import MLPIQA
+from iqa_ray.models.registry import FAMILIES, build_model, family_arguments
 
 SIZE = 64
 # Small heads keep the tests fast; dropout off so a few steps on one batch are deterministic.
@@ -361,8 +365,8 @@ def test_gmm_component_matching_undoes_a_permutation_and_breaks_ties_by_distance
 
 
 def test_gmm_random_state_follows_the_run_seed():
-    from iqa_ray.config import TrainConfig
-    from iqa_ray.engine import build
+    from iqa_ray.training.build import build
+    from iqa_ray.training.config import TrainConfig
 
     seen = {}
     for seed in (3, 11):

@@ -8,17 +8,16 @@ and a training config decodes it.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from iqa_ray.config import TrainConfig
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.data.catalog import load_table
-from iqa_ray.data.errors import DatasetError
 from iqa_ray.data.layouts import Layout
 from iqa_ray.data.real import ADAPTERS, load_iqa_dataset, register_layout, unregister_layout
-from iqa_ray.engine import load_decoded
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.loaders import load_decoded
 
 # ----------------------------------------------------------------------------- the new dataset (3 lines)
 MYDB = Layout(name="mydb", label_files=("labels/scores.csv",), image_dirs=("photos",), image_col="file",

@@ -15,12 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from iqa_ray.config import ConfigError, TrainConfig, valid_keys
-from iqa_ray.engine import fit, load_decoded, model_from_checkpoint
-from iqa_ray.models import IQAModel
+from iqa_ray.core.options import ConfigError, Options, positive_int, require
+from iqa_ray.models.base import IQAModel
 from iqa_ray.models.gmm import GMMOptions
 from iqa_ray.models.registry import FAMILIES, family, register_family, unregister_family
-from iqa_ray.utils.config_base import Options, positive_int, require
+from iqa_ray.training.checkpoints import model_from_checkpoint
+from iqa_ray.training.config import TrainConfig, valid_keys
+from iqa_ray.training.engine import fit
+from iqa_ray.training.loaders import load_decoded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,7 +8,7 @@ notebook is then executed with nbclient in a ``python3`` kernel of this interpre
 ``IQA_EXPERIMENT`` / ``IQA_EXPERIMENTS`` environment variables, and the figures it saves are checked.
 
 The notebooks never rank trials to pick one: they read the export's ``selected`` column (the rule of
-``iqa_ray/selection.py``, the one the end-of-run summary uses), which the tests check by moving that mark to a
+``iqa_ray/core/selection.py``, the one the end-of-run summary uses), which the tests check by moving that mark to a
 trial with a lower validation SRCC.
 
 The executed copies are written next to each test's ``tmp_path`` for a look when a test fails.
@@ -116,7 +116,7 @@ def copy_parquet_only(experiment: Path, target: Path) -> Path:
 # two of these (xdist's order), and a module fixture would then run both searches again (about 3 min).
 @pytest.fixture(scope="session")
 def experiments(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
-    from iqa_ray.search.launcher import main
+    from iqa_ray.cli.tune import main
 
     root = tmp_path_factory.mktemp("results")
     common = ["--storage", str(root), "--dataset", str(tiny_dataset.path), "--cpus-per-trial", "1",
@@ -234,7 +234,7 @@ def test_the_notebooks_follow_the_selected_column_and_do_not_re_rank(experiments
 
 @pytest.mark.slow
 @pytest.mark.parametrize("column, message", [("best_val_srcc", "best_val_srcc"),
-                                             ("selected", "re-export with python -m iqa_ray.export")])
+                                             ("selected", "re-export with iqa-ray export")])
 def test_a_missing_column_fails_the_notebook_with_its_name(experiments, tmp_path, column, message):
     from nbclient.exceptions import CellExecutionError
 
@@ -333,7 +333,7 @@ def test_run_report_notebook_draws_the_selected_runs_plots(experiments, tmp_path
 
 @pytest.mark.slow
 def test_iqa_ray_report_writes_every_notebook_as_html_with_its_figures(experiments, tmp_path, capsys):
-    from iqa_ray.command import main as iqa_ray_main
+    from iqa_ray.cli import main as iqa_ray_main
 
     experiment = tmp_path / "ranking"
     shutil.copytree(experiments["ranking"], experiment)
@@ -409,7 +409,7 @@ def test_the_optuna_study_holds_every_trial_and_opens_in_optuna_dashboard(experi
 def test_pareto_front_notebook_draws_the_front_and_names_the_fastest_near_the_best(tmp_path):
     """A synthetic two-objective experiment (export as a search writes it): the notebook's figure,
     its front table and the "fastest within 0.02 SRCC" figure, checked against a hand count."""
-    from iqa_ray.export import export_experiment
+    from iqa_ray.search.export import export_experiment
 
     experiment = tmp_path / "front"
     # (val SRCC at the kept epoch, ms per image, M parameters): a front of 4 and 2 dominated trials
@@ -432,7 +432,7 @@ def test_pareto_front_notebook_draws_the_front_and_names_the_fastest_near_the_be
     trials = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id")
     assert trials.pareto_optimal.to_dict() == {"acc": True, "mid": True, "near": True, "slow": False, "tiny": True,
                                                "worse": False}
-    from iqa_ray.report import chosen_notebooks
+    from iqa_ray.cli.report import chosen_notebooks
 
     assert "pareto_front" in chosen_notebooks(experiment, None)
     _, text = run_notebook("pareto_front", tmp_path, IQA_EXPERIMENT=str(experiment))

@@ -8,9 +8,16 @@ import json
 import numpy as np
 import pytest
 
+from iqa_ray.core.selection import (
+    COST_OBJECTIVES,
+    SelectionRule,
+    knee_index,
+    objective_values,
+    pareto_flags,
+    parse_rule,
+    select_by_rule,
+)
 from iqa_ray.search.study import StudyError, parse_study
-from iqa_ray.selection import (COST_OBJECTIVES, SelectionRule, knee_index, objective_values, pareto_flags,
-                               parse_rule, select_by_rule)
 
 NAN = float("nan")
 SRCC_LATENCY = (("val_srcc", "max"), ("latency_ms", "min"))
@@ -155,7 +162,7 @@ def test_select_flag_is_validated_against_the_study():
 
 
 def test_every_cost_objective_is_reported_by_the_cost_module():
-    from iqa_ray.cost import COST_METRICS
+    from iqa_ray.evaluation.cost import COST_METRICS
 
     assert tuple(COST_METRICS) == COST_OBJECTIVES and set(COST_METRICS.values()) == {"min"}
 
@@ -209,7 +216,7 @@ def write_trial(exp, trial_id: str, rows: list[dict]) -> None:
 def test_the_export_flags_the_front_and_selects_by_the_recorded_rule(tmp_path, select, chosen):
     import pandas as pd
 
-    from iqa_ray.export import export_experiment
+    from iqa_ray.search.export import export_experiment
 
     exp = tmp_path / "exp"
     trials = {"big": reports(0.90, 100.0), "knee": reports(0.88, 20.0), "small": reports(0.80, 5.0),
@@ -229,7 +236,7 @@ def test_the_export_flags_the_front_and_selects_by_the_recorded_rule(tmp_path, s
 def test_the_export_marks_the_trial_the_summary_handed_back_with_its_test_figures(tmp_path):
     import pandas as pd
 
-    from iqa_ray.export import export_experiment
+    from iqa_ray.search.export import export_experiment
 
     exp = tmp_path / "exp"
     for trial_id, rows in {"b": reports(0.33, 14.0), "a": reports(0.09, 3.0)}.items():
@@ -251,7 +258,7 @@ def test_the_export_marks_the_trial_the_summary_handed_back_with_its_test_figure
 def test_an_old_experiment_without_objectives_exports_as_before(tmp_path):
     import pandas as pd
 
-    from iqa_ray.export import export_experiment
+    from iqa_ray.search.export import export_experiment
 
     exp = tmp_path / "exp"
     write_trial(exp, "a", reports(0.7, 10.0))

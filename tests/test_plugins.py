@@ -16,9 +16,9 @@ PLUGIN = textwrap.dedent('''
 
     from iqa_ray.data.layouts import Layout
     from iqa_ray.data.real import register_layout
-    from iqa_ray.models import IQAModel
+    from iqa_ray.models.base import IQAModel
     from iqa_ray.models.registry import register_family
-    from iqa_ray.utils.config_base import Options
+    from iqa_ray.core.options import Options
 
 
     @dataclass(frozen=True)
@@ -42,7 +42,7 @@ PLUGIN = textwrap.dedent('''
 
 CHECK = textwrap.dedent('''
     import json, sys
-    from iqa_ray.config import TrainConfig, valid_keys
+    from iqa_ray.training.config import TrainConfig, valid_keys
     from iqa_ray.data.catalog import load_table
 
     config = TrainConfig.from_dict({"family": "tiny", "width": 3, "pretrained": "none"})
@@ -81,7 +81,7 @@ def test_a_plugin_that_cannot_be_imported_is_named(tmp_path):
 def test_ray_workers_get_the_plugins_variable(monkeypatch):
     import ray
 
-    from iqa_ray.search import ray_init
+    from iqa_ray.search import cluster as ray_init
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

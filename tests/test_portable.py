@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import iqa_ray
-from iqa_ray.command import main as iqa_ray_main
-from iqa_ray.portable import _grid, export_onnx, export_torchscript, load_metadata
+from iqa_ray.cli import main as iqa_ray_main
 from iqa_ray.data.dataset import grid_positions, short_side_size
-from iqa_ray.scoring import IQAScorer, ScoreError
+from iqa_ray.evaluation.portable import _grid, export_onnx, export_torchscript, load_metadata
+from iqa_ray.evaluation.scoring import IQAScorer, ScoreError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from iqa_ray.data.errors import DatasetError
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.search import preflight
 from iqa_ray.search.preflight import (
     PreflightError,
@@ -221,7 +221,7 @@ def test_missing_weights_file_refused_naming_the_path(tmp_path):
 
 
 def test_hub_refused_when_unreachable(monkeypatch):
-    import iqa_ray.utils.net as net
+    import iqa_ray.core.net as net
 
     calls = []
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.data import pregenerate as pg
-from iqa_ray.data.errors import DatasetError
 from iqa_ray.data.pregenerate import PregenConfig, crop_grid, open_generated, pregenerate, read_shards
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from iqa_ray.search.pretraining import encoder_dir, pretraining_source, prepare_encoders
+from iqa_ray.search.encoders import encoder_dir, prepare_encoders, pretraining_source
 from iqa_ray.search.study import StudyError, load_study, parse_study
-from iqa_ray.ssl import load_unlabelled as _REAL_LOAD_UNLABELLED  # the spy below wraps it
+from iqa_ray.ssl.data import load_unlabelled as _REAL_LOAD_UNLABELLED  # the spy below wraps it
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ class _Loaded(Exception):
 
 
 def _images_pre_training_would_see(study, monkeypatch, root: Path) -> list[str]:
-    import iqa_ray.ssl as ssl
+    import iqa_ray.ssl.data as ssl_data
 
     seen = []
 
@@ -151,7 +151,7 @@ def _images_pre_training_would_see(study, monkeypatch, root: Path) -> list[str]:
         seen.append(_REAL_LOAD_UNLABELLED(*args, **kwargs))
         raise _Loaded  # stop before Ray is needed
 
-    monkeypatch.setattr(ssl, "load_unlabelled", spy)
+    monkeypatch.setattr(ssl_data, "load_unlabelled", spy)
     with pytest.raises(_Loaded):
         prepare_encoders(study, root=root, progress=lambda _m: None)
     return seen[0].names

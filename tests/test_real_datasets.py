@@ -17,14 +17,9 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from iqa_ray.data.errors import DatasetError
-from iqa_ray.data.real import (
-    ADAPTERS,
-    BASE_COLUMNS,
-    load_iqa_dataset,
-    resolve_dataset_name,
-    seeded_group_split,
-)
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.data.label_table import BASE_COLUMNS, seeded_group_split
+from iqa_ray.data.real import ADAPTERS, load_iqa_dataset, resolve_dataset_name
 
 
 def _img(path: Path, value: int = 128) -> None:

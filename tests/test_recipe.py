@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iqa_ray.config import TrainConfig
-from iqa_ray.search.launcher import LaunchError, build_parser, main, resume_settings, settings_from_args
+from iqa_ray.cli.tune import build_parser, main
 from iqa_ray.search.recipe import (
     apply_recipe,
     available_recipes,
@@ -19,8 +18,11 @@ from iqa_ray.search.recipe import (
     parse_recipe,
     resolve_recipe,
 )
+from iqa_ray.search.resources import LaunchError
+from iqa_ray.search.settings import resume_settings, settings_from_args
 from iqa_ray.search.splits import probe_on_splits, split_columns, split_seeds, summarise_values
 from iqa_ray.search.study import StudyError, load_study
+from iqa_ray.training.config import TrainConfig
 
 LIVEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "livec-jpg"
 needs_livec = pytest.mark.skipif(not (LIVEC / "livec.csv").exists(), reason="the shared LIVE Challenge subset is absent")
@@ -121,7 +123,7 @@ def test_set_overrides_a_recipe_value_and_the_launch_records_the_recipe():
 
 
 def test_the_paper_recipe_offline_fails_before_ray_naming_the_weights(monkeypatch, capsys):
-    monkeypatch.setattr("iqa_ray.utils.net.hub_reachable", lambda *a, **k: (False, "no network (test)"))
+    monkeypatch.setattr("iqa_ray.core.net.hub_reachable", lambda *a, **k: (False, "no network (test)"))
     assert main(["--recipe", "paper"], study="ranking") == 2
     err = capsys.readouterr().err
     assert "hub" in err and "pretrained=" in err
@@ -179,8 +181,8 @@ def test_split_helpers_compute_what_statistics_computes():
 
 @needs_livec
 def test_other_split_seeds_draw_other_splits_of_the_same_photos_and_the_probe_is_fitted_on_each():
-    from iqa_ray.baselines import ridge_probe
-    from iqa_ray.engine import load_run_table
+    from iqa_ray.evaluation.baselines import ridge_probe
+    from iqa_ray.training.loaders import load_run_table
 
     config = TrainConfig.from_dict({"dataset": f"livec:{LIVEC}", "split_fractions": [0.6, 0.2, 0.2]})
     table = load_run_table(config)
@@ -240,7 +242,7 @@ def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(
     # The model handed back is the selected config re-trained on the search split's training and
     # validation photos: its trial holds the test metrics, the probe beside it is refitted too, and
     # the experiment folder resolves to it (score / load_model / export-model / evaluate).
-    from iqa_ray.evaluate import resolve_source
+    from iqa_ray.evaluation.cross_dataset import resolve_source
 
     assert summary["model"].startswith("refit/") and summary["refit"]["trial"] == summary["model"]
     refit_rows = trials[trials["kind"] == "refit"]

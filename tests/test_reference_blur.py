@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_ray.config import ConfigError, TrainConfig
+from iqa_ray.core.options import ConfigError
 from iqa_ray.models.mlp import gaussian_blur, pool_stages
+from iqa_ray.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,9 +47,9 @@ def test_a_bad_reference_blur_is_refused_naming_the_key(tiny_dataset, bad):
 
 
 def test_the_cache_appends_the_change_under_the_blur_and_the_model_computes_the_same(tiny_dataset):
-    from iqa_ray.build import build
-    from iqa_ray.engine import load_decoded
-    from iqa_ray.features import cache_key, compute_features
+    from iqa_ray.training.build import build
+    from iqa_ray.training.features import cache_key, compute_features
+    from iqa_ray.training.loaders import load_decoded
 
     cfg, plain_cfg = config(tiny_dataset), config(tiny_dataset, reference_blur=0.0)
     assert cache_key(cfg) != cache_key(plain_cfg)
@@ -88,7 +89,7 @@ def test_a_blurry_image_changes_less_under_the_blur_than_a_sharp_one():
 
 
 def test_under_bf16_autocast_the_blur_and_the_scores_stay_float32(tiny_dataset):
-    from iqa_ray.build import build
+    from iqa_ray.training.build import build
 
     model = build(config(tiny_dataset), torch.device("cpu")).eval()
     images = torch.rand(2, 3, 40, 48)
@@ -103,9 +104,12 @@ def test_under_bf16_autocast_the_blur_and_the_scores_stay_float32(tiny_dataset):
 
 def test_a_pseudo_reference_head_trains_on_the_cache_and_its_export_scores_images_alike(tiny_dataset, tmp_path):
     import iqa_ray
-    from iqa_ray.engine import eval_dataset, eval_loader, fit, load_decoded, model_from_checkpoint, predict
-    from iqa_ray.features import compute_features
-    from iqa_ray.portable import export_torchscript
+    from iqa_ray.evaluation.portable import export_torchscript
+    from iqa_ray.training.checkpoints import model_from_checkpoint
+    from iqa_ray.training.engine import fit
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.inference import predict
+    from iqa_ray.training.loaders import eval_dataset, eval_loader, load_decoded
 
     cfg = config(tiny_dataset)
     decoded = load_decoded(cfg)

@@ -8,17 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
+from test_feature_cache import cached as feature_cache_run
 
-from iqa_ray.baselines import ridge_probe
-from iqa_ray.config import ConfigError
+from iqa_ray.core.options import ConfigError
+from iqa_ray.core.paths import REFIT_DIR
 from iqa_ray.data.dataset import DecodedImages
-from iqa_ray.engine import CHECKPOINT_FILE, fit, load_decoded, make_loaders
-from iqa_ray.features import compute_features
-from iqa_ray.paths import REFIT_DIR
+from iqa_ray.evaluation.baselines import ridge_probe
 from iqa_ray.search.splits import split_fit
 from iqa_ray.search.study import StudyError, load_study
 from iqa_ray.search.tuner import SearchSettings
-from test_feature_cache import cached as feature_cache_run
+from iqa_ray.training.checkpoints import CHECKPOINT_FILE
+from iqa_ray.training.engine import fit
+from iqa_ray.training.features import compute_features
+from iqa_ray.training.loaders import load_decoded, make_loaders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -134,8 +136,8 @@ def experiment_with_refit(root: Path, checkpoint: Path) -> Path:
 
 
 def test_the_refit_is_what_an_experiment_hands_back_and_its_row_holds_the_test_metrics(tiny_dataset, tmp_path):
-    from iqa_ray import export
-    from iqa_ray.evaluate import EvaluateError, resolve_source
+    from iqa_ray.evaluation.cross_dataset import EvaluateError, resolve_source
+    from iqa_ray.search import export
 
     run = tmp_path / "run"
     fit(cached(tiny_dataset, epochs=1, train_on_val=True), on_epoch_end=lambda e: e.save(run))

@@ -5,8 +5,8 @@ import json
 
 import pandas as pd
 
-from iqa_ray.command import main as iqa_ray_main
-from iqa_ray.report import chosen_notebooks
+from iqa_ray.cli import main as iqa_ray_main
+from iqa_ray.cli.report import chosen_notebooks
 
 
 def experiment(tmp_path, study):

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import iqa_ray
-from iqa_ray.command import main as iqa_ray_main
-from iqa_ray.scoring import ScoreError, image_files
+from iqa_ray.cli import main as iqa_ray_main
+from iqa_ray.evaluation.scoring import ScoreError, image_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa_ray.data.errors import DatasetError
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.data.sources import (
     decode_image_file,
     embedded_references,

@@ -7,23 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_ray.config import ConfigError, TrainConfig
-from iqa_ray.data.errors import DatasetError
-from iqa_ray.engine import CheckpointError, build, evaluate_dataset, fit, load_decoded, model_from_checkpoint
-from iqa_ray.evaluate import cross_dataset_table
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.io import CheckpointError
+from iqa_ray.core.options import ConfigError
+from iqa_ray.evaluation.cross_dataset import cross_dataset_table
 from iqa_ray.models.backbones import create_backbone
-from iqa_ray.ssl import (
-    EncoderError,
-    PretrainConfig,
-    level_grid,
-    load_encoder_into,
-    load_unlabelled,
-    make_sample,
-    pretrain,
-    ranking_accuracy,
-    save_encoder,
-    ssl_loss,
-)
+from iqa_ray.models.encoder_file import EncoderError, load_encoder_into, save_encoder
+from iqa_ray.ssl.config import PretrainConfig
+from iqa_ray.ssl.data import level_grid, load_unlabelled, make_sample
+from iqa_ray.ssl.loop import pretrain
+from iqa_ray.ssl.model import ranking_accuracy, ssl_loss
+from iqa_ray.training.build import build
+from iqa_ray.training.checkpoints import model_from_checkpoint
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import fit
+from iqa_ray.training.inference import evaluate_dataset
+from iqa_ray.training.loaders import load_decoded
 
 EASY = ("gaussian_blur", "gaussian_noise", "jpeg")
 # Metrics that measure time, not what was computed.
@@ -256,7 +255,7 @@ def test_encoder_of_another_backbone_fails_when_the_model_is_built(tmp_path):
 def test_pretrain_help_documents_every_option():
     from dataclasses import fields
 
-    from iqa_ray.pretrain import build_parser
+    from iqa_ray.cli.pretrain import build_parser
 
     text = build_parser().format_help()
     for option in ("--source", "--splits", "--pristine-only", "--max-short-side", "--out", "--resume", "--device",
@@ -269,7 +268,7 @@ def test_pretrain_help_documents_every_option():
 def test_pretrain_command_writes_its_run_folder_and_resumes(tmp_path, capsys):
     from PIL import Image
 
-    from iqa_ray.pretrain import main
+    from iqa_ray.cli.pretrain import main
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "photos"
@@ -308,7 +307,7 @@ def test_pretrain_trainable_reports_every_epoch_with_an_encoder(photos, tmp_path
     import ray
     from ray import tune
 
-    from iqa_ray.trainables.pretrain import pretrain_trainable
+    from iqa_ray.trainables.pretraining import pretrain_trainable
 
     ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True)
     try:

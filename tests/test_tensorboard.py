@@ -31,11 +31,11 @@ from typing import Any
 import psutil
 import pytest
 
+from iqa_ray.cli.tensorboard import main as tensorboard_main
 from iqa_ray.search.study import parse_study
 from iqa_ray.search.tensorboard import (
-    HParamsCallback,
-    main as tensorboard_main,
     BOOKKEEPING,
+    HParamsCallback,
     scalar_tag,
     start_tensorboard,
     stop_tensorboard,

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from iqa_ray.train import build_parser, main
+from iqa_ray.cli.train import build_parser, main
 
 
 def args_for(tiny_dataset, out, *extra):

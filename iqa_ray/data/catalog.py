@@ -4,7 +4,7 @@ Accepted forms:
 
 ``embedded``
     The default pre-generated dataset over the embedded photos (generated on first use, in
-    this process, into :func:`iqa_ray.paths.default_data_dir`; a few seconds on 2 cores).
+    this process, into :func:`iqa_ray.core.paths.default_data_dir`; a few seconds on 2 cores).
 ``/path/to/generated/folder``
     Any folder written by ``launch/pregenerate.py`` (it holds ``manifest.json``).
 ``<adapter>:<root>``
@@ -23,9 +23,10 @@ from typing import Any
 
 import pandas as pd
 
-from iqa_ray.data.errors import DatasetError
-from iqa_ray.data.pregenerate import DEFAULT_LABEL, LABELS, PregenConfig, open_generated, pregenerate, read_shards
-from iqa_ray.paths import default_data_dir
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.paths import default_data_dir
+from iqa_ray.data.labels import DEFAULT_LABEL, LABELS
+from iqa_ray.data.pregenerate import PregenConfig, open_generated, pregenerate, read_shards
 
 EMBEDDED = "embedded"
 

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from iqa_ray.data.errors import DatasetError
+from iqa_ray.core.errors import DatasetError
 
 ON_ERROR = ("raise", "skip")
 

@@ -20,12 +20,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from iqa_ray.data.errors import DatasetError
-from iqa_ray.data.splits import SPLITS, assign_group_splits, validate_fractions
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.data.splits import assign_group_splits, validate_fractions
 
-__all__ = ["REAL_FRACTIONS", "ON_ERROR_VALUES", "BASE_COLUMNS", "SPLIT_NAMES", "SPLITS", "Loc", "LabelTable", "Row", "Spec",
-           "build_table", "check_on_error", "dataset_root", "find_image_dir", "find_label_file", "float_or_nan",
-           "read_csv", "read_excel", "seeded_group_split", "under"]
+__all__ = [
+    "REAL_FRACTIONS", "ON_ERROR_VALUES", "BASE_COLUMNS", "SPLIT_NAMES", "Loc", "LabelTable",
+    "Row", "Spec", "build_table", "check_on_error", "dataset_root", "find_image_dir",
+    "find_label_file", "float_or_nan", "read_csv", "read_excel", "seeded_group_split", "under",
+]
 
 REAL_FRACTIONS = (0.7, 0.1, 0.2)  # train/val/test of a real dataset without an official split
 ON_ERROR_VALUES = ("raise", "skip")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from iqa_ray.data.errors import DatasetError
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.data.label_table import (
     BASE_COLUMNS,
     REAL_FRACTIONS,

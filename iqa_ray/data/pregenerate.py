@@ -52,9 +52,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.io import atomic_path, atomic_write_json, git_revision, stable_hash
+from iqa_ray.core.options import Options, require
 from iqa_ray.data import distortions as dist
-from iqa_ray.data.errors import DatasetError
-from iqa_ray.data.labels import DEFAULT_LABEL, LABELS, quality_label
+from iqa_ray.data.labels import DEFAULT_LABEL, quality_label
 from iqa_ray.data.sources import (
     SOURCE_KINDS,
     ReferenceInfo,
@@ -65,8 +67,6 @@ from iqa_ray.data.sources import (
     load_reference,
 )
 from iqa_ray.data.splits import EMBEDDED_FRACTIONS, assign_group_splits, validate_fractions
-from iqa_ray.utils.config_base import Options, require
-from iqa_ray.utils.io import atomic_path, atomic_write_json, git_revision, stable_hash
 
 FORMAT_VERSION = 1
 # Version of the labelling recipe, part of the config fingerprint, so that a dataset labelled by
@@ -525,7 +525,7 @@ def ray_data_map(fn: Callable[[dict[str, Any]], dict[str, Any]], items: list[dic
     """
     import ray
 
-    from iqa_ray.utils.console import quiet_ray_data
+    from iqa_ray.core.progress import quiet_ray_data
 
     if not items:
         return []
@@ -683,7 +683,7 @@ def progress_bar_for(show: bool) -> Iterator[Any]:
     if not show:
         yield None
         return
-    from iqa_ray.utils.console import progress_bar
+    from iqa_ray.core.progress import progress_bar
 
     with progress_bar(None, "pregenerate") as bar:
         yield bar
@@ -927,6 +927,6 @@ def summary_lines(ds: GeneratedDataset) -> list[str]:
 
 __all__ = [
     "PregenConfig", "GeneratedDataset", "CropTask", "pregenerate", "open_generated", "find_existing",
-    "read_shards", "summary_lines", "plan_boxes", "draw_split", "make_tasks", "crop_grid", "scaled_size",
-    "severity_of", "LABELS", "DEFAULT_LABEL", "SHARD_SCHEMA",
+    "read_shards", "summary_lines", "plan_boxes", "draw_split", "make_tasks", "crop_grid",
+    "scaled_size", "severity_of", "SHARD_SCHEMA",
 ]

@@ -89,7 +89,7 @@ one split, so no reference image (KADID-10k) or prompt (AGIQA-3K) is in two spli
 
 Errors
 ------
-Problems raise :class:`~iqa_ray.data.errors.DatasetError` naming the file, the row and what is
+Problems raise :class:`~iqa_ray.core.errors.DatasetError` naming the file, the row and what is
 valid. Row problems (a MOS that is empty, not a number or out of range, a duplicated image name,
 a missing image file, an unknown split value) can instead be skipped with ``on_error="skip"``:
 they are listed in ``df.attrs["skipped"]`` and a warning gives their number. For a duplicated
@@ -108,10 +108,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from iqa_ray.data.errors import DatasetError
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.plugins import load_plugins
 from iqa_ray.data.label_table import (
-    BASE_COLUMNS,
-    ON_ERROR_VALUES,
     REAL_FRACTIONS,
     Loc,
     Row,
@@ -124,32 +123,15 @@ from iqa_ray.data.label_table import (
     float_or_nan,
     read_csv,
     read_excel,
-    seeded_group_split,
     under,
 )
 from iqa_ray.data.layouts import AGIQA3K, BUILT_IN_LAYOUTS, Layout, read_layout
-from iqa_ray.data.splits import SPLITS, validate_fractions
-from iqa_ray.utils.plugins import load_plugins
+from iqa_ray.data.splits import validate_fractions
 
 __all__ = [
-    "ADAPTERS",
-    "ALIASES",
-    "BASE_COLUMNS",
-    "REAL_FRACTIONS",
-    "KADID_DISTORTIONS",
-    "ON_ERROR_VALUES",
-    "SPLITS",
-    "load_agiqa3k",
-    "load_csv_dataset",
-    "load_iqa_dataset",
-    "load_kadid10k",
-    "load_koniq10k",
-    "load_livec",
-    "load_spaq",
-    "register_layout",
-    "resolve_dataset_name",
+    "ADAPTERS", "ALIASES", "KADID_DISTORTIONS", "load_agiqa3k", "load_csv_dataset", "load_iqa_dataset",
+    "load_kadid10k", "load_koniq10k", "load_livec", "load_spaq", "register_layout", "resolve_dataset_name",
     "unregister_layout",
-    "seeded_group_split",
 ]
 
 # KADID-10k distortion types, numbered as in the file names (Lin, Hosu, Saupe, QoMEX 2019).

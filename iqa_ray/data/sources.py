@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from iqa_ray.data.errors import DatasetError
-from iqa_ray.utils.net import hub_reachable
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.net import hub_reachable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SOURCE_KINDS = ("embedded", "folder", "hf_disk", "hf")

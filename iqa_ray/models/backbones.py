@@ -29,18 +29,11 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from iqa_ray.utils.net import hub_reachable
+from iqa_ray.core.net import hub_reachable
 
 __all__ = [
-    "SUPPORTED_BACKBONES",
-    "PRETRAINED_CHOICES",
-    "OFFLINE_WEIGHTS_ALIASES",
-    "Backbone",
-    "create_backbone",
-    "create_classifier_efficientnet_lite0_offline",
-    "hub_reachable",
-    "load_offline_efficientnet_lite0",
-    "offline_efficientnet_lite0_path",
+    "SUPPORTED_BACKBONES", "PRETRAINED_CHOICES", "OFFLINE_WEIGHTS_ALIASES", "Backbone", "create_backbone", "create_classifier_efficientnet_lite0_offline",
+    "load_offline_efficientnet_lite0", "offline_efficientnet_lite0_path",
 ]
 
 # Backbones that are built and checked by tests/test_backbones.py. Other timm models may well

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from iqa_ray.core.io import git_revision, load_weights_file, save_checkpoint
 from iqa_ray.models.backbones import Backbone
-from iqa_ray.utils.io import git_revision, load_weights_file, save_checkpoint
 
 ENCODER_FORMAT = "iqa-ray-encoder"
 ENCODER_VERSION = 1
@@ -52,7 +52,7 @@ def read_encoder(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != ENCODER_FORMAT or "state_dict" not in state:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise EncoderError(f"{path} is not an {ENCODER_FORMAT} file (format {found!r}); write one with "
-                           "`python -m iqa_ray.pretrain` or iqa_ray.ssl.save_encoder")
+                           "`iqa-ray pretrain` or iqa_ray.models.encoder_file.save_encoder")
     return state
 
 

@@ -30,10 +30,10 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
+from iqa_ray.core.options import Options, finite, positive_int, require
 from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel, full_precision
 from iqa_ray.models.losses import RegressionLoss
-from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
 __all__ = ["GMMIQA", "GMMOptions", "balance_term", "posterior_entropy", "images_of"]
 

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iqa_ray.core.options import Options, finite, positive_int, require
 from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel, ParamGroup
 from iqa_ray.models.losses import RegressionLoss
-from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
 __all__ = ["HyperIQA", "HyperIQAOptions"]
 

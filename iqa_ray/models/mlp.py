@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from iqa_ray.core.options import Options, finite, positive_int, require
 from iqa_ray.models.backbones import Backbone
 from iqa_ray.models.base import IQAModel, full_precision
 from iqa_ray.models.losses import RegressionLoss
-from iqa_ray.utils.config_base import Options, finite, positive_int, require
 
 __all__ = ["MLPIQA", "MLPOptions", "init_small_output", "POOLINGS", "SPREAD_POOLINGS", "BLOCK_POOLINGS",
            "gaussian_blur", "pool_stages"]

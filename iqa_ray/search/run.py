@@ -17,8 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from iqa_ray.config import TrainConfig
+from iqa_ray.core.io import atomic_write_json, git_revision
+from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
 from iqa_ray.data.catalog import EMBEDDED
+from iqa_ray.search.encoders import prepare_encoders
+from iqa_ray.search.refit import REFIT_FIT_ON
 from iqa_ray.search.resources import (
     LaunchError,
     check_cpus_per_trial,
@@ -29,9 +32,7 @@ from iqa_ray.search.resources import (
     resolve_gpus,
     trial_workers,
 )
-from iqa_ray.features import probe_features
-from iqa_ray.search.pretraining import prepare_encoders
-from iqa_ray.search.refit import REFIT_FIT_ON
+from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.search.tuner import (
     SearchSettings,
     build_tuner,
@@ -39,10 +40,9 @@ from iqa_ray.search.tuner import (
     restore_tuner,
     stop_epochs,
 )
-from iqa_ray.search.tensorboard import tensorboard_command
-from iqa_ray.selection import kept_report, objective_values, pareto_flags, select_by_rule
-from iqa_ray.trainables.resources import worker_device
-from iqa_ray.utils.io import atomic_write_json, git_revision
+from iqa_ray.trainables.placement import worker_device
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.features import probe_features
 
 DRIVER_MEMORY_BYTES = 2**20  # what a data-parallel trial's driver asks for (it holds no CPU)
 DRIVER_LOG = "driver.log"  # the driver's Ray/Optuna INFO lines, in the experiment folder
@@ -56,11 +56,11 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
         The decoded dataset and the exact dataset spec it came from (for ``embedded``, the
         generated folder), which is what trial configs record.
     """
+    from iqa_ray.core.paths import default_data_dir
+    from iqa_ray.core.progress import progress_bar
     from iqa_ray.data.catalog import generated_table
-    from iqa_ray.engine import decode_for, load_run_table
     from iqa_ray.data.pregenerate import PregenConfig, pregenerate
-    from iqa_ray.paths import default_data_dir
-    from iqa_ray.utils.console import progress_bar
+    from iqa_ray.training.loaders import decode_for, load_run_table
 
     config = TrainConfig.from_dict(settings.effective_study.constants())
     d = config.data
@@ -114,7 +114,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
 
 
 def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
-    from iqa_ray.search.ray_init import init_ray
+    from iqa_ray.search.cluster import init_ray
 
     if settings.local_experiment_dir() is not None and not args.resume:
         existing = settings.local_experiment_dir()
@@ -210,7 +210,7 @@ def make_trainable(settings: SearchSettings, decoded_ref: Any, features: Any) ->
     import ray
     from ray import tune
 
-    from iqa_ray.trainables import iqa_trainable
+    from iqa_ray.trainables.iqa import iqa_trainable
 
     workers = trial_workers(settings)
     if workers == 1:
@@ -220,7 +220,7 @@ def make_trainable(settings: SearchSettings, decoded_ref: Any, features: Any) ->
                                  stop_epochs=stop_epochs(settings)),
             {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
         )
-    from iqa_ray.search.ddp import SharedData, Workers, ddp_trainable
+    from iqa_ray.trainables.ddp import SharedData, Workers, ddp_trainable
 
     shared = SharedData(decoded=decoded_ref, features=ray.put(features) if features is not None else None)
     spread = Workers(count=workers, cpus_per_worker=cpus_per_worker(settings),
@@ -248,7 +248,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         features: the shared feature cache (``feature_cache`` searches), reused by the probe and the splits.
         table: the decoded dataset's label table (``--splits`` draws the other splits of its rows).
     """
-    from iqa_ray.export import export_experiment
+    from iqa_ray.search.export import export_experiment
 
     study = settings.effective_study
     errors = [r for r in results if r.error is not None]
@@ -391,7 +391,10 @@ def _selection_value(value: Any, mode: str) -> float:
 
 def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
     """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
-    from iqa_ray.engine import autocast_dtype, eval_dataset, eval_loader, evaluate, model_from_checkpoint
+    from iqa_ray.training.checkpoints import model_from_checkpoint
+    from iqa_ray.training.device import autocast_dtype
+    from iqa_ray.training.inference import evaluate
+    from iqa_ray.training.loaders import eval_dataset, eval_loader
 
     device = worker_device(threads)
     if not (decoded.table["split"] == "test").any():
@@ -405,7 +408,7 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, 
 
 def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None,
                     refit: bool = False) -> dict[str, Any]:
-    from iqa_ray.baselines import classical_baseline, probe_baseline
+    from iqa_ray.evaluation.baselines import classical_baseline, probe_baseline
 
     device = worker_device(threads)
     if name != PROBE:
@@ -422,8 +425,8 @@ def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpu
     searches), else ``None``. One Ray task with up to 4 of one node's ``cpus`` (and a trial's GPU share)."""
     import ray
 
-    from iqa_ray.features import feature_steps
-    from iqa_ray.utils.console import progress_bar
+    from iqa_ray.core.progress import progress_bar
+    from iqa_ray.training.features import feature_steps
 
     config = TrainConfig.from_dict(settings.effective_study.constants())
     if not config.data.feature_cache:
@@ -461,7 +464,7 @@ def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: flo
     """
     import ray
 
-    from iqa_ray.baselines import BASELINES
+    from iqa_ray.evaluation.baselines import BASELINES
 
     task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     names = [PROBE, *BASELINES]
@@ -538,7 +541,7 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     for name, path in s["exports"].items():
         print(f"  {name}: {path}")
     if not s["exports"]:
-        print("  (remote storage: copy the experiment folder locally, then `python -m iqa_ray.export FOLDER` "
+        print("  (remote storage: copy the experiment folder locally, then `iqa-ray export FOLDER` "
               "writes trials.parquet / epochs.parquet)")
     print(f"TensorBoard: {tensorboard_command(s['experiment'])}")
     print("=" * 78)

@@ -30,9 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from iqa_ray.config import TrainConfig, validation_chooser
-
-from iqa_ray.export import SPLITS_DIR
+from iqa_ray.search.export import SPLITS_DIR
+from iqa_ray.training.config import TrainConfig, validation_chooser
 
 
 def split_progress(settings: Any) -> list[Any]:
@@ -56,7 +55,7 @@ def split_columns(config: TrainConfig, table: Any, seeds: list[int]) -> dict[int
     The label table is read again with each seed (no image is decoded); rows are matched by
     ``image_id``, so images skipped at decode time do not shift the assignment.
     """
-    from iqa_ray.engine import load_run_table
+    from iqa_ray.training.loaders import load_run_table
 
     ids = table["image_id"].astype(str).tolist()
     out = {}
@@ -82,9 +81,9 @@ def summarise_values(values: list[float]) -> dict[str, float]:
 
 def probe_on_splits(features: np.ndarray, table: Any, splits: Mapping[int, list[str]], *,
                     refit: bool = False) -> dict[int, dict[str, Any]]:
-    """The ridge probe (:func:`iqa_ray.baselines.ridge_probe`) fitted and scored on each split
+    """The ridge probe (:func:`iqa_ray.evaluation.baselines.ridge_probe`) fitted and scored on each split
     (``refit``: fitted again on training and validation photos once its strength is chosen)."""
-    from iqa_ray.baselines import ridge_probe
+    from iqa_ray.evaluation.baselines import ridge_probe
 
     mos = table["mos"].to_numpy(dtype=np.float64)
     out = {}
@@ -113,8 +112,8 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     """
     from ray import tune
 
-    from iqa_ray.features import probe_features
-    from iqa_ray.trainables import iqa_trainable
+    from iqa_ray.trainables.iqa import iqa_trainable
+    from iqa_ray.training.features import probe_features
 
     config = TrainConfig.from_dict(resolved)
     seeds = split_seeds(config.data.split_seed, settings.splits)
@@ -183,8 +182,8 @@ def split_fit(settings: Any, config: TrainConfig) -> tuple[bool, str]:
 def _probe_matrix(config: TrainConfig, decoded: Any, settings: Any) -> np.ndarray:
     import ray
 
-    from iqa_ray.baselines import pooled_stage_features
-    from iqa_ray.trainables.resources import worker_device
+    from iqa_ray.evaluation.baselines import pooled_stage_features
+    from iqa_ray.trainables.placement import worker_device
 
     m = config.model
 

@@ -34,7 +34,7 @@ margin), *nuisance* (must be tuned for a fair comparison, e.g. the learning rate
 Quality-aware pre-training (seed 004) is a searchable choice: the study-only key
 ``pretraining`` (``none`` or ``ssl``, fixed or a ``choice``) decides whether a trial's backbone
 starts from a self-supervised encoder, and an optional ``[pretraining]`` table holds the
-:class:`~iqa_ray.ssl.PretrainConfig` keys of that encoder (plus ``source`` and ``splits``: the
+:class:`~iqa_ray.ssl.config.PretrainConfig` keys of that encoder (plus ``source`` and ``splits``: the
 unlabelled images, by default the training dataset's ``train`` split, drawn with the trials'
 ``split_seed``, which, like every key that shapes the decoded dataset, is never searched)::
 
@@ -48,7 +48,7 @@ unlabelled images, by default the training dataset's ``train`` split, drawn with
     values = ["none", "ssl"]
 
 The launcher pre-trains one encoder per backbone the space can use before any trial starts
-(:mod:`iqa_ray.search.pretraining`) and hands their paths to :meth:`Study.with_encoders`;
+(:mod:`iqa_ray.search.encoders`) and hands their paths to :meth:`Study.with_encoders`;
 :meth:`Study.resolve` then turns ``pretraining = "ssl"`` into ``pretrained_encoder = <path>``.
 Search the encoder's learning rate with ``backbone_lr``.
 
@@ -64,14 +64,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import tomllib
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from iqa_ray.config import ConfigError, TrainConfig, renamed_keys, valid_keys
-from iqa_ray.selection import SelectionRule
+import tomllib
+
+from iqa_ray.core.options import ConfigError
+from iqa_ray.core.selection import SelectionRule
+from iqa_ray.training.config import TrainConfig, renamed_keys, valid_keys
 
 #: Search algorithms and trial schedulers a study (or the command line) may name.
 SEARCHERS = ("optuna", "random", "grid")
@@ -142,7 +144,7 @@ class Study:
     pretraining: dict[str, Any] = field(default_factory=dict)  # the [pretraining] table
     encoders: dict[str, str] = field(default_factory=dict)  # backbone -> SSL encoder file (set by the launcher)
     # Several objectives (accuracy against cost): (metric, mode) pairs, the primary one first; a
-    # single-objective study has just (metric, mode). See iqa_ray.selection.
+    # single-objective study has just (metric, mode). See iqa_ray.core.selection.
     objectives: tuple[tuple[str, str], ...] = ()
     select: str = "best"  # which trial is handed back: best | knee | <cost> <= <value> (selection.SelectionRule)
     sampler: str = "tpe"  # the optuna searcher's sampler: tpe | nsga2
@@ -157,7 +159,7 @@ class Study:
 
     @property
     def selection_rule(self) -> SelectionRule:
-        """How the search picks the trial it hands back (:mod:`iqa_ray.selection`)."""
+        """How the search picks the trial it hands back (:mod:`iqa_ray.core.selection`)."""
         return SelectionRule.parse(self.objectives, self.select)
 
     def with_select(self, select: str) -> "Study":
@@ -189,8 +191,8 @@ class Study:
         return self.backbones() if "ssl" in self.pretraining_values() else ()
 
     def pretrain_config(self, backbone: str) -> Any:
-        """The :class:`~iqa_ray.ssl.PretrainConfig` of ``backbone``'s encoder (from ``[pretraining]``)."""
-        from iqa_ray.ssl import PretrainConfig
+        """The :class:`~iqa_ray.ssl.config.PretrainConfig` of ``backbone``'s encoder (from ``[pretraining]``)."""
+        from iqa_ray.ssl.config import PretrainConfig
 
         values = {k: v for k, v in self.pretraining.items() if k not in _PRETRAINING_DATA_KEYS}
         # The encoder starts where the trials' backbones would (e.g. the offline ImageNet weights).
@@ -270,7 +272,7 @@ class Study:
             if backbone not in self.encoders:
                 raise StudyError(f"study {self.name!r}: pretraining = 'ssl' but no pre-trained encoder was prepared for "
                                  f"backbone {backbone!r} (prepared: {sorted(self.encoders)}); the launcher pre-trains "
-                                 "them before the search (iqa_ray.search.pretraining.prepare_encoders)")
+                                 "them before the search (iqa_ray.search.encoders.prepare_encoders)")
             out["pretrained_encoder"] = self.encoders[backbone]
         for p in self.params:
             if not p.range_by or p.searched_name not in trial_config:

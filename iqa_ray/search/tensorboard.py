@@ -36,13 +36,12 @@ on test.
 Because the callback *is* a ``TBXLoggerCallback``, Tune does not add its default one (it only
 adds loggers of types that are missing), and the CSV and JSON loggers stay as they are.
 
-Viewing: ``python -m iqa_ray.search.tensorboard EXPERIMENT_DIR`` prints the command;
+Viewing: ``iqa-ray tensorboard EXPERIMENT_DIR`` prints the command;
 ``--start`` runs it, bound to 127.0.0.1 unless ``--host`` says otherwise.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import logging
 import math
@@ -54,7 +53,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -372,34 +370,3 @@ def stop_tensorboard(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait(timeout)
     if proc.stdout is not None:
         proc.stdout.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m iqa_ray.search.tensorboard", description=(
-        "Print (or run, with --start) the TensorBoard command for a search experiment folder: per-epoch "
-        "scalars of every trial and the HParams dashboard. Binds 127.0.0.1 unless --host is given."))
-    p.add_argument("experiment_dir", help="the experiment folder (STORAGE/NAME), or a folder of experiments")
-    p.add_argument("--start", action="store_true", help="start TensorBoard and serve until Ctrl+C")
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=None, help="port (default: 6006 when printing, a free one with --start)")
-    args = p.parse_args(argv)
-    directory = Path(args.experiment_dir).expanduser()
-    if not directory.is_dir():
-        print(f"error: {directory} is not a folder", file=sys.stderr)
-        return 2
-    if not args.start:
-        print(tensorboard_command(directory.resolve(), host=args.host, port=args.port))
-        return 0
-    proc, url = start_tensorboard(directory.resolve(), port=args.port or 0, host=args.host)
-    print(f"TensorBoard for {directory.resolve()} at {url}/ (Ctrl+C to stop)", flush=True)
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_tensorboard(proc)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

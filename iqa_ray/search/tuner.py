@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError, budget_problem
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 

@@ -29,11 +29,11 @@ The objective, for one unlabelled image:
      depends on the degradation, not on which part of the photo is seen (content-independent
      quality).
 
-Only the backbone is kept: :func:`save_encoder` writes its ``state_dict`` in the
-``iqa-ray-encoder`` format and :func:`load_encoder_into` loads it into a quality model's backbone
+Only the backbone is kept: :func:`~iqa_ray.models.encoder_file.save_encoder` writes its ``state_dict`` in the
+``iqa-ray-encoder`` format and :func:`~iqa_ray.models.encoder_file.load_encoder_into` loads it into a quality model's backbone
 for fine-tuning (``TrainConfig`` key ``pretrained_encoder``, with a smaller ``backbone_lr``).
 
-Why a second loop next to :mod:`iqa_ray.engine`: the engine's loop is the supervised one (labels,
+Why a second loop next to :mod:`iqa_ray.training.engine`: the engine's loop is the supervised one (labels,
 validation SRCC, model selection); this one has no labels and a different sample (an image turned
 into 2 x K crops), so it is not a copy of the engine's loop. It reuses the engine's seeding and
 checkpoint helpers, and like the engine it re-seeds from ``(seed, epoch)`` at every epoch, so a run
@@ -42,45 +42,5 @@ resumed from epoch k's checkpoint equals an uninterrupted one.
 The package, by concern: :mod:`~iqa_ray.ssl.config` (:class:`PretrainConfig`),
 :mod:`~iqa_ray.ssl.data` (unlabelled images and the 2 x K sample), :mod:`~iqa_ray.ssl.model`
 (:class:`QualityEncoder` and :func:`ssl_loss`), :mod:`~iqa_ray.ssl.loop` (:func:`pretrain`,
-checkpoints); the encoder file format is :mod:`iqa_ray.models.encoder_file`. Everything is
-importable from ``iqa_ray.ssl`` as before.
+checkpoints); the encoder file format is :mod:`iqa_ray.models.encoder_file`.
 """
-
-from __future__ import annotations
-
-from iqa_ray.models.encoder_file import (  # the encoder file format, here for ssl users as before
-    ENCODER_FILE,
-    ENCODER_FORMAT,
-    EncoderError,
-    load_encoder_into,
-    read_encoder,
-    save_encoder,
-)
-from iqa_ray.ssl.config import PretrainConfig
-from iqa_ray.ssl.data import UnlabelledImages, level_grid, load_unlabelled, make_sample
-from iqa_ray.ssl.model import QualityEncoder, ranking_accuracy, ssl_loss
-from iqa_ray.ssl.loop import CHECKPOINT_FILE, PRETRAIN_FORMAT, FORMAT_VERSION, PretrainEpoch, PretrainResult, load_pretrain_checkpoint, pretrain
-
-__all__ = [
-    "ENCODER_FILE",
-    "ENCODER_FORMAT",
-    "CHECKPOINT_FILE",
-    "PRETRAIN_FORMAT",
-    "FORMAT_VERSION",
-    "EncoderError",
-    "PretrainConfig",
-    "UnlabelledImages",
-    "PretrainEpoch",
-    "PretrainResult",
-    "QualityEncoder",
-    "level_grid",
-    "load_encoder_into",
-    "load_pretrain_checkpoint",
-    "load_unlabelled",
-    "make_sample",
-    "pretrain",
-    "ranking_accuracy",
-    "read_encoder",
-    "save_encoder",
-    "ssl_loss",
-]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from iqa_ray.utils.config_base import Options, finite, require
+from iqa_ray.core.options import Options, finite, require
 from iqa_ray.data import distortions as dist
 from iqa_ray.models.backbones import SUPPORTED_BACKBONES
 
@@ -19,7 +19,7 @@ class PretrainConfig(Options):
     """Everything that determines one pre-training run (frozen, validated when built).
 
     Attributes:
-        backbone: a timm backbone (see ``iqa_ray.models.SUPPORTED_BACKBONES``).
+        backbone: a timm backbone (see ``iqa_ray.models.backbones.SUPPORTED_BACKBONES``).
         pretrained: the start point: ``offline`` (ImageNet EfficientNet-Lite0 weights shipped in a
             pip package), ``none``, ``hub`` or a weights file.
         epochs: pre-training epochs.

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.data import distortions as dist
-from iqa_ray.data.errors import DatasetError
 
 
 @dataclass

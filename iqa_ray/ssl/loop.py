@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.io import CheckpointError, git_revision, load_weights_file, save_checkpoint, written_with
+from iqa_ray.core.runtime import default_device, epoch_seed, seed_everything
 from iqa_ray.data import distortions as dist
-from iqa_ray.data.errors import DatasetError
-from iqa_ray.models.encoder_file import ENCODER_FILE, save_encoder
 from iqa_ray.models.backbones import create_backbone
-from iqa_ray.utils.io import CheckpointError, git_revision, load_weights_file, save_checkpoint, written_with
-from iqa_ray.utils.runtime import default_device, epoch_seed, seed_everything
+from iqa_ray.models.encoder_file import ENCODER_FILE, save_encoder
 from iqa_ray.ssl.config import PretrainConfig
 from iqa_ray.ssl.data import UnlabelledImages, batch_tensor, make_sample
 from iqa_ray.ssl.model import QualityEncoder, encode_samples, ranking_accuracy, ssl_loss

@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from iqa_ray.config import TrainConfig
+from iqa_ray.core.io import git_revision
 from iqa_ray.data.dataset import DecodedImages
-from iqa_ray.engine import EpochResult, NonFiniteLossError, fit
-from iqa_ray.trainables.resources import worker_device
-from iqa_ray.utils.io import git_revision
+from iqa_ray.trainables.placement import worker_device
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import EpochResult, NonFiniteLossError, fit
 
 NONFINITE_MARKER = "nonfinite_loss.json"
 
@@ -55,10 +55,10 @@ def iqa_trainable(
         config: the trial's config from the search space (flat config keys, possibly with
             search-only keys that ``resolve`` maps to config keys).
         decoded: the decoded dataset, shared through the object store.
-        resolve: maps a trial config to flat :class:`~iqa_ray.config.TrainConfig` keys (a study's
+        resolve: maps a trial config to flat :class:`~iqa_ray.training.config.TrainConfig` keys (a study's
             derived parameters, e.g. a learning rate drawn inside its backbone's range).
         cpus_per_trial: CPU threads this trial may use.
-        features: the dataset's :class:`~iqa_ray.features.FeatureCache` (``feature_cache`` runs),
+        features: the dataset's :class:`~iqa_ray.training.features.FeatureCache` (``feature_cache`` runs),
             shared through the object store like ``decoded``.
         splits: split seed -> the split name of every row of ``decoded``, for trials that train on
             another random split of the same images (``--splits``); a trial whose ``split_seed`` is
@@ -88,7 +88,7 @@ def iqa_trainable(
     resume_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            from iqa_ray.engine import load_checkpoint
+            from iqa_ray.training.checkpoints import load_checkpoint
 
             resume_state = load_checkpoint(directory)
     # Where and from what this process runs: a restarted trial reports a new pid and the epoch
@@ -99,7 +99,7 @@ def iqa_trainable(
 
     # What the model costs at its evaluation size (parameters, FLOPs, ms per image on this trial's
     # device): reported with every epoch, so it reaches trials.parquet and HParams for every trial.
-    from iqa_ray.cost import model_cost
+    from iqa_ray.evaluation.cost import model_cost
 
     node.update(model_cost(train_config, decoded, device).report())
     must_checkpoint = set(stop_epochs)

@@ -1,0 +1,288 @@
+"""A search's settings from its command line: every flag checked, the study, recipe and ``--set``
+values resolved into :class:`~iqa_ray.search.tuner.SearchSettings`, or, with ``--resume``, the
+recorded experiment's settings.
+
+Everything that can be rejected is rejected here, before Ray starts or any trial runs: the study
+file, flag values, GPU shares, an unreachable ``--address``, a ``--resume`` of an experiment
+that does not exist (a request for more GPUs than the cluster has is refused once Ray is up, in
+:mod:`iqa_ray.search.run`, before any trial starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from iqa_ray.core.paths import default_results_dir
+from iqa_ray.data.catalog import EMBEDDED
+from iqa_ray.search.preflight import check_weights
+from iqa_ray.search.recipe import apply_recipe, dataset_adapter, foreign_family_keys, parse_recipe, resolve_recipe
+from iqa_ray.search.resources import LaunchError, data_parallel_gpus, parse_sets
+from iqa_ray.search.study import StudyError, load_study, parse_study
+from iqa_ray.search.tuner import SearchSettings, per_gpu
+from iqa_ray.training.config import TrainConfig
+
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def check_flag_values(args: argparse.Namespace) -> None:
+    """Flag values that are wrong whatever the study (resources, budgets)."""
+    gpus = args.gpus
+    if gpus is not None and gpus < 0:
+        raise LaunchError(f"--gpus must be >= 0, got {gpus}")
+    if args.gpus_per_trial is not None:
+        if args.gpus_per_trial > 1:
+            data_parallel_gpus(args.gpus_per_trial)  # raises unless a whole number
+        else:
+            per_gpu(args.gpus_per_trial)  # raises with the valid shares
+        if gpus == 0:
+            raise LaunchError("--gpus-per-trial was given with --gpus 0; drop one of them")
+    workers = getattr(args, "workers_per_trial", None)
+    if workers is not None:
+        if workers < 1 or workers != int(workers):
+            raise LaunchError(f"--workers-per-trial must be a whole number >= 1 (1 = an ordinary trial, 2, 3, ... = "
+                              f"data-parallel CPU workers), got {workers:g}")
+        if args.gpus_per_trial is not None:
+            raise LaunchError("--workers-per-trial N is for CPU workers; with GPUs, --gpus-per-trial N (a whole number) "
+                              "gives one worker per GPU. Drop one of them")
+    if args.cpus_per_trial <= 0:
+        raise LaunchError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    for flag in ("num_samples", "max_concurrent", "max_epochs", "grace_period"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise LaunchError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "splits", None) is not None and args.splits < 0:
+        raise LaunchError(f"--splits must be >= 0, got {args.splits}")
+    if args.reduction_factor is not None and args.reduction_factor < 2:
+        raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
+
+
+def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSettings:
+    """Validate every flag and build the search settings; nothing has started yet."""
+    check_flag_values(args)
+    if args.resume:
+        return resume_settings(args, study_name)
+    study = load_study(study_name)
+    if getattr(args, "select", None) is not None:
+        study = study.with_select(args.select)
+    sets = parse_sets(args.set)
+    overrides = {**sets, "dataset": args.dataset or EMBEDDED}
+    recipe, note = resolve_recipe(args.recipe, args.gpus, study, overrides["dataset"])
+    applied = apply_recipe(recipe, study, overrides["dataset"], overrides) if recipe is not None else None
+    if applied is not None:
+        study = applied.study
+    study, family_note = switch_family(study, sets)
+    if args.smoke_test and "eval_patches" not in {p.name for p in study.params}:
+        overrides.setdefault("eval_patches", 1)
+    # Every override must make a valid config with the study's fixed values.
+    TrainConfig.from_dict({**study.fixed, **overrides})
+    searched = sorted(set(overrides) & {p.name for p in study.params})
+    if searched:
+        raise LaunchError(f"--set {', '.join(searched)}: searched by study {study.name!r}, so a fixed value would be "
+                          "overridden by the searcher; drop the --set, or copy the study file and move the key to [fixed]")
+    # Every backbone x weights combination the search can pick, named with what to do when offline.
+    check_weights({**study.fixed, **overrides}, {p.name: list(p.values or p.grid) for p in study.params})
+    check_weights_reachable(study, overrides)
+    splits = args.splits if args.splits is not None else (recipe.splits if recipe is not None else 0)
+    real = dataset_adapter(overrides["dataset"]) is not None
+    if splits and not real:
+        if args.splits:
+            raise LaunchError(f"--splits {args.splits} draws new random splits of a real dataset (ADAPTER:ROOT); "
+                              f"{overrides['dataset']!r} has a fixed split by source photo. Drop --splits, or use a "
+                              "dataset such as livec:/data/livec")
+        splits = 0  # the recipe's default applies to real datasets only
+    config = TrainConfig.from_dict({**study.fixed, **overrides})
+    if config.data.feature_cache:
+        from iqa_ray.training.features import CACHE_KEYS
+
+        searched_keys = sorted({p.name for p in study.params} & set(CACHE_KEYS))
+        if searched_keys:
+            raise LaunchError(f"feature_cache computes one feature cache per search, but the study searches "
+                              f"{', '.join(searched_keys)}, which changes the features; fix them (--set) or set "
+                              "feature_cache=false")
+    if real:
+        from iqa_ray.search.preflight import preflight_decoded
+        from iqa_ray.training.loaders import load_run_table
+
+        d = config.data
+        preflight_decoded(load_run_table(config), dataset=d.dataset, image_size=d.image_size,
+                          short_side=d.short_side, min_side=0 if d.whole_image else d.crop_size)
+    gpt = args.gpus_per_trial
+    num_samples = args.num_samples or study.num_samples
+    max_epochs = args.max_epochs or study.max_epochs
+    grace = args.grace_period or min(study.grace_period, max_epochs)
+    if args.smoke_test:
+        num_samples, max_epochs, grace = min(num_samples, 2), 1, 1
+    return SearchSettings(
+        study=study, name=args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage=args.storage or str(default_results_dir()),
+        searcher=args.searcher or study.searcher, scheduler=args.scheduler or study.trial_scheduler,
+        num_samples=num_samples, max_epochs=max_epochs, grace_period=grace,
+        reduction_factor=args.reduction_factor or study.reduction_factor, max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
+        workers_per_trial=int(args.workers_per_trial or 1),
+        seed=study.seed if args.seed is None else args.seed, max_failures=args.max_failures,
+        overrides=tuple(sorted(overrides.items())), sets=tuple(sets.items()),
+        splits=1 if args.smoke_test and splits else splits,
+        splits_train_on_val=not getattr(args, "splits_train_only", False),
+        refit=not getattr(args, "no_refit", False),
+        recipe=applied.record() if applied is not None else None,
+        recipe_lines=(*(applied.describe() if applied is not None else ((note,) if note else ())),
+                      *((family_note,) if family_note else ())),
+        verbose=args.verbose, progress_every=args.progress_every, time_budget=getattr(args, "time_budget", None),
+    )
+
+
+# Flags that shape what a search computes: on --resume they must match the recorded experiment
+# (the restored Tuner would ignore new values silently). Resource flags may change.
+_RECORDED_FLAGS = ("searcher", "scheduler", "num_samples", "max_epochs", "grace_period", "reduction_factor", "seed",
+                   "time_budget")
+
+
+def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings:
+    """The settings of the experiment ``--resume`` continues, from its ``experiment.json``.
+
+    The study (as it was when the search started), dataset and ``--set`` values come from the
+    record; a flag that would change them is refused with the keys that differ, and an unknown
+    experiment is refused before Ray starts or any image is decoded.
+    """
+    if not args.name:
+        raise LaunchError("--resume needs --name (the experiment to continue)")
+    storage = args.storage or str(default_results_dir())
+    probe = SearchSettings(study=load_study(study_name), name=args.name, storage=storage, searcher="optuna",
+                           scheduler="asha", num_samples=1, max_epochs=1, grace_period=1, reduction_factor=2,
+                           max_concurrent=None, cpus_per_trial=1.0, gpus_per_trial=0.0, seed=0)
+    local = probe.local_experiment_dir()
+    if local is None:
+        raise LaunchError(f"--resume with remote storage ({storage}) is not supported: copy the experiment folder "
+                          "to local storage and resume it there")
+    record_file = local / "experiment.json"
+    if not record_file.is_file():
+        raise StudyError(f"--resume: no experiment named {args.name!r} under {storage} (looked for {record_file}); "
+                         "start it without --resume, or check --name/--storage")
+    record = json.loads(record_file.read_text())
+    launch = record.get("launch")
+    if launch is None:
+        raise LaunchError(f"--resume: {record_file} was written by an older iqa-ray that did not record the launch "
+                          "flags; start a new experiment")
+    study = parse_study(record["study_definition"], name=record["study"],
+                        path=Path(record["study_file"]) if record.get("study_file") else None)
+    # The selection rule only decides which finished trial is handed back: --select may change it.
+    select = args.select if getattr(args, "select", None) is not None else record.get("select", study.select)
+    study = study.with_select(select)
+    recorded_recipe = record.get("recipe")
+    applied = None
+    if recorded_recipe is not None:
+        recipe = parse_recipe(recorded_recipe["definition"], name=recorded_recipe["name"],
+                              path=Path(recorded_recipe["file"]) if recorded_recipe.get("file") else None)
+        applied = apply_recipe(recipe, study, launch["dataset"], launch["set"])
+    current = probe.study
+    differs = []
+    if current.name != study.name or current.definition != study.definition:
+        differs.append(f"study ({current.name} now, {study.name} recorded"
+                       + (", its file has changed since" if current.name == study.name else "") + ")")
+    if args.dataset is not None and args.dataset != launch["dataset"]:
+        differs.append(f"--dataset ({args.dataset} now, {launch['dataset']} recorded)")
+    sets = parse_sets(args.set)
+    if args.set and sets != launch["set"]:
+        keys = sorted(k for k in set(sets) | set(launch["set"]) if sets.get(k) != launch["set"].get(k))
+        differs.append(f"--set {', '.join(keys)} ({sets} now, {launch['set']} recorded)")
+    recorded_name = recorded_recipe["name"] if recorded_recipe else "none"
+    if args.recipe is not None and Path(args.recipe).stem != recorded_name:
+        differs.append(f"--recipe ({args.recipe} now, {recorded_name} recorded)")
+    if args.splits is not None and args.splits != record.get("splits", 0):
+        differs.append(f"--splits ({args.splits} now, {record.get('splits', 0)} recorded)")
+    if getattr(args, "splits_train_only", False) and record.get("splits_train_on_val", True):
+        differs.append("--splits-train-only (given now, not recorded)")
+    if getattr(args, "no_refit", False) and record.get("refit", True):
+        differs.append("--no-refit (given now, not recorded)")
+    if args.smoke_test != launch["smoke_test"]:
+        differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
+    for flag in _RECORDED_FLAGS:
+        value = getattr(args, flag)
+        recorded = record.get("trial_scheduler", record.get("scheduler")) if flag == "scheduler" else record.get(flag)
+        if value is not None and value != recorded:
+            shown = "trial-scheduler" if flag == "scheduler" else flag.replace("_", "-")
+            differs.append(f"--{shown} ({value} now, {recorded} recorded)")
+    if differs:
+        raise LaunchError(f"--resume of {args.name!r} would not continue the experiment that was started: "
+                          f"{'; '.join(differs)}. Drop those flags (the recorded values are used), or start a new "
+                          "experiment with another --name")
+    resumed, _ = switch_family(applied.study if applied is not None else study, launch["set"])
+    return SearchSettings(
+        study=resumed, name=args.name, storage=storage,
+        searcher=record["searcher"], scheduler=record.get("trial_scheduler", record.get("scheduler")),
+        num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
+        reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
+        workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures,
+        overrides=tuple(sorted(record["overrides"].items())), sets=tuple(launch["set"].items()),
+        splits=record.get("splits", 0), splits_train_on_val=record.get("splits_train_on_val", True),
+        refit=record.get("refit", True),
+        recipe=applied.record() if applied is not None else None,
+        recipe_lines=tuple(applied.describe()) if applied is not None else (),
+        verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
+    )
+
+
+def switch_family(study: Any, sets: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """The study with ``--set family=X`` honoured: its fixed keys that only other families take are
+    dropped (said in the returned note); searching one of them is an error.
+
+    Raises:
+        LaunchError: the study searches a key the chosen family does not take.
+    """
+    family = sets.get("family")
+    if family is None or family == study.fixed.get("family", TrainConfig().model.family):
+        return study, None
+    searched = foreign_family_keys({p.name: None for p in study.params}, str(family))
+    if searched:
+        raise LaunchError(f"--set family={family}: study {study.name!r} searches {', '.join(sorted(searched))}, which "
+                          f"family {family!r} does not take; use a study written for it (or copy this one without them)")
+    dropped = foreign_family_keys(study.fixed, str(family), keep=sets)
+    if not dropped:
+        return study, None
+    study = replace(study, fixed={k: v for k, v in study.fixed.items() if k not in dropped})
+    return study, (f"--set family={family}: the study's fixed {', '.join(f'{k} = {v!r}' for k, v in dropped.items())} "
+                   "apply to another family and are dropped")
+
+
+def check_weights_reachable(study: Any, overrides: dict[str, Any]) -> None:
+    """A study that downloads ImageNet weights (``pretrained = "hub"``) fails now when offline,
+    not once per trial after Ray has started."""
+    from iqa_ray.core.net import hub_reachable
+
+    fixed = {**study.fixed, **overrides}
+    searched = next((p for p in study.params if p.name == "pretrained"), None)
+    wants_hub = fixed.get("pretrained") == "hub" or (searched is not None and "hub" in searched.values)
+    if not wants_hub:
+        return
+    reachable, reason = hub_reachable()
+    if not reachable:
+        raise LaunchError(
+            f"study {study.name!r} loads backbone weights from the Hugging Face hub (pretrained = \"hub\"), which is "
+            f"not reachable ({reason}). Offline options: --set pretrained=none (random initialisation), "
+            "--set pretrained=/path/to/weights.safetensors (a local file for the backbone), or a study on "
+            "efficientnet_lite0 with pretrained = \"offline\" (ImageNet weights shipped in a pip package)."
+        )
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds when ``host:port`` does not accept connections."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"--address {address!r} must be HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        raise LaunchError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
+                          f"`ray start --head --port {port}` or check the address") from None

@@ -1,0 +1,246 @@
+"""Data-parallel trials: one Tune trial trains on several workers through Ray Train.
+
+The trial's function (the *driver*, :func:`ddp_trainable`) holds no resources of its own: it
+starts a :class:`~ray.train.torch.TorchTrainer` whose workers (one per GPU with ``--gpus-per-trial
+N``, or ``--workers-per-trial N`` CPU workers on gloo) each run the engine's ``fit`` with a
+:class:`~iqa_ray.training.parallel.DataParallel` share of every global batch. Rank 0's reports reach the
+trial through a queue and are reported to Tune with the same metric names and the same
+``checkpoint.pt`` as :func:`~iqa_ray.trainables.iqa.iqa_trainable`, so ASHA, Optuna, the export,
+selection and TensorBoard see an ordinary trial.
+
+Failures are handled twice: a worker that dies restarts the worker group from the latest
+checkpoint of the run (Ray Train's ``FailureConfig``; the epochs after it are trained again and
+reach Tune once); a driver that dies (or a resumed search) starts again from the trial's Tune
+checkpoint, handed to the workers as their starting point. Each report waits until Tune has
+taken it (and copied its checkpoint), so the run never runs ahead of ASHA's decisions and Ray
+Train's single kept checkpoint is never deleted before Tune has its copy.
+
+The decoded dataset and the feature cache reach the workers as object-store references
+(:class:`SharedData`): every worker on a node maps the same buffer, as trials do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from iqa_ray.core.io import git_revision
+from iqa_ray.trainables.iqa import NONFINITE_MARKER, with_split
+from iqa_ray.training.checkpoints import load_checkpoint
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.engine import EpochResult, NonFiniteLossError, fit
+from iqa_ray.training.parallel import DataParallel
+
+_END = "__end__"
+
+
+@dataclass(frozen=True)
+class SharedData:
+    """Object-store references the workers read: the decoded dataset and the feature cache."""
+
+    decoded: Any  # ray.ObjectRef of a DecodedImages
+    features: Any = None  # ray.ObjectRef of a FeatureCache, or None
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How one data-parallel trial is spread: ``count`` workers, each with these resources."""
+
+    count: int
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"a data-parallel trial needs at least 1 worker, got {self.count}")
+        if self.gpus_per_worker not in (0, 1):
+            raise ValueError(f"a data-parallel worker holds no GPU or one whole GPU, got {self.gpus_per_worker}")
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the engine's ``fit`` on this worker's share, reporting every epoch.
+
+    Every rank reports (Ray Train waits for all of them); only rank 0 writes and passes checkpoints.
+    """
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    shared: SharedData = loop_config["shared"]
+    decoded = ray.get(shared.decoded)
+    features = ray.get(shared.features) if shared.features is not None else None
+    train_config = TrainConfig.from_dict(loop_config["flat"])
+    decoded = with_split(decoded, train_config.data.split_seed, loop_config["splits"])
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+
+    # The run's latest checkpoint after a worker failure, else the trial's (a resumed trial).
+    checkpoint = ray.train.get_checkpoint() or loop_config["start_checkpoint"]
+    resume_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume_state = load_checkpoint(directory)
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
+            "git_revision": git_revision(), "workers": world,
+            "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
+    if rank == 0:  # the model's cost on one worker's device, as an ordinary trial measures it (the
+        # driver forwards rank 0's reports; the other workers wait at their first collective)
+        from iqa_ray.evaluation.cost import model_cost
+
+        node.update(model_cost(train_config, decoded, device).report())
+    must_checkpoint = set(loop_config["stop_epochs"])
+
+    def report(epoch: EpochResult) -> None:
+        metrics = {**epoch.metrics, **node}
+        if rank == 0 and (epoch.checkpoint_due or epoch.epoch + 1 in must_checkpoint):
+            with tempfile.TemporaryDirectory() as directory:
+                epoch.save(directory)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+    fit(train_config, decoded, device=device, resume=resume_state, on_epoch_end=report,
+        score_test=loop_config["score_test"], features=features, cpus=max(1, int(loop_config["cpus_per_worker"])),
+        data_parallel=DataParallel(rank=rank, world_size=world) if world > 1 else None)
+
+
+def _forward_to(reports: Any, taken: Any) -> Any:
+    """A Ray Train callback (it runs in the run's controller) that hands rank 0's reports to the driver
+    and waits until the driver has reported them to Tune."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ForwardReports(UserCallback):
+        def __init__(self, target: Any, done: Any) -> None:
+            self.target, self.done = target, done
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            report = dict(metrics[0])
+            report["worker_pids"] = ",".join(str(m.get("pid")) for m in metrics)  # every rank's process
+            self.target.put((report, checkpoint))
+            # Until Tune has it: the run keeps pace with Tune's scheduler, and this checkpoint (the
+            # run keeps one) is not replaced before Tune copied it into the trial's folder.
+            self.done.get()
+
+    return ForwardReports(reports, taken)
+
+
+def ddp_trainable(
+    config: Mapping[str, Any],
+    *,
+    shared: SharedData,
+    workers: Workers,
+    resolve: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+    splits: Mapping[int, Any] | None = None,
+    score_test: bool = False,
+    stop_epochs: Sequence[int] = (),
+    max_worker_failures: int = 2,
+    experiment_path: str | None = None,
+) -> None:
+    """Train one trial data-parallel on ``workers`` and report every epoch to Tune.
+
+    Args:
+        config: the trial's config from the search space (as for ``iqa_trainable``).
+        shared: object-store references of the decoded dataset and the feature cache.
+        workers: the worker count and each worker's CPUs and GPU.
+        resolve: maps a trial config to flat :class:`~iqa_ray.training.config.TrainConfig` keys.
+        splits: split seed -> split names of every row (``--splits`` runs), as for ``iqa_trainable``.
+        score_test: score the kept weights on the test split at the end.
+        stop_epochs: epochs (from 1) reported with a checkpoint whatever ``checkpoint_every``.
+        max_worker_failures: restarts of the worker group from the run's latest checkpoint.
+        experiment_path: the search's experiment folder (local or a URI): Ray Train keeps its
+            run under the trial's folder there, where every worker can write (default: the
+            trial's local folder).
+    """
+    import ray
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    flat = resolve(config) if resolve is not None else dict(config)
+    TrainConfig.from_dict(flat)  # a bad config fails here, not in every worker
+    context = tune.get_context()
+    trial_dir = Path(context.get_trial_dir())
+    marker = trial_dir / NONFINITE_MARKER
+    if marker.exists():
+        raise NonFiniteLossError(json.loads(marker.read_text())["message"])
+
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    taken = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    train_root = f"{experiment_path.rstrip('/')}/{trial_dir.name}/ddp" if experiment_path else str(trial_dir / "ddp")
+    local_root = None if "://" in train_root and not train_root.startswith("file://") else Path(
+        train_root.removeprefix("file://"))
+    if local_root is not None and local_root.exists():
+        # The runs of an earlier start of this trial (a driver restarted by Tune, or --resume):
+        # it resumes from the trial's own checkpoint, so their copies are not needed.
+        shutil.rmtree(local_root)
+    use_gpu = workers.gpus_per_worker > 0
+    resources = {"CPU": workers.cpus_per_worker, **({"GPU": workers.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"flat": flat, "shared": shared, "splits": splits, "score_test": score_test,
+                           "stop_epochs": list(stop_epochs), "cpus_per_worker": workers.cpus_per_worker,
+                           "start_checkpoint": tune.get_checkpoint()},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            # A fresh run per driver start: a restarted driver resumes from the trial's checkpoint.
+            name=f"ddp-{os.getpid()}-{os.urandom(3).hex()}", storage_path=train_root,
+            failure_config=ray.train.FailureConfig(max_failures=max_worker_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=[_forward_to(reports, taken)]),
+    )
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread and raised there
+            outcome["error"] = exc
+        finally:
+            reports.put((_END, None))
+
+    thread = threading.Thread(target=run, name="ddp-trainer", daemon=True)
+    thread.start()
+    last_epoch = 0
+    while True:
+        try:
+            metrics, checkpoint = reports.get(timeout=1.0)
+        except Empty:
+            continue
+        if metrics == _END:
+            break
+        try:
+            if metrics["epoch"] <= last_epoch:
+                # A restarted worker group re-trains the epochs after the run's latest checkpoint;
+                # Tune counts reports as epochs, so each epoch reaches it once (training is seeded
+                # per epoch: the re-trained epoch is the same).
+                continue
+            last_epoch = metrics["epoch"]
+            if checkpoint is None:
+                tune.report(metrics)
+            else:  # Tune copies it into the trial's folder, as an ordinary trial's checkpoint
+                tune.report(metrics, checkpoint=tune.Checkpoint(path=checkpoint.path,
+                                                                filesystem=checkpoint.filesystem))
+        finally:
+            taken.put(True)
+    thread.join()
+    if "error" not in outcome:
+        if local_root is not None and local_root.exists():
+            shutil.rmtree(local_root)  # Tune holds the checkpoint; the run's copy is a duplicate
+    error = outcome.get("error")
+    if error is not None:
+        text = str(error)
+        if "NonFiniteLossError" in text:  # a retry would fail the same way (runs are seeded)
+            marker.write_text(json.dumps({"message": f"trial {context.get_trial_name()}: {text}"}))
+        raise RuntimeError(f"data-parallel trial {context.get_trial_name()} failed: {text}") from error

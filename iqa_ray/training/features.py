@@ -1,0 +1,153 @@
+"""Frozen-backbone features computed once per dataset and shared by every run that trains a head.
+
+With a frozen backbone, every epoch of every trial would push the same images through the same
+weights. A :class:`FeatureCache` holds, for each decoded image, the pooled features
+(:meth:`iqa_ray.models.mlp.MLPIQA.pool_images`: :func:`~iqa_ray.models.mlp.pool_stages`, and with
+``reference_blur`` their change under a blur) of the whole image and of its mirror image (the one
+augmentation whole-image training uses; none with ``hflip = false``), so that training a head
+costs milliseconds per epoch instead of a backbone pass per image. A search computes one cache
+per dataset before any trial starts, puts it in Ray's object store, and hands the same reference
+to every trial (:mod:`iqa_ray.search.run`). The model trained on a cache is an ordinary
+:class:`~iqa_ray.models.mlp.MLPIQA`: its checkpoint scores raw images, with the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from iqa_ray.models.mlp import SPREAD_POOLINGS
+
+__all__ = ["FeatureCache", "cache_key", "compute_features", "feature_steps", "probe_features", "CACHE_KEYS"]
+
+# Config keys a cache depends on (besides the decoded images): a search may not search them.
+CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "pooling", "reference_blur",
+              "hflip", "pretraining", "image_size", "short_side")
+
+_BATCH = 16
+
+
+def cache_key(config: Any) -> tuple[Any, ...]:
+    """What a cache depends on besides the decoded images: backbone, its weights, input size, pooling
+    (and the pseudo-reference blur, where the family has one; and ``"unflipped"`` where ``hflip``
+    is false: such a cache holds no mirror images' features).
+
+    Runs whose configs share this key (and the decoded dataset) can share one cache.
+    """
+    m = config.model
+    key = (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size, m.pooling)
+    blur = getattr(m.options, "reference_blur", 0.0)
+    return key + ((float(blur),) if blur else ()) + (() if config.data.hflip else ("unflipped",))
+
+
+@dataclass
+class FeatureCache:
+    """Pooled features of every row of a decoded dataset.
+
+    Attributes:
+        plain: (N, D) float32 features of each whole image.
+        flipped: (N, D) float32 features of each image mirrored left-right; ``None`` when the
+            config's ``hflip`` is false (training never draws a mirror image).
+        key: :func:`cache_key` of the config they were computed for.
+        channels: the channels of each map the backbone returned (how the columns are laid out).
+        stage_taps: which of those maps are the backbone's feature stages (all of them unless the
+            backbone tapped every block group or block, ``pooling = "blocks"`` or ``"every_block"``).
+    """
+
+    plain: np.ndarray
+    flipped: np.ndarray | None
+    key: tuple[Any, ...]
+    channels: tuple[int, ...] = ()
+    stage_taps: tuple[int, ...] | None = None
+
+    def stage_means(self) -> np.ndarray:
+        """(N, sum of channels) every stage's spatial mean of each whole image, unflipped: the
+        strong linear probe's features (:func:`iqa_ray.evaluation.baselines.pooled_stage_features`).
+
+        Only ``stages``, ``blocks`` and ``every_block`` pooling hold them (per map, the means then
+        the standard deviations; of the block poolings, the maps that are stages).
+        """
+        pooling = self.key[4]
+        if pooling not in SPREAD_POOLINGS or not self.channels:
+            raise ValueError(f"stage means need a 'stages', 'blocks' or 'every_block' pooling cache, this one is {pooling!r}")
+        stages = set(range(len(self.channels)) if self.stage_taps is None else self.stage_taps)
+        columns, start = [], 0
+        for i, c in enumerate(self.channels):
+            if i in stages:
+                columns.append(np.arange(start, start + c))
+            start += 2 * c
+        return self.plain[:, np.concatenate(columns)].astype(np.float64)
+
+    def check(self, config: Any, n_rows: int) -> None:
+        """Raise ``ValueError`` unless this cache fits ``config`` and a dataset of ``n_rows`` rows."""
+        if self.key != cache_key(config):
+            raise ValueError(f"feature cache computed for {self.key}, not for this run's {cache_key(config)}")
+        if len(self.plain) != n_rows:
+            raise ValueError(f"feature cache holds {len(self.plain)} images, the dataset {n_rows}")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.plain.nbytes + (0 if self.flipped is None else self.flipped.nbytes))
+
+
+def compute_features(decoded: Any, config: Any, device: torch.device | str | None = None,
+                     progress: Callable[[int], Any] | None = None) -> FeatureCache:
+    """The :class:`FeatureCache` of ``decoded`` for ``config``'s frozen backbone and pooling.
+
+    The backbone is the one the run builds (same weights, including a ``pretrained_encoder``),
+    run in float32 on whole images, and on their mirror images unless ``hflip`` is false; images of
+    one size go through in batches of 16, others one by one. ``progress(n)`` is called with the
+    number of images done so far after each batch.
+    """
+    for step in feature_steps(decoded, config, device):
+        if isinstance(step, FeatureCache):
+            return step
+        if progress is not None:
+            progress(step)
+    raise AssertionError("feature_steps ended without its cache")  # pragma: no cover
+
+
+@torch.no_grad()
+def feature_steps(decoded: Any, config: Any, device: torch.device | str | None = None) -> Iterator[int | FeatureCache]:
+    """:func:`compute_features` as a generator: the images done after each batch (an ``int``),
+    then the :class:`FeatureCache`. A Ray streaming-generator task yields these, so the driver can
+    show progress while a worker computes."""
+    import torch.nn.functional as F
+
+    from iqa_ray.training.build import build
+
+    device = torch.device(device or "cpu")
+    model = build(config, device).eval()
+    images = decoded.images
+    plain: list[np.ndarray] = []
+    flipped: list[np.ndarray] | None = [] if config.data.hflip else None
+    start = 0
+    while start < len(images):
+        shape, stop = images[start].shape, start + 1
+        while stop < len(images) and stop - start < _BATCH and images[stop].shape == shape:
+            stop += 1
+        batch = torch.from_numpy(np.stack(images[start:stop])).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        if model.backbone.img_size is not None:  # fixed-size backbones (ViT, Swin) see the image resized
+            batch = F.interpolate(batch, size=(model.backbone.img_size,) * 2, mode="bilinear", antialias=True,
+                                  align_corners=False)
+        plain.append(model.pool_images(batch).cpu().numpy())
+        if flipped is not None:
+            flipped.append(model.pool_images(batch.flip(3)).cpu().numpy())
+        start = stop
+        yield stop
+    yield FeatureCache(plain=np.concatenate(plain).astype(np.float32),
+                        flipped=None if flipped is None else np.concatenate(flipped).astype(np.float32),
+                        key=cache_key(config),
+                        channels=tuple(int(c) for c in model.backbone.tap_channels),
+                        stage_taps=tuple(int(i) for i in model.backbone.stage_taps))
+
+
+def probe_features(features: Any, config: Any) -> Any:
+    """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
+    holds them (``stages``, ``blocks`` or ``every_block`` pooling of the same frozen ImageNet backbone), else ``None``."""
+    if features is None or config.model.pooling not in SPREAD_POOLINGS or config.model.pretrained_encoder:
+        return None
+    return features.stage_means()
