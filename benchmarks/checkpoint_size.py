@@ -32,7 +32,8 @@ from synthetic import synthetic_decoded
 
 import iqa_ray
 from iqa_ray.training.build import build
-from iqa_ray.training.config import OptimConfig, TrainConfig
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.config_sections import OptimConfig
 from iqa_ray.training.engine import fit
 from iqa_ray.training.schedule import build_optimizer
 

@@ -22,7 +22,7 @@ import torch
 from train_throughput import CASES, measure
 
 from iqa_ray.data.catalog import ensure_embedded, generated_table
-from iqa_ray.data.dataset import decode_table
+from iqa_ray.data.decoded import decode_table
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.loaders import make_loaders
 

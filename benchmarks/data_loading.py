@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from iqa_ray.data.catalog import ensure_embedded, generated_table
-from iqa_ray.data.dataset import IQADataset, decode_table
+from iqa_ray.data.decoded import IQADataset, decode_table
 
 
 class DecodeEverySample(Dataset):

@@ -124,7 +124,7 @@ def child(name: str, root: str) -> dict:
     import ray
 
     from iqa_ray.data.catalog import load_table
-    from iqa_ray.data.dataset import decode_table
+    from iqa_ray.data.decoded import decode_table
 
     image_size, keep = CONFIGS[name]
     table = load_table(f"koniq10k:{root}")
@@ -186,7 +186,8 @@ def koniq_preflight() -> dict:
     """What the pre-flight says for KonIQ-10k at 1024x768 on this machine."""
     import pandas as pd
 
-    from iqa_ray.search.preflight import PreflightError, check_decoded_fits, decoded_budget, estimate_decoded_bytes
+    from iqa_ray.core.errors import PreflightError
+    from iqa_ray.search.preflight import check_decoded_fits, decoded_budget, estimate_decoded_bytes
 
     table = pd.DataFrame({"image_id": range(KONIQ_IMAGES), "path": [f"/koniq/{i}.jpg" for i in range(KONIQ_IMAGES)]})
     nbytes = estimate_decoded_bytes(table, image_size=SIZE)

@@ -78,7 +78,7 @@ _BATCH = 16
 def recipe_config() -> Any:
     """The run config of the ranking study under the cpu recipe on LIVE Challenge (split seed 0)."""
     from iqa_ray.search.recipe import apply_recipe, load_recipe
-    from iqa_ray.search.study import load_study
+    from iqa_ray.search.study_file import load_study
     from iqa_ray.training.config import TrainConfig
 
     study = apply_recipe(load_recipe("cpu"), load_study("ranking"), DATASET).study

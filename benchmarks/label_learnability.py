@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from sklearn.linear_model import Ridge
 
 from iqa_ray.data.catalog import ensure_embedded, generated_table
-from iqa_ray.data.dataset import decode_table
+from iqa_ray.data.decoded import decode_table
 from iqa_ray.evaluation.baselines import baseline_scores
 from iqa_ray.models.backbones import create_backbone
 

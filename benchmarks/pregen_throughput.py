@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-generation throughput: Ray Data vs a plain single-process loop over the same work.
 
-Both engines run the identical pipeline (`iqa_ray.data.pregenerate.pregenerate`: calibration
+Both engines run the identical pipeline (`iqa_ray.data.pregenerate.run.pregenerate`: calibration
 pass + generation pass) on the same config into fresh folders; the Ray run reuses one Ray
 instance started beforehand. Outputs are checked to be identical before a ratio is reported.
 
@@ -25,7 +25,9 @@ import statistics
 import tempfile
 import time
 
-from iqa_ray.data.pregenerate import PregenConfig, pregenerate, read_shards
+from iqa_ray.data.pregenerate.config import PregenConfig
+from iqa_ray.data.pregenerate.run import pregenerate
+from iqa_ray.data.pregenerate.store import read_shards
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from iqa_ray.core.paths import default_data_dir
-from iqa_ray.data.pregenerate import PregenConfig, pregenerate
+from iqa_ray.data.pregenerate.config import PregenConfig
+from iqa_ray.data.pregenerate.run import pregenerate
 from iqa_ray.evaluation.cross_dataset import cross_dataset_table
 from iqa_ray.ssl.config import PretrainConfig
 from iqa_ray.ssl.data import load_unlabelled

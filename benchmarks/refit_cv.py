@@ -1,7 +1,7 @@
 """Does a refit on training and validation photos help on this dataset? Measured without test photos.
 
 The model a search hands back is, by default, the selected configuration re-trained on the search
-split's training and validation photos (``iqa_ray/search/refit.py``). Whether that helps depends on
+split's training and validation photos (``iqa_ray/search/retrain.py``). Whether that helps depends on
 the dataset: more source photos to learn from, against nothing. This benchmark measures it the way
 the default was chosen on LIVE Challenge (it replaced ``frozen_features.py --refit``, whose folds
 were drawn by row), for any dataset the cpu recipe reads, on the split's training and validation
@@ -44,7 +44,7 @@ def recipe_config(spec: str) -> Any:
     generated folder for ``embedded``), split seed 0."""
     from iqa_ray.data.catalog import EMBEDDED, ensure_embedded
     from iqa_ray.search.recipe import apply_recipe, load_recipe
-    from iqa_ray.search.study import load_study
+    from iqa_ray.search.study_file import load_study
     from iqa_ray.training.config import TrainConfig
 
     study = apply_recipe(load_recipe("cpu"), load_study("ranking"), spec).study

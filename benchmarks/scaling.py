@@ -66,7 +66,8 @@ def layout_name(nodes: int, cpus_per_node: int) -> str:
 def pregeneration(nodes: int, cpus_per_node: int, per_image: int) -> dict:
     import ray
 
-    from iqa_ray.data.pregenerate import PregenConfig, pregenerate
+    from iqa_ray.data.pregenerate.config import PregenConfig
+    from iqa_ray.data.pregenerate.run import pregenerate
 
     with ray_cluster(nodes, cpus_per_node) as cpus:
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -35,9 +35,10 @@ import numpy as np
 
 from iqa_ray.core.io import atomic_write_json
 from iqa_ray.data.catalog import ensure_embedded, generated_table
-from iqa_ray.data.dataset import decode_table
-from iqa_ray.search.study import load_study
-from iqa_ray.search.tuner import SearchSettings, make_scheduler, make_searcher
+from iqa_ray.data.decoded import decode_table
+from iqa_ray.search.settings import SearchSettings
+from iqa_ray.search.study_file import load_study
+from iqa_ray.search.tuner import make_scheduler, make_searcher
 
 METHODS = ("grid", "random", "random_asha", "optuna_asha")
 
@@ -111,7 +112,7 @@ def run_method(method: str, seed: int, study: Any, scale: dict, decoded: Any, st
         curve.append(best)
     test = {}
     if best_result.checkpoint is not None:  # trials report validation only: score the selected one once
-        from iqa_ray.search.run import score_test_split
+        from iqa_ray.search.summary import score_test_split
 
         test = score_test_split(best_result.checkpoint, decoded, cpus=1, gpus=0)
     return {"method": method, "seed": seed, "budget": budget, "epochs": len(curve), "curve": curve,

@@ -61,7 +61,7 @@ REPORTED_KEYS = ("alpha", "margin", "lr")
 def ranking_study(dataset: str, quick: bool) -> tuple[Any, Any]:
     """The ranking study with the cpu recipe applied for ``dataset`` (and its applied-recipe record)."""
     from iqa_ray.search.recipe import apply_recipe, load_recipe
-    from iqa_ray.search.study import load_study
+    from iqa_ray.search.study_file import load_study
 
     applied = apply_recipe(load_recipe("cpu"), load_study("ranking"), dataset)
     study = applied.study
@@ -163,7 +163,8 @@ def run_search(search: str, seed: int, study: Any, max_epochs: int, budget: int 
     from ray import tune
 
     from iqa_ray.core.selection import kept_report, select_trial, trial_score
-    from iqa_ray.search.tuner import SearchSettings, make_scheduler, make_searcher, trial_dirname
+    from iqa_ray.search.settings import SearchSettings
+    from iqa_ray.search.tuner import make_scheduler, make_searcher, trial_dirname
     from iqa_ray.trainables.iqa import iqa_trainable
 
     grace = grace_period(study, max_epochs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from iqa_ray.data.dataset import DecodedImages
+from iqa_ray.data.decoded import DecodedImages
 
 
 def synthetic_decoded(n_train: int, n_val: int, width: int, height: int, *, n_test: int = 0,

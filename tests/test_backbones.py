@@ -12,13 +12,9 @@ from safetensors.torch import save_file
 from skimage import data, transform
 
 from iqa_ray.core.net import hub_reachable
-from iqa_ray.models import backbones
-from iqa_ray.models.backbones import (
-    SUPPORTED_BACKBONES,
-    create_backbone,
-    create_classifier_efficientnet_lite0_offline,
-    load_offline_efficientnet_lite0,
-)
+from iqa_ray.models import weights
+from iqa_ray.models.backbones import SUPPORTED_BACKBONES, create_backbone
+from iqa_ray.models.weights import create_classifier_efficientnet_lite0_offline, load_offline_efficientnet_lite0
 
 FIXED_SIZE = {"vit_small_patch16_224", "swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224"}
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -242,5 +238,5 @@ def test_pretrained_must_be_a_string_or_path():
 
 
 def test_offline_weights_file_is_found_through_the_package():
-    path = backbones.offline_efficientnet_lite0_path()
+    path = weights.offline_efficientnet_lite0_path()
     assert path.name == "efficientnet-lite0-57934424.pth" and path.is_file()

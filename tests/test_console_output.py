@@ -205,7 +205,7 @@ def test_ray_data_console_handler_is_quiet_inside_and_restored_after():
 
 def test_decoding_reports_each_image(tiny_dataset):
     from iqa_ray.data.catalog import generated_table
-    from iqa_ray.data.dataset import decode_table
+    from iqa_ray.data.decoded import decode_table
 
     table = generated_table(tiny_dataset.path).head(30)
     ticks = []
@@ -232,7 +232,7 @@ def test_feature_progress_counts_up_to_every_image_and_changes_nothing(tiny_data
 
 
 def test_pregeneration_shows_one_bar_that_ends_at_every_image(tiny_config, tmp_path, capsys):
-    from iqa_ray.data.pregenerate import pregenerate
+    from iqa_ray.data.pregenerate.run import pregenerate
 
     messages = []
     dataset = pregenerate(tiny_config, tmp_path, engine="local", progress=messages.append, progress_bar=True)

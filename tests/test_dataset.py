@@ -8,7 +8,7 @@ from PIL import Image
 
 from iqa_ray.core.errors import DatasetError
 from iqa_ray.data.catalog import generated_table, load_table
-from iqa_ray.data.dataset import IQADataset, decode_table, grid_positions
+from iqa_ray.data.decoded import IQADataset, decode_table, grid_positions
 
 
 def png(array):

@@ -183,7 +183,8 @@ def _settings(**kw):
 def test_workers_that_the_cluster_cannot_place_are_refused_and_concurrency_is_capped():
     from dataclasses import replace
 
-    from iqa_ray.search.resources import LaunchError, check_data_parallel_fits, cpus_per_worker, trial_workers
+    from iqa_ray.core.errors import LaunchError
+    from iqa_ray.search.cluster import check_data_parallel_fits, cpus_per_worker, trial_workers
 
     two = _settings(workers_per_trial=2, cpus_per_trial=2)
     assert trial_workers(two) == 2 and cpus_per_worker(two) == 1.0

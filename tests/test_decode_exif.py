@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from iqa_ray.data.dataset import decode_table, short_side_size
+from iqa_ray.data.decoded import decode_table, short_side_size
 
 ORIENTATION = 0x0112
 

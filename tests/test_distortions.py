@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import skimage.data
 
-from iqa_ray.data import distortions as dist
-from iqa_ray.data.distortions import (
+from iqa_ray.data.distortions import blur
+from iqa_ray.data.distortions.compression import JPEG2000_AVAILABLE, WEBP_AVAILABLE
+from iqa_ray.data.distortions.registry import (
     DISTORTIONS,
     STRENGTH_PRESETS,
+    Distortion,
     apply_distortion,
     get_distortion,
     is_grey,
@@ -48,7 +50,7 @@ COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee")
 GREY_PHOTOS = ("camera",)
 ALL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "brick", "grass")
 
-_AVAILABLE = {"jpeg2000": dist.JPEG2000_AVAILABLE, "webp": dist.WEBP_AVAILABLE}
+_AVAILABLE = {"jpeg2000": JPEG2000_AVAILABLE, "webp": WEBP_AVAILABLE}
 
 
 def _centre_crop(image: np.ndarray, size: int = SIZE) -> np.ndarray:
@@ -94,7 +96,7 @@ def test_registry_has_the_fifteen_named_types() -> None:
     assert len(DISTORTIONS) >= 15
     assert set(DISTORTIONS) == EXPECTED_NAMES
     for key, distortion in DISTORTIONS.items():
-        assert isinstance(distortion, dist.Distortion)
+        assert isinstance(distortion, Distortion)
         assert distortion.name == key
         assert callable(distortion.fn)
         assert distortion.description.strip()
@@ -199,12 +201,12 @@ def test_continuous_types_decrease_on_a_fine_grid(name: str, photos: dict[str, n
 
 def test_motion_blur_kernel_is_normalised_and_continuous() -> None:
     for length in (0.0, 0.3, 2.5, 7.0, 24.0):
-        kernel = dist._line_kernel(length, 0.7)
+        kernel = blur._line_kernel(length, 0.7)
         assert kernel.sum() == pytest.approx(1.0)
         assert np.all(kernel >= 0)
-    assert dist._line_kernel(0.0, 1.0).max() == pytest.approx(1.0)  # a unit impulse
+    assert blur._line_kernel(0.0, 1.0).max() == pytest.approx(1.0)  # a unit impulse
     # A small change of length gives a small change of kernel (no jumps at integer lengths).
-    a, b = dist._line_kernel(4.99, 0.3), dist._line_kernel(5.01, 0.3)
+    a, b = blur._line_kernel(4.99, 0.3), blur._line_kernel(5.01, 0.3)
     size = max(a.shape[0], b.shape[0])
     pad = lambda k: np.pad(k, (size - k.shape[0]) // 2)  # noqa: E731
     assert np.abs(pad(a) - pad(b)).sum() < 0.05

@@ -56,17 +56,17 @@ def test_model_selection_uses_validation_and_test_is_scored_once_for_the_best(ti
 
 
 def test_a_search_trial_reports_validation_only_and_never_touches_the_test_split(tiny_dataset, decoded, monkeypatch):
-    import iqa_ray.training.engine as engine
+    import iqa_ray.training.feeds as feeds
 
     scored = []
-    real_predict = engine.predict
+    real_predict = feeds.predict
     splits = decoded.table["split"].to_numpy()
 
     def predict(model, loader, *args, **kwargs):
         scored.extend(set(splits[loader.dataset.indices]))
         return real_predict(model, loader, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "predict", predict)
+    monkeypatch.setattr(feeds, "predict", predict)
     reports = []
     result = fit(small(tiny_dataset, epochs=2), decoded, on_epoch_end=reports.append, score_test=False)
     assert result.test is None and result.test_predictions is None

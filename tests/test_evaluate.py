@@ -54,7 +54,7 @@ def run_dir(tiny_dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def other_dataset(tiny_config, tmp_path_factory):
     """A second pre-generated dataset (other photos' crops and distortions: another seed)."""
-    from iqa_ray.data.pregenerate import pregenerate
+    from iqa_ray.data.pregenerate.run import pregenerate
 
     return pregenerate(replace(tiny_config, seed=1), tmp_path_factory.mktemp("other"), engine="local").path
 

@@ -6,7 +6,7 @@ import torch
 
 from iqa_ray.core.metrics import srcc
 from iqa_ray.core.options import ConfigError
-from iqa_ray.data.dataset import IQADataset, grid_positions, random_positions
+from iqa_ray.data.decoded import IQADataset, grid_positions, random_positions
 from iqa_ray.training.checkpoints import model_from_checkpoint
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.engine import fit

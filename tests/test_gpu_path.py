@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iqa_ray.core.options import ConfigError
-from iqa_ray.data.dataset import DecodedImages, IQADataset
+from iqa_ray.data.decoded import DecodedImages, IQADataset
 from iqa_ray.training.build import build, memory_format
 from iqa_ray.training.checkpoints import load_checkpoint
 from iqa_ray.training.config import TrainConfig

@@ -6,8 +6,9 @@ import torch
 
 from iqa_ray.core.options import ConfigError
 from iqa_ray.training.config import TrainConfig
-from iqa_ray.training.engine import _CachedFeed, fit
+from iqa_ray.training.engine import fit
 from iqa_ray.training.features import cache_key, compute_features
+from iqa_ray.training.feeds import CachedFeed
 from iqa_ray.training.loaders import load_decoded, make_loaders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,8 +60,8 @@ def test_the_cached_feed_draws_mirror_images_only_with_hflip(tiny_dataset, decod
         assert bool((is_plain | is_flipped).all())
         return is_flipped.long()
 
-    with_flips = _training_rows(_CachedFeed(cached(tiny_dataset), decoded, caches[True], torch.device("cpu"), False))
-    without = _training_rows(_CachedFeed(cached(tiny_dataset, hflip=False), decoded, caches[False],
+    with_flips = _training_rows(CachedFeed(cached(tiny_dataset), decoded, caches[True], torch.device("cpu"), False))
+    without = _training_rows(CachedFeed(cached(tiny_dataset, hflip=False), decoded, caches[False],
                                          torch.device("cpu"), False))
     assert 0 < int(sources(with_flips).sum()) < len(with_flips)
     assert int(sources(without).sum()) == 0
@@ -99,7 +100,8 @@ def test_a_bad_hflip_is_refused_naming_the_key(tiny_dataset):
 
 def test_a_study_that_searches_hflip_cannot_share_the_cpu_recipes_cache():
     from iqa_ray.search.recipe import resolve_recipe
-    from iqa_ray.search.study import StudyError, parse_study
+    from iqa_ray.search.study import StudyError
+    from iqa_ray.search.study_file import parse_study
 
     study = parse_study({"study": {"metric": "val_srcc", "mode": "max", "num_samples": 2, "max_epochs": 2},
                          "fixed": {"family": "mlp"},

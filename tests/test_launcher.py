@@ -6,9 +6,9 @@ import time
 import pytest
 
 from iqa_ray.cli.tune import build_parser, main
-from iqa_ray.search.resources import LaunchError, resolve_gpus
-from iqa_ray.search.settings import check_address, settings_from_args
-from iqa_ray.search.tuner import per_gpu
+from iqa_ray.core.errors import LaunchError
+from iqa_ray.search.cluster import check_address
+from iqa_ray.search.settings import per_gpu, resolve_gpus, settings_from_args
 from iqa_ray.training.config import TrainConfig
 
 
@@ -182,7 +182,7 @@ def test_trial_folders_are_named_from_ids_not_config_values():
 
 
 def test_gpus_flag_caps_concurrency_and_shares_need_a_gpu():
-    from iqa_ray.search.resources import check_cpus_per_trial, gpu_concurrency
+    from iqa_ray.search.cluster import check_cpus_per_trial, gpu_concurrency
 
     assert gpu_concurrency(4, 0.25, None) == 16
     assert gpu_concurrency(1, 0.25, 2) == 2

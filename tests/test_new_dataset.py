@@ -14,8 +14,8 @@ from PIL import Image
 
 from iqa_ray.core.errors import DatasetError
 from iqa_ray.data.catalog import load_table
-from iqa_ray.data.layouts import Layout
-from iqa_ray.data.real import ADAPTERS, load_iqa_dataset, register_layout, unregister_layout
+from iqa_ray.data.datasets.layout import Layout
+from iqa_ray.data.datasets.registry import ADAPTERS, load_iqa_dataset, register_layout, unregister_layout
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.loaders import load_decoded
 

@@ -250,7 +250,7 @@ def test_a_missing_column_fails_the_notebook_with_its_name(experiments, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("study", ["ranking", "gmm"])
 def test_hyperparameters_notebook_checks_every_searched_axis(experiments, tmp_path, study):
-    from iqa_ray.search.study import load_study
+    from iqa_ray.search.study_file import load_study
 
     experiment = experiments[study]
     axes = varying_config_keys(experiment)

@@ -17,7 +17,8 @@ from iqa_ray.core.selection import (
     parse_rule,
     select_by_rule,
 )
-from iqa_ray.search.study import StudyError, parse_study
+from iqa_ray.search.study import StudyError
+from iqa_ray.search.study_file import parse_study
 
 NAN = float("nan")
 SRCC_LATENCY = (("val_srcc", "max"), ("latency_ms", "min"))
@@ -171,7 +172,8 @@ def test_every_cost_objective_is_reported_by_the_cost_module():
 def test_the_optuna_searcher_is_told_every_objective(sampler, tmp_path):
     import optuna
 
-    from iqa_ray.search.tuner import SearchSettings, make_searcher
+    from iqa_ray.search.settings import SearchSettings
+    from iqa_ray.search.tuner import make_searcher
 
     data = json.loads(json.dumps(STUDY))
     data["study"]["sampler"] = sampler
@@ -189,7 +191,8 @@ def test_the_optuna_study_stores_both_values_of_a_finished_trial(tmp_path):
     """Through Tune's searcher interface, as the Tuner drives it: suggest, complete, read back."""
     import optuna
 
-    from iqa_ray.search.tuner import SearchSettings, make_searcher
+    from iqa_ray.search.settings import SearchSettings
+    from iqa_ray.search.tuner import make_searcher
 
     study = parse_study(STUDY, name="front")
     settings = SearchSettings(study=study, name="mo", storage=str(tmp_path), searcher="optuna", scheduler="asha",

@@ -14,8 +14,8 @@ PLUGIN = textwrap.dedent('''
 
     from torch import nn
 
-    from iqa_ray.data.layouts import Layout
-    from iqa_ray.data.real import register_layout
+    from iqa_ray.data.datasets.layout import Layout
+    from iqa_ray.data.datasets.registry import register_layout
     from iqa_ray.models.base import IQAModel
     from iqa_ray.models.registry import register_family
     from iqa_ray.core.options import Options

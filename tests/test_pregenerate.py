@@ -6,8 +6,12 @@ import pytest
 from PIL import Image
 
 from iqa_ray.core.errors import DatasetError
-from iqa_ray.data import pregenerate as pg
-from iqa_ray.data.pregenerate import PregenConfig, crop_grid, open_generated, pregenerate, read_shards
+from iqa_ray.data.pregenerate import generate as pg_generate
+from iqa_ray.data.pregenerate import store as pg_store
+from iqa_ray.data.pregenerate.config import PregenConfig
+from iqa_ray.data.pregenerate.plan import crop_grid, list_references
+from iqa_ray.data.pregenerate.run import pregenerate
+from iqa_ray.data.pregenerate.store import open_generated, read_shards
 
 
 def test_dataset_folder_is_complete_and_self_describing(tiny_dataset, tiny_config):
@@ -86,7 +90,7 @@ def test_severity_table_is_calibrated_on_the_training_photos_only(tmp_path):
 
     def generate(out):
         # A repainted file keeps its ReferenceInfo (path, size), so the decode cache would hand back the old pixels.
-        pg._scaled_reference.cache_clear()
+        pg_generate._scaled_reference.cache_clear()
         return pregenerate(config, tmp_path / out, engine="local")
 
     first = generate("a")
@@ -110,10 +114,10 @@ def test_severity_table_is_calibrated_on_the_training_photos_only(tmp_path):
 
 
 def test_a_change_of_labelling_recipe_is_a_new_dataset_not_a_reused_one(tiny_config, monkeypatch):
-    refs, _ = pg.list_references(tiny_config)
-    before = pg.config_fingerprint(tiny_config, refs)
-    monkeypatch.setattr(pg, "LABEL_VERSION", pg.LABEL_VERSION + 1)
-    assert pg.config_fingerprint(tiny_config, refs) != before
+    refs, _ = list_references(tiny_config)
+    before = pg_store.config_fingerprint(tiny_config, refs)
+    monkeypatch.setattr(pg_store, "LABEL_VERSION", pg_store.LABEL_VERSION + 1)
+    assert pg_store.config_fingerprint(tiny_config, refs) != before
 
 
 def test_generation_is_deterministic(tiny_dataset, tiny_config, tmp_path):
@@ -135,7 +139,7 @@ def test_same_config_reuses_and_other_config_writes_new(tiny_dataset, tiny_confi
 
 
 def test_interrupted_run_resumes_without_duplicates(tiny_config, tmp_path, monkeypatch):
-    real = pg._generate_unit
+    real = pg_generate._generate_unit
     calls = {"n": 0}
 
     def dies_after_two(unit):
@@ -144,14 +148,14 @@ def test_interrupted_run_resumes_without_duplicates(tiny_config, tmp_path, monke
         calls["n"] += 1
         return real(unit)
 
-    monkeypatch.setattr(pg, "_generate_unit", dies_after_two)
+    monkeypatch.setattr(pg_generate, "_generate_unit", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         pregenerate(tiny_config, tmp_path, engine="local")
     partial = next(tmp_path.glob(".partial-*"))
     assert len(list((partial / "shards").glob("*.parquet"))) == 2
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")], "nothing looks complete"
 
-    monkeypatch.setattr(pg, "_generate_unit", real)
+    monkeypatch.setattr(pg_generate, "_generate_unit", real)
     done = pregenerate(tiny_config, tmp_path, progress=print, engine="local")
     table = read_shards(done).to_pandas()
     assert table["image_id"].is_unique

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from iqa_ray.search.encoders import encoder_dir, prepare_encoders, pretraining_source
-from iqa_ray.search.study import StudyError, load_study, parse_study
+from iqa_ray.search.study import StudyError
+from iqa_ray.search.study_file import load_study, parse_study
 from iqa_ray.ssl.data import load_unlabelled as _REAL_LOAD_UNLABELLED  # the spy below wraps it
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for the real-dataset adapters in ``iqa_ray.data.real``.
+"""Tests for the real-dataset adapters in ``iqa_ray.data.datasets``.
 
 Every test builds a tiny copy of a dataset's original layout in ``tmp_path``: a few small
 PNG/JPEG/BMP files written with PIL, label files with the real column names (and, for LIVE
@@ -18,8 +18,8 @@ from PIL import Image
 from scipy.io import savemat
 
 from iqa_ray.core.errors import DatasetError
-from iqa_ray.data.label_table import BASE_COLUMNS, seeded_group_split
-from iqa_ray.data.real import ADAPTERS, load_iqa_dataset, resolve_dataset_name
+from iqa_ray.data.datasets.registry import ADAPTERS, load_iqa_dataset, resolve_dataset_name
+from iqa_ray.data.datasets.table import BASE_COLUMNS, seeded_group_split
 
 
 def _img(path: Path, value: int = 128) -> None:

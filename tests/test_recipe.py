@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from iqa_ray.cli.tune import build_parser, main
+from iqa_ray.core.errors import LaunchError
 from iqa_ray.search.recipe import (
     apply_recipe,
     available_recipes,
@@ -18,10 +19,10 @@ from iqa_ray.search.recipe import (
     parse_recipe,
     resolve_recipe,
 )
-from iqa_ray.search.resources import LaunchError
+from iqa_ray.search.retrain import probe_on_splits, split_columns, split_seeds, summarise_values
 from iqa_ray.search.settings import resume_settings, settings_from_args
-from iqa_ray.search.splits import probe_on_splits, split_columns, split_seeds, summarise_values
-from iqa_ray.search.study import StudyError, load_study
+from iqa_ray.search.study import StudyError
+from iqa_ray.search.study_file import load_study
 from iqa_ray.training.config import TrainConfig
 
 LIVEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "livec-jpg"

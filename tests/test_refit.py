@@ -12,11 +12,12 @@ from test_feature_cache import cached as feature_cache_run
 
 from iqa_ray.core.options import ConfigError
 from iqa_ray.core.paths import REFIT_DIR
-from iqa_ray.data.dataset import DecodedImages
+from iqa_ray.data.decoded import DecodedImages
 from iqa_ray.evaluation.baselines import ridge_probe
-from iqa_ray.search.splits import split_fit
-from iqa_ray.search.study import StudyError, load_study
-from iqa_ray.search.tuner import SearchSettings
+from iqa_ray.search.retrain import split_fit
+from iqa_ray.search.settings import SearchSettings
+from iqa_ray.search.study import StudyError
+from iqa_ray.search.study_file import load_study
 from iqa_ray.training.checkpoints import CHECKPOINT_FILE
 from iqa_ray.training.engine import fit
 from iqa_ray.training.features import compute_features
@@ -105,7 +106,7 @@ def test_a_search_refuses_train_on_val_and_split_runs_refit_only_where_nothing_i
 
 
 def test_the_model_handed_back_is_a_refit_only_where_nothing_is_chosen_on_validation(tiny_dataset):
-    from iqa_ray.search.refit import refit_plan
+    from iqa_ray.search.retrain import refit_plan
 
     study = load_study("ranking")
     planned, why = refit_plan(settings(study), cached(tiny_dataset))
@@ -165,8 +166,8 @@ def test_the_refit_is_what_an_experiment_hands_back_and_its_row_holds_the_test_m
 def test_a_refit_that_fails_hands_back_the_selected_trial_and_says_why(tiny_dataset, monkeypatch, outcome):
     from types import SimpleNamespace
 
-    from iqa_ray.search import refit as refit_module
-    from iqa_ray.search.run import hand_back
+    from iqa_ray.search import retrain as refit_module
+    from iqa_ray.search.retrain import hand_back
 
     def run_refit(*_args, **_kw):
         if outcome == "raises":

@@ -1,7 +1,8 @@
 import pytest
 
 from iqa_ray.core.selection import SELECTABLE_METRICS, check_selection, select_trial, trial_score
-from iqa_ray.search.study import StudyError, parse_study
+from iqa_ray.search.study import StudyError
+from iqa_ray.search.study_file import parse_study
 
 NAN = float("nan")
 

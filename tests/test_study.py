@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from iqa_ray.search.study import StudyError, available_studies, load_study, parse_study
+from iqa_ray.search.study import StudyError
+from iqa_ray.search.study_file import available_studies, load_study, parse_study
 
 
 def test_every_shipped_study_loads_and_labels_every_hyperparameter():
@@ -138,3 +139,13 @@ def test_shipped_studies_and_recipes_use_the_current_key_names():
             load_study(name)
         for recipe in ("cpu", "paper"):
             load_recipe(recipe)
+
+
+def test_the_deprecation_table_names_the_values_each_renamed_key_takes():
+    from iqa_ray.core.deprecations import CONFIG, RENAMED_KEYS, SEARCH, old_flags
+    from iqa_ray.search.study import TRIAL_SCHEDULERS
+    from iqa_ray.training.config_sections import LR_SCHEDULES
+
+    assert RENAMED_KEYS[CONFIG]["scheduler"] == ("lr_schedule", LR_SCHEDULES)
+    assert RENAMED_KEYS[SEARCH]["scheduler"] == ("trial_scheduler", TRIAL_SCHEDULERS)
+    assert old_flags(CONFIG, "lr_schedule") == old_flags(SEARCH, "trial_scheduler") == ("--scheduler",)

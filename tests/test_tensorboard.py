@@ -32,7 +32,7 @@ import psutil
 import pytest
 
 from iqa_ray.cli.tensorboard import main as tensorboard_main
-from iqa_ray.search.study import parse_study
+from iqa_ray.search.study_file import parse_study
 from iqa_ray.search.tensorboard import (
     BOOKKEEPING,
     HParamsCallback,

@@ -1,4 +1,4 @@
-"""Shared command-line helpers: argument types, run folders, and Ray start-up (re-exported from
+"""Shared command-line helpers: argument types and run folders (Ray start-up lives in
 :mod:`iqa_ray.search.cluster`).
 
 Only command-line entry points (launchers, ``iqa-train``, ``iqa-pretrain``) import this.
@@ -43,12 +43,5 @@ def run_folder(out: Path | None, default_name: str, resume: bool, checkpoint_fil
         raise UsageError(f"{out} already holds a run; use --resume to continue it or another --out")
     return out, None
 
-
-# How long an exiting Ray worker waits for a Tune trial's training thread to finish unwinding.
-# A stopped trial's thread is released from `tune.report` and ends in milliseconds; the bound only
-# matters for a thread that is still computing when its actor is told to exit.
-
-
-# Ray start-up lives in iqa_ray.search.cluster; re-exported for the commands that start Ray.
 
 __all__ = ["UsageError", "positive_int", "run_folder"]

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from iqa_ray.cli.args import positive_int
 from iqa_ray.core.paths import default_data_dir
-from iqa_ray.data import distortions as dist
-from iqa_ray.data.pregenerate import PregenConfig, pregenerate, summary_lines
+from iqa_ray.data.distortions.registry import DISTORTIONS, STRENGTH_PRESETS
+from iqa_ray.data.pregenerate.config import PregenConfig
+from iqa_ray.data.pregenerate.run import pregenerate
+from iqa_ray.data.pregenerate.store import summary_lines
 from iqa_ray.data.sources import SOURCE_KINDS
 from iqa_ray.search.cluster import init_ray
 
@@ -33,7 +35,7 @@ def build_parser(prog: str = "iqa-ray pregenerate") -> argparse.ArgumentParser:
     p.add_argument("--hf-split", help="split of a Hugging Face dataset (default: train)")
     p.add_argument("--image-column", help="image column of a Hugging Face dataset (default: first image column)")
     p.add_argument("--limit", type=positive_int, help="use only the first N references")
-    p.add_argument("--strength", choices=list(dist.STRENGTH_PRESETS), default=d.strength,
+    p.add_argument("--strength", choices=list(STRENGTH_PRESETS), default=d.strength,
                    help=f"level range: light 0.1-0.4, medium 0.2-0.6, heavy 0.3-1.0 (default: {d.strength})")
     p.add_argument("--per-image", type=positive_int, default=d.per_image,
                    help=f"distorted versions per reference crop (default: {d.per_image})")
@@ -44,7 +46,7 @@ def build_parser(prog: str = "iqa-ray pregenerate") -> argparse.ArgumentParser:
     p.add_argument("--max-short-side", type=positive_int, default=d.max_short_side,
                    help=f"downscale photos so the short side is at most this (default: {d.max_short_side})")
     p.add_argument("--distortions", nargs="+", metavar="TYPE", default=[],
-                   help=f"distortion types to use (default: all): {' '.join(dist.DISTORTIONS)}")
+                   help=f"distortion types to use (default: all): {' '.join(DISTORTIONS)}")
     p.add_argument("--no-references", action="store_true", help="do not store the pristine crops")
     p.add_argument("--split", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"), default=d.split_fractions,
                    help="fractions of source photos per split (default: %s)" % " ".join(map(str, d.split_fractions)))

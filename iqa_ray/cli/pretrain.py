@@ -118,6 +118,24 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     return PretrainConfig.from_dict(values)
 
 
+def resumed_state(resume: Path | None, config: PretrainConfig, out: Path) -> Any:
+    """The checkpoint ``--resume`` continues from (``None`` for a new run), checked before anything
+    in the folder is rewritten.
+
+    Raises:
+        UsageError: the checkpoint cannot be read, or was written with a different config.
+    """
+    if resume is None:
+        return None
+    try:
+        state = load_pretrain_checkpoint(resume)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    if not written_with(state, config):
+        raise UsageError(f"{out} was pre-trained with a different config; --resume needs the same flags")
+    return state
+
+
 def main(argv: list[str] | None = None, prog: str = "iqa-ray pretrain") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
@@ -130,20 +148,10 @@ def main(argv: list[str] | None = None, prog: str = "iqa-ray pretrain") -> int:
         torch.set_num_threads(args.threads)
     try:
         out, resume = run_folder(args.out, f"pretrain-{config.backbone}", args.resume, CHECKPOINT_FILE)
+        state = resumed_state(resume, config, out)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if resume is not None:
-        try:
-            state = load_pretrain_checkpoint(resume)
-        except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if not written_with(state, config):
-            # checked before anything in the folder is rewritten
-            print(f"error: {out} was pre-trained with a different config; --resume needs the same flags",
-                  file=sys.stderr)
-            return 2
     splits = [s.strip() for s in args.splits.split(",")] if args.splits else None
     data = {"source": args.source, "splits": splits, "pristine_only": args.pristine_only,
             "max_short_side": args.max_short_side, "split_seed": args.split_seed}

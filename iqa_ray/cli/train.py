@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from iqa_ray.cli.args import UsageError, run_folder
+from iqa_ray.core.deprecations import CONFIG, old_flags
 from iqa_ray.core.errors import DatasetError
 from iqa_ray.core.io import CheckpointError, atomic_write_json, atomic_write_text, git_revision, save_checkpoint
 from iqa_ray.core.options import ConfigError
@@ -48,7 +49,7 @@ _COMMON = [
     ("--lr", "lr", float, "head learning rate"),
     ("--backbone-lr", "backbone_lr", float, "backbone learning rate (default: lr * backbone_lr_mult)"),
     ("--optimizer", "optimizer", str, "adam, adamw, sgd"),
-    (("--lr-schedule", "--scheduler"), "lr_schedule", str, "learning-rate schedule: cosine, step, plateau, none "
+    (("--lr-schedule", *old_flags(CONFIG, "lr_schedule")), "lr_schedule", str, "learning-rate schedule: cosine, step, plateau, none "
      "(--scheduler is its old name)"),
     ("--warmup-epochs", "warmup_epochs", float, "linear warm-up epochs"),
     ("--loss", "loss", str, "l1, mse, ranking"),

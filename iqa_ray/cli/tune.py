@@ -10,13 +10,14 @@ import argparse
 import os
 import sys
 
-from iqa_ray.core.errors import DatasetError
+from iqa_ray.core.deprecations import SEARCH, old_flags
+from iqa_ray.core.errors import DatasetError, LaunchError
 from iqa_ray.core.options import ConfigError
 from iqa_ray.core.paths import default_results_dir
-from iqa_ray.search.resources import LaunchError
-from iqa_ray.search.settings import check_address, settings_from_args
-from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, StudyError, available_studies
-from iqa_ray.search.tuner import DEFAULT_PROGRESS_EVERY_S
+from iqa_ray.search.cluster import check_address
+from iqa_ray.search.settings import DEFAULT_PROGRESS_EVERY_S, settings_from_args
+from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, StudyError
+from iqa_ray.search.study_file import available_studies
 
 
 def build_parser(study: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
@@ -38,7 +39,8 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--num-samples", type=int, default=None, help="trials to sample (grid: repeats of the grid)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
     p.add_argument("--searcher", choices=SEARCHERS, default=None, help="optuna (TPE), random or grid (default: the study's)")
-    p.add_argument("--trial-scheduler", "--scheduler", dest="scheduler", choices=TRIAL_SCHEDULERS, default=None,
+    p.add_argument("--trial-scheduler", *old_flags(SEARCH, "trial_scheduler"), dest="trial_scheduler",
+                   choices=TRIAL_SCHEDULERS, default=None,
                    help="what stops trials early: asha, hyperband or none (default: the study's trial_scheduler; "
                         "--scheduler is the old name)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs a trial may train at most (default: the study's)")

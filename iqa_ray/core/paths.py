@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 # Inside an experiment folder: the selected configuration re-trained on training and validation
-# photos, the model the search hands back (a Tune experiment of one trial; iqa_ray.search.refit).
+# photos, the model the search hands back (a Tune experiment of one trial; iqa_ray.search.retrain).
 REFIT_DIR = "refit"
 
 

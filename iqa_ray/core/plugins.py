@@ -4,8 +4,9 @@ by iqa-ray itself so that every process sees them, the launcher's driver and eve
 Name them in the environment variable ``IQA_RAY_PLUGINS`` (comma-separated importable module
 names, e.g. ``IQA_RAY_PLUGINS=mylab.iqa_plugins``). Each is imported once, when the family registry
 or the dataset registry is first imported, after the built-ins are registered; a plug-in calls
-:func:`iqa_ray.models.registry.register_family` or :func:`iqa_ray.data.real.register_layout` at its
-top level. :func:`iqa_ray.search.cluster.init_ray` passes the variable on to Ray's workers.
+:func:`iqa_ray.models.registry.register_family` or
+:func:`iqa_ray.data.datasets.registry.register_layout` at its top level.
+:func:`iqa_ray.search.cluster.init_ray` passes the variable on to Ray's workers.
 """
 
 from __future__ import annotations

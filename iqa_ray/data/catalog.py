@@ -9,7 +9,7 @@ Accepted forms:
     Any folder written by ``launch/pregenerate.py`` (it holds ``manifest.json``).
 ``<adapter>:<root>``
     A real IQA dataset on disk, e.g. ``koniq10k:/data/koniq10k`` or ``kadid10k:~/kadid10k``;
-    see :mod:`iqa_ray.data.real` for the adapters and their layouts.
+    see :mod:`iqa_ray.data.datasets` for the adapters and their layouts.
 
 Every form yields the same columns: ``image_id``, ``split``, ``mos`` (0-100, higher is
 better), ``group`` and either ``image`` (encoded bytes) or ``path``.
@@ -26,13 +26,15 @@ import pandas as pd
 from iqa_ray.core.errors import DatasetError
 from iqa_ray.core.paths import default_data_dir
 from iqa_ray.data.labels import DEFAULT_LABEL, LABELS
-from iqa_ray.data.pregenerate import PregenConfig, open_generated, pregenerate, read_shards
+from iqa_ray.data.pregenerate.config import PregenConfig
+from iqa_ray.data.pregenerate.run import pregenerate
+from iqa_ray.data.pregenerate.store import open_generated, read_shards
 
 EMBEDDED = "embedded"
 
 
 def describe_valid_specs() -> str:
-    from iqa_ray.data.real import ADAPTERS
+    from iqa_ray.data.datasets.registry import ADAPTERS
 
     return (f"'{EMBEDDED}', a folder made by launch/pregenerate.py, or '<adapter>:<root>' with adapter in "
             f"{sorted(ADAPTERS)}")
@@ -84,7 +86,7 @@ def load_table(
         raise DatasetError(f"{path} is a folder but not a pre-generated dataset (no manifest.json); "
                            f"valid: {describe_valid_specs()}")
     if ":" in spec:
-        from iqa_ray.data.real import load_iqa_dataset
+        from iqa_ray.data.datasets.registry import load_iqa_dataset
 
         name, root = spec.split(":", 1)
         extra = {"fractions": tuple(split_fractions)} if split_fractions is not None else {}

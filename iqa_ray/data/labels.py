@@ -23,8 +23,6 @@ DEFAULT_LABEL = "severity"
 import numpy as np
 from skimage.metrics import structural_similarity
 
-LABEL_SCALE = (0.0, 100.0)
-
 
 def ssim(reference: np.ndarray, distorted: np.ndarray) -> float:
     """SSIM of two uint8 RGB images of equal shape (H, W, 3), averaged over channels."""

@@ -124,11 +124,6 @@ def embedded_references() -> list[ReferenceInfo]:
     return refs
 
 
-def embedded_catalogue_notes() -> dict[str, str]:
-    """Human-readable description of each embedded photo, keyed by name."""
-    return {name: note for name, *_rest, note in _EMBEDDED_CATALOGUE}
-
-
 @functools.lru_cache(maxsize=None)
 def _raw_embedded(name: str) -> np.ndarray:
     if name == "motorcycle_left":

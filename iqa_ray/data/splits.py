@@ -13,7 +13,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-EMBEDDED_FRACTIONS = (0.6, 0.2, 0.2)  # train/val/test of the embedded photos (real datasets: data.real)
+# train/val/test of the embedded photos (real datasets: iqa_ray.data.datasets.table.REAL_FRACTIONS)
+EMBEDDED_FRACTIONS = (0.6, 0.2, 0.2)
 
 
 def validate_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:

@@ -198,7 +198,7 @@ def baseline_report(decoded: Any, *, backbone: str = "efficientnet_lite0", pretr
     """PIQE, BRISQUE and the frozen-feature linear probe on a decoded dataset's test split.
 
     Args:
-        decoded: a :class:`~iqa_ray.data.dataset.DecodedImages` with train / val / test rows.
+        decoded: a :class:`~iqa_ray.data.decoded.DecodedImages` with train / val / test rows.
         backbone, pretrained, img_size: the frozen backbone of the probe (the search's own).
         device: where the probe's backbone runs.
 

@@ -113,7 +113,7 @@ def _round_half_even(v: float) -> float:
 
 
 def _grid(h: int, w: int, c: int, n: int) -> list[tuple[int, int]]:
-    """:func:`iqa_ray.data.dataset.grid_positions`, in TorchScript's subset of Python."""
+    """:func:`iqa_ray.data.decoded.grid_positions`, in TorchScript's subset of Python."""
     if n == 1:
         return [((h - c) // 2, (w - c) // 2)]
     rows = int(math.floor(math.sqrt(float(n))))

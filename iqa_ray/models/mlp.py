@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -161,9 +161,33 @@ class MLPIQA(IQAModel):
         )
         init_small_output(self.head[-1])
 
+    #: What a feature cache of this family depends on besides the backbone and input size.
+    FEATURE_CACHE_OPTIONS = ("pooling", "reference_blur")
+
+    @classmethod
+    def feature_cache_key(cls, options: MLPOptions) -> tuple[Any, ...]:
+        """The pooling, then the pseudo-reference blur where the options set one."""
+        blur = options.reference_blur
+        return (options.pooling,) + ((float(blur),) if blur else ())
+
     @property
     def feature_dim(self) -> int:
         return int(self.feature_mean.numel())
+
+    def stage_mean_columns(self) -> tuple[int, ...] | None:
+        """Where :meth:`pool_images` puts every stage's spatial mean: only the ``stages``, ``blocks``
+        and ``every_block`` poolings hold them (per map, the means then the standard deviations; of
+        the block poolings, the maps that are stages; with ``reference_blur``, in the first half)."""
+        if self.pooling not in SPREAD_POOLINGS:
+            return None
+        stages = set(self.backbone.stage_taps)
+        columns: list[int] = []
+        start = 0
+        for i, c in enumerate(self.backbone.tap_channels):
+            if i in stages:
+                columns.extend(range(start, start + c))
+            start += 2 * c
+        return tuple(columns)
 
     def fit_feature_stats(self, features: Tensor) -> None:
         """Standardise pooled features with the mean and std of ``features`` (training images, (N, D))."""
@@ -182,6 +206,10 @@ class MLPIQA(IQAModel):
         pooled = [self.pool_images(images) for images in feature_batches]
         self.train(was_training)
         self.fit_feature_stats(torch.cat(pooled))
+
+    def on_train_start_pooled(self, features: Tensor) -> None:
+        if self.pooling in SPREAD_POOLINGS:  # as on_train_start: the KonCept-style head keeps raw features
+            self.fit_feature_stats(features)
 
     def forward_pooled(self, features: Tensor) -> dict[str, Tensor]:
         """The head on pooled features (what a feature cache holds): same scores as :meth:`forward`."""

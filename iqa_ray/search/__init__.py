@@ -1,1 +1,2 @@
-"""Search: studies as data, searchers, schedulers, the Tuner and the launcher."""
+"""Search: studies as data, settings from flags, cluster start-up, searchers and schedulers, the Tuner, the
+re-training of the selected configuration (refit, ``--splits``), the summary and the exports."""

@@ -1,19 +1,35 @@
-"""Starting or joining Ray for a search, pre-generation or a test: bound to 127.0.0.1 when local,
-no dashboard, a connection error that says what to do, and a worker setup hook that keeps a
-stopped trial's actor from aborting at exit.
+"""Cluster start-up and what a search may ask of the cluster.
+
+Starting or joining Ray for a search, pre-generation or a test: bound to 127.0.0.1 when local, no
+dashboard, an ``--address`` checked before anything starts, a connection error that says what to
+do, and a worker setup hook that keeps a stopped trial's actor from aborting at exit. Once Ray is
+up, a search's requests are checked against what the cluster has (CPUs per trial, data-parallel
+workers, GPU concurrency), so that no trial waits forever for resources that cannot be placed.
+
+This module imports no torch: every Ray worker imports it at start-up (the setup hook), and
+``iqa-ray pregenerate`` starts Ray through it.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.plugins import PLUGINS_ENV
 
+if TYPE_CHECKING:  # the settings module pulls in torch; a Ray worker's start-up should not
+    from iqa_ray.search.settings import SearchSettings
+
+ADDRESS_TIMEOUT_S = 10.0
+# How long an exiting Ray worker waits for a Tune trial's training thread to finish unwinding.
+# A stopped trial's thread is released from `tune.report` and ends in milliseconds; the bound only
+# matters for a thread that is still computing when its actor is told to exit.
 TRIAL_THREAD_EXIT_WAIT_S = 10.0
 # Runs once in every worker process of the jobs `init_ray` starts (runtime_env setup hook).
 WORKER_SETUP_HOOK = "iqa_ray.search.cluster.wait_for_trial_threads_at_exit"
@@ -46,6 +62,22 @@ def join_trial_threads(timeout: float = TRIAL_THREAD_EXIT_WAIT_S) -> None:
     for thread in threading.enumerate():
         if isinstance(thread, runner) and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds when ``host:port`` does not accept connections."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"--address {address!r} must be HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        raise LaunchError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
+                          f"`ray start --head --port {port}` or check the address") from None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict[str, float]:
@@ -102,3 +134,62 @@ def _connection_hint(address: str, exc: BaseException) -> str:
                 "See docs/CLUSTER.md.")
     return (f"could not connect to the Ray cluster at {address} ({causes[0]}). Check that `ray status --address "
             f"{address}` works from this machine and that it runs the cluster's Ray and Python versions.")
+
+
+def trial_workers(settings: SearchSettings) -> int:
+    """Data-parallel workers of every trial: 1 for an ordinary trial."""
+    if settings.gpus_per_trial > 1:
+        return int(settings.gpus_per_trial)
+    return settings.workers_per_trial
+
+
+def check_data_parallel_fits(settings: SearchSettings, node_cpus: list[float], gpus: float) -> int | None:
+    """A data-parallel trial's workers must fit in what the search may use; returns its concurrency cap.
+
+    Ray Train places the workers of a trial itself, outside the trial's (empty) resource request,
+    so a trial whose workers cannot all be placed would wait for them forever: refused here.
+    The cap keeps Tune from starting more trials than the cluster can place workers for.
+    """
+    workers = trial_workers(settings)
+    if workers == 1:
+        return settings.max_concurrent
+    flag = (f"--gpus-per-trial {workers}" if settings.gpus_per_trial > 1 else f"--workers-per-trial {workers}")
+    if settings.gpus_per_trial > 1 and settings.gpus_per_trial > gpus:
+        raise LaunchError(f"{flag} asks for {workers} GPUs per trial but the search may use {gpus:g}; "
+                          f"use --gpus-per-trial {max(int(gpus), 1)} or fewer" + (" (or a share below 1)" if gpus else ""))
+    per_worker = cpus_per_worker(settings)
+    largest, total = max(node_cpus, default=0.0), sum(node_cpus)
+    if per_worker > largest:
+        raise LaunchError(f"{flag} with --cpus-per-trial {settings.cpus_per_trial:g}: each worker needs "
+                          f"{per_worker:g} CPUs, more than the largest node's {largest:g}")
+    fitting = sum(int(c // per_worker) for c in node_cpus)  # workers the cluster can hold at once
+    if workers > fitting:
+        valid = max(fitting, 1)
+        raise LaunchError(f"{flag} needs {workers} workers of {per_worker:g} CPU each, but the Ray cluster "
+                          f"({total:g} CPUs on {len(node_cpus)} node(s)) can place {fitting}; the trial would stay "
+                          f"PENDING forever. Use {flag.split()[0]} {valid} or fewer, or add nodes")
+    cap = fitting // workers
+    if settings.gpus_per_trial > 1:
+        cap = min(cap, int(gpus // workers))
+    return cap if settings.max_concurrent is None else min(cap, settings.max_concurrent)
+
+
+def cpus_per_worker(settings: SearchSettings) -> float:
+    """A data-parallel trial's ``--cpus-per-trial`` shared by its workers, at least 1 CPU each."""
+    return max(1.0, settings.cpus_per_trial / trial_workers(settings))
+
+
+def gpu_concurrency(gpus: float, share: float, max_concurrent: int | None) -> int | None:
+    """Trials that may run at once so the search uses at most ``gpus`` GPUs at ``share`` each."""
+    if gpus <= 0:
+        return max_concurrent
+    cap = max(1, int(round(gpus / share, 6)))
+    return cap if max_concurrent is None else min(cap, max_concurrent)
+
+
+def check_cpus_per_trial(cpus_per_trial: float, node_cpus: list[float]) -> None:
+    """A trial must fit on one node: the cluster total is not enough."""
+    largest = max(node_cpus, default=0.0)
+    if cpus_per_trial > largest:
+        raise LaunchError(f"--cpus-per-trial {cpus_per_trial:g} exceeds the largest node's {largest:g} CPUs "
+                          f"(nodes: {', '.join(f'{c:g}' for c in node_cpus)}); the trial could never be placed")

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from iqa_ray.core.selection import SelectionRule, kept_report, select_by_rule, select_trial, trial_score
-from iqa_ray.search.tuner import DEFAULT_PROGRESS_EVERY_S, SearchSettings
+from iqa_ray.search.settings import DEFAULT_PROGRESS_EVERY_S, SearchSettings
 
 #: Loggers whose INFO records go to the driver log instead of the console.
 DRIVER_LOGGERS = ("ray", "optuna")

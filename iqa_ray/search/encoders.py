@@ -15,14 +15,13 @@ The split is the trials' own: a real dataset's seeded split is drawn with the st
 hold out for validation or test. A ``[pretraining] source`` other than the training dataset is
 split with that seed too (its own photos are not the trials'; when it names the training dataset
 again, the seed makes it the very same split). A study that *searches* ``split_seed`` has no
-single training split to pre-train on, so :func:`iqa_ray.search.study.load_study` rejects it when
+single training split to pre-train on, so :func:`iqa_ray.search.study_file.load_study` rejects it when
 ``pretraining = "ssl"`` is possible. On a multi-node cluster that folder must be on
 storage every node sees (as for pre-generated data), because trials load the encoder by path.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -56,7 +55,7 @@ def pretraining_source(study: Any) -> PretrainingSource:
     ``[pretraining] source`` wins; otherwise the study's training dataset. A pre-generated folder
     contributes only its undistorted crops (pre-training degrades clean images itself). The split
     seed is always the trials' (``split_seed`` is fixed whenever ``ssl`` is possible, which
-    :func:`iqa_ray.search.study.load_study` enforces), so pre-training on the training dataset
+    :func:`iqa_ray.search.study_file.load_study` enforces), so pre-training on the training dataset
     sees its training photos and nothing the trials validate or test on.
     """
     from iqa_ray.training.config import TrainConfig
@@ -190,8 +189,3 @@ def prepare_encoders(
                  f"{last.get('val_ranking_accuracy', float('nan')):.3f} after {len(record['history'])} epochs; {folder}")
         encoders[backbone] = str((folder / "encoder.pt").resolve())
     return encoders
-
-
-def read_record(encoder_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``pretraining.json`` written beside a prepared encoder (config, history, source)."""
-    return json.loads((Path(encoder_path).parent / "pretraining.json").read_text())

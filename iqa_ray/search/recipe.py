@@ -37,10 +37,12 @@ from typing import Any, Iterable, Mapping
 
 import tomllib
 
+from iqa_ray.core.deprecations import CONFIG, renamed_keys
 from iqa_ray.core.options import ConfigError
 from iqa_ray.models.registry import family_keys
-from iqa_ray.search.study import Study, StudyError, check_study
-from iqa_ray.training.config import TrainConfig, renamed_keys, valid_keys
+from iqa_ray.search.study import Study, StudyError
+from iqa_ray.search.study_file import check_study
+from iqa_ray.training.config import TrainConfig, valid_keys
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 NONE = "none"
@@ -117,7 +119,7 @@ def dataset_adapter(spec: str) -> str | None:
     """The adapter name of an ``ADAPTER:ROOT`` spec (aliases resolved), else ``None``."""
     if ":" not in spec or Path(spec).expanduser().exists():
         return None
-    from iqa_ray.data.real import resolve_dataset_name
+    from iqa_ray.data.datasets.registry import resolve_dataset_name
 
     name = spec.split(":", 1)[0]
     try:
@@ -169,8 +171,8 @@ def parse_recipe(data: Mapping[str, Any], *, name: str, path: Path | None = None
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise StudyError(f"{where}: [study] {key} must be an integer >= 1, got {value!r}")
     try:  # renamed config keys (scheduler -> lr_schedule) still read, with a deprecation message
-        fixed = renamed_keys(dict(data.get("fixed", {})), f"{where}: [fixed]")
-        datasets = {str(k): renamed_keys(dict(v), f"{where}: [dataset.{k}]")
+        fixed = renamed_keys(dict(data.get("fixed", {})), CONFIG, f"{where}: [fixed]")
+        datasets = {str(k): renamed_keys(dict(v), CONFIG, f"{where}: [dataset.{k}]")
                     for k, v in dict(data.get("dataset", {})).items()}
     except ConfigError as exc:
         raise StudyError(str(exc)) from None
@@ -247,9 +249,9 @@ def recipe_conflict(recipe: Recipe, study: Study, dataset: str) -> str | None:
         if foreign:
             return (f"the study searches {', '.join(foreign)}, which the recipe's family {family!r} does not take")
     if values.get("feature_cache"):
-        from iqa_ray.training.features import CACHE_KEYS
+        from iqa_ray.training.features import cache_keys
 
-        cached = sorted(searched & set(CACHE_KEYS))
+        cached = sorted(searched & set(cache_keys()))
         if cached:
             return (f"the recipe computes one frozen-feature cache per search, and the study searches "
                     f"{', '.join(cached)}, which changes the features")
@@ -261,7 +263,7 @@ def recipe_conflict(recipe: Recipe, study: Study, dataset: str) -> str | None:
 
 
 def _built_in(study: Study) -> bool:
-    from iqa_ray.search.study import STUDY_DIR
+    from iqa_ray.search.study_file import STUDY_DIR
 
     return study.path is not None and Path(study.path).resolve().parent == STUDY_DIR.resolve()
 

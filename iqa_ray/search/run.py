@@ -2,14 +2,13 @@
 
 At the end it prints the best configuration (selected on validation SRCC only), its validation
 and test SRCC/PLCC, where the results are, and the exact TensorBoard command; and it exports
-``trials.parquet`` / ``epochs.parquet`` into the experiment folder.
+``trials.parquet`` / ``epochs.parquet`` into the experiment folder (:mod:`iqa_ray.search.summary`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import tempfile
 import time
@@ -17,36 +16,26 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.io import atomic_write_json, git_revision
-from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
 from iqa_ray.data.catalog import EMBEDDED
-from iqa_ray.search.encoders import prepare_encoders
-from iqa_ray.search.refit import REFIT_FIT_ON
-from iqa_ray.search.resources import (
-    LaunchError,
+from iqa_ray.search.cluster import (
     check_cpus_per_trial,
     check_data_parallel_fits,
     cpus_per_worker,
-    experiment_dir_hint,
     gpu_concurrency,
-    resolve_gpus,
+    init_ray,
     trial_workers,
 )
-from iqa_ray.search.tensorboard import tensorboard_command
-from iqa_ray.search.tuner import (
-    SearchSettings,
-    build_tuner,
-    close_orphaned_optuna_trials,
-    restore_tuner,
-    stop_epochs,
-)
+from iqa_ray.search.encoders import prepare_encoders
+from iqa_ray.search.settings import SearchSettings, resolve_gpus
+from iqa_ray.search.summary import print_summary, summarise
+from iqa_ray.search.tuner import build_tuner, restore_tuner, stop_epochs
 from iqa_ray.trainables.placement import worker_device
 from iqa_ray.training.config import TrainConfig
-from iqa_ray.training.features import probe_features
 
 DRIVER_MEMORY_BYTES = 2**20  # what a data-parallel trial's driver asks for (it holds no CPU)
 DRIVER_LOG = "driver.log"  # the driver's Ray/Optuna INFO lines, in the experiment folder
-PROBE = "linear_probe"  # the summary's name for the frozen-feature linear probe baseline
 
 
 def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
@@ -59,7 +48,8 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
     from iqa_ray.core.paths import default_data_dir
     from iqa_ray.core.progress import progress_bar
     from iqa_ray.data.catalog import generated_table
-    from iqa_ray.data.pregenerate import PregenConfig, pregenerate
+    from iqa_ray.data.pregenerate.config import PregenConfig
+    from iqa_ray.data.pregenerate.run import pregenerate
     from iqa_ray.training.loaders import decode_for, load_run_table
 
     config = TrainConfig.from_dict(settings.effective_study.constants())
@@ -114,8 +104,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
 
 
 def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
-    from iqa_ray.search.cluster import init_ray
-
+    """Start (or join) Ray, run or resume the search, print its summary; Ray is shut down after."""
     if settings.local_experiment_dir() is not None and not args.resume:
         existing = settings.local_experiment_dir()
         if existing.exists() and any(existing.iterdir()):
@@ -235,190 +224,6 @@ def make_trainable(settings: SearchSettings, decoded_ref: Any, features: Any) ->
     )
 
 
-def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float, *, features: Any = None,
-              table: Any = None) -> dict[str, Any]:
-    """Select the trial to hand back (validation only), score it on the test split once, set it
-    beside the baselines, re-train it on ``settings.splits`` more splits, export.
-
-    Args:
-        settings: the search's settings (the study's metric and mode select).
-        results: Tune's ResultGrid.
-        decoded: the decoded dataset or its object-store reference (the test split is scored from it).
-        elapsed: seconds the search took.
-        features: the shared feature cache (``feature_cache`` searches), reused by the probe and the splits.
-        table: the decoded dataset's label table (``--splits`` draws the other splits of its rows).
-    """
-    from iqa_ray.search.export import export_experiment
-
-    study = settings.effective_study
-    errors = [r for r in results if r.error is not None]
-    reports = {}
-    for r in results:
-        frame = r.metrics_dataframe
-        if frame is not None and len(frame):
-            reports[r.metrics.get("trial_id") or r.path] = (r, frame.to_dict("records"))
-    if not reports:
-        raise LaunchError(f"no trial reported any epoch ({len(errors)} errored); see {experiment_dir_hint(settings)}")
-    rule = study.selection_rule
-    chosen = select_by_rule({k: rows for k, (_, rows) in reports.items()}, rule)
-    local = settings.local_experiment_dir()
-    if chosen is None:
-        if local is not None:  # every finished trial stays readable in the exports (no trial selected)
-            close_orphaned_optuna_trials(local / "optuna.db")
-            export_experiment(local)
-        if rule.rule == "budget":
-            seen = {k: objective_values(rows, [(c, "min") for c, _ in rule.budgets]) for k, (_, rows) in reports.items()}
-            cheapest = {c: min((v[i] for v in seen.values() if v is not None), default=None)
-                        for i, (c, _) in enumerate(rule.budgets)}
-            raise LaunchError(f"no trial fits the selection rule {rule.describe()} (the cheapest trials: "
-                              + ", ".join(f"{c} = {v:.4g}" if v is not None else f"{c} not reported" for c, v in cheapest.items())
-                              + f"); every trial is kept in {experiment_dir_hint(settings)}; search again with a larger "
-                              "budget (--select) or cheaper models")
-        raise LaunchError(f"no trial reported a finite {study.metric} ({len(reports)} reported, {len(errors)} errored; "
-                          f"every model diverged or predicted constants); see {experiment_dir_hint(settings)}")
-    best, rows = reports[chosen]
-    best_row = kept_report(rows) or max(rows, key=lambda row: _selection_value(row.get(study.metric), study.mode))
-    # The split and refit runs train single-process trials: one GPU at most each.
-    single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
-    handed, refit = hand_back(single, best, study.resolve(best.config), decoded, features)
-    test, test_error = {}, None
-    if handed.checkpoint is None:
-        test_error = "the selected trial left no checkpoint"
-    else:
-        test = score_test_split(handed.checkpoint, decoded, cpus=settings.cpus_per_trial,
-                                gpus=min(settings.gpus_per_trial, 1.0))
-        if not test:
-            test_error = "the dataset has no test split"
-    config = study.reported_config(best.config)
-    baselines, baselines_error = {}, None
-    if test:
-        try:  # a baseline that cannot run (e.g. hub weights offline) must not lose the finished search
-            baselines = score_baselines(TrainConfig.from_dict(study.resolve(best.config)), decoded,
-                                        cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0),
-                                        features=features, refit=bool(refit.get("trial")))
-        except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
-            baselines_error = f"{type(exc).__name__}: {exc}"
-    summary = {
-        "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
-        "searcher": settings.searcher, "trial_scheduler": settings.scheduler, "trials": len(results),
-        "errored_trials": len(errors), "elapsed_s": round(elapsed, 1),
-        "metric": study.metric, "mode": study.mode,
-        "best_trial": best.path.rsplit("/", 1)[-1] if best.path else None,
-        "best_config": {k: v for k, v in config.items()},
-        "best_val": {"srcc": float(best_row["val_srcc"]), "plcc": float(best_row["val_plcc"]),
-                     "epoch": int(best_row["epoch"]), study.metric: float(best_row[study.metric])},
-        "best_trial_id": best.metrics.get("trial_id"),
-        # The model handed back (score / load_model / export-model / evaluate read it): the refit's
-        # trial folder, or the selected trial's.
-        "model": refit.get("trial") or (best.path.rsplit("/", 1)[-1] if best.path else None),
-        "refit": refit, "test": test,
-        "test_source": (f"the selected configuration re-trained on {REFIT_FIT_ON} ({refit['trial']}), its final "
-                        "weights, scored once after the search" if refit.get("trial") else
-                        "the selected trial's kept weights (chosen by validation, or its final ones), scored once "
-                        "after the search"),
-        # Validation SRCC of the selected epoch minus its test SRCC: how much the pick flatters itself.
-        "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
-        "baselines": baselines,
-    }
-    if study.multi_objective or study.select != "best":
-        summary.update(objectives=[list(o) for o in study.objectives], select=study.select,
-                       selection_rule=rule.describe(), pareto_front=pareto_front(reports, study.objectives))
-    if baselines.get(PROBE):
-        summary["versus_probe"] = test["srcc"] - baselines[PROBE]["srcc"]
-    if test_error:
-        summary["test_error"] = test_error
-    if baselines_error:
-        summary["baselines_error"] = baselines_error
-    if settings.splits and best.checkpoint is not None:
-        from iqa_ray.search.splits import run_splits
-
-        summary["splits"] = run_splits(single, study.resolve(best.config), decoded, table, features=features)
-    if local is not None:
-        close_orphaned_optuna_trials(local / "optuna.db")
-        atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
-        summary["exports"] = {k: str(v) for k, v in export_experiment(local).items()}
-    else:
-        summary["exports"] = {}
-    return summary
-
-
-def hand_back(settings: SearchSettings, best: Any, resolved: dict[str, Any], decoded: Any,
-              features: Any) -> tuple[Any, dict[str, Any]]:
-    """The model the search hands back: a refit of the selected configuration on training and
-    validation photos where it chooses nothing on validation (:mod:`iqa_ray.search.refit`), else the
-    selected trial itself. A refit that fails hands back the selected trial, with the error recorded.
-
-    Returns:
-        The Tune result whose checkpoint is handed back, and ``summary.json``'s ``refit``.
-    """
-    from iqa_ray.search.refit import refit_folder, refit_plan, run_refit
-
-    planned, why = refit_plan(settings, TrainConfig.from_dict(resolved))
-    report: dict[str, Any] = {"planned": planned, "model": why}
-    if not planned or best.checkpoint is None:
-        return best, report
-    print(f"[refit] {why}: one more trial, the model handed back", flush=True)
-    try:  # the search has finished: whatever the refit does, its selected trial is kept and handed back
-        result = run_refit(settings, resolved, decoded, features=features)
-        failure = result.error if result.error is not None else (None if result.checkpoint is not None else "")
-    except Exception as exc:  # noqa: BLE001 - printed and recorded in summary.json, not swallowed
-        result, failure = None, exc
-    if failure is not None:
-        problem = f"{type(failure).__name__}: {failure}" if failure != "" else "it left no checkpoint"
-        print(f"[refit] failed ({problem}); the selected trial's own weights are handed back", flush=True)
-        report.update(error=problem, model="the selected trial's own weights (the refit failed)")
-        return best, report
-    epochs = result.metrics.get("epoch")
-    report.update(trial=refit_folder(result), epochs=int(epochs) if epochs is not None else None)
-    return result, report
-
-
-def pareto_front(reports: dict[str, tuple[Any, list[dict[str, Any]]]], objectives: Any) -> list[dict[str, Any]]:
-    """The Pareto-optimal trials: id and each objective's value at the kept epoch, best primary first."""
-    points = {k: objective_values(rows, objectives) for k, (_, rows) in reports.items()}
-    flags = pareto_flags(points, [d for _, d in objectives])
-    front = [{"trial_id": k, **dict(zip((m for m, _ in objectives), points[k]))} for k, on in flags.items() if on]
-    primary, mode = objectives[0]
-    return sorted(front, key=lambda r: -r[primary] if mode == "max" else r[primary])
-
-
-def _selection_value(value: Any, mode: str) -> float:
-    """A report's metric value for max(); non-finite values never win."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return -math.inf
-    return float(value) if mode == "max" else -float(value)
-
-
-def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
-    """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
-    from iqa_ray.training.checkpoints import model_from_checkpoint
-    from iqa_ray.training.device import autocast_dtype
-    from iqa_ray.training.inference import evaluate
-    from iqa_ray.training.loaders import eval_dataset, eval_loader
-
-    device = worker_device(threads)
-    if not (decoded.table["split"] == "test").any():
-        return {}
-    with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
-        model, config = model_from_checkpoint(directory, device=device)
-    loader = eval_loader(config, eval_dataset(config, decoded, "test"))
-    return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk),
-            "n": len(loader.dataset)}
-
-
-def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None,
-                    refit: bool = False) -> dict[str, Any]:
-    from iqa_ray.evaluation.baselines import classical_baseline, probe_baseline
-
-    device = worker_device(threads)
-    if name != PROBE:
-        return classical_baseline(decoded, name)
-    m = config.model
-    return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
-                          img_size=m.img_size or config.data.crop_size, device=device,
-                          features=probe_features(features, config), refit=refit)
-
-
 def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpus: float,
                      n_images: int | None = None) -> Any:
     """The dataset's frozen-backbone feature cache, computed once before any trial (``feature_cache``
@@ -452,97 +257,3 @@ def prepare_features(settings: SearchSettings, decoded: Any, *, cpus: float, gpu
           f"computed once in {time.perf_counter() - started:.0f} s: {features.nbytes / 1e6:.1f} MB shared "
           "with every trial", flush=True)
     return features
-
-
-def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float,
-                    features: Any = None, refit: bool = False) -> dict[str, dict[str, Any]]:
-    """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split
-    (``refit``: the probe fitted again on training and validation photos, beside a refit model).
-
-    One Ray task per baseline, side by side, each with one trial's resources and reading the
-    dataset's object-store copy, like :func:`score_test_split`.
-    """
-    import ray
-
-    from iqa_ray.evaluation.baselines import BASELINES
-
-    task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-    names = [PROBE, *BASELINES]
-    results = ray.get([task.remote(name, config, decoded, int(cpus), features if name == PROBE else None, refit)
-                       for name in names])
-    return dict(zip(names, results))
-
-
-def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:
-    """Score the selected trial's best-by-validation weights on the test split, once.
-
-    Runs as a Ray task with one trial's resources (its GPU share on a GPU cluster), reading the
-    dataset the trials read from the object store (pass its reference: no second copy).
-    """
-    import ray
-
-    task = ray.remote(_score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    return ray.get(task.remote(checkpoint, decoded, int(cpus)))
-
-
-def baseline_lines(s: dict[str, Any]) -> list[str]:
-    """The summary's baseline lines: each baseline on the same test photos, and the verdict."""
-    b = s.get("baselines") or {}
-    lines = []
-    if b:
-        probe = b[PROBE]
-        lines.append(f"baselines on the same {probe['n']} test photos:")
-        lines.append(f"  linear probe ({probe['backbone']}, {probe['pretrained']} weights, frozen; every stage pooled, "
-                     f"ridge alpha {probe['alpha']:g} chosen on validation"
-                     + (", then fitted on training and validation photos like the model" if probe.get("refit") else "")
-                     + f"): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
-        for name in ("piqe", "brisque"):
-            lines.append(f"  {name.upper()}: SRCC {b[name]['srcc']:.4f}  PLCC {b[name]['plcc']:.4f}")
-        margin = s["versus_probe"]
-        lines.append(f"the model handed back beats the probe by {margin:+.4f} SRCC" if margin > 0
-                     else f"the model handed back does not beat the probe ({margin:+.4f} SRCC)")
-    elif s.get("baselines_error"):
-        lines.append(f"baselines could not be computed: {s['baselines_error']}")
-    return lines
-
-
-def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
-    print("\n" + "=" * 78)
-    print(f"study {s['study']}: {s['trials']} trials ({s['errored_trials']} errored) in {s['elapsed_s']:.0f} s, "
-          f"searcher={s['searcher']}, trial_scheduler={s['trial_scheduler']}")
-    if s.get("pareto_front"):
-        names = [m for m, _ in s["objectives"]]
-        print(f"Pareto front ({len(s['pareto_front'])} trials; " + " / ".join(f"{m} ({d})" for m, d in s["objectives"]) + "):")
-        for row in s["pareto_front"]:
-            mark = "  <- selected" if row["trial_id"] == s["best_trial_id"] else ""
-            print("  " + row["trial_id"] + "  " + "  ".join(f"{m} {row[m]:.4g}" for m in names) + mark)
-        print(f"best config (selected on validation only: {s['selection_rule']}):")
-    else:
-        print("best config (selected on validation SRCC):")
-    searched = {p.name for p in settings.study.params}
-    for k in sorted(s["best_config"]):
-        if k in searched:
-            print(f"  {k} = {s['best_config'][k]}")
-    if s["best_val"]:
-        print(f"validation: SRCC {s['best_val']['srcc']:.4f}  PLCC {s['best_val']['plcc']:.4f}  (epoch {s['best_val']['epoch']})")
-    refit = s.get("refit") or {}
-    if refit.get("model"):
-        print(f"model handed back: {refit['model']}" + (f" ({refit['trial']})" if refit.get("trial") else ""))
-    if s["test"]:
-        print(f"test (the model handed back, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
-              f"(selected trial's validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
-    for line in baseline_lines(s):
-        print(line)
-    from iqa_ray.search.splits import split_lines
-
-    for line in split_lines(s.get("splits") or {}):
-        print(line)
-    print(f"results: {s['experiment']}")
-    for name, path in s["exports"].items():
-        print(f"  {name}: {path}")
-    if not s["exports"]:
-        print("  (remote storage: copy the experiment folder locally, then `iqa-ray export FOLDER` "
-              "writes trials.parquet / epochs.parquet)")
-    print(f"TensorBoard: {tensorboard_command(s['experiment'])}")
-    print("=" * 78)
-

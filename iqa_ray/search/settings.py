@@ -1,33 +1,183 @@
-"""A search's settings from its command line: every flag checked, the study, recipe and ``--set``
-values resolved into :class:`~iqa_ray.search.tuner.SearchSettings`, or, with ``--resume``, the
-recorded experiment's settings.
+"""A search's settings (:class:`SearchSettings`: the study plus how to run it) from its command
+line: every flag checked, the study, recipe and ``--set`` values resolved, or, with ``--resume``,
+the recorded experiment's settings.
 
 Everything that can be rejected is rejected here, before Ray starts or any trial runs: the study
-file, flag values, GPU shares, an unreachable ``--address``, a ``--resume`` of an experiment
-that does not exist (a request for more GPUs than the cluster has is refused once Ray is up, in
-:mod:`iqa_ray.search.run`, before any trial starts).
+file, flag values, GPU shares, a ``--resume`` of an experiment that does not exist (an
+unreachable ``--address`` is refused by :func:`iqa_ray.search.cluster.check_address`, and a request
+for more GPUs than the cluster has by :func:`resolve_gpus` once Ray is up, before any trial starts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
+import math
+import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from iqa_ray.core.deprecations import CONFIG, SEARCH, renamed_keys
+from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.paths import default_results_dir
 from iqa_ray.data.catalog import EMBEDDED
-from iqa_ray.search.preflight import check_weights
+from iqa_ray.models.weights import check_weights
 from iqa_ray.search.recipe import apply_recipe, dataset_adapter, foreign_family_keys, parse_recipe, resolve_recipe
-from iqa_ray.search.resources import LaunchError, data_parallel_gpus, parse_sets
-from iqa_ray.search.study import StudyError, load_study, parse_study
-from iqa_ray.search.tuner import SearchSettings, per_gpu
+from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
+from iqa_ray.search.study_file import budget_problem, load_study, parse_study
 from iqa_ray.training.config import TrainConfig
 
-ADDRESS_TIMEOUT_S = 10.0
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def check_experiment_name(name: str) -> str:
+    """Experiment names become folder names: letters, digits, ``_ . -`` only, no path parts."""
+    if not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise StudyError(f"experiment name {name!r} must match {_SAFE_NAME.pattern} (it becomes a folder name)")
+    return name
+
+
+DEFAULT_PROGRESS_EVERY_S = 30.0  # seconds between the live trial tables of a search
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything the launcher decided: the study plus how to run it."""
+
+    study: Study
+    name: str
+    storage: str
+    searcher: str
+    scheduler: str
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: int
+    max_concurrent: int | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    seed: int
+    max_failures: int = 2
+    workers_per_trial: int = 1  # CPU data-parallel workers per trial (GPU ones: gpus_per_trial > 1)
+    overrides: tuple[tuple[str, Any], ...] = ()
+    sets: tuple[tuple[str, Any], ...] = ()  # the --set values as given (parsed once), recorded for --resume
+    splits: int = 0  # re-train the selected config on this many more random splits after the search
+    splits_train_on_val: bool = True  # split runs train on train+val where the config chooses nothing on val
+    refit: bool = True  # hand back the selected config re-trained on train+val where it chooses nothing on val
+    recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
+    recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
+    verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
+    progress_every: float = DEFAULT_PROGRESS_EVERY_S  # seconds between live trial tables (our console)
+    time_budget: float | None = None  # minutes: the search stops starting and running trials after this
+
+    def __post_init__(self) -> None:
+        check_experiment_name(self.name)
+        if self.searcher not in SEARCHERS:
+            raise StudyError(f"searcher must be one of {SEARCHERS}, got {self.searcher!r}")
+        if self.scheduler not in TRIAL_SCHEDULERS:
+            raise StudyError(f"scheduler must be one of {TRIAL_SCHEDULERS}, got {self.scheduler!r}")
+        problem = budget_problem(self.num_samples, self.max_epochs, self.grace_period, self.reduction_factor)
+        if problem:
+            raise StudyError(problem)
+        if self.cpus_per_trial <= 0:
+            raise StudyError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+        if self.workers_per_trial < 1:
+            raise StudyError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
+        if self.splits < 0:
+            raise StudyError(f"splits must be >= 0, got {self.splits}")
+        study = self.effective_study  # the study's fixed values with the overrides (--set) on top
+        if study.fixed.get("train_on_val") or any(p.name == "train_on_val" for p in study.params):
+            raise StudyError("train_on_val trains on the validation photos a search selects its trials on; it is for "
+                             "re-training a selected configuration, which --splits does where select_epoch = 'last'. "
+                             "Drop train_on_val from the study and --set")
+        if not self.progress_every >= 0:
+            raise StudyError(f"progress_every must be >= 0 seconds, got {self.progress_every}")
+        if self.time_budget is not None and not (0 < self.time_budget < math.inf):
+            raise StudyError(f"time_budget must be a number of minutes > 0, got {self.time_budget}")
+
+    @property
+    def effective_study(self) -> Study:
+        """The study with this run's epoch budget and fixed overrides (e.g. dataset, crop size)."""
+        return replace(self.study, max_epochs=self.max_epochs, fixed={**self.study.fixed, **dict(self.overrides)})
+
+    def is_remote_storage(self) -> bool:
+        return "://" in self.storage and not self.storage.startswith("file://")
+
+    def experiment_path(self) -> str:
+        return self.storage.rstrip("/") + "/" + self.name
+
+    def local_experiment_dir(self) -> Path | None:
+        if self.is_remote_storage():
+            return None
+        return Path(self.storage.removeprefix("file://")).expanduser().resolve() / self.name
+
+
+def experiment_dir_hint(settings: SearchSettings) -> str:
+    """The experiment folder: a local path, or the storage URI of a remote one."""
+    local = settings.local_experiment_dir()
+    return str(local) if local is not None else settings.experiment_path()
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` flags as a dict (values parsed as JSON, else kept as text), renamed keys
+    under their new names, so an old key overrides a study's value written with the new one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise LaunchError(f"--set expects KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return renamed_keys(out, CONFIG, "--set")
+
+
+def per_gpu(gpus_per_trial: float) -> int:
+    """Trials that share one GPU at this share, if it divides a GPU sensibly (1, 1/2, 1/3, ...)."""
+    if gpus_per_trial <= 0 or gpus_per_trial > 1:
+        raise StudyError(f"--gpus-per-trial must be in (0, 1], got {gpus_per_trial}")
+    n = 1.0 / gpus_per_trial
+    if not math.isclose(n, round(n), rel_tol=1e-6):
+        raise StudyError(f"--gpus-per-trial {gpus_per_trial} does not divide a GPU into whole trials "
+                         f"(1/{gpus_per_trial} = {n:.3g}); use 1, 0.5, 0.25, 0.2, ...")
+    return int(round(n))
+
+
+def data_parallel_gpus(gpus_per_trial: float) -> int:
+    """Workers of a data-parallel GPU trial: ``--gpus-per-trial`` above 1 must be a whole number."""
+    if gpus_per_trial <= 1 or not float(gpus_per_trial).is_integer():
+        raise LaunchError(f"--gpus-per-trial must be in (0, 1] (a share of one GPU: 1, 0.5, 0.25, ...) or a whole "
+                          f"number of GPUs above 1 that a data-parallel trial trains on (2, 3, 4, ...), "
+                          f"got {gpus_per_trial:g}")
+    return int(gpus_per_trial)
+
+
+def resolve_gpus(args: argparse.Namespace, resources: dict[str, float]) -> tuple[float, float]:
+    """(GPUs to use, share per trial), checked against what the cluster really has."""
+    available = float(resources.get("GPU", 0.0))
+    gpus = available if args.gpus is None else float(args.gpus)
+    if gpus > available:
+        raise LaunchError(
+            f"--gpus {args.gpus:g} asks for more GPUs than the Ray cluster has ({available:g}); trials would wait "
+            f"forever. Use --gpus {available:g}" + (" (CPU only)" if available == 0 else "") + " or add GPU nodes."
+        )
+    if gpus == 0:
+        if args.gpus_per_trial is not None:
+            raise LaunchError(f"--gpus-per-trial {args.gpus_per_trial:g} was given but the Ray cluster has no GPU; "
+                              "drop it to run on CPU, or connect to a cluster with GPUs (--address)")
+        return 0.0, 0.0
+    share = args.gpus_per_trial if args.gpus_per_trial is not None else 0.25
+    if share > 1:
+        data_parallel_gpus(share)
+        if share > gpus:
+            raise LaunchError(f"--gpus-per-trial {share:g} trains each trial data-parallel on {share:g} GPUs, but "
+                              f"the search may use {gpus:g}; use --gpus-per-trial {max(int(gpus), 1):g} or fewer")
+    else:
+        per_gpu(share)
+    return gpus, share
 
 
 def check_flag_values(args: argparse.Namespace) -> None:
@@ -98,9 +248,9 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         splits = 0  # the recipe's default applies to real datasets only
     config = TrainConfig.from_dict({**study.fixed, **overrides})
     if config.data.feature_cache:
-        from iqa_ray.training.features import CACHE_KEYS
+        from iqa_ray.training.features import cache_keys
 
-        searched_keys = sorted({p.name for p in study.params} & set(CACHE_KEYS))
+        searched_keys = sorted({p.name for p in study.params} & set(cache_keys()))
         if searched_keys:
             raise LaunchError(f"feature_cache computes one feature cache per search, but the study searches "
                               f"{', '.join(searched_keys)}, which changes the features; fix them (--set) or set "
@@ -121,7 +271,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     return SearchSettings(
         study=study, name=args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=args.storage or str(default_results_dir()),
-        searcher=args.searcher or study.searcher, scheduler=args.scheduler or study.trial_scheduler,
+        searcher=args.searcher or study.searcher, scheduler=args.trial_scheduler or study.trial_scheduler,
         num_samples=num_samples, max_epochs=max_epochs, grace_period=grace,
         reduction_factor=args.reduction_factor or study.reduction_factor, max_concurrent=args.max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if gpt is None else gpt,
@@ -140,7 +290,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
 
 # Flags that shape what a search computes: on --resume they must match the recorded experiment
 # (the restored Tuner would ignore new values silently). Resource flags may change.
-_RECORDED_FLAGS = ("searcher", "scheduler", "num_samples", "max_epochs", "grace_period", "reduction_factor", "seed",
+_RECORDED_FLAGS = ("searcher", "trial_scheduler", "num_samples", "max_epochs", "grace_period", "reduction_factor", "seed",
                    "time_budget")
 
 
@@ -165,7 +315,8 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
     if not record_file.is_file():
         raise StudyError(f"--resume: no experiment named {args.name!r} under {storage} (looked for {record_file}); "
                          "start it without --resume, or check --name/--storage")
-    record = json.loads(record_file.read_text())
+    # Records written before the rename name the trial scheduler `scheduler` (iqa_ray.core.deprecations).
+    record = renamed_keys(json.loads(record_file.read_text()), SEARCH)
     launch = record.get("launch")
     if launch is None:
         raise LaunchError(f"--resume: {record_file} was written by an older iqa-ray that did not record the launch "
@@ -181,7 +332,38 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         recipe = parse_recipe(recorded_recipe["definition"], name=recorded_recipe["name"],
                               path=Path(recorded_recipe["file"]) if recorded_recipe.get("file") else None)
         applied = apply_recipe(recipe, study, launch["dataset"], launch["set"])
-    current = probe.study
+    differs = changed_flags(args, record, study, current=probe.study)
+    if differs:
+        raise LaunchError(f"--resume of {args.name!r} would not continue the experiment that was started: "
+                          f"{'; '.join(differs)}. Drop those flags (the recorded values are used), or start a new "
+                          "experiment with another --name")
+    resumed, _ = switch_family(applied.study if applied is not None else study, launch["set"])
+    return SearchSettings(
+        study=resumed, name=args.name, storage=storage,
+        searcher=record["searcher"], scheduler=record.get("trial_scheduler"),
+        num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
+        reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
+        workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures,
+        overrides=tuple(sorted(record["overrides"].items())), sets=tuple(launch["set"].items()),
+        splits=record.get("splits", 0), splits_train_on_val=record.get("splits_train_on_val", True),
+        refit=record.get("refit", True),
+        recipe=applied.record() if applied is not None else None,
+        recipe_lines=tuple(applied.describe()) if applied is not None else (),
+        verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
+    )
+
+
+def changed_flags(args: argparse.Namespace, record: Mapping[str, Any], study: Study, *, current: Study) -> list[str]:
+    """What a ``--resume`` command line would change in the recorded experiment, one phrase each.
+
+    Args:
+        args: the command line.
+        record: the experiment's ``experiment.json`` (keys under their current names).
+        study: the recorded study (with this command's ``--select``).
+        current: the study the command line names, as its file reads now.
+    """
+    launch, recorded_recipe = record["launch"], record.get("recipe")
     differs = []
     if current.name != study.name or current.definition != study.definition:
         differs.append(f"study ({current.name} now, {study.name} recorded"
@@ -204,30 +386,10 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
     if args.smoke_test != launch["smoke_test"]:
         differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
     for flag in _RECORDED_FLAGS:
-        value = getattr(args, flag)
-        recorded = record.get("trial_scheduler", record.get("scheduler")) if flag == "scheduler" else record.get(flag)
+        value, recorded = getattr(args, flag), record.get(flag)
         if value is not None and value != recorded:
-            shown = "trial-scheduler" if flag == "scheduler" else flag.replace("_", "-")
-            differs.append(f"--{shown} ({value} now, {recorded} recorded)")
-    if differs:
-        raise LaunchError(f"--resume of {args.name!r} would not continue the experiment that was started: "
-                          f"{'; '.join(differs)}. Drop those flags (the recorded values are used), or start a new "
-                          "experiment with another --name")
-    resumed, _ = switch_family(applied.study if applied is not None else study, launch["set"])
-    return SearchSettings(
-        study=resumed, name=args.name, storage=storage,
-        searcher=record["searcher"], scheduler=record.get("trial_scheduler", record.get("scheduler")),
-        num_samples=record["num_samples"], max_epochs=record["max_epochs"], grace_period=record["grace_period"],
-        reduction_factor=record["reduction_factor"], max_concurrent=args.max_concurrent,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0 if args.gpus_per_trial is None else args.gpus_per_trial,
-        workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures,
-        overrides=tuple(sorted(record["overrides"].items())), sets=tuple(launch["set"].items()),
-        splits=record.get("splits", 0), splits_train_on_val=record.get("splits_train_on_val", True),
-        refit=record.get("refit", True),
-        recipe=applied.record() if applied is not None else None,
-        recipe_lines=tuple(applied.describe()) if applied is not None else (),
-        verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
-    )
+            differs.append(f"--{flag.replace('_', '-')} ({value} now, {recorded} recorded)")
+    return differs
 
 
 def switch_family(study: Any, sets: Mapping[str, Any]) -> tuple[Any, str | None]:
@@ -270,19 +432,3 @@ def check_weights_reachable(study: Any, overrides: dict[str, Any]) -> None:
             "--set pretrained=/path/to/weights.safetensors (a local file for the backbone), or a study on "
             "efficientnet_lite0 with pretrained = \"offline\" (ImageNet weights shipped in a pip package)."
         )
-
-
-def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
-    """Fail within ``timeout`` seconds when ``host:port`` does not accept connections."""
-    if address in ("auto", "local"):
-        return
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise LaunchError(f"--address {address!r} must be HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return
-    except OSError as exc:
-        raise LaunchError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
-                          f"`ray start --head --port {port}` or check the address") from None

@@ -5,103 +5,17 @@ Optuna's SQLite storage, so ``optuna-dashboard sqlite:///.../optuna.db`` shows p
 importances and history), ``random`` (seeded) and ``grid`` (every combination of the
 parameters' ``grid`` values). Schedulers: ``asha`` (asynchronous successive halving),
 ``hyperband`` and ``none``. Early stopping is the scheduler's job: trials report every epoch
-and ASHA stops the unpromising ones at its rungs.
+and ASHA stops the unpromising ones at its rungs. Every Tuner of a search (the search itself,
+its refit and its ``--splits`` runs) is built by :func:`experiment_tuner`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError, budget_problem
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-def check_experiment_name(name: str) -> str:
-    """Experiment names become folder names: letters, digits, ``_ . -`` only, no path parts."""
-    if not _SAFE_NAME.match(name) or name in (".", ".."):
-        raise StudyError(f"experiment name {name!r} must match {_SAFE_NAME.pattern} (it becomes a folder name)")
-    return name
-
-
-DEFAULT_PROGRESS_EVERY_S = 30.0  # seconds between the live trial tables of a search
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """Everything the launcher decided: the study plus how to run it."""
-
-    study: Study
-    name: str
-    storage: str
-    searcher: str
-    scheduler: str
-    num_samples: int
-    max_epochs: int
-    grace_period: int
-    reduction_factor: int
-    max_concurrent: int | None
-    cpus_per_trial: float
-    gpus_per_trial: float
-    seed: int
-    max_failures: int = 2
-    workers_per_trial: int = 1  # CPU data-parallel workers per trial (GPU ones: gpus_per_trial > 1)
-    overrides: tuple[tuple[str, Any], ...] = ()
-    sets: tuple[tuple[str, Any], ...] = ()  # the --set values as given (parsed once), recorded for --resume
-    splits: int = 0  # re-train the selected config on this many more random splits after the search
-    splits_train_on_val: bool = True  # split runs train on train+val where the config chooses nothing on val
-    refit: bool = True  # hand back the selected config re-trained on train+val where it chooses nothing on val
-    recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
-    recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
-    verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
-    progress_every: float = DEFAULT_PROGRESS_EVERY_S  # seconds between live trial tables (our console)
-    time_budget: float | None = None  # minutes: the search stops starting and running trials after this
-
-    def __post_init__(self) -> None:
-        check_experiment_name(self.name)
-        if self.searcher not in SEARCHERS:
-            raise StudyError(f"searcher must be one of {SEARCHERS}, got {self.searcher!r}")
-        if self.scheduler not in TRIAL_SCHEDULERS:
-            raise StudyError(f"scheduler must be one of {TRIAL_SCHEDULERS}, got {self.scheduler!r}")
-        problem = budget_problem(self.num_samples, self.max_epochs, self.grace_period, self.reduction_factor)
-        if problem:
-            raise StudyError(problem)
-        if self.cpus_per_trial <= 0:
-            raise StudyError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
-        if self.workers_per_trial < 1:
-            raise StudyError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
-        if self.splits < 0:
-            raise StudyError(f"splits must be >= 0, got {self.splits}")
-        study = self.effective_study  # the study's fixed values with the overrides (--set) on top
-        if study.fixed.get("train_on_val") or any(p.name == "train_on_val" for p in study.params):
-            raise StudyError("train_on_val trains on the validation photos a search selects its trials on; it is for "
-                             "re-training a selected configuration, which --splits does where select_epoch = 'last'. "
-                             "Drop train_on_val from the study and --set")
-        if not self.progress_every >= 0:
-            raise StudyError(f"progress_every must be >= 0 seconds, got {self.progress_every}")
-        if self.time_budget is not None and not (0 < self.time_budget < math.inf):
-            raise StudyError(f"time_budget must be a number of minutes > 0, got {self.time_budget}")
-
-    @property
-    def effective_study(self) -> Study:
-        """The study with this run's epoch budget and fixed overrides (e.g. dataset, crop size)."""
-        return replace(self.study, max_epochs=self.max_epochs, fixed={**self.study.fixed, **dict(self.overrides)})
-
-    def is_remote_storage(self) -> bool:
-        return "://" in self.storage and not self.storage.startswith("file://")
-
-    def experiment_path(self) -> str:
-        return self.storage.rstrip("/") + "/" + self.name
-
-    def local_experiment_dir(self) -> Path | None:
-        if self.is_remote_storage():
-            return None
-        return Path(self.storage.removeprefix("file://")).expanduser().resolve() / self.name
+from iqa_ray.search.settings import SearchSettings, experiment_dir_hint
+from iqa_ray.search.study import StudyError
 
 
 def make_searcher(settings: SearchSettings, optuna_db: Path | None) -> tuple[Any, dict[str, Any], int]:
@@ -246,50 +160,66 @@ def trial_dirname(trial: Any) -> str:
 
 
 def build_tuner(settings: SearchSettings, trainable: Any, *, callbacks: list[Any] | None = None) -> Any:
-    """A new Tuner for ``settings`` (see :func:`restore_tuner` to continue one)."""
-    from ray import tune
+    """A new Tuner for the search of ``settings`` (see :func:`restore_tuner` to continue one)."""
+    from iqa_ray.search.tensorboard import HParamsCallback
 
     local_dir = settings.local_experiment_dir()
     optuna_db = local_dir / "optuna.db" if local_dir is not None else None
     searcher, param_space, num_samples = make_searcher(settings, optuna_db)
     max_concurrent = settings.max_concurrent if settings.searcher != "optuna" else None
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=settings.study.metric, mode=settings.study.mode, search_alg=searcher,
-            scheduler=make_scheduler(settings), num_samples=num_samples, max_concurrent_trials=max_concurrent,
-            trial_dirname_creator=trial_dirname,
-            # Tune ends the search at the budget: running trials stop with their last checkpoint
-            # and every finished epoch stays in the results.
-            time_budget_s=settings.time_budget * 60 if settings.time_budget else None,
-        ),
-        run_config=run_config(settings, callbacks),
+    return experiment_tuner(
+        settings, trainable, param_space,
+        # TensorBoard: per-epoch scalars under readable tags (val/srcc, train/loss, lr/head, ...) and
+        # HParams sessions of the resolved config; being a TBXLoggerCallback, it replaces Tune's
+        # default one (whose ray/tune/* dump charts Tune's bookkeeping too).
+        callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study)],
+        metric=settings.study.metric, mode=settings.study.mode, search_alg=searcher,
+        scheduler=make_scheduler(settings), num_samples=num_samples, max_concurrent_trials=max_concurrent,
+        trial_dirname_creator=trial_dirname,
+        # Tune ends the search at the budget: running trials stop with their last checkpoint
+        # and every finished epoch stays in the results.
+        time_budget_s=settings.time_budget * 60 if settings.time_budget else None,
     )
 
 
-def run_config(settings: SearchSettings, callbacks: list[Any] | None) -> Any:
+def experiment_tuner(settings: SearchSettings, trainable: Any, param_space: dict[str, Any], *,
+                     name: str | None = None, callbacks: list[Any] | None = None, **tune_config: Any) -> Any:
+    """The one place a Tuner is built: the search's own experiment (:func:`build_tuner`), or, with
+    ``name``, a re-training run in its own Tune experiment inside the search's folder (the refit and
+    the ``--splits`` runs, :mod:`iqa_ray.search.retrain`).
+
+    Args:
+        settings: the search's settings (storage, retries of a crashed trial, console).
+        trainable: the trainable with its data and resources.
+        param_space: the trials' configs (fixed values, samplers or a grid).
+        name: the re-training run's folder in the experiment folder; ``None`` for the search itself.
+        callbacks: the run's Tune callbacks.
+        tune_config: :class:`ray.tune.TuneConfig` arguments (metric, searcher, scheduler, samples, ...).
+    """
     from ray import tune
 
-    from iqa_ray.search.tensorboard import HParamsCallback
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(**tune_config),
+                      run_config=run_config(settings, callbacks, name=name))
+
+
+def run_config(settings: SearchSettings, callbacks: list[Any] | None, *, name: str | None = None) -> Any:
+    """The RunConfig of one of the search's Tune experiments: the search itself (``settings.name``
+    under ``settings.storage``), or the re-training run ``name`` inside the experiment folder."""
+    from ray import tune
 
     return tune.RunConfig(
-        name=settings.name,
-        storage_path=settings.storage,
+        name=settings.name if name is None else name,
+        storage_path=settings.storage if name is None else experiment_dir_hint(settings),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         # One checkpoint per trial: it holds the best-by-validation weights as well as the latest
         # state (a resnet18 + AdamW checkpoint is ~130 MB), and num_to_keep=1 also makes Tune
         # snapshot the experiment after every checkpoint, so a crash loses at most one epoch.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        # TensorBoard: per-epoch scalars under readable tags (val/srcc, train/loss, lr/head, ...) and
-        # HParams sessions of the resolved config; being a TBXLoggerCallback, it replaces Tune's
-        # default one (whose ray/tune/* dump charts Tune's bookkeeping too).
-        callbacks=[*(callbacks or []), HParamsCallback(settings.effective_study)],
+        callbacks=callbacks,
         # Ray's console (1) with --verbose; else silent (0), and the caller passes our live table
         # (iqa_ray.search.console.console_callbacks).
         verbose=1 if settings.verbose else 0,
     )
-
 
 
 def restore_tuner(settings: SearchSettings, trainable: Any) -> Any:
@@ -302,22 +232,3 @@ def restore_tuner(settings: SearchSettings, trainable: Any) -> Any:
         raise StudyError(f"--resume: no experiment named {settings.name!r} under {settings.storage} "
                          f"(looked for {path}); start it without --resume, or check --name/--storage")
     return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-
-
-def per_gpu(gpus_per_trial: float) -> int:
-    """Trials that share one GPU at this share, if it divides a GPU sensibly (1, 1/2, 1/3, ...)."""
-    if gpus_per_trial <= 0 or gpus_per_trial > 1:
-        raise StudyError(f"--gpus-per-trial must be in (0, 1], got {gpus_per_trial}")
-    n = 1.0 / gpus_per_trial
-    if not math.isclose(n, round(n), rel_tol=1e-6):
-        raise StudyError(f"--gpus-per-trial {gpus_per_trial} does not divide a GPU into whole trials "
-                         f"(1/{gpus_per_trial} = {n:.3g}); use 1, 0.5, 0.25, 0.2, ...")
-    return int(round(n))
-
-
-def cpu_threads(cpus_per_trial: float) -> int:
-    return max(1, int(cpus_per_trial))
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from iqa_ray.core.options import Options, finite, require
-from iqa_ray.data import distortions as dist
+from iqa_ray.data.distortions.registry import DISTORTIONS
 from iqa_ray.models.backbones import SUPPORTED_BACKBONES
 
 
@@ -97,8 +97,8 @@ class PretrainConfig(Options):
                 f"images_per_epoch must be an integer >= batch_size ({self.batch_size}), got {self.images_per_epoch!r}")
         require(isinstance(self.distortions, (tuple, list)) and all(isinstance(d, str) for d in self.distortions),
                 f"distortions must be a list of distortion names, got {self.distortions!r}")
-        unknown = [d for d in self.distortions if d not in dist.DISTORTIONS]
-        require(not unknown, f"unknown distortions {unknown}; valid: {', '.join(dist.DISTORTIONS)}")
+        unknown = [d for d in self.distortions if d not in DISTORTIONS]
+        require(not unknown, f"unknown distortions {unknown}; valid: {', '.join(DISTORTIONS)}")
         require(len(set(self.distortions)) == len(self.distortions), f"distortions repeat a type: {self.distortions!r}")
         object.__setattr__(self, "distortions", tuple(self.distortions))
         require(_int(self.embedding_dim) and self.embedding_dim >= 2,
@@ -122,7 +122,7 @@ class PretrainConfig(Options):
         return super().from_dict({**(values or {}), **overrides}, what="pre-training config")
 
     def distortion_names(self) -> tuple[str, ...]:
-        return self.distortions or tuple(dist.DISTORTIONS)
+        return self.distortions or tuple(DISTORTIONS)
 
     @property
     def steps_per_epoch(self) -> int:

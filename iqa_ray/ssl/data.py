@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from iqa_ray.core.errors import DatasetError
-from iqa_ray.data import distortions as dist
+from iqa_ray.data.distortions.registry import DISTORTIONS, apply_distortion, is_grey
 
 
 @dataclass
@@ -32,7 +32,7 @@ def _downscale(image: np.ndarray, max_short_side: int | None) -> np.ndarray:
     """Downscale (never upscale) so the short side is at most ``max_short_side``, as the pre-generator does."""
     if max_short_side is None or min(image.shape[:2]) <= max_short_side:
         return np.ascontiguousarray(image)
-    from iqa_ray.data.pregenerate import scaled_size
+    from iqa_ray.data.pregenerate.plan import scaled_size
 
     w, h = scaled_size(image.shape[1], image.shape[0], max_short_side)
     return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.LANCZOS))
@@ -96,7 +96,7 @@ def load_unlabelled(
         images = [_downscale(load_reference(r), max_short_side) for r in refs]
         names = [r.key for r in refs]
     else:
-        from iqa_ray.data.dataset import decode_table
+        from iqa_ray.data.decoded import decode_table
 
         table = load_table(source, split_seed=split_seed)
         if wanted is not None:
@@ -155,8 +155,8 @@ def make_sample(
     if min(h, w) < crop_size:
         raise DatasetError(f"image {w}x{h} is smaller than crop_size {crop_size}")
     allowed = list(distortions)
-    if dist.is_grey(image):
-        allowed = [d for d in allowed if not dist.DISTORTIONS[d].needs_color]
+    if is_grey(image):
+        allowed = [d for d in allowed if not DISTORTIONS[d].needs_color]
     if not allowed:
         raise DatasetError(f"no distortion type applies to a grey image among {list(distortions)} (all need colour)")
     kind = allowed[int(rng.integers(len(allowed)))]
@@ -168,7 +168,7 @@ def make_sample(
         crop = np.ascontiguousarray(image[top : top + crop_size, left : left + crop_size])
         for k, level in enumerate(grid):
             # The same generator state at every level: same noise pattern / blur angle, stronger.
-            crops[c, k] = dist.apply_distortion(kind, crop, float(level), np.random.default_rng([distortion_seed, c]))
+            crops[c, k] = apply_distortion(kind, crop, float(level), np.random.default_rng([distortion_seed, c]))
     return crops, kind, grid
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from iqa_ray.core.errors import DatasetError
 from iqa_ray.core.io import CheckpointError, git_revision, load_weights_file, save_checkpoint, written_with
 from iqa_ray.core.runtime import default_device, epoch_seed, seed_everything
-from iqa_ray.data import distortions as dist
+from iqa_ray.data.distortions.registry import DISTORTIONS, is_grey
 from iqa_ray.models.backbones import create_backbone
 from iqa_ray.models.encoder_file import ENCODER_FILE, save_encoder
 from iqa_ray.ssl.config import PretrainConfig
@@ -69,7 +70,7 @@ def _check_images(images: Sequence[np.ndarray], config: PretrainConfig) -> None:
         if min(image.shape[:2]) < config.crop_size:
             raise DatasetError(f"image {i} is {image.shape[1]}x{image.shape[0]}, smaller than crop_size "
                                f"{config.crop_size}; use a smaller crop_size")
-    if all(dist.is_grey(im) for im in images) and all(dist.DISTORTIONS[d].needs_color for d in config.distortion_names()):
+    if all(is_grey(im) for im in images) and all(DISTORTIONS[d].needs_color for d in config.distortion_names()):
         raise DatasetError(f"every image is grey and every distortion in {list(config.distortion_names())} needs colour")
 
 
@@ -117,6 +118,51 @@ def load_pretrain_checkpoint(resume: str | os.PathLike[str] | dict[str, Any]) ->
     return state
 
 
+@dataclass
+class PretrainState:
+    """A pre-training run at the end of an epoch: everything its checkpoint holds, so saving and
+    resuming are one serialisation (:meth:`save`, :meth:`restore`).
+
+    Attributes:
+        encoder, optimizer: the run's objects, built before any state is restored.
+        epoch: the last finished epoch (0-based; -1 before the first).
+        history: every finished epoch's metrics.
+        initial: the held-out metrics before the first step.
+    """
+
+    encoder: QualityEncoder
+    optimizer: torch.optim.Optimizer
+    epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)
+
+    def save(self, directory: str | os.PathLike[str], config: PretrainConfig, revision: str) -> Path:
+        """Write ``checkpoint.pt`` (resumable) and ``encoder.pt`` to ``directory``; the checkpoint's path."""
+        directory = Path(directory)
+        save_checkpoint(directory / CHECKPOINT_FILE, {
+            "format": PRETRAIN_FORMAT, "version": FORMAT_VERSION, "epoch": self.epoch,
+            "config": json.dumps(config.to_dict()), "git_revision": revision,
+            "model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "history": json.dumps(self.history), "initial": json.dumps(self.initial),
+        })
+        save_encoder(self.encoder.backbone, directory / ENCODER_FILE, config=config, epoch=self.epoch)
+        return directory / CHECKPOINT_FILE
+
+    def restore(self, checkpoint: dict[str, Any], config: PretrainConfig) -> None:
+        """Continue from ``checkpoint`` (what :meth:`save` wrote).
+
+        Raises:
+            CheckpointError: the checkpoint was written by a different config.
+        """
+        if not written_with(checkpoint, config):
+            raise CheckpointError("the pre-training checkpoint was written by a different config; resume needs the same")
+        self.encoder.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.history = json.loads(checkpoint["history"])
+        self.initial = json.loads(checkpoint["initial"])
+        self.epoch = int(checkpoint["epoch"])
+
+
 def pretrain(
     config: PretrainConfig,
     images: Sequence[np.ndarray] | UnlabelledImages,
@@ -154,90 +200,82 @@ def pretrain(
     encoder = QualityEncoder(backbone, embedding_dim=config.embedding_dim, hidden_dim=config.hidden_dim).to(device)
     optimizer = torch.optim.AdamW(encoder.param_groups(config.lr, config.lr * config.head_lr_mult),
                                   weight_decay=config.weight_decay)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resumed optimiser's state replaces them
+    state = PretrainState(encoder, optimizer)
     train_idx, holdout_idx = _split_holdout(len(images), config)
-    eval_batches = [
+    eval_batches = _holdout_batches(images, holdout_idx, config)
+    if resume is not None:
+        state.restore(load_pretrain_checkpoint(resume), config)
+    else:
+        state.initial = _evaluate(encoder, eval_batches, config, device)
+    revision = git_revision()
+
+    end_epoch = min(config.epochs, max_epochs) if max_epochs is not None else config.epochs
+    encoder.train()
+    for epoch in range(state.epoch + 1, end_epoch):
+        metrics = _pretrain_epoch(state, base_lrs, images, train_idx, eval_batches, config, epoch, device)
+        state.history.append(metrics)
+        state.epoch = epoch
+        if on_epoch_end is not None:
+            on_epoch_end(PretrainEpoch(epoch=epoch, metrics=metrics,
+                                       save=partial(state.save, config=config, revision=revision)))
+    encoder.eval()
+    return PretrainResult(config=config, history=state.history, initial=state.initial, encoder=encoder)
+
+
+def _holdout_batches(images: list[np.ndarray], holdout_idx: np.ndarray, config: PretrainConfig) -> list[Tensor]:
+    """The held-out evaluation samples, fixed for a run (their own seed stream)."""
+    return [
         batch_tensor([_sample(config, images[holdout_idx[j % len(holdout_idx)]],
                                np.random.default_rng([config.seed, _EVAL_STREAM, j]))
                        for j in range(start, min(start + config.batch_size, config.eval_samples))])
         for start in range(0, config.eval_samples, config.batch_size)
     ]
-    steps = config.steps_per_epoch
-    total_steps = steps * config.epochs
 
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    if resume is not None:
-        state = load_pretrain_checkpoint(resume)
-        if not written_with(state, config):
-            raise CheckpointError("the pre-training checkpoint was written by a different config; resume needs the same")
-        encoder.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = json.loads(state["history"])
-        initial = json.loads(state["initial"])
-        start_epoch = int(state["epoch"]) + 1
-    else:
-        initial = _evaluate(encoder, eval_batches, config, device)
-    revision = git_revision()
 
-    end_epoch = min(config.epochs, max_epochs) if max_epochs is not None else config.epochs
-    encoder.train()
-    for epoch in range(start_epoch, end_epoch):
-        seed_everything(epoch_seed(config.seed, epoch))
-        order_rng = np.random.default_rng([config.seed, epoch, 1])
-        order = np.concatenate([order_rng.permutation(train_idx)
-                                for _ in range(math.ceil(config.images_per_epoch / len(train_idx)))])
-        sums: dict[str, float] = {}
-        sample_seconds, started = 0.0, time.perf_counter()
-        for step in range(steps):
-            global_step = epoch * steps + step
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * _lr_factor(global_step, total_steps)
-            t0 = time.perf_counter()
-            # Each sample's randomness depends only on (seed, epoch, position): batching-independent.
-            positions = range(step * config.batch_size, (step + 1) * config.batch_size)
-            batch = batch_tensor([_sample(config, images[order[p]], np.random.default_rng([config.seed, epoch, 2, p]))
-                                   for p in positions]).to(device)
-            sample_seconds += time.perf_counter() - t0
-            scores, embeddings = encode_samples(encoder, batch)
-            parts = ssl_loss(scores, embeddings, margin=config.margin, ranking_weight=config.ranking_weight,
-                             agreement_weight=config.agreement_weight)
-            if not torch.isfinite(parts["loss"]):
-                raise FloatingPointError(f"pre-training loss became {parts['loss'].item()} at epoch {epoch} (0-based), "
-                                         f"step {step}; lower lr (now {config.lr}) or keep grad_clip on")
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
-            optimizer.step()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-        seconds = time.perf_counter() - started
-        n_images = steps * config.batch_size
-        metrics = {
-            "epoch": epoch + 1,  # epochs completed, as Tune's training_iteration counts
-            **{f"train_{k}": v / steps for k, v in sums.items()},
-            **_evaluate(encoder, eval_batches, config, device),
-            "lr_backbone": optimizer.param_groups[0]["lr"],
-            "images_per_s": n_images / seconds,
-            "crops_per_s": n_images * 2 * config.levels / seconds,
-            "sampling_share": sample_seconds / seconds,
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(metrics)
-
-        def save(directory: str | os.PathLike[str], _epoch: int = epoch) -> Path:
-            directory = Path(directory)
-            save_checkpoint(directory / CHECKPOINT_FILE, {
-                "format": PRETRAIN_FORMAT, "version": FORMAT_VERSION, "epoch": _epoch,
-                "config": json.dumps(config.to_dict()), "git_revision": revision,
-                "model": encoder.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": json.dumps(history), "initial": json.dumps(initial),
-            })
-            save_encoder(encoder.backbone, directory / ENCODER_FILE, config=config, epoch=_epoch)
-            return directory / CHECKPOINT_FILE
-
-        if on_epoch_end is not None:
-            on_epoch_end(PretrainEpoch(epoch=epoch, metrics=metrics, save=save))
-    encoder.eval()
-    return PretrainResult(config=config, history=history, initial=initial, encoder=encoder)
+def _pretrain_epoch(state: PretrainState, base_lrs: list[float], images: list[np.ndarray], train_idx: np.ndarray,
+                    eval_batches: list[Tensor], config: PretrainConfig, epoch: int,
+                    device: torch.device) -> dict[str, float]:
+    """Train one epoch, re-seeded from ``(seed, epoch)``, then measure the held-out samples; its metrics."""
+    encoder, optimizer = state.encoder, state.optimizer
+    seed_everything(epoch_seed(config.seed, epoch))
+    order_rng = np.random.default_rng([config.seed, epoch, 1])
+    order = np.concatenate([order_rng.permutation(train_idx)
+                            for _ in range(math.ceil(config.images_per_epoch / len(train_idx)))])
+    steps, total_steps = config.steps_per_epoch, config.steps_per_epoch * config.epochs
+    sums: dict[str, float] = {}
+    sample_seconds, started = 0.0, time.perf_counter()
+    for step in range(steps):
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * _lr_factor(epoch * steps + step, total_steps)
+        t0 = time.perf_counter()
+        # Each sample's randomness depends only on (seed, epoch, position): batching-independent.
+        positions = range(step * config.batch_size, (step + 1) * config.batch_size)
+        batch = batch_tensor([_sample(config, images[order[p]], np.random.default_rng([config.seed, epoch, 2, p]))
+                               for p in positions]).to(device)
+        sample_seconds += time.perf_counter() - t0
+        scores, embeddings = encode_samples(encoder, batch)
+        parts = ssl_loss(scores, embeddings, margin=config.margin, ranking_weight=config.ranking_weight,
+                         agreement_weight=config.agreement_weight)
+        if not torch.isfinite(parts["loss"]):
+            raise FloatingPointError(f"pre-training loss became {parts['loss'].item()} at epoch {epoch} (0-based), "
+                                     f"step {step}; lower lr (now {config.lr}) or keep grad_clip on")
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
+        optimizer.step()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+    seconds = time.perf_counter() - started
+    n_images = steps * config.batch_size
+    return {
+        "epoch": epoch + 1,  # epochs completed, as Tune's training_iteration counts
+        **{f"train_{k}": v / steps for k, v in sums.items()},
+        **_evaluate(encoder, eval_batches, config, device),
+        "lr_backbone": optimizer.param_groups[0]["lr"],
+        "images_per_s": n_images / seconds,
+        "crops_per_s": n_images * 2 * config.levels / seconds,
+        "sampling_share": sample_seconds / seconds,
+        "epoch_seconds": time.perf_counter() - started,
+    }

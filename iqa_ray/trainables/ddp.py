@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from iqa_ray.core.io import git_revision
-from iqa_ray.trainables.iqa import NONFINITE_MARKER, with_split
+from iqa_ray.trainables.iqa import nonfinite_marker, process_report, with_split
 from iqa_ray.training.checkpoints import load_checkpoint
 from iqa_ray.training.config import TrainConfig
-from iqa_ray.training.engine import EpochResult, NonFiniteLossError, fit
+from iqa_ray.training.engine import EpochResult, fit
 from iqa_ray.training.parallel import DataParallel
 
 _END = "__end__"
@@ -89,9 +88,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume_state = load_checkpoint(directory)
-    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
-            "git_revision": git_revision(), "workers": world,
-            "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
+    node = process_report(resume_state, workers=world)
     if rank == 0:  # the model's cost on one worker's device, as an ordinary trial measures it (the
         # driver forwards rank 0's reports; the other workers wait at their first collective)
         from iqa_ray.evaluation.cost import model_cost
@@ -160,46 +157,23 @@ def ddp_trainable(
             run under the trial's folder there, where every worker can write (default: the
             trial's local folder).
     """
-    import ray
-    import ray.train
     from ray import tune
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     flat = resolve(config) if resolve is not None else dict(config)
     TrainConfig.from_dict(flat)  # a bad config fails here, not in every worker
     context = tune.get_context()
     trial_dir = Path(context.get_trial_dir())
-    marker = trial_dir / NONFINITE_MARKER
-    if marker.exists():
-        raise NonFiniteLossError(json.loads(marker.read_text())["message"])
+    marker = nonfinite_marker(trial_dir)
 
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     taken = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    train_root = f"{experiment_path.rstrip('/')}/{trial_dir.name}/ddp" if experiment_path else str(trial_dir / "ddp")
-    local_root = None if "://" in train_root and not train_root.startswith("file://") else Path(
-        train_root.removeprefix("file://"))
-    if local_root is not None and local_root.exists():
-        # The runs of an earlier start of this trial (a driver restarted by Tune, or --resume):
-        # it resumes from the trial's own checkpoint, so their copies are not needed.
-        shutil.rmtree(local_root)
-    use_gpu = workers.gpus_per_worker > 0
-    resources = {"CPU": workers.cpus_per_worker, **({"GPU": workers.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"flat": flat, "shared": shared, "splits": splits, "score_test": score_test,
-                           "stop_epochs": list(stop_epochs), "cpus_per_worker": workers.cpus_per_worker,
-                           "start_checkpoint": tune.get_checkpoint()},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            # A fresh run per driver start: a restarted driver resumes from the trial's checkpoint.
-            name=f"ddp-{os.getpid()}-{os.urandom(3).hex()}", storage_path=train_root,
-            failure_config=ray.train.FailureConfig(max_failures=max_worker_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=[_forward_to(reports, taken)]),
-    )
+    train_root, local_root = _fresh_run_root(experiment_path, trial_dir)
+    trainer = _trainer(
+        workers, train_root, max_worker_failures, _forward_to(reports, taken),
+        {"flat": flat, "shared": shared, "splits": splits, "score_test": score_test,
+         "stop_epochs": list(stop_epochs), "cpus_per_worker": workers.cpus_per_worker,
+         "start_checkpoint": tune.get_checkpoint()})
     outcome: dict[str, BaseException] = {}
 
     def run() -> None:
@@ -212,6 +186,62 @@ def ddp_trainable(
 
     thread = threading.Thread(target=run, name="ddp-trainer", daemon=True)
     thread.start()
+    _report_to_tune(reports, taken)
+    thread.join()
+    if "error" not in outcome:
+        if local_root is not None and local_root.exists():
+            shutil.rmtree(local_root)  # Tune holds the checkpoint; the run's copy is a duplicate
+    error = outcome.get("error")
+    if error is not None:
+        text = str(error)
+        if "NonFiniteLossError" in text:  # a retry would fail the same way (runs are seeded)
+            marker.write_text(json.dumps({"message": f"trial {context.get_trial_name()}: {text}"}))
+        raise RuntimeError(f"data-parallel trial {context.get_trial_name()} failed: {text}") from error
+
+
+def _fresh_run_root(experiment_path: str | None, trial_dir: Path) -> tuple[str, Path | None]:
+    """Where Ray Train keeps this trial's runs (under the trial's folder in the experiment), and that
+    folder on this machine (``None`` on remote storage), emptied of an earlier start's runs."""
+    train_root = f"{experiment_path.rstrip('/')}/{trial_dir.name}/ddp" if experiment_path else str(trial_dir / "ddp")
+    local_root = None if "://" in train_root and not train_root.startswith("file://") else Path(
+        train_root.removeprefix("file://"))
+    if local_root is not None and local_root.exists():
+        # The runs of an earlier start of this trial (a driver restarted by Tune, or --resume):
+        # it resumes from the trial's own checkpoint, so their copies are not needed.
+        shutil.rmtree(local_root)
+    return train_root, local_root
+
+
+def _trainer(workers: Workers, train_root: str, max_worker_failures: int, forward: Any,
+             loop_config: dict[str, Any]) -> Any:
+    """The trial's :class:`~ray.train.torch.TorchTrainer`: ``workers`` running :func:`train_worker`,
+    restarted from the run's latest checkpoint up to ``max_worker_failures`` times."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = workers.gpus_per_worker > 0
+    resources = {"CPU": workers.cpus_per_worker, **({"GPU": workers.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            # A fresh run per driver start: a restarted driver resumes from the trial's checkpoint.
+            name=f"ddp-{os.getpid()}-{os.urandom(3).hex()}", storage_path=train_root,
+            failure_config=ray.train.FailureConfig(max_failures=max_worker_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=[forward]),
+    )
+
+
+def _report_to_tune(reports: Any, taken: Any) -> None:
+    """Report rank 0's epochs to Tune as they arrive, until the run ends; each report is
+    acknowledged (``taken``) once Tune has it."""
+    from ray import tune
+    from ray.util.queue import Empty
+
     last_epoch = 0
     while True:
         try:
@@ -234,13 +264,3 @@ def ddp_trainable(
                                                                 filesystem=checkpoint.filesystem))
         finally:
             taken.put(True)
-    thread.join()
-    if "error" not in outcome:
-        if local_root is not None and local_root.exists():
-            shutil.rmtree(local_root)  # Tune holds the checkpoint; the run's copy is a duplicate
-    error = outcome.get("error")
-    if error is not None:
-        text = str(error)
-        if "NonFiniteLossError" in text:  # a retry would fail the same way (runs are seeded)
-            marker.write_text(json.dumps({"message": f"trial {context.get_trial_name()}: {text}"}))
-        raise RuntimeError(f"data-parallel trial {context.get_trial_name()} failed: {text}") from error

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from iqa_ray.core.io import git_revision
-from iqa_ray.data.dataset import DecodedImages
+from iqa_ray.data.decoded import DecodedImages
 from iqa_ray.trainables.placement import worker_device
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.engine import EpochResult, NonFiniteLossError, fit
@@ -36,6 +36,28 @@ def with_split(decoded: DecodedImages, split_seed: int, splits: Mapping[int, Any
     table = decoded.table.copy()
     table["split"] = list(splits[split_seed])
     return DecodedImages(images=decoded.images, table=table, skipped=decoded.skipped)
+
+
+def nonfinite_marker(trial_dir: Path) -> Path:
+    """The file a trial leaves when its loss turned non-finite; raises if an earlier attempt left it.
+
+    A retry after a non-finite loss would fail the same way (runs are seeded): it fails at once.
+    """
+    marker = trial_dir / NONFINITE_MARKER
+    if marker.exists():
+        raise NonFiniteLossError(json.loads(marker.read_text())["message"])
+    return marker
+
+
+def process_report(resume_state: Any, **extra: Any) -> dict[str, Any]:
+    """Where and from what this process runs, reported with every epoch: a restarted trial reports a
+    new pid and the epoch it resumed from, so "nothing before the checkpoint was trained twice" can
+    be checked (``extra``: more of the same, e.g. a data-parallel trial's worker count)."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
+            "git_revision": git_revision(), **extra,
+            "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
 
 
 def iqa_trainable(
@@ -76,14 +98,7 @@ def iqa_trainable(
     train_config = TrainConfig.from_dict(flat)
     decoded = with_split(decoded, train_config.data.split_seed, splits)
     context = tune.get_context()
-    trial_dir = Path(context.get_trial_dir())
-    marker = trial_dir / NONFINITE_MARKER
-    if marker.exists():
-        # A retry after a non-finite loss would fail the same way (runs are seeded): fail at once.
-        raise NonFiniteLossError(json.loads(marker.read_text())["message"])
-
-    import ray
-
+    marker = nonfinite_marker(Path(context.get_trial_dir()))
     checkpoint = tune.get_checkpoint()
     resume_state = None
     if checkpoint is not None:
@@ -91,12 +106,7 @@ def iqa_trainable(
             from iqa_ray.training.checkpoints import load_checkpoint
 
             resume_state = load_checkpoint(directory)
-    # Where and from what this process runs: a restarted trial reports a new pid and the epoch
-    # it resumed from, so "nothing before the checkpoint was trained twice" can be checked.
-    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": os.uname().nodename, "pid": os.getpid(),
-            "git_revision": git_revision(),
-            "resumed_from_epoch": int(resume_state["epoch"]) + 1 if resume_state is not None else 0}
-
+    node = process_report(resume_state)
     # What the model costs at its evaluation size (parameters, FLOPs, ms per image on this trial's
     # device): reported with every epoch, so it reaches trials.parquet and HParams for every trial.
     from iqa_ray.evaluation.cost import model_cost

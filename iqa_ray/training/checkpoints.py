@@ -1,26 +1,123 @@
-"""The engine's checkpoint file: loading it safely, the random generators' state it carries, and
-rebuilding the trained model a checkpoint describes."""
+"""The engine's checkpoint file: what it holds (:class:`TrainState`, the one object that is saved and
+restored), loading it safely, the random generators' state it carries, and rebuilding the trained
+model a checkpoint describes."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from iqa_ray.core.io import CheckpointError, load_weights_file
+from iqa_ray.core.io import CheckpointError, git_revision, load_weights_file, save_checkpoint, written_with
 from iqa_ray.core.options import ConfigError
 from iqa_ray.models.base import IQAModel
 from iqa_ray.training.build import build
 from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.schedule import Schedule
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """A training run at the end of an epoch: everything its checkpoint holds, and nothing else.
+
+    :meth:`checkpoint` is the file's content and :meth:`restore` reads it back, so saving and
+    resuming are one serialisation. Each tensor is stored once: the kept (best or last) weights are
+    written apart from the current ones only when they differ (``best_model: None`` = the same).
+
+    Attributes:
+        model, optimizer, schedule, scaler: the run's objects, built before any state is restored.
+        epoch: the last finished epoch (0-based; -1 before the first).
+        history: every finished epoch's metrics.
+        best_epoch: the epoch whose weights are kept (0-based; -1 while none is).
+        best_val: that epoch's validation metrics.
+        best_model: the kept weights (on the CPU), or ``None`` while none are kept.
+        bad_epochs: epochs since the last one whose weights were kept (early stopping's count).
+        kept_is_current: the last finished epoch's weights are the kept ones.
+    """
+
+    model: IQAModel
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val: dict[str, float] = field(default_factory=lambda: {"srcc": -math.inf})
+    best_model: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    kept_is_current: bool = False
+
+    def end_epoch(self, epoch: int, val: dict[str, float], select_epoch: str) -> bool:
+        """Record that ``epoch`` finished with validation metrics ``val``; whether its weights are kept.
+
+        ``"best"``: the epoch with the best validation SRCC so far; ``"last"``: every finite epoch
+        replaces the kept weights, so the run hands back its final weights.
+        """
+        kept = bool(np.isfinite(val["srcc"]) and (select_epoch == "last" or val["srcc"] > self.best_val["srcc"]))
+        if kept:
+            self.best_epoch, self.best_val = epoch, dict(val)
+            self.best_model = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        self.epoch, self.kept_is_current = epoch, kept
+        return kept
+
+    def checkpoint(self, config: TrainConfig) -> dict[str, Any]:
+        """The checkpoint file's content: this state, the config that made it and the random
+        generators' state now."""
+        return {
+            "format": "iqa-ray", "version": CHECKPOINT_VERSION, "epoch": self.epoch,
+            "config": json.dumps(config.to_dict()), "git_revision": git_revision(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rng_state(), "history": json.dumps(self.history), "best_epoch": self.best_epoch,
+            "best_val": json.dumps(self.best_val), "best_model": None if self.kept_is_current else self.best_model,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def save(self, directory: str | os.PathLike[str], config: TrainConfig) -> Path:
+        """Write :meth:`checkpoint` to ``directory``/``checkpoint.pt`` (atomically); its path."""
+        target = Path(directory) / CHECKPOINT_FILE
+        save_checkpoint(target, self.checkpoint(config))
+        return target
+
+    def restore(self, checkpoint: dict[str, Any], config: TrainConfig) -> None:
+        """Continue from ``checkpoint`` (what :meth:`checkpoint` wrote), random generators included.
+
+        Raises:
+            CheckpointError: the checkpoint was written by a different config.
+        """
+        if not written_with(checkpoint, config):
+            raise CheckpointError("the checkpoint was written by a different config; resume needs the same config")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        set_rng_state(checkpoint["rng"])
+        self.epoch = int(checkpoint["epoch"])
+        self.history = json.loads(checkpoint["history"])
+        self.best_epoch = int(checkpoint["best_epoch"])
+        self.best_val = json.loads(checkpoint["best_val"])
+        self.best_model = checkpoint["best_model"]
+        self.kept_is_current = self.best_model is None and self.best_epoch >= 0
+        if self.kept_is_current:  # the kept weights were this checkpoint's own
+            self.best_model = {k: v.detach().clone().cpu() for k, v in checkpoint["model"].items()}
+        self.bad_epochs = int(checkpoint["bad_epochs"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
 
 
 def rng_state() -> dict[str, Any]:

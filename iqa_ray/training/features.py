@@ -1,14 +1,15 @@
 """Frozen-backbone features computed once per dataset and shared by every run that trains a head.
 
 With a frozen backbone, every epoch of every trial would push the same images through the same
-weights. A :class:`FeatureCache` holds, for each decoded image, the pooled features
-(:meth:`iqa_ray.models.mlp.MLPIQA.pool_images`: :func:`~iqa_ray.models.mlp.pool_stages`, and with
-``reference_blur`` their change under a blur) of the whole image and of its mirror image (the one
-augmentation whole-image training uses; none with ``hflip = false``), so that training a head
-costs milliseconds per epoch instead of a backbone pass per image. A search computes one cache
-per dataset before any trial starts, puts it in Ray's object store, and hands the same reference
-to every trial (:mod:`iqa_ray.search.run`). The model trained on a cache is an ordinary
-:class:`~iqa_ray.models.mlp.MLPIQA`: its checkpoint scores raw images, with the same numbers.
+weights. A :class:`FeatureCache` holds, for each decoded image, the pooled features (the family's
+``pool_images``, e.g. :meth:`iqa_ray.models.mlp.MLPIQA.pool_images`) of the whole image and of its
+mirror image (the one augmentation whole-image training uses; none with ``hflip = false``), so that
+training a head costs milliseconds per epoch instead of a backbone pass per image. What a cache
+depends on beyond the backbone, its weights and the input size is the family's to declare
+(:meth:`iqa_ray.models.base.IQAModel.feature_cache_key`). A search computes one cache per dataset
+before any trial starts, puts it in Ray's object store, and hands the same reference to every
+trial (:mod:`iqa_ray.search.run`). The model trained on a cache is an ordinary model of its family:
+its checkpoint scores raw images, with the same numbers.
 """
 
 from __future__ import annotations
@@ -19,28 +20,36 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from iqa_ray.models.mlp import SPREAD_POOLINGS
+from iqa_ray.models.registry import FAMILIES, family
 
-__all__ = ["FeatureCache", "cache_key", "compute_features", "feature_steps", "probe_features", "CACHE_KEYS"]
+__all__ = ["FeatureCache", "cache_key", "cache_keys", "compute_features", "feature_steps", "probe_features"]
 
-# Config keys a cache depends on (besides the decoded images): a search may not search them.
-CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "pooling", "reference_blur",
-              "hflip", "pretraining", "image_size", "short_side")
+# The run's config keys a cache depends on (besides the decoded images and the family's options).
+_RUN_CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "hflip", "pretraining",
+                   "image_size", "short_side")
 
 _BATCH = 16
 
 
+def cache_keys() -> tuple[str, ...]:
+    """Config keys a cache depends on (besides the decoded images), which a search that shares one
+    cache may not search: the run's own, then every registered family's
+    (:attr:`~iqa_ray.models.base.IQAModel.FEATURE_CACHE_OPTIONS`)."""
+    declared = (key for name in FAMILIES for key in family(name).model.FEATURE_CACHE_OPTIONS)
+    return tuple(dict.fromkeys((*_RUN_CACHE_KEYS, *declared)))
+
+
 def cache_key(config: Any) -> tuple[Any, ...]:
-    """What a cache depends on besides the decoded images: backbone, its weights, input size, pooling
-    (and the pseudo-reference blur, where the family has one; and ``"unflipped"`` where ``hflip``
-    is false: such a cache holds no mirror images' features).
+    """What a cache depends on besides the decoded images: backbone, its weights, input size, the
+    family's part (:meth:`~iqa_ray.models.base.IQAModel.feature_cache_key`: the MLP's pooling and
+    pseudo-reference blur), and ``"unflipped"`` where ``hflip`` is false: such a cache holds no
+    mirror images' features.
 
     Runs whose configs share this key (and the decoded dataset) can share one cache.
     """
     m = config.model
-    key = (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size, m.pooling)
-    blur = getattr(m.options, "reference_blur", 0.0)
-    return key + ((float(blur),) if blur else ()) + (() if config.data.hflip else ("unflipped",))
+    key = (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size)
+    return key + family(m.family).model.feature_cache_key(m.options) + (() if config.data.hflip else ("unflipped",))
 
 
 @dataclass
@@ -53,33 +62,27 @@ class FeatureCache:
             config's ``hflip`` is false (training never draws a mirror image).
         key: :func:`cache_key` of the config they were computed for.
         channels: the channels of each map the backbone returned (how the columns are laid out).
-        stage_taps: which of those maps are the backbone's feature stages (all of them unless the
-            backbone tapped every block group or block, ``pooling = "blocks"`` or ``"every_block"``).
+        stage_columns: the columns that are every feature stage's spatial mean, as the model that
+            pooled them says (:meth:`~iqa_ray.models.base.IQAModel.stage_mean_columns`); ``None``
+            when they hold none.
     """
 
     plain: np.ndarray
     flipped: np.ndarray | None
     key: tuple[Any, ...]
     channels: tuple[int, ...] = ()
-    stage_taps: tuple[int, ...] | None = None
+    stage_columns: tuple[int, ...] | None = None
 
     def stage_means(self) -> np.ndarray:
-        """(N, sum of channels) every stage's spatial mean of each whole image, unflipped: the
-        strong linear probe's features (:func:`iqa_ray.evaluation.baselines.pooled_stage_features`).
+        """(N, sum of the stages' channels) every stage's spatial mean of each whole image, unflipped:
+        the strong linear probe's features (:func:`iqa_ray.evaluation.baselines.pooled_stage_features`).
 
-        Only ``stages``, ``blocks`` and ``every_block`` pooling hold them (per map, the means then
-        the standard deviations; of the block poolings, the maps that are stages).
+        Only caches whose family's pooling holds them have them (:attr:`stage_columns`).
         """
-        pooling = self.key[4]
-        if pooling not in SPREAD_POOLINGS or not self.channels:
-            raise ValueError(f"stage means need a 'stages', 'blocks' or 'every_block' pooling cache, this one is {pooling!r}")
-        stages = set(range(len(self.channels)) if self.stage_taps is None else self.stage_taps)
-        columns, start = [], 0
-        for i, c in enumerate(self.channels):
-            if i in stages:
-                columns.append(np.arange(start, start + c))
-            start += 2 * c
-        return self.plain[:, np.concatenate(columns)].astype(np.float64)
+        if self.stage_columns is None:
+            raise ValueError(f"stage means need a cache whose pooled features hold every stage's mean (the mlp's "
+                             f"'stages', 'blocks' or 'every_block' pooling); this one's key is {self.key!r}")
+        return self.plain[:, np.asarray(self.stage_columns, dtype=np.int64)].astype(np.float64)
 
     def check(self, config: Any, n_rows: int) -> None:
         """Raise ``ValueError`` unless this cache fits ``config`` and a dataset of ``n_rows`` rows."""
@@ -142,12 +145,13 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
                         flipped=None if flipped is None else np.concatenate(flipped).astype(np.float32),
                         key=cache_key(config),
                         channels=tuple(int(c) for c in model.backbone.tap_channels),
-                        stage_taps=tuple(int(i) for i in model.backbone.stage_taps))
+                        stage_columns=model.stage_mean_columns())
 
 
 def probe_features(features: Any, config: Any) -> Any:
     """The probe's features (every stage's spatial mean) taken from a search's feature cache when it
-    holds them (``stages``, ``blocks`` or ``every_block`` pooling of the same frozen ImageNet backbone), else ``None``."""
-    if features is None or config.model.pooling not in SPREAD_POOLINGS or config.model.pretrained_encoder:
+    holds them (the mlp's ``stages``, ``blocks`` or ``every_block`` pooling of the same frozen
+    ImageNet backbone: :attr:`FeatureCache.stage_columns`), else ``None``."""
+    if features is None or features.stage_columns is None or config.model.pretrained_encoder:
         return None
     return features.stage_means()

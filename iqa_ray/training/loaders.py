@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from iqa_ray.core.errors import DatasetError
 from iqa_ray.core.runtime import default_device
 from iqa_ray.data.catalog import load_table
-from iqa_ray.data.dataset import DecodedImages, IQADataset, decode_table
+from iqa_ray.data.decoded import DecodedImages, IQADataset, decode_table
 from iqa_ray.training.config import TrainConfig
 
 

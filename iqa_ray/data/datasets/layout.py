@@ -1,14 +1,15 @@
 """Datasets declared as data: a :class:`Layout` says where a dataset's label table and images are
 and what its columns mean; :func:`read_layout` turns any layout into the common table through the
-shared builder (:func:`iqa_ray.data.label_table.build_table`), with the same checks and messages as
+shared builder (:func:`iqa_ray.data.datasets.table.build_table`), with the same checks and messages as
 every adapter. IQA toolboxes keep a meta file per dataset; a layout is that, with the score's range
 and direction, the content group and the split column written down once.
 
 A dataset whose labels are one table (CSV, or Excel when ``openpyxl`` is installed) beside its
-images needs a layout and nothing else: register it (:func:`iqa_ray.data.real.register_layout`)
-and ``<name>:ROOT`` works wherever a dataset spec does. Datasets with labels spread over several
-files or stored in MATLAB files (KonIQ-10k's split file, LIVE Challenge's ``.mat`` files, KADID-10k's
-names that encode the reference and distortion) keep small adapters in :mod:`iqa_ray.data.real`
+images needs a layout and nothing else: register it (:func:`iqa_ray.data.datasets.registry.register_layout`)
+and ``<name>:ROOT`` works wherever a dataset spec does (AGIQA-3K is declared this way, in
+:mod:`iqa_ray.data.datasets.agiqa3k`). Datasets with labels spread over several files or stored in
+MATLAB files (KonIQ-10k's split file, LIVE Challenge's ``.mat`` files, KADID-10k's names that encode
+the reference and distortion) keep small adapters, one module each in :mod:`iqa_ray.data.datasets`,
 on the same builder.
 """
 
@@ -23,12 +24,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from iqa_ray.core.errors import DatasetError
-from iqa_ray.data.label_table import (
-    BASE_COLUMNS,
-    REAL_FRACTIONS,
-    Row,
-    Spec,
-    build_table,
+from iqa_ray.data.datasets.label_files import (
     dataset_root,
     find_image_dir,
     find_label_file,
@@ -36,8 +32,9 @@ from iqa_ray.data.label_table import (
     read_csv,
     under,
 )
+from iqa_ray.data.datasets.table import BASE_COLUMNS, REAL_FRACTIONS, Row, Spec, build_table
 
-__all__ = ["Layout", "read_layout", "AGIQA3K", "BUILT_IN_LAYOUTS"]
+__all__ = ["Layout", "read_layout"]
 
 
 @dataclass(frozen=True)
@@ -129,7 +126,7 @@ def read_layout(
         label_file: label file, relative to ``root`` or absolute (overrides the layout's).
 
     Raises:
-        DatasetError: see :mod:`iqa_ray.data.real`.
+        DatasetError: see :mod:`iqa_ray.data.datasets`.
     """
     name = layout.name
     root_p = dataset_root(root, name, layout.expected or f"{' or '.join(layout.label_files)} and the images")
@@ -185,31 +182,3 @@ def read_layout(
     )
     return build_table(spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error,
                        check_files=check_files)
-
-
-def _generator(name: str) -> str:
-    """AGIQA-3K file names start with the generator and its setting (``sd1.5_...``, ``midjourney_...``)."""
-    return name.split("_", 1)[0] if "_" in name else ""
-
-
-#: AGIQA-3K (Li et al., IEEE TCSVT 2023): AI-generated images with a perceptual-quality MOS on 0-5
-#: (``mos_quality``); one prompt is rendered by several generators into images of similar content,
-#: so rows are grouped by ``prompt``.
-AGIQA3K = Layout(
-    name="agiqa3k",
-    label_files=("data.csv",),
-    image_dirs=("AGIQA-3K", "AGIQA-3k", "AGIQA3K", "images"),
-    image_col="name",
-    score_col="mos_quality",
-    score_range=(0.0, 5.0),
-    score_scale="AGIQA-3K mos_quality 0-5 -> mos_quality*20",
-    group_col="prompt",
-    keep_group=True,
-    derived=(("generator", _generator),),
-    text_columns=("adj1", "adj2", "style"),
-    number_columns=("std_quality", "mos_align", "std_align"),
-    expected="data.csv and AGIQA-3K/",
-)
-
-#: The layouts that ship with iqa-ray (registered as adapters by :mod:`iqa_ray.data.real`).
-BUILT_IN_LAYOUTS = (AGIQA3K,)

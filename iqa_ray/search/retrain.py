@@ -1,17 +1,42 @@
-"""``--splits N``: the selected configuration re-trained on N more random splits, reported as papers do.
+"""Re-training the selected configuration: the model a search hands back (the refit) and ``--splits``.
 
-IQA papers report the median (and often mean +- std) of test SRCC/PLCC over 10 random 80/20 splits
-of a dataset, because one split of a few hundred photos moves SRCC by several hundredths. After a
-search has selected its configuration (on the validation photos of the search's split), each of N
-new split seeds draws another split of the same photos by source photo; one Tune trial per split
-trains the selected configuration from scratch on it, keeps its weights by the configuration's own
-rule (validation only) and scores them on that split's test photos once. Where that rule chooses
-nothing on validation (``select_epoch = "last"``, no early stopping, no plateau schedule; the cpu
-recipe's), the split's model trains on its training and validation photos together
-(``train_on_val``: a refit of a configuration already selected, the papers' 80 % for training);
-``SearchSettings.splits_train_on_val = False`` (``--splits-train-only``) keeps the validation
-photos out. The trials run in parallel as resources allow, in a Tune experiment inside the
-search's folder (``splits/``), and their rows appear in ``trials.parquet`` with ``kind = "split"``.
+Both train the configuration the search selected again, from scratch, in a Tune experiment of
+their own inside the experiment folder (``refit/``, ``splits/``; built by
+:func:`iqa_ray.search.tuner.experiment_tuner`), each trial with one trial's resources.
+
+**The refit.** A search selects a configuration on its validation photos. Where the configuration
+then chooses nothing on them (``select_epoch = "last"``, no early stopping, no plateau schedule:
+the cpu recipe), those photos have done their job, and the model handed back is better trained on
+them too, as scikit-learn's ``GridSearchCV(refit=True)`` does and as IQA papers train on 80 % of a
+dataset: after the search, one more Tune trial trains the selected configuration from scratch on
+the search split's training and validation photos (``train_on_val``), for its full epochs, and
+keeps its final weights. That trial's checkpoint is the model ``summary.json`` names (``model``),
+the one the test split is scored on (once), and the one ``iqa-ray score`` / ``load_model`` /
+``export-model`` / ``evaluate`` read from the experiment folder. Its trial lives in the
+experiment's ``refit/`` folder and appears in ``trials.parquet`` with ``kind = "refit"``.
+
+Where the configuration chooses on validation (``select_epoch = "best"``, early stopping, a plateau
+schedule), a refit would have nothing to choose with, so the selected trial's own weights are
+handed back, as they are with ``SearchSettings.refit = False`` (``--no-refit``).
+
+What was measured before this became the default (docs/BENCHMARKS.md, "Refit on training and
+validation photos"): on LIVE Challenge, the recipe's head trained on all of a cross-validation
+fold's other photos instead of three quarters of them gained +0.012 +- 0.004 SRCC (19 of 25 folds).
+
+**``--splits N``** re-trains the selected configuration on N more random splits, reported as
+papers do. IQA papers report the median (and often mean +- std) of test SRCC/PLCC over 10 random
+80/20 splits of a dataset, because one split of a few hundred photos moves SRCC by several
+hundredths. After a search has selected its configuration (on the validation photos of the
+search's split), each of N new split seeds draws another split of the same photos by source photo;
+one Tune trial per split trains the selected configuration from scratch on it, keeps its weights
+by the configuration's own rule (validation only) and scores them on that split's test photos
+once. Where that rule chooses nothing on validation (``select_epoch = "last"``, no early stopping,
+no plateau schedule; the cpu recipe's), the split's model trains on its training and validation
+photos together (``train_on_val``: a refit of a configuration already selected, the papers' 80 %
+for training); ``SearchSettings.splits_train_on_val = False`` (``--splits-train-only``) keeps the
+validation photos out. The trials run in parallel as resources allow, in a Tune experiment inside
+the search's folder (``splits/``), and their rows appear in ``trials.parquet`` with ``kind =
+"split"``.
 
 Beside each split's model, the frozen-feature linear probe is fitted and scored on the same split
 (ridge strength chosen on that split's validation photos, then, beside a refit model, fitted again
@@ -30,11 +55,97 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from iqa_ray.core.paths import REFIT_DIR
 from iqa_ray.search.export import SPLITS_DIR
-from iqa_ray.training.config import TrainConfig, validation_chooser
+from iqa_ray.search.settings import SearchSettings
+from iqa_ray.search.tuner import experiment_tuner
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.config_sections import validation_chooser
+
+REFIT_FIT_ON = "training and validation photos"
 
 
-def split_progress(settings: Any) -> list[Any]:
+# ----------------------------------------------------------------------------- the refit, the model handed back
+
+
+def hand_back(settings: SearchSettings, best: Any, resolved: dict[str, Any], decoded: Any,
+              features: Any) -> tuple[Any, dict[str, Any]]:
+    """The model the search hands back: a refit of the selected configuration on training and
+    validation photos where it chooses nothing on validation (:func:`run_refit`), else the
+    selected trial itself. A refit that fails hands back the selected trial, with the error recorded.
+
+    Returns:
+        The Tune result whose checkpoint is handed back, and ``summary.json``'s ``refit``.
+    """
+    planned, why = refit_plan(settings, TrainConfig.from_dict(resolved))
+    report: dict[str, Any] = {"planned": planned, "model": why}
+    if not planned or best.checkpoint is None:
+        return best, report
+    print(f"[refit] {why}: one more trial, the model handed back", flush=True)
+    try:  # the search has finished: whatever the refit does, its selected trial is kept and handed back
+        result = run_refit(settings, resolved, decoded, features=features)
+        failure = result.error if result.error is not None else (None if result.checkpoint is not None else "")
+    except Exception as exc:  # noqa: BLE001 - printed and recorded in summary.json, not swallowed
+        result, failure = None, exc
+    if failure is not None:
+        problem = f"{type(failure).__name__}: {failure}" if failure != "" else "it left no checkpoint"
+        print(f"[refit] failed ({problem}); the selected trial's own weights are handed back", flush=True)
+        report.update(error=problem, model="the selected trial's own weights (the refit failed)")
+        return best, report
+    epochs = result.metrics.get("epoch")
+    report.update(trial=refit_folder(result), epochs=int(epochs) if epochs is not None else None)
+    return result, report
+
+
+def refit_plan(settings: SearchSettings, config: TrainConfig) -> tuple[bool, str]:
+    """Whether the model handed back is a refit of the selected configuration, and in words why (not)."""
+    if not settings.refit:
+        return False, "--no-refit: the selected trial's own weights, trained on training photos"
+    chooser = validation_chooser(config.optim)
+    if chooser:
+        return False, f"the selected trial's own weights ({chooser} chooses on validation photos, so no refit)"
+    return True, (f"the selected configuration re-trained on {REFIT_FIT_ON} "
+                  "(select_epoch = 'last' chooses nothing on validation)")
+
+
+def run_refit(settings: SearchSettings, resolved: Mapping[str, Any], decoded: Any, *, features: Any = None) -> Any:
+    """Train the selected configuration on the search split's training and validation photos (one
+    Tune trial in ``refit/``) and return its Tune ``Result``.
+
+    Args:
+        settings: the search's :class:`~iqa_ray.search.settings.SearchSettings` (resources, storage).
+        resolved: the selected trial's flat run config.
+        decoded: the decoded dataset's object-store reference (the search's split, as the trials saw it).
+        features: the search's feature cache, if any.
+    """
+    trainable = retrain_trainable(settings, decoded, features, gpus=min(settings.gpus_per_trial, 1.0))
+    tuner = experiment_tuner(settings, trainable, {**resolved, "train_on_val": True}, name=REFIT_DIR, num_samples=1)
+    return tuner.fit()[0]
+
+
+def retrain_trainable(settings: SearchSettings, decoded: Any, features: Any, *, gpus: float, **parameters: Any) -> Any:
+    """:func:`~iqa_ray.trainables.iqa.iqa_trainable` with the search's data and one trial's resources
+    (``gpus`` of a GPU), for a re-training run; ``parameters`` go to the trainable too."""
+    from ray import tune
+
+    from iqa_ray.trainables.iqa import iqa_trainable
+
+    return tune.with_resources(
+        tune.with_parameters(iqa_trainable, decoded=decoded, cpus_per_trial=settings.cpus_per_trial,
+                             features=features, **parameters),
+        {"cpu": settings.cpus_per_trial, "gpu": gpus},
+    )
+
+
+def refit_folder(result: Any) -> str:
+    """The refit trial's folder relative to the experiment folder (``refit/<trial folder>``)."""
+    return f"{REFIT_DIR}/{str(result.path).rstrip('/').rsplit('/', 1)[-1]}"
+
+
+# ----------------------------------------------------------------------------- --splits
+
+
+def split_progress(settings: SearchSettings) -> list[Any]:
     """The live table of the split runs (one row per split seed; none with ``--verbose``)."""
     if settings.verbose:
         return []
@@ -94,12 +205,12 @@ def probe_on_splits(features: np.ndarray, table: Any, splits: Mapping[int, list[
     return out
 
 
-def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: Any, *,
+def run_splits(settings: SearchSettings, resolved: Mapping[str, Any], decoded: Any, table: Any, *,
                features: Any = None) -> dict[str, Any]:
     """Train the selected config on ``settings.splits`` new splits (one Tune trial each) and report.
 
     Args:
-        settings: the search's :class:`~iqa_ray.search.tuner.SearchSettings` (resources, storage, name).
+        settings: the search's :class:`~iqa_ray.search.settings.SearchSettings` (resources, storage, name).
         resolved: the selected trial's flat run config.
         decoded: the decoded dataset's object-store reference (the same images for every split).
         table: its label table (rows in the same order).
@@ -112,7 +223,6 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     """
     from ray import tune
 
-    from iqa_ray.trainables.iqa import iqa_trainable
     from iqa_ray.training.features import probe_features
 
     config = TrainConfig.from_dict(resolved)
@@ -122,23 +232,11 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     print(f"[splits] re-training the selected config on {len(seeds)} random splits (seeds {seeds}), "
           f"on {fit_on}" + ("; their val_srcc is measured on photos they train on: it follows the fit, "
                             "the summary gives each split's test SRCC" if refit else ""), flush=True)
-    trainable = tune.with_resources(
-        tune.with_parameters(iqa_trainable, decoded=decoded, cpus_per_trial=settings.cpus_per_trial,
-                             features=features, splits=columns, score_test=True),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-    )
+    trainable = retrain_trainable(settings, decoded, features, gpus=settings.gpus_per_trial, splits=columns,
+                                  score_test=True)
     space = {**resolved, "split_seed": tune.grid_search(seeds), "train_on_val": refit}
-    local = settings.local_experiment_dir()
-    storage = str(local) if local is not None else settings.experiment_path()
-    tuner = tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=settings.max_concurrent),
-        run_config=tune.RunConfig(name=SPLITS_DIR, storage_path=storage, verbose=1 if settings.verbose else 0,
-                                  callbacks=split_progress(settings),
-                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-    )
-    results = tuner.fit()
+    results = experiment_tuner(settings, trainable, space, name=SPLITS_DIR, callbacks=split_progress(settings),
+                               num_samples=1, max_concurrent_trials=settings.max_concurrent).fit()
     probe_matrix = probe_features(features, config)
     if probe_matrix is None:  # no cache to take them from: one backbone pass over every image, once
         probe_matrix = _probe_matrix(config, decoded, settings)
@@ -169,7 +267,7 @@ def run_splits(settings: Any, resolved: Mapping[str, Any], decoded: Any, table: 
     return report
 
 
-def split_fit(settings: Any, config: TrainConfig) -> tuple[bool, str]:
+def split_fit(settings: SearchSettings, config: TrainConfig) -> tuple[bool, str]:
     """Whether the split runs train on training and validation photos (a refit), and in words why (not)."""
     chooser = validation_chooser(config.optim)
     if not settings.splits_train_on_val:
@@ -179,7 +277,7 @@ def split_fit(settings: Any, config: TrainConfig) -> tuple[bool, str]:
     return True, "training and validation photos (the configuration is already selected; select_epoch = 'last')"
 
 
-def _probe_matrix(config: TrainConfig, decoded: Any, settings: Any) -> np.ndarray:
+def _probe_matrix(config: TrainConfig, decoded: Any, settings: SearchSettings) -> np.ndarray:
     import ray
 
     from iqa_ray.evaluation.baselines import pooled_stage_features

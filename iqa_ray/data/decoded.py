@@ -183,6 +183,41 @@ def decode_table(
             ``short_side`` that is not a positive integer.
         DatasetError: bad table or (``on_error="raise"``) an image that cannot be decoded.
     """
+    _check_decode_arguments(table, image_size, short_side, on_error)
+    records = table.to_dict("records")
+
+    # With an exact image_size every image has one shape: decode straight into the one block the
+    # dataset is kept in, instead of a list of arrays stacked afterwards (which peaked at about
+    # 2.8x the decoded size: docs/PREFLIGHT.md).
+    block = None
+    if image_size is not None:
+        width, height = (int(v) for v in image_size)
+        block = np.empty((len(records), height, width, 3), dtype=np.uint8)
+    results = _decode_rows(records, image_size, short_side, min_size, block, threads, progress)
+    keep, images, skipped = [], [], []
+    for i, (row, result) in enumerate(zip(records, results)):
+        if isinstance(result, DatasetError):
+            if on_error == "raise":
+                raise result
+            skipped.append({"row": i, "image_id": row["image_id"], "reason": str(result)})
+            continue
+        keep.append(i)
+        images.append(result)
+    if not images:
+        raise DatasetError(f"every image failed to decode ({len(skipped)} skipped); first: {skipped[0]['reason']}")
+    if block is not None:
+        # The block already holds every image; only skipped rows need compacting (a copy, rare).
+        images = block if len(keep) == len(records) else block[np.asarray(keep)]
+    else:
+        images = _pack(images)
+    label_table = table.iloc[keep].drop(columns=[c for c in ("image",) if c in table.columns]).reset_index(drop=True)
+    return DecodedImages(images=images, table=label_table, skipped=skipped)
+
+
+def _check_decode_arguments(
+    table: pd.DataFrame, image_size: tuple[int, int] | None, short_side: int | None, on_error: str
+) -> None:
+    """Raise the ``ValueError`` or ``DatasetError`` of :func:`decode_table` for bad arguments or table."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if image_size is not None and short_side is not None:
@@ -202,15 +237,19 @@ def decode_table(
         )
     if len(table) == 0:
         raise DatasetError("the dataset is empty: no rows to decode")
-    records = table.to_dict("records")
 
-    # With an exact image_size every image has one shape: decode straight into the one block the
-    # dataset is kept in, instead of a list of arrays stacked afterwards (which peaked at about
-    # 2.8x the decoded size: docs/PREFLIGHT.md).
-    block = None
-    if image_size is not None:
-        width, height = (int(v) for v in image_size)
-        block = np.empty((len(records), height, width, 3), dtype=np.uint8)
+
+def _decode_rows(
+    records: list[dict[str, Any]],
+    image_size: tuple[int, int] | None,
+    short_side: int | None,
+    min_size: int,
+    block: np.ndarray | None,
+    threads: int | None,
+    progress: Callable[[int], Any] | None,
+) -> list[np.ndarray | DatasetError]:
+    """Decode every row on a thread pool: its image (a view of ``block`` when given) or the
+    :class:`DatasetError` that names why it cannot be used, in table order."""
 
     def work(item: tuple[int, dict[str, Any]]) -> np.ndarray | DatasetError:
         i, row = item
@@ -235,24 +274,7 @@ def decode_table(
             results.append(result)
             if progress is not None:
                 progress(1)
-    keep, images, skipped = [], [], []
-    for i, (row, result) in enumerate(zip(records, results)):
-        if isinstance(result, DatasetError):
-            if on_error == "raise":
-                raise result
-            skipped.append({"row": i, "image_id": row["image_id"], "reason": str(result)})
-            continue
-        keep.append(i)
-        images.append(result)
-    if not images:
-        raise DatasetError(f"every image failed to decode ({len(skipped)} skipped); first: {skipped[0]['reason']}")
-    if block is not None:
-        # The block already holds every image; only skipped rows need compacting (a copy, rare).
-        images = block if len(keep) == len(records) else block[np.asarray(keep)]
-    else:
-        images = _pack(images)
-    label_table = table.iloc[keep].drop(columns=[c for c in ("image",) if c in table.columns]).reset_index(drop=True)
-    return DecodedImages(images=images, table=label_table, skipped=skipped)
+    return results
 
 
 def _pack(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:

@@ -1,0 +1,301 @@
+"""The end of a search: the trial it hands back, its test score beside the baselines, the summary.
+
+The trial is selected on validation only (the study's selection rule); the model handed back (the
+selected trial, or its refit, :mod:`iqa_ray.search.retrain`) is scored on the test split once, beside
+PIQE, BRISQUE and a linear probe on the same frozen backbone scored on the same photos; the
+``--splits`` runs follow, then ``summary.json`` and the exports. :func:`print_summary` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from iqa_ray.core.errors import LaunchError
+from iqa_ray.core.io import atomic_write_json, git_revision
+from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
+from iqa_ray.search.export import export_experiment
+from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, run_splits, split_lines
+from iqa_ray.search.settings import SearchSettings, experiment_dir_hint
+from iqa_ray.search.tensorboard import tensorboard_command
+from iqa_ray.search.tuner import close_orphaned_optuna_trials
+from iqa_ray.trainables.placement import worker_device
+from iqa_ray.training.config import TrainConfig
+from iqa_ray.training.features import probe_features
+
+PROBE = "linear_probe"  # the summary's name for the frozen-feature linear probe baseline
+
+
+def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float, *, features: Any = None,
+              table: Any = None) -> dict[str, Any]:
+    """Select the trial to hand back (validation only), score it on the test split once, set it
+    beside the baselines, re-train it on ``settings.splits`` more splits, export.
+
+    Args:
+        settings: the search's settings (the study's metric and mode select).
+        results: Tune's ResultGrid.
+        decoded: the decoded dataset or its object-store reference (the test split is scored from it).
+        elapsed: seconds the search took.
+        features: the shared feature cache (``feature_cache`` searches), reused by the probe and the splits.
+        table: the decoded dataset's label table (``--splits`` draws the other splits of its rows).
+    """
+    study = settings.effective_study
+    errors = [r for r in results if r.error is not None]
+    reports = trial_reports(results)
+    rule = study.selection_rule
+    best, rows = reports[selected_trial_id(settings, reports, errors)]
+    best_row = kept_report(rows) or max(rows, key=lambda row: _selection_value(row.get(study.metric), study.mode))
+    # The split and refit runs train single-process trials: one GPU at most each.
+    single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
+    resolved = study.resolve(best.config)
+    handed, refit = hand_back(single, best, resolved, decoded, features)
+    test, test_error = score_handed_back(settings, handed, decoded)
+    config = study.reported_config(best.config)
+    baselines, baselines_error = {}, None
+    if test:
+        baselines, baselines_error = baselines_beside(settings, TrainConfig.from_dict(resolved), decoded,
+                                                      features=features, refit=bool(refit.get("trial")))
+    summary = {
+        "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
+        "searcher": settings.searcher, "trial_scheduler": settings.scheduler, "trials": len(results),
+        "errored_trials": len(errors), "elapsed_s": round(elapsed, 1),
+        "metric": study.metric, "mode": study.mode,
+        "best_trial": best.path.rsplit("/", 1)[-1] if best.path else None,
+        "best_config": {k: v for k, v in config.items()},
+        "best_val": {"srcc": float(best_row["val_srcc"]), "plcc": float(best_row["val_plcc"]),
+                     "epoch": int(best_row["epoch"]), study.metric: float(best_row[study.metric])},
+        "best_trial_id": best.metrics.get("trial_id"),
+        # The model handed back (score / load_model / export-model / evaluate read it): the refit's
+        # trial folder, or the selected trial's.
+        "model": refit.get("trial") or (best.path.rsplit("/", 1)[-1] if best.path else None),
+        "refit": refit, "test": test,
+        "test_source": (f"the selected configuration re-trained on {REFIT_FIT_ON} ({refit['trial']}), its final "
+                        "weights, scored once after the search" if refit.get("trial") else
+                        "the selected trial's kept weights (chosen by validation, or its final ones), scored once "
+                        "after the search"),
+        # Validation SRCC of the selected epoch minus its test SRCC: how much the pick flatters itself.
+        "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
+        "baselines": baselines,
+    }
+    if study.multi_objective or study.select != "best":
+        summary.update(objectives=[list(o) for o in study.objectives], select=study.select,
+                       selection_rule=rule.describe(), pareto_front=pareto_front(reports, study.objectives))
+    if baselines.get(PROBE):
+        summary["versus_probe"] = test["srcc"] - baselines[PROBE]["srcc"]
+    if test_error:
+        summary["test_error"] = test_error
+    if baselines_error:
+        summary["baselines_error"] = baselines_error
+    if settings.splits and best.checkpoint is not None:
+        summary["splits"] = run_splits(single, resolved, decoded, table, features=features)
+    summary["exports"] = write_summary(settings, summary)
+    return summary
+
+
+def trial_reports(results: Any) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
+    """Every trial that reported an epoch: its id -> (its Tune result, its reports in order)."""
+    reports = {}
+    for r in results:
+        frame = r.metrics_dataframe
+        if frame is not None and len(frame):
+            reports[r.metrics.get("trial_id") or r.path] = (r, frame.to_dict("records"))
+    return reports
+
+
+def selected_trial_id(settings: SearchSettings, reports: dict[str, tuple[Any, list[dict[str, Any]]]],
+                 errors: list[Any]) -> str:
+    """The trial the search hands back, by the study's selection rule on validation only.
+
+    Raises:
+        LaunchError: no trial reported, or none qualifies (every finished trial is exported first).
+    """
+    study = settings.effective_study
+    if not reports:
+        raise LaunchError(f"no trial reported any epoch ({len(errors)} errored); see {experiment_dir_hint(settings)}")
+    rule = study.selection_rule
+    chosen = select_by_rule({k: rows for k, (_, rows) in reports.items()}, rule)
+    local = settings.local_experiment_dir()
+    if chosen is None:
+        if local is not None:  # every finished trial stays readable in the exports (no trial selected)
+            close_orphaned_optuna_trials(local / "optuna.db")
+            export_experiment(local)
+        if rule.rule == "budget":
+            seen = {k: objective_values(rows, [(c, "min") for c, _ in rule.budgets]) for k, (_, rows) in reports.items()}
+            cheapest = {c: min((v[i] for v in seen.values() if v is not None), default=None)
+                        for i, (c, _) in enumerate(rule.budgets)}
+            raise LaunchError(f"no trial fits the selection rule {rule.describe()} (the cheapest trials: "
+                              + ", ".join(f"{c} = {v:.4g}" if v is not None else f"{c} not reported" for c, v in cheapest.items())
+                              + f"); every trial is kept in {experiment_dir_hint(settings)}; search again with a larger "
+                              "budget (--select) or cheaper models")
+        raise LaunchError(f"no trial reported a finite {study.metric} ({len(reports)} reported, {len(errors)} errored; "
+                          f"every model diverged or predicted constants); see {experiment_dir_hint(settings)}")
+    return chosen
+
+
+def write_summary(settings: SearchSettings, summary: dict[str, Any]) -> dict[str, str]:
+    """``summary.json``, ``trials.parquet`` and ``epochs.parquet`` in the experiment folder (local
+    storage; none on remote storage); returns the exports' paths."""
+    local = settings.local_experiment_dir()
+    if local is None:
+        return {}
+    close_orphaned_optuna_trials(local / "optuna.db")
+    atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
+    return {k: str(v) for k, v in export_experiment(local).items()}
+
+
+def score_handed_back(settings: SearchSettings, handed: Any, decoded: Any) -> tuple[dict[str, float], str | None]:
+    """The model handed back scored on the test split once, and why there is no score (or ``None``)."""
+    if handed.checkpoint is None:
+        return {}, "the selected trial left no checkpoint"
+    test = score_test_split(handed.checkpoint, decoded, cpus=settings.cpus_per_trial,
+                            gpus=min(settings.gpus_per_trial, 1.0))
+    return test, None if test else "the dataset has no test split"
+
+
+def baselines_beside(settings: SearchSettings, config: TrainConfig, decoded: Any, *, features: Any,
+                     refit: bool) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """:func:`score_baselines` with one trial's resources, and the error that stopped them (or ``None``)."""
+    try:  # a baseline that cannot run (e.g. hub weights offline) must not lose the finished search
+        return score_baselines(config, decoded, cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0),
+                               features=features, refit=refit), None
+    except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
+        return {}, f"{type(exc).__name__}: {exc}"
+
+
+def pareto_front(reports: dict[str, tuple[Any, list[dict[str, Any]]]], objectives: Any) -> list[dict[str, Any]]:
+    """The Pareto-optimal trials: id and each objective's value at the kept epoch, best primary first."""
+    points = {k: objective_values(rows, objectives) for k, (_, rows) in reports.items()}
+    flags = pareto_flags(points, [d for _, d in objectives])
+    front = [{"trial_id": k, **dict(zip((m for m, _ in objectives), points[k]))} for k, on in flags.items() if on]
+    primary, mode = objectives[0]
+    return sorted(front, key=lambda r: -r[primary] if mode == "max" else r[primary])
+
+
+def _selection_value(value: Any, mode: str) -> float:
+    """A report's metric value for max(); non-finite values never win."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return -math.inf
+    return float(value) if mode == "max" else -float(value)
+
+
+def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
+    """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
+    from iqa_ray.training.checkpoints import model_from_checkpoint
+    from iqa_ray.training.device import autocast_dtype
+    from iqa_ray.training.inference import evaluate
+    from iqa_ray.training.loaders import eval_dataset, eval_loader
+
+    device = worker_device(threads)
+    if not (decoded.table["split"] == "test").any():
+        return {}
+    with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
+        model, config = model_from_checkpoint(directory, device=device)
+    loader = eval_loader(config, eval_dataset(config, decoded, "test"))
+    return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk),
+            "n": len(loader.dataset)}
+
+
+def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None,
+                    refit: bool = False) -> dict[str, Any]:
+    from iqa_ray.evaluation.baselines import classical_baseline, probe_baseline
+
+    device = worker_device(threads)
+    if name != PROBE:
+        return classical_baseline(decoded, name)
+    m = config.model
+    return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
+                          img_size=m.img_size or config.data.crop_size, device=device,
+                          features=probe_features(features, config), refit=refit)
+
+
+def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float,
+                    features: Any = None, refit: bool = False) -> dict[str, dict[str, Any]]:
+    """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split
+    (``refit``: the probe fitted again on training and validation photos, beside a refit model).
+
+    One Ray task per baseline, side by side, each with one trial's resources and reading the
+    dataset's object-store copy, like :func:`score_test_split`.
+    """
+    import ray
+
+    from iqa_ray.evaluation.baselines import BASELINES
+
+    task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    names = [PROBE, *BASELINES]
+    results = ray.get([task.remote(name, config, decoded, int(cpus), features if name == PROBE else None, refit)
+                       for name in names])
+    return dict(zip(names, results))
+
+
+def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:
+    """Score the selected trial's best-by-validation weights on the test split, once.
+
+    Runs as a Ray task with one trial's resources (its GPU share on a GPU cluster), reading the
+    dataset the trials read from the object store (pass its reference: no second copy).
+    """
+    import ray
+
+    task = ray.remote(_score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    return ray.get(task.remote(checkpoint, decoded, int(cpus)))
+
+
+def baseline_lines(s: dict[str, Any]) -> list[str]:
+    """The summary's baseline lines: each baseline on the same test photos, and the verdict."""
+    b = s.get("baselines") or {}
+    lines = []
+    if b:
+        probe = b[PROBE]
+        lines.append(f"baselines on the same {probe['n']} test photos:")
+        lines.append(f"  linear probe ({probe['backbone']}, {probe['pretrained']} weights, frozen; every stage pooled, "
+                     f"ridge alpha {probe['alpha']:g} chosen on validation"
+                     + (", then fitted on training and validation photos like the model" if probe.get("refit") else "")
+                     + f"): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
+        for name in ("piqe", "brisque"):
+            lines.append(f"  {name.upper()}: SRCC {b[name]['srcc']:.4f}  PLCC {b[name]['plcc']:.4f}")
+        margin = s["versus_probe"]
+        lines.append(f"the model handed back beats the probe by {margin:+.4f} SRCC" if margin > 0
+                     else f"the model handed back does not beat the probe ({margin:+.4f} SRCC)")
+    elif s.get("baselines_error"):
+        lines.append(f"baselines could not be computed: {s['baselines_error']}")
+    return lines
+
+
+def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
+    print("\n" + "=" * 78)
+    print(f"study {s['study']}: {s['trials']} trials ({s['errored_trials']} errored) in {s['elapsed_s']:.0f} s, "
+          f"searcher={s['searcher']}, trial_scheduler={s['trial_scheduler']}")
+    if s.get("pareto_front"):
+        names = [m for m, _ in s["objectives"]]
+        print(f"Pareto front ({len(s['pareto_front'])} trials; " + " / ".join(f"{m} ({d})" for m, d in s["objectives"]) + "):")
+        for row in s["pareto_front"]:
+            mark = "  <- selected" if row["trial_id"] == s["best_trial_id"] else ""
+            print("  " + row["trial_id"] + "  " + "  ".join(f"{m} {row[m]:.4g}" for m in names) + mark)
+        print(f"best config (selected on validation only: {s['selection_rule']}):")
+    else:
+        print("best config (selected on validation SRCC):")
+    searched = {p.name for p in settings.study.params}
+    for k in sorted(s["best_config"]):
+        if k in searched:
+            print(f"  {k} = {s['best_config'][k]}")
+    if s["best_val"]:
+        print(f"validation: SRCC {s['best_val']['srcc']:.4f}  PLCC {s['best_val']['plcc']:.4f}  (epoch {s['best_val']['epoch']})")
+    refit = s.get("refit") or {}
+    if refit.get("model"):
+        print(f"model handed back: {refit['model']}" + (f" ({refit['trial']})" if refit.get("trial") else ""))
+    if s["test"]:
+        print(f"test (the model handed back, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
+              f"(selected trial's validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
+    for line in baseline_lines(s):
+        print(line)
+    for line in split_lines(s.get("splits") or {}):
+        print(line)
+    print(f"results: {s['experiment']}")
+    for name, path in s["exports"].items():
+        print(f"  {name}: {path}")
+    if not s["exports"]:
+        print("  (remote storage: copy the experiment folder locally, then `iqa-ray export FOLDER` "
+              "writes trials.parquet / epochs.parquet)")
+    print(f"TensorBoard: {tensorboard_command(s['experiment'])}")
+    print("=" * 78)
+
