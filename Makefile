@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install tune pregenerate test test-fast clean-venv
+.PHONY: install tune pregenerate test test-fast coverage clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q
+
+# The whole suite as `make test` runs it, with line coverage of iqa_ray/ (docs/ARCHITECTURE.md records it).
+coverage: $(STAMP)
+	$(PY) -m pytest -m "slow or not slow" -q -n $(TEST_WORKERS) --dist loadgroup --cov=iqa_ray --cov-report=term \
+		--cov-report=json:coverage.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,10 +24,29 @@ def pytest_collection_modifyitems(config, items):
     tests marked ``in_process`` (they train in the pytest process on one thread, start no Ray and
     no subprocess, so they take the other core as the fast tests do). Without xdist the marker
     does nothing.
+
+    The group is the suffix ``@e2e`` of each such test's node id, which xdist's scheduler groups
+    by. pytest-xdist 3.8 writes that suffix into ``item._nodeid``, which pytest 9 no longer reads (a
+    node id is ``item._id``), so its ``xdist_group`` marker does nothing here and the end-to-end
+    tests were spread over both workers, two at a time; the suffix is set here instead
+    (tests/test_conftest_guard.py checks that they share one worker).
     """
+    in_groups = bool(config.getvalue("loadgroup")) if hasattr(config.option, "loadgroup") else False
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("in_process") is None:
             item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
+            if in_groups and not item.nodeid.endswith(f"@{E2E_GROUP}"):
+                _suffix_node_id(item, f"@{E2E_GROUP}")
+
+
+def _suffix_node_id(item, suffix: str) -> None:
+    """Append ``suffix`` to the node id pytest reports and xdist schedules ``item`` by."""
+    if hasattr(item, "_id"):  # pytest >= 9
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(item.nodeid + suffix)
+    else:
+        item._nodeid = item.nodeid + suffix
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +97,7 @@ TINY_TYPES = ("gaussian_blur", "jpeg", "gaussian_noise", "saturation", "contrast
 @pytest.fixture(scope="session")
 def tiny_config():
     """A generation config that exercises every code path in about a second."""
-    from iqa_ray.data.pregenerate import PregenConfig
+    from iqa_ray.data.pregenerate.config import PregenConfig
 
     return PregenConfig(
         crop_size=64, max_short_side=128, max_crops_per_photo=2, per_image=3, distortions=TINY_TYPES,
@@ -89,7 +108,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_dataset(tiny_config, tmp_path_factory):
     """The tiny config generated once, with the local engine."""
-    from iqa_ray.data.pregenerate import pregenerate
+    from iqa_ray.data.pregenerate.run import pregenerate
 
     return pregenerate(tiny_config, tmp_path_factory.mktemp("generated"), engine="local")
 

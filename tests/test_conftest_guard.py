@@ -24,3 +24,47 @@ def test_an_in_process_test_cannot_start_ray_or_a_subprocess():
 
 def test_other_tests_may_start_a_subprocess():
     assert subprocess.run(["true"], check=True).returncode == 0
+
+
+E2E_PROBE = '''
+import os
+import pytest
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(6))
+def test_end_to_end(i):
+    with open(os.path.join(os.environ["PROBE_DIR"], f"e2e-{i}"), "w") as f:
+        f.write(os.environ["PYTEST_XDIST_WORKER"])
+
+@pytest.mark.slow
+@pytest.mark.in_process
+@pytest.mark.parametrize("i", range(6))
+def test_in_process(i):
+    pass
+
+@pytest.mark.parametrize("i", range(12))
+def test_fast(i):
+    pass
+'''
+
+
+def test_the_end_to_end_tests_run_on_one_worker_under_make_test(tmp_path):
+    """`make test`'s xdist options keep every slow test that is not ``in_process`` on one worker
+    (``--dist loadgroup`` and the group this conftest gives them): two at once would share the cores
+    that each sizes its Ray instance to."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_probe.py").write_text(E2E_PROBE)
+    base = tmp_path / "base"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
+                           "-n", "2", "--dist", "loadgroup", "--basetemp", str(base), "-c", "/dev/null",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PROBE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    workers = {path.read_text() for path in tmp_path.glob("e2e-*")}
+    assert len(list(tmp_path.glob("e2e-*"))) == 6 and len(workers) == 1, workers
