@@ -80,6 +80,32 @@ def in_process_starts_no_ray(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", git_only)
 
 
+def _shared_ray() -> None:
+    import ray
+
+    from iqa_ray.search.cluster import init_ray
+
+    if not ray.is_initialized():
+        init_ray(log_to_driver=False)  # as a search's own start-up does without --verbose
+
+
+@pytest.fixture
+def shared_ray():
+    """A Ray instance sized to the machine, shared by the end-to-end tests that run a search in this
+    process: a search leaves a Ray instance it did not start running (iqa_ray.search.run), so each
+    of them is spared Ray's start-up and shutdown and finds idle workers to reuse. Started on first
+    use (again if a test shut it down); Ray shuts it down when the process exits."""
+    _shared_ray()
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_ray_session():
+    """:func:`shared_ray` for session fixtures (the searches the notebook tests share)."""
+    _shared_ray()
+    yield
+
+
 @pytest.fixture
 def one_torch_thread():
     """Torch computes on one thread for the test (deterministic, and fair to the other xdist worker)."""

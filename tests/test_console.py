@@ -84,14 +84,14 @@ def test_stopped_trials_exit_without_abort(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_console_has_no_fatal_error(tmp_path):
+def test_search_console_has_no_fatal_error(tmp_path, tiny_dataset):
     """A short real search (trials stopped by ASHA at its rung and at the last epoch) prints no crash.
 
     With ``--verbose``: Ray's own console, where every worker's log is echoed, so a worker's abort
     would show (the default console keeps worker logs in Ray's files)."""
     rc, out = run([sys.executable, str(ROOT / "launch" / "tune_ranking.py"), "--num-samples", "4", "--max-epochs", "2",
-                   "--set", "crop_size=64", "--set", "eval_patches=1", "--cpus-per-trial", "1", "--verbose",
-                   "--storage", str(tmp_path), "--name", "console"], timeout=900)
+                   "--dataset", str(tiny_dataset.path), "--set", "crop_size=64", "--set", "eval_patches=1",
+                   "--cpus-per-trial", "1", "--verbose", "--storage", str(tmp_path), "--name", "console"], timeout=900)
     assert rc == 0, out[-4000:]
     assert "study ranking: 4 trials (0 errored)" in out, out[-4000:]
     assert "Checkpoint successfully created" in out  # worker logs reached this console

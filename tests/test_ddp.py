@@ -230,17 +230,24 @@ grid = [0.002]
 """
 
 
-def _launch(tmp_path, name: str, *extra: str, max_epochs: int = 3, extra_fixed: str = ""):
+def _argv(tmp_path, name: str, dataset, *extra: str, max_epochs: int = 3, extra_fixed: str = "") -> list[str]:
+    """The launcher's flags for the tiny data-parallel study over ``dataset`` (``None``: the embedded one)."""
+    study = tmp_path / "ddp.toml"
+    study.write_text(DDP_STUDY.format(max_epochs=max_epochs, extra_fixed=extra_fixed))
+    return ["--study", str(study), *(["--dataset", str(dataset)] if dataset else []), "--storage", str(tmp_path),
+            "--name", name, "--cpus-per-trial", "2", *extra]
+
+
+def _launch(tmp_path, name: str, dataset, *extra: str, max_epochs: int = 3, extra_fixed: str = ""):
+    """The launcher in a fresh interpreter (a test that kills one of its processes), and its log."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    study = tmp_path / "ddp.toml"
-    study.write_text(DDP_STUDY.format(max_epochs=max_epochs, extra_fixed=extra_fixed))
-    cmd = [sys.executable, str(root / "launch" / "tune.py"), "--study", str(study), "--storage", str(tmp_path),
-           "--name", name, "--cpus-per-trial", "2", *extra]
+    cmd = [sys.executable, str(root / "launch" / "tune.py"),
+           *_argv(tmp_path, name, dataset, *extra, max_epochs=max_epochs, extra_fixed=extra_fixed)]
     log = tmp_path / f"{name}.log"
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=root,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True), log
@@ -255,22 +262,26 @@ def _reports(experiment) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_two_worker_trial_reports_what_a_one_worker_trial_does(tmp_path):
+def test_a_two_worker_trial_reports_what_a_one_worker_trial_does(tmp_path, capsys, shared_ray):
     """The same search (one trial, the seeded searcher draws the same lr) with 2 gloo workers and with
     one process: every epoch's train loss and validation metrics agree within TOLERANCE (see the
     module's docstring), and the trial is an ordinary one to Tune, the export and the summary."""
     import pandas as pd
 
-    runs = {}
+    from iqa_ray.cli.tune import main
+
+    runs, printed = {}, {}
     for name, extra in (("two", ("--workers-per-trial", "2")), ("one", ())):
-        proc, log = _launch(tmp_path, name, *extra)
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        # the embedded dataset: enough photos that 3 epochs learn something (test SRCC > 0 below)
+        code = main(_argv(tmp_path, name, None, *extra), prog="launch/tune.py", require_study=True)
+        printed[name] = capsys.readouterr().out
+        assert code == 0, printed[name][-3000:]
         runs[name] = pd.read_parquet(tmp_path / name / "epochs.parquet").sort_values("epoch")
         trials = pd.read_parquet(tmp_path / name / "trials.parquet")
         assert len(trials) == 1 and trials.status.iloc[0] == "TERMINATED"
         assert json.loads((tmp_path / name / "summary.json").read_text())["test"]["srcc"] > 0
     two, one = runs["two"], runs["one"]
-    assert "workers/trial=2" in (tmp_path / "two.log").read_text()
+    assert "workers/trial=2" in printed["two"]
     reports = _reports(tmp_path / "two")
     assert [r["workers"] for r in reports] == [2, 2, 2]
     # the model's cost, measured once by rank 0 on its device, as an ordinary trial does
@@ -286,7 +297,7 @@ def test_a_two_worker_trial_reports_what_a_one_worker_trial_does(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_worker_resumes_the_trial_from_its_checkpoint(tmp_path):
+def test_a_killed_worker_resumes_the_trial_from_its_checkpoint(tmp_path, tiny_dataset):
     """SIGKILL of rank 1 inside epoch 3: Ray Train restarts both workers from the newest checkpoint,
     the trial finishes, and every epoch reaches Tune exactly once."""
     import os
@@ -295,9 +306,9 @@ def test_a_killed_worker_resumes_the_trial_from_its_checkpoint(tmp_path):
 
     import pandas as pd
 
-    # 4 draws per image: epochs of a few seconds, so the kill lands inside one
-    proc, log = _launch(tmp_path, "kill", "--workers-per-trial", "2", max_epochs=4,
-                        extra_fixed="patches_per_image = 4")
+    # 16 draws per image of the tiny dataset: epochs of a few seconds, so the kill lands inside one
+    proc, log = _launch(tmp_path, "kill", tiny_dataset.path, "--workers-per-trial", "2", max_epochs=4,
+                        extra_fixed="patches_per_image = 16")
     exp = tmp_path / "kill"
     try:
         deadline = time.monotonic() + 150

@@ -1,7 +1,8 @@
 """Fault injection: killed trial workers, a killed driver, non-finite losses, a killed pre-generation.
 
 Each test runs the real launcher (in a subprocess where something must be killed) on a tiny
-study over the cached embedded dataset and checks that nothing finished was lost.
+study over the tiny pre-generated dataset (conftest.py) and checks that nothing finished was lost.
+Where a kill must land inside an epoch, ``patches_per_image`` makes the epochs last a few seconds.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ def write_study(tmp_path: Path, *, num_samples=2, max_epochs=3, searcher="random
     return path
 
 
-def launcher(study: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    return [PY, str(ROOT / "launch" / "tune.py"), "--study", str(study), "--storage", str(storage), "--name", name,
+def launcher(study: Path, storage: Path, name: str, dataset, *extra: str) -> list[str]:
+    return [PY, str(ROOT / "launch" / "tune.py"), *launch_flags(study, storage, name, dataset, *extra)]
+
+
+def launch_flags(study: Path, storage: Path, name: str, dataset, *extra: str) -> list[str]:
+    return ["--study", str(study), "--dataset", str(dataset), "--storage", str(storage), "--name", name,
             "--cpus-per-trial", "1", *extra]
 
 
@@ -101,10 +106,10 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_killed_trial_worker_restarts_from_its_checkpoint(tmp_path):
-    study = write_study(tmp_path, num_samples=1, max_epochs=4)
+def test_killed_trial_worker_restarts_from_its_checkpoint(tmp_path, tiny_dataset):
+    study = write_study(tmp_path, num_samples=1, max_epochs=4, extra_fixed="patches_per_image = 8")
     log = tmp_path / "log.txt"
-    proc = start(launcher(study, tmp_path, "killworker"), log)
+    proc = start(launcher(study, tmp_path, "killworker", tiny_dataset.path), log)
     try:
         exp = tmp_path / "killworker"
 
@@ -134,13 +139,13 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(tmp_path):
     assert after.epoch.min() == done_before + 1, "no epoch before the checkpoint was trained again"
 
 
-def test_a_trial_checkpointing_every_other_epoch_repeats_the_lost_epoch_exactly(tmp_path):
+def test_a_trial_checkpointing_every_other_epoch_repeats_the_lost_epoch_exactly(tmp_path, tiny_dataset):
     """checkpoint_every=2: killed early in epoch 4, the trial resumes from epoch 2's checkpoint and
     trains epoch 3 again with the same result, then finishes."""
-    # 4 draws per image per epoch: epochs of several seconds, so the kill lands inside epoch 4
-    study = write_study(tmp_path, num_samples=1, max_epochs=4, extra_fixed="checkpoint_every = 2\npatches_per_image = 4")
+    # 8 draws per image per epoch: epochs of several seconds, so the kill lands inside epoch 4
+    study = write_study(tmp_path, num_samples=1, max_epochs=4, extra_fixed="checkpoint_every = 2\npatches_per_image = 8")
     log = tmp_path / "log.txt"
-    proc = start(launcher(study, tmp_path, "every2"), log)
+    proc = start(launcher(study, tmp_path, "every2", tiny_dataset.path), log)
     try:
         exp = tmp_path / "every2"
 
@@ -172,14 +177,15 @@ def test_a_trial_checkpointing_every_other_epoch_repeats_the_lost_epoch_exactly(
     assert sorted(epochs.epoch) == [1, 2, 3, 4], "the export keeps one report per epoch"
 
 
-def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
+def test_killed_driver_resumes_without_losing_finished_trials(tmp_path, tiny_dataset):
     import optuna
 
-    study = write_study(tmp_path, num_samples=3, max_epochs=3, searcher="optuna", scheduler="none")
+    study = write_study(tmp_path, num_samples=3, max_epochs=3, searcher="optuna", scheduler="none",
+                        extra_fixed="patches_per_image = 4")
     log = tmp_path / "log.txt"
     name = "killdriver"
     exp = tmp_path / name
-    proc = start(launcher(study, tmp_path, name, "--max-concurrent", "2"), log)
+    proc = start(launcher(study, tmp_path, name, tiny_dataset.path, "--max-concurrent", "2"), log)
     try:
         def one_done_one_running():
             rows = {t.name: results(t) for t in exp.glob("trial_*")}
@@ -196,7 +202,7 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
             kill_group(proc)
 
     resumed_log = tmp_path / "resume.txt"
-    resumed = start(launcher(study, tmp_path, name, "--max-concurrent", "2", "--resume"), resumed_log)
+    resumed = start(launcher(study, tmp_path, name, tiny_dataset.path, "--max-concurrent", "2", "--resume"), resumed_log)
     assert resumed.wait(timeout=600) == 0, resumed_log.read_text()[-3000:]
 
     trials = pd.read_parquet(exp / "trials.parquet")
@@ -218,15 +224,15 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path):
     assert len(completed) == 3
 
 
-def test_non_finite_loss_errors_one_trial_and_the_experiment_goes_on(tmp_path):
+def test_non_finite_loss_errors_one_trial_and_the_experiment_goes_on(tmp_path, tiny_dataset, shared_ray):
     from iqa_ray.cli.tune import main
 
     study = write_study(
         tmp_path, num_samples=1, max_epochs=2, searcher="grid",
         extra_params='[params.lr]\nrole = "nuisance"\ntype = "loguniform"\nlow = 1e-4\nhigh = 1e9\ngrid = [1e-3, 1e9]\n',
-        extra_fixed="grad_clip = 1e30",
+        extra_fixed="grad_clip = 1e30\npatches_per_image = 4",  # several steps in epoch 0: its second one is NaN
     )
-    code = main(["--study", str(study), "--storage", str(tmp_path), "--name", "nan", "--cpus-per-trial", "1"])
+    code = main(launch_flags(study, tmp_path, "nan", tiny_dataset.path))
     assert code == 0
     trials = pd.read_parquet(tmp_path / "nan" / "trials.parquet").set_index("config.lr")
     assert trials.loc[1e-3, "status"] == "TERMINATED" and trials.loc[1e-3, "stop_epoch"] == 2

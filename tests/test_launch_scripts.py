@@ -1,9 +1,17 @@
-"""Every launcher's --smoke-test runs a real (tiny) search end to end, as the Ray Tune examples do in CI."""
+"""Every launcher's --smoke-test runs a real (tiny) search end to end, as the Ray Tune examples do in CI.
+
+``launch/tune_ranking.py`` runs as a user runs it, in a fresh interpreter that starts its own Ray
+(the console checks need the process's whole output). The other scripts are the same
+``iqa_ray.cli.tune.main`` with another study fixed: they run in this process, on the Ray instance
+the end-to-end tests share (``shared_ray`` in conftest.py).
+"""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -14,6 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def selected_folder(trials: pd.DataFrame) -> str:
     return trials[trials.selected].trial_dir.iloc[0]
+
+
+def run_launcher(script: str, argv: list[str], request, capsys) -> SimpleNamespace:
+    """``launch/<script> argv``: in a fresh interpreter for tune_ranking.py, else in this process."""
+    if script == "tune_ranking.py":
+        return subprocess.run([sys.executable, str(ROOT / "launch" / script), *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=900)
+    from iqa_ray.cli.tune import main
+
+    request.getfixturevalue("shared_ray")
+    study = re.search(r'main\(study="(\w+)"\)', (ROOT / "launch" / script).read_text()).group(1)
+    code = main(argv, study=study)
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 @pytest.mark.slow
@@ -27,9 +49,8 @@ def selected_folder(trials: pd.DataFrame) -> str:
     # trains at about 1 img/s on CPU and made this one test take 3 minutes of CI.
     ("tune_backbone.py", ["--set", "pretrained=none", "--seed", "10"]),
 ])
-def test_smoke_test_of_every_launcher(tmp_path, script, extra):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--smoke-test", "--storage", str(tmp_path),
-                           "--name", "smoke", *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+def test_smoke_test_of_every_launcher(tmp_path, script, extra, request, capsys):
+    proc = run_launcher(script, ["--smoke-test", "--storage", str(tmp_path), "--name", "smoke", *extra], request, capsys)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "best config (selected on validation" in proc.stdout  # SRCC, or the study's rule over its objectives
     assert "tensorboard --logdir" in proc.stdout

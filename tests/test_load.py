@@ -8,8 +8,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 @pytest.mark.slow
 def test_two_hundred_short_trials_finish_with_bounded_driver_memory_and_nothing_left(tmp_path):
+    import ray
     from load_trials import run
 
+    ray.shutdown()  # the end-to-end tests' shared instance (conftest.py): this test starts and counts its own
     result = run(200, str(tmp_path))
     assert result["finished"] == 200 and result["errored"] == 0
     rss = {int(k): v for k, v in result["driver_rss_mb"].items()}

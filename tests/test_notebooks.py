@@ -115,7 +115,7 @@ def copy_parquet_only(experiment: Path, target: Path) -> Path:
 # Session scope, not module: under `make test` the e2e worker may run another module's test between
 # two of these (xdist's order), and a module fixture would then run both searches again (about 3 min).
 @pytest.fixture(scope="session")
-def experiments(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+def experiments(tiny_dataset, tmp_path_factory, shared_ray_session) -> dict[str, Path]:
     from iqa_ray.cli.tune import main
 
     root = tmp_path_factory.mktemp("results")

@@ -240,14 +240,8 @@ def test_open_generated_rejects_unfinished_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_data_engine_matches_local_engine(tiny_config, tiny_dataset, tmp_path):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        on_ray = pregenerate(tiny_config, tmp_path, engine="ray", crops_per_unit=2)
-    finally:
-        ray.shutdown()
+def test_ray_data_engine_matches_local_engine(tiny_config, tiny_dataset, tmp_path, shared_ray):
+    on_ray = pregenerate(tiny_config, tmp_path, engine="ray", crops_per_unit=2)
     assert on_ray.stats["engine"] == "ray"
     a = read_shards(tiny_dataset).to_pandas()
     b = read_shards(on_ray).to_pandas()

@@ -1,9 +1,6 @@
 """Searching `pretraining = none | ssl` (seed 004): the study, the encoder cache, a real search."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -193,17 +190,26 @@ def test_an_encoder_cached_for_another_split_seed_is_not_reused(tmp_path, monkey
     _images_pre_training_would_see(study, monkeypatch, tmp_path / "encoders")
 
 
+def _search(argv: list[str], capsys) -> str:
+    """``launch/tune_pretraining.py argv`` in this process (on the shared Ray instance); its stdout."""
+    from iqa_ray.cli.tune import main
+
+    code = main(argv, study="pretraining")
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_a_search_over_pretraining_pretrains_once_and_ssl_trials_start_from_the_encoder(tmp_path):
+def test_a_search_over_pretraining_pretrains_once_and_ssl_trials_start_from_the_encoder(tmp_path, monkeypatch, capsys,
+                                                                                         shared_ray):
     # The shared data dir keeps the (smoke) embedded dataset other tests generated; the encoder
     # cache is this test's own, so the first search must pre-train.
-    env = {**os.environ, "IQA_RAY_ENCODERS": str(tmp_path / "encoders")}
-    cmd = [sys.executable, str(ROOT / "launch" / "tune_pretraining.py"), "--smoke-test", "--searcher", "grid",
-           "--num-samples", "1", "--storage", str(tmp_path / "results"), "--name", "pt"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[pretraining] " in proc.stdout and "held-out ranking accuracy" in proc.stdout
-    assert "  pretraining = " in proc.stdout  # the best config names the searched choice
+    monkeypatch.setenv("IQA_RAY_ENCODERS", str(tmp_path / "encoders"))
+    stdout = _search(["--smoke-test", "--searcher", "grid", "--num-samples", "1", "--storage", str(tmp_path / "results"),
+                      "--name", "pt"], capsys)
+    assert "[pretraining] " in stdout and "held-out ranking accuracy" in stdout
+    assert "  pretraining = " in stdout  # the best config names the searched choice
     encoders = list((tmp_path / "encoders").glob("efficientnet_lite0-*/encoder.pt"))
     assert len(encoders) == 1
     record = json.loads((encoders[0].parent / "pretraining.json").read_text())
@@ -222,8 +228,6 @@ def test_a_search_over_pretraining_pretrains_once_and_ssl_trials_start_from_the_
     assert none["config.pretrained_encoder"].isna().all()
 
     # the same search again reuses the encoder instead of pre-training it twice
-    again_cmd = [sys.executable, str(ROOT / "launch" / "tune_pretraining.py"), "--smoke-test", "--num-samples", "1",
-                 "--searcher", "random", "--storage", str(tmp_path / "results"), "--name", "pt2"]
-    again = subprocess.run(again_cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "reusing the efficientnet_lite0 encoder" in again.stdout and "pre-training 1 encoder" not in again.stdout
+    again = _search(["--smoke-test", "--num-samples", "1", "--searcher", "random", "--storage",
+                     str(tmp_path / "results"), "--name", "pt2"], capsys)
+    assert "reusing the efficientnet_lite0 encoder" in again and "pre-training 1 encoder" not in again

@@ -215,7 +215,8 @@ def small_livec(tmp_path):
 
 @needs_livec
 @pytest.mark.slow
-def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(small_livec, tmp_path, capsys):
+def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(small_livec, tmp_path, capsys,
+                                                                             shared_ray):
     storage = tmp_path / "results"
     code = main(["--dataset", f"livec:{small_livec}", "--smoke-test", "--splits", "2", "--name", "e2e",
                  "--storage", str(storage), "--gpus", "0"], study="ranking")

@@ -303,21 +303,15 @@ def test_pretrain_command_writes_its_run_folder_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pretrain_trainable_reports_every_epoch_with_an_encoder(photos, tmp_path):
-    import ray
+def test_pretrain_trainable_reports_every_epoch_with_an_encoder(photos, tmp_path, shared_ray):
     from ray import tune
 
     from iqa_ray.trainables.pretraining import pretrain_trainable
 
-    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True)
-    try:
-        trainable = tune.with_parameters(pretrain_trainable, images=photos.images)
-        space = {**tiny(epochs=2, images_per_epoch=8, eval_samples=4).to_dict(), "levels": tune.grid_search([2, 3])}
-        tuner = tune.Tuner(trainable, param_space=space,
-                           run_config=tune.RunConfig(storage_path=str(tmp_path), name="pretrain"))
-        results = tuner.fit()
-    finally:
-        ray.shutdown()
+    trainable = tune.with_parameters(pretrain_trainable, images=photos.images)
+    space = {**tiny(epochs=2, images_per_epoch=8, eval_samples=4).to_dict(), "levels": tune.grid_search([2, 3])}
+    tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(storage_path=str(tmp_path), name="pretrain"))
+    results = tuner.fit()
     assert not results.errors and len(results) == 2
     for result in results:
         assert result.metrics["training_iteration"] == 2 and "val_ranking_accuracy" in result.metrics

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -343,16 +342,14 @@ def test_a_tensorboard_that_cannot_start_is_reported(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_search_in_tensorboard(tmp_path, tiny_dataset, tensorboard):
+def test_real_search_in_tensorboard(tmp_path, tiny_dataset, tensorboard, capsys, shared_ray):
+    from iqa_ray.cli.tune import main
+
     study_path = tmp_path / "tiny_tb.toml"
     study_path.write_text(TINY_STUDY)
-    log = tmp_path / "search.log"
-    cmd = [sys.executable, str(ROOT / "launch" / "tune.py"), "--study", str(study_path), "--storage", str(tmp_path),
-           "--name", "tb", "--cpus-per-trial", "1", "--dataset", str(tiny_dataset.path)]
-    with open(log, "w") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, timeout=300,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-    assert code == 0, log.read_text()[-4000:]
+    code = main(["--study", str(study_path), "--storage", str(tmp_path), "--name", "tb", "--cpus-per-trial", "1",
+                 "--dataset", str(tiny_dataset.path)], prog="launch/tune.py", require_study=True)
+    assert code == 0, capsys.readouterr().out[-4000:]
     exp = tmp_path / "tb"
     trials = {}
     for folder in sorted(exp.glob("trial_*")):

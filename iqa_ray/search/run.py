@@ -104,7 +104,11 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
 
 
 def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
-    """Start (or join) Ray, run or resume the search, print its summary; Ray is shut down after."""
+    """Start (or join) Ray, run or resume the search, print its summary.
+
+    A Ray instance this call started is shut down after it; one it joined (``--address``, or one
+    this process had started already) is left running for its owner.
+    """
     if settings.local_experiment_dir() is not None and not args.resume:
         existing = settings.local_experiment_dir()
         if existing.exists() and any(existing.iterdir()):
@@ -115,13 +119,16 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if not settings.verbose:  # Ray's and Optuna's INFO lines to a file, our trial table on the console
             stack.enter_context(quiet_console(driver_log_path(settings)))
+        import ray
+
+        owns_ray = not args.address and not ray.is_initialized()
         try:
             resources = init_ray(address=args.address, log_to_driver=settings.verbose)
         except ConnectionError as exc:
             if not args.address:
                 raise
             raise LaunchError(str(exc)) from None
-        settings, summary = _search(settings, args, resources)
+        settings, summary = _search(settings, args, resources, owns_ray=owns_ray)
     print_summary(settings, summary)
     return 0
 
@@ -135,8 +142,10 @@ def driver_log_path(settings: SearchSettings) -> Path:
     return Path(tempfile.gettempdir()) / f"iqa-ray-{settings.name}-{DRIVER_LOG}"
 
 
-def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[str, float]) -> tuple[SearchSettings, dict[str, Any]]:
-    """Everything between Ray's start and its shutdown: data, features, the Tuner, the summary."""
+def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[str, float], *,
+            owns_ray: bool) -> tuple[SearchSettings, dict[str, Any]]:
+    """Everything between Ray's start and its shutdown (where ``owns_ray``): data, features, the Tuner,
+    the summary."""
     import ray
 
     from iqa_ray.search.console import console_callbacks
@@ -188,7 +197,7 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
         elapsed = time.perf_counter() - started
         summary = summarise(settings, results, decoded_ref, elapsed, features=features, table=table)
     finally:
-        if ray.is_initialized() and not args.address:
+        if owns_ray and ray.is_initialized():
             ray.shutdown()
     return settings, summary
 
