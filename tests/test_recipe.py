@@ -241,6 +241,15 @@ def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(
     assert split_rows["test_srcc"].iloc[0] == pytest.approx(report["per_split"][0]["test_srcc"])
     assert trials[trials["kind"] == "search"]["selected"].sum() == 1
     assert "[features]" in out and "over 1 more random splits" in out
+    # Every phase of the run is timed, in the order it ran, and printed: the refit and the
+    # splits are there because this run had them; the phases add up to at most the total.
+    ran = ["startup", "decoding", "features", "search", "refit", "test", "baselines", "splits", "report"]
+    assert set(summary["phases"]) == set(ran)  # (summary.json's keys are sorted)
+    assert all(s >= 0 for s in summary["phases"].values()) and summary["phases"]["search"] > 0
+    assert sum(summary["phases"].values()) <= summary["total_s"] + 0.5
+    timing = next(line for line in out.splitlines() if line.startswith("time: "))
+    assert [part.split()[0] for part in timing[len("time: "):].split(";")[0].split(", ")] == ran
+    assert timing.endswith(f"total {summary['total_s']:.0f} s")
     # The model handed back is the selected config re-trained on the search split's training and
     # validation photos: its trial holds the test metrics, the probe beside it is refitted too, and
     # the experiment folder resolves to it (score / load_model / export-model / evaluate).

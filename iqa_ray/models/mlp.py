@@ -234,9 +234,12 @@ class MLPIQA(IQAModel):
 
     def pool_images(self, images: Tensor) -> Tensor:
         """(B, D) pooled features of images in [0, 1] (what a feature cache holds): one backbone
-        pass, two with ``reference_blur``."""
+        pass, two with ``reference_blur``. The backbone runs in the caller's autocast (the feature
+        pass's ``feature_dtype``), the pooling in float32."""
         blurred = self.backbone(self.blurred(images)) if self.reference_blur else None
-        return self.pool_maps(self.backbone(images), blurred)
+        stages = self.backbone(images)
+        with full_precision(images.device):
+            return self.pool_maps([s.float() for s in stages], None if blurred is None else [b.float() for b in blurred])
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         if not self.reference_blur:

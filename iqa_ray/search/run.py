@@ -28,6 +28,7 @@ from iqa_ray.search.cluster import (
     trial_workers,
 )
 from iqa_ray.search.encoders import prepare_encoders
+from iqa_ray.search.phases import Phases
 from iqa_ray.search.settings import SearchSettings, resolve_gpus
 from iqa_ray.search.summary import print_summary, summarise
 from iqa_ray.search.tuner import build_tuner, restore_tuner, stop_epochs
@@ -116,6 +117,7 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
                               "it or choose another --name")
     from iqa_ray.search.console import quiet_console
 
+    phases = Phases()
     with contextlib.ExitStack() as stack:
         if not settings.verbose:  # Ray's and Optuna's INFO lines to a file, our trial table on the console
             stack.enter_context(quiet_console(driver_log_path(settings)))
@@ -123,12 +125,13 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
 
         owns_ray = not args.address and not ray.is_initialized()
         try:
-            resources = init_ray(address=args.address, log_to_driver=settings.verbose)
+            with phases("startup"):
+                resources = init_ray(address=args.address, log_to_driver=settings.verbose)
         except ConnectionError as exc:
             if not args.address:
                 raise
             raise LaunchError(str(exc)) from None
-        settings, summary = _search(settings, args, resources, owns_ray=owns_ray)
+        settings, summary = _search(settings, args, resources, owns_ray=owns_ray, phases=phases)
     print_summary(settings, summary)
     return 0
 
@@ -143,63 +146,80 @@ def driver_log_path(settings: SearchSettings) -> Path:
 
 
 def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[str, float], *,
-            owns_ray: bool) -> tuple[SearchSettings, dict[str, Any]]:
+            owns_ray: bool, phases: Phases) -> tuple[SearchSettings, dict[str, Any]]:
     """Everything between Ray's start and its shutdown (where ``owns_ray``): data, features, the Tuner,
-    the summary."""
+    the summary, each phase timed in ``phases``."""
     import ray
 
     from iqa_ray.search.console import console_callbacks
 
     try:
-        gpus, share = resolve_gpus(args, resources)
-        cpus = float(resources.get("CPU", 1))
-        node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-        if settings.workers_per_trial > 1:
-            share = 0.0  # --workers-per-trial N: CPU workers (GPU ones are --gpus-per-trial N)
-        settings = replace(settings, gpus_per_trial=share)
-        if trial_workers(settings) > 1:
-            # Data-parallel workers are placed by Ray Train, not in the trial's request: checked and
-            # capped here so that no trial waits forever for workers the cluster cannot place.
-            settings = replace(settings, max_concurrent=check_data_parallel_fits(settings, node_cpus, gpus))
-        else:
-            check_cpus_per_trial(settings.cpus_per_trial, node_cpus)
-            # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
-            settings = replace(settings, max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
-        print("\n".join([*settings.recipe_lines, *settings.effective_study.describe()]), flush=True)
-        print(f"[search] searcher={settings.searcher} trial_scheduler={settings.scheduler} samples={settings.num_samples} "
-              f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
-              f"workers/trial={trial_workers(settings)} "
-              f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
-        decoded, spec = prepare_dataset(settings, args.smoke_test)
-        # Into the object store once: every trial and the final test scoring map this copy, and the
-        # driver keeps only the reference (and the small label table, for --splits).
-        table = decoded.table
-        decoded_ref = ray.put(decoded)
-        del decoded
+        settings, share = _place_trials(settings, args, resources)
+        with phases("decoding"):
+            decoded, spec = prepare_dataset(settings, args.smoke_test)
+            # Into the object store once: every trial and the final test scoring map this copy, and the
+            # driver keeps only the reference (and the small label table, for --splits).
+            table = decoded.table
+            decoded_ref = ray.put(decoded)
+            del decoded
         # One task on one node: as many CPUs as the largest node has (up to 4), never the cluster total.
         # One process each (a data-parallel trial's whole-GPU count is its workers', not theirs).
         one_gpu = min(share, 1.0)
-        features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=one_gpu,
-                                    n_images=len(table))
+        node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        with phases("features"):
+            features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=one_gpu,
+                                        n_images=len(table))
         # Studies with `pretraining = "ssl"` get their encoders now, before any trial is started.
-        encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=one_gpu,
-                                    smoke=args.smoke_test)
+        encoders = {}
+        if settings.effective_study.encoder_backbones():
+            with phases("encoders"):
+                encoders = prepare_encoders(settings.effective_study, cpus=settings.cpus_per_trial, gpus=one_gpu,
+                                            smoke=args.smoke_test)
         if encoders:
             settings = replace(settings, study=settings.study.with_encoders(encoders))
         if not args.resume:  # a resumed Tuner keeps the configs it was started with
             settings = replace(settings, overrides=tuple(sorted({**dict(settings.overrides), "dataset": spec}.items())))
             write_experiment_info(settings, args)
         trainable = make_trainable(settings, decoded_ref, features)
-        started = time.perf_counter()
-        tuner = (restore_tuner(settings, trainable) if args.resume
-                 else build_tuner(settings, trainable, callbacks=console_callbacks(settings)))
-        results = tuner.fit()
-        elapsed = time.perf_counter() - started
-        summary = summarise(settings, results, decoded_ref, elapsed, features=features, table=table)
+        with phases("search"):
+            started = time.perf_counter()
+            tuner = (restore_tuner(settings, trainable) if args.resume
+                     else build_tuner(settings, trainable, callbacks=console_callbacks(settings)))
+            results = tuner.fit()
+            elapsed = time.perf_counter() - started
+        summary = summarise(settings, results, decoded_ref, elapsed, features=features, table=table, phases=phases)
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
     return settings, summary
+
+
+def _place_trials(settings: SearchSettings, args: argparse.Namespace,
+                  resources: dict[str, float]) -> tuple[SearchSettings, float]:
+    """The settings with the trials' GPU share and concurrency resolved against the cluster (refused
+    when the cluster cannot place them), printed; and that GPU share."""
+    import ray
+
+    gpus, share = resolve_gpus(args, resources)
+    cpus = float(resources.get("CPU", 1))
+    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    if settings.workers_per_trial > 1:
+        share = 0.0  # --workers-per-trial N: CPU workers (GPU ones are --gpus-per-trial N)
+    settings = replace(settings, gpus_per_trial=share)
+    if trial_workers(settings) > 1:
+        # Data-parallel workers are placed by Ray Train, not in the trial's request: checked and
+        # capped here so that no trial waits forever for workers the cluster cannot place.
+        settings = replace(settings, max_concurrent=check_data_parallel_fits(settings, node_cpus, gpus))
+    else:
+        check_cpus_per_trial(settings.cpus_per_trial, node_cpus)
+        # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
+        settings = replace(settings, max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
+    print("\n".join([*settings.recipe_lines, *settings.effective_study.describe()]), flush=True)
+    print(f"[search] searcher={settings.searcher} trial_scheduler={settings.scheduler} samples={settings.num_samples} "
+          f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
+          f"workers/trial={trial_workers(settings)} "
+          f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
+    return settings, share
 
 
 def make_trainable(settings: SearchSettings, decoded_ref: Any, features: Any) -> Any:

@@ -16,7 +16,8 @@ from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.io import atomic_write_json, git_revision
 from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
 from iqa_ray.search.export import export_experiment
-from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, run_splits, split_lines
+from iqa_ray.search.phases import Phases, describe
+from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, refit_plan, run_splits, split_lines
 from iqa_ray.search.settings import SearchSettings, experiment_dir_hint
 from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.search.tuner import close_orphaned_optuna_trials
@@ -28,9 +29,9 @@ PROBE = "linear_probe"  # the summary's name for the frozen-feature linear probe
 
 
 def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: float, *, features: Any = None,
-              table: Any = None) -> dict[str, Any]:
+              table: Any = None, phases: Phases | None = None) -> dict[str, Any]:
     """Select the trial to hand back (validation only), score it on the test split once, set it
-    beside the baselines, re-train it on ``settings.splits`` more splits, export.
+    beside the baselines, re-train it on ``settings.splits`` more splits, export; each phase timed.
 
     Args:
         settings: the search's settings (the study's metric and mode select).
@@ -39,7 +40,9 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         elapsed: seconds the search took.
         features: the shared feature cache (``feature_cache`` searches), reused by the probe and the splits.
         table: the decoded dataset's label table (``--splits`` draws the other splits of its rows).
+        phases: the search's phase timer (the refit, test, baselines, splits and report phases are added).
     """
+    phases = phases if phases is not None else Phases()
     study = settings.effective_study
     errors = [r for r in results if r.error is not None]
     reports = trial_reports(results)
@@ -49,13 +52,23 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     # The split and refit runs train single-process trials: one GPU at most each.
     single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
     resolved = study.resolve(best.config)
-    handed, refit = hand_back(single, best, resolved, decoded, features)
-    test, test_error = score_handed_back(settings, handed, decoded)
+    # PIQE and BRISQUE read only the test photos: they run while a refit trains.
+    overlap = refit_plan(single, TrainConfig.from_dict(resolved))[0] and table is not None and has_test(table)
+    classical = (start_classical_baselines(decoded, cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0))
+                 if overlap else None)
+    with phases("refit"):
+        handed, refit = hand_back(single, best, resolved, decoded, features)
+    with phases("test"):
+        test, test_error = score_handed_back(settings, handed, decoded)
     config = study.reported_config(best.config)
     baselines, baselines_error = {}, None
-    if test:
-        baselines, baselines_error = baselines_beside(settings, TrainConfig.from_dict(resolved), decoded,
-                                                      features=features, refit=bool(refit.get("trial")))
+    with phases("baselines"):
+        if test:
+            baselines, baselines_error = baselines_beside(settings, TrainConfig.from_dict(resolved), decoded,
+                                                          features=features, refit=bool(refit.get("trial")),
+                                                          classical=classical)
+        elif classical is not None:
+            cancel(classical)
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
         "searcher": settings.searcher, "trial_scheduler": settings.scheduler, "trials": len(results),
@@ -88,8 +101,12 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     if baselines_error:
         summary["baselines_error"] = baselines_error
     if settings.splits and best.checkpoint is not None:
-        summary["splits"] = run_splits(single, resolved, decoded, table, features=features)
-    summary["exports"] = write_summary(settings, summary)
+        with phases("splits"):
+            summary["splits"] = run_splits(single, resolved, decoded, table, features=features)
+    with phases("report"):
+        summary["exports"] = write_summary(settings, summary)
+    summary.update(phases=phases.record(), total_s=round(phases.total(), 1))
+    write_summary_file(settings, summary)  # again, with the report phase's time
     return summary
 
 
@@ -140,8 +157,15 @@ def write_summary(settings: SearchSettings, summary: dict[str, Any]) -> dict[str
     if local is None:
         return {}
     close_orphaned_optuna_trials(local / "optuna.db")
-    atomic_write_json(local / "summary.json", summary)  # read by the export (selected trial)
+    write_summary_file(settings, summary)  # read by the export (selected trial)
     return {k: str(v) for k, v in export_experiment(local).items()}
+
+
+def write_summary_file(settings: SearchSettings, summary: dict[str, Any]) -> None:
+    """``summary.json`` in the experiment folder (local storage), written atomically."""
+    local = settings.local_experiment_dir()
+    if local is not None:
+        atomic_write_json(local / "summary.json", summary)
 
 
 def score_handed_back(settings: SearchSettings, handed: Any, decoded: Any) -> tuple[dict[str, float], str | None]:
@@ -154,11 +178,11 @@ def score_handed_back(settings: SearchSettings, handed: Any, decoded: Any) -> tu
 
 
 def baselines_beside(settings: SearchSettings, config: TrainConfig, decoded: Any, *, features: Any,
-                     refit: bool) -> tuple[dict[str, dict[str, Any]], str | None]:
+                     refit: bool, classical: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], str | None]:
     """:func:`score_baselines` with one trial's resources, and the error that stopped them (or ``None``)."""
     try:  # a baseline that cannot run (e.g. hub weights offline) must not lose the finished search
         return score_baselines(config, decoded, cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0),
-                               features=features, refit=refit), None
+                               features=features, refit=refit, classical=classical), None
     except Exception as exc:  # noqa: BLE001 - reported in the summary and printed, not swallowed
         return {}, f"{type(exc).__name__}: {exc}"
 
@@ -196,7 +220,7 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, 
             "n": len(loader.dataset)}
 
 
-def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, features: Any = None,
+def _score_baseline(name: str, config: TrainConfig | None, decoded: Any, threads: int, features: Any = None,
                     refit: bool = False) -> dict[str, Any]:
     from iqa_ray.evaluation.baselines import classical_baseline, probe_baseline
 
@@ -209,23 +233,47 @@ def _score_baseline(name: str, config: TrainConfig, decoded: Any, threads: int, 
                           features=probe_features(features, config), refit=refit)
 
 
-def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float,
-                    features: Any = None, refit: bool = False) -> dict[str, dict[str, Any]]:
+def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float, features: Any = None,
+                    refit: bool = False, classical: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split
     (``refit``: the probe fitted again on training and validation photos, beside a refit model).
 
     One Ray task per baseline, side by side, each with one trial's resources and reading the
-    dataset's object-store copy, like :func:`score_test_split`.
+    dataset's object-store copy, like :func:`score_test_split`; ``classical``: PIQE's and BRISQUE's
+    tasks, already started (:func:`start_classical_baselines`).
     """
+    import ray
+
+    task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    probe = task.remote(PROBE, config, decoded, int(cpus), features, refit)
+    classical = classical if classical is not None else start_classical_baselines(decoded, cpus=cpus, gpus=gpus)
+    names = [PROBE, *classical]
+    return dict(zip(names, ray.get([probe, *classical.values()])))
+
+
+def start_classical_baselines(decoded: Any, *, cpus: float, gpus: float) -> dict[str, Any]:
+    """PIQE's and BRISQUE's Ray tasks on the test photos of ``decoded`` (its object-store reference),
+    started now with one trial's resources: name -> the reference of its result."""
     import ray
 
     from iqa_ray.evaluation.baselines import BASELINES
 
     task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-    names = [PROBE, *BASELINES]
-    results = ray.get([task.remote(name, config, decoded, int(cpus), features if name == PROBE else None, refit)
-                       for name in names])
-    return dict(zip(names, results))
+    return {name: task.remote(name, None, decoded, int(cpus)) for name in BASELINES}
+
+
+def has_test(table: Any) -> bool:
+    """Whether a decoded dataset's label table has test rows."""
+    return bool((table["split"] == "test").any())
+
+
+def cancel(tasks: dict[str, Any]) -> None:
+    """Cancel Ray tasks whose results are no longer wanted."""
+    import ray
+
+    for ref in tasks.values():
+        ray.cancel(ref)
+
 
 
 def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:
@@ -290,6 +338,8 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
         print(line)
     for line in split_lines(s.get("splits") or {}):
         print(line)
+    if s.get("phases"):
+        print(describe(s["phases"], s["total_s"]))
     print(f"results: {s['experiment']}")
     for name, path in s["exports"].items():
         print(f"  {name}: {path}")

@@ -198,6 +198,9 @@ def experiment_tuner(settings: SearchSettings, trainable: Any, param_space: dict
     """
     from ray import tune
 
+    # A finished trial's actor starts the next trial (same resources): a worker process and its
+    # imports (torch, timm, the trainable) are paid once per worker, not once per trial.
+    tune_config.setdefault("reuse_actors", True)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(**tune_config),
                       run_config=run_config(settings, callbacks, name=name))
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from iqa_ray.trainables.iqa import nonfinite_marker, process_report, with_split
+from iqa_ray.trainables.iqa import nonfinite_marker, process_report, trial_cost, with_split
 from iqa_ray.training.checkpoints import load_checkpoint
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.engine import EpochResult, fit
@@ -91,9 +91,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     node = process_report(resume_state, workers=world)
     if rank == 0:  # the model's cost on one worker's device, as an ordinary trial measures it (the
         # driver forwards rank 0's reports; the other workers wait at their first collective)
-        from iqa_ray.evaluation.cost import model_cost
-
-        node.update(model_cost(train_config, decoded, device).report())
+        node.update(trial_cost(train_config, decoded, device))
     must_checkpoint = set(loop_config["stop_epochs"])
 
     def report(epoch: EpochResult) -> None:

@@ -43,3 +43,11 @@ def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_for
     if device.type == "cuda" and config.optim.channels_last and config.model.backbone.startswith(CNN_PREFIXES):
         return torch.channels_last
     return None
+
+
+def inference_memory_format(config: TrainConfig) -> torch.memory_format | None:
+    """``channels_last`` for CNN backbones on every device when the run allows it, else ``None``:
+    the frozen-feature pass, where NHWC convolutions are about 2x faster on CPU too."""
+    if config.optim.channels_last and config.model.backbone.startswith(CNN_PREFIXES):
+        return torch.channels_last
+    return None

@@ -20,7 +20,7 @@ from iqa_ray.models.losses import LOSSES
 from iqa_ray.models.registry import FAMILIES, family, family_keys
 from iqa_ray.models.weights import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 
-__all__ = ["AMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "PATCH_PLACEMENTS", "SELECT_EPOCHS", "DataConfig", "ModelConfig",
+__all__ = ["AMP_MODES", "FEATURE_DTYPES", "LR_SCHEDULES", "OPTIMIZERS", "PATCH_PLACEMENTS", "SELECT_EPOCHS", "DataConfig", "ModelConfig",
            "OptimConfig", "validation_chooser"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -29,6 +29,7 @@ LR_SCHEDULES = ("cosine", "step", "plateau", "none")  # OptimConfig.lr_schedule 
 # gradient scaler on those that do not (V100, T4), off on CPU; "bf16" / "fp16" force that dtype on every
 # device, CPU included (how the tests run the path a GPU runs); "off" (also false) = float32.
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+FEATURE_DTYPES = ("float32", "bf16", "auto")
 PATCH_PLACEMENTS = ("grid", "random")
 SELECT_EPOCHS = ("best", "last")
 
@@ -300,8 +301,14 @@ class OptimConfig(Options):
         finite_check_every: check that the loss is finite every this many steps and at the end
             of every epoch (each check waits for the device; the error still names the epoch
             and step where the loss first went non-finite).
-        channels_last: NHWC memory layout for CNN backbones on CUDA (faster convolutions with
-            tensor cores); ignored on CPU and for transformers.
+        channels_last: NHWC memory layout for CNN backbones: in training on CUDA (faster
+            convolutions with tensor cores), and in the frozen-feature pass on every device (about
+            2x faster on CPU); ignored for transformers.
+        feature_dtype: precision of the frozen backbone in the feature pass (``feature_cache``):
+            ``"float32"``; ``"bf16"`` (bfloat16 autocast on every device; the pooling stays
+            float32); ``"auto"`` = bf16 on CUDA devices that support it and on CPUs that compute
+            bfloat16 natively (AVX512-BF16 or AMX, read from the CPU's flags at run time), float32
+            elsewhere (where bf16 autocast would be emulated, and slower).
         cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (fixed input sizes).
         tf32: TensorFloat-32 matmuls and convolutions on CUDA devices that have them.
         fused_optimizer: the fused implementation of Adam/AdamW where every parameter is on CUDA
@@ -345,6 +352,7 @@ class OptimConfig(Options):
     train_on_val: bool = False
     finite_check_every: int = 50
     channels_last: bool = True
+    feature_dtype: str = "float32"
     cudnn_benchmark: bool = True
     tf32: bool = True
     fused_optimizer: bool = True
@@ -377,6 +385,8 @@ class OptimConfig(Options):
                 f"grad_clip must be None or > 0, got {self.grad_clip!r}")
         require(isinstance(self.amp, bool) or self.amp in AMP_MODES,
                 f"amp must be one of {', '.join(AMP_MODES)} (or true / false), got {self.amp!r}")
+        require(self.feature_dtype in FEATURE_DTYPES,
+                f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
         for key in ("channels_last", "cudnn_benchmark", "tf32", "fused_optimizer"):
             require(isinstance(getattr(self, key), bool), f"{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("finite_check_every", "checkpoint_every"):

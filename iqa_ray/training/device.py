@@ -49,6 +49,40 @@ def autocast_dtype(amp: bool | str, device: torch.device, bf16_supported: bool |
     return AMP_DTYPES[amp_mode(amp, device, bf16_supported)]
 
 
+#: CPU flags (Linux ``/proc/cpuinfo``) of instructions that compute bfloat16 natively.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), from the flags in
+    ``cpuinfo`` (default: ``/proc/cpuinfo``). ``False`` where they cannot be read (not Linux): on
+    such CPUs bf16 autocast is emulated and several times slower than float32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def feature_autocast_dtype(feature_dtype: str, device: torch.device, bf16_native: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of the frozen-feature pass (a run's ``feature_dtype``) on ``device``, or
+    ``None`` for float32: ``"auto"`` is bf16 only where the device computes it natively (CUDA's
+    query; :func:`cpu_bf16_native` on CPU). ``bf16_native`` overrides the query (tests)."""
+    if feature_dtype == "float32":
+        return None
+    if feature_dtype == "bf16":
+        return torch.bfloat16
+    if feature_dtype != "auto":
+        raise ValueError(f"feature_dtype must be float32, bf16 or auto, got {feature_dtype!r}")
+    if bf16_native is None:
+        bf16_native = (bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if device.type == "cuda"
+                       else cpu_bf16_native())
+    return torch.bfloat16 if bf16_native else None
+
+
 def autocast_for(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     # Only the backbone runs in ``dtype``: IQAModel.forward switches autocast off for its head.
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)

@@ -26,7 +26,7 @@ __all__ = ["FeatureCache", "cache_key", "cache_keys", "compute_features", "featu
 
 # The run's config keys a cache depends on (besides the decoded images and the family's options).
 _RUN_CACHE_KEYS = ("backbone", "pretrained", "pretrained_encoder", "img_size", "crop_size", "hflip", "pretraining",
-                   "image_size", "short_side")
+                   "image_size", "short_side", "feature_dtype")
 
 _BATCH = 16
 
@@ -42,14 +42,16 @@ def cache_keys() -> tuple[str, ...]:
 def cache_key(config: Any) -> tuple[Any, ...]:
     """What a cache depends on besides the decoded images: backbone, its weights, input size, the
     family's part (:meth:`~iqa_ray.models.base.IQAModel.feature_cache_key`: the MLP's pooling and
-    pseudo-reference blur), and ``"unflipped"`` where ``hflip`` is false: such a cache holds no
-    mirror images' features.
+    pseudo-reference blur), ``"unflipped"`` where ``hflip`` is false: such a cache holds no
+    mirror images' features, and the ``feature_dtype`` where it is not float32.
 
     Runs whose configs share this key (and the decoded dataset) can share one cache.
     """
     m = config.model
     key = (m.backbone, str(m.pretrained), m.pretrained_encoder, m.img_size or config.data.crop_size)
-    return key + family(m.family).model.feature_cache_key(m.options) + (() if config.data.hflip else ("unflipped",))
+    dtype = config.optim.feature_dtype
+    return (key + family(m.family).model.feature_cache_key(m.options) + (() if config.data.hflip else ("unflipped",))
+            + (() if dtype == "float32" else (f"feature_dtype={dtype}",)))
 
 
 @dataclass
@@ -101,9 +103,11 @@ def compute_features(decoded: Any, config: Any, device: torch.device | str | Non
     """The :class:`FeatureCache` of ``decoded`` for ``config``'s frozen backbone and pooling.
 
     The backbone is the one the run builds (same weights, including a ``pretrained_encoder``),
-    run in float32 on whole images, and on their mirror images unless ``hflip`` is false; images of
-    one size go through in batches of 16, others one by one. ``progress(n)`` is called with the
-    number of images done so far after each batch.
+    run on whole images, and on their mirror images unless ``hflip`` is false; images of one size go
+    through in batches of 16, others one by one, under ``inference_mode``, in the ``channels_last``
+    layout for CNN backbones (:func:`~iqa_ray.training.build.inference_memory_format`) and in the
+    run's ``feature_dtype`` (float32 by default; the pooled features are float32 either way).
+    ``progress(n)`` is called with the number of images done so far after each batch.
     """
     for step in feature_steps(decoded, config, device):
         if isinstance(step, FeatureCache):
@@ -113,17 +117,20 @@ def compute_features(decoded: Any, config: Any, device: torch.device | str | Non
     raise AssertionError("feature_steps ended without its cache")  # pragma: no cover
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def feature_steps(decoded: Any, config: Any, device: torch.device | str | None = None) -> Iterator[int | FeatureCache]:
     """:func:`compute_features` as a generator: the images done after each batch (an ``int``),
     then the :class:`FeatureCache`. A Ray streaming-generator task yields these, so the driver can
     show progress while a worker computes."""
     import torch.nn.functional as F
 
-    from iqa_ray.training.build import build
+    from iqa_ray.training.build import build, inference_memory_format
+    from iqa_ray.training.device import autocast_for, feature_autocast_dtype
 
     device = torch.device(device or "cpu")
-    model = build(config, device).eval()
+    layout = inference_memory_format(config) or torch.contiguous_format
+    dtype = feature_autocast_dtype(config.optim.feature_dtype, device)
+    model = build(config, device).eval().to(memory_format=layout)
     images = decoded.images
     plain: list[np.ndarray] = []
     flipped: list[np.ndarray] | None = [] if config.data.hflip else None
@@ -136,9 +143,10 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
         if model.backbone.img_size is not None:  # fixed-size backbones (ViT, Swin) see the image resized
             batch = F.interpolate(batch, size=(model.backbone.img_size,) * 2, mode="bilinear", antialias=True,
                                   align_corners=False)
-        plain.append(model.pool_images(batch).cpu().numpy())
-        if flipped is not None:
-            flipped.append(model.pool_images(batch.flip(3)).cpu().numpy())
+        with autocast_for(device, dtype):
+            plain.append(model.pool_images(batch.contiguous(memory_format=layout)).cpu().numpy())
+            if flipped is not None:
+                flipped.append(model.pool_images(batch.flip(3).contiguous(memory_format=layout)).cpu().numpy())
         start = stop
         yield stop
     yield FeatureCache(plain=np.concatenate(plain).astype(np.float32),

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""The cpu recipe's frozen-feature pass: memory layout and precision, on LIVE Challenge.
+
+The pass is the product's own (:func:`iqa_ray.training.features.compute_features`) with the cpu
+recipe's config on ``livec:../shared/data/livec-jpg`` (627 photos at their own size, Lite0 with the
+offline ImageNet weights, every-block mean and std of the photo and of its blurred
+pseudo-reference: two backbone passes per photo), run three ways in one process, one after the
+other, on the same decoded photos:
+
+* ``NCHW float32``: ``channels_last = false`` (the layout the pass used before issue 35);
+* ``channels_last float32``: the default now (``channels_last = true``, ``feature_dtype = "float32"``);
+* ``channels_last bf16``: ``feature_dtype = "bf16"`` (bfloat16 autocast for the backbone, pooling in float32).
+
+Printed as a markdown table: seconds, photos/s, speed against NCHW, and the largest difference of
+each variant's features from NCHW float32's (relative to the features' scale). The CPU's bf16 units
+(:func:`iqa_ray.training.device.cpu_bf16_native`) are printed with them: bf16 is fast only where
+the CPU computes it natively.
+
+``--cv`` then measures what bf16 features do to the recipe's MLP head, on the seed-0 split's
+training and validation photos only (5 folds x 5 fold seeds, the protocol of
+``benchmarks/pseudo_reference.py``; test photos not used): each fold's SRCC with float32 and with
+bf16 features, and the paired difference.
+
+    python benchmarks/feature_pass.py [--photos N] [--cv] [--threads 2]
+
+Written to ``benchmarks/results/feature_pass.json`` (``--photos``: under /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frozen_features import CV_SEEDS, head_cv, recipe_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {"NCHW float32": {"channels_last": False, "feature_dtype": "float32"},
+            "channels_last float32": {"channels_last": True, "feature_dtype": "float32"},
+            "channels_last bf16": {"channels_last": True, "feature_dtype": "bf16"}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--photos", type=int, default=None, help="only the first N photos (a quick look; JSON under /tmp)")
+    p.add_argument("--cv", action="store_true", help="also: the MLP head on float32 vs bf16 features, by cross-validation")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    if args.photos is not None and args.photos < 16:
+        p.error(f"--photos must be at least 16 (one batch), got {args.photos}")
+
+    import torch
+
+    from iqa_ray.core.io import atomic_write_json
+    from iqa_ray.training.device import cpu_bf16_native
+    from iqa_ray.training.features import compute_features
+    from iqa_ray.training.loaders import load_decoded
+
+    torch.set_num_threads(args.threads)
+    config = recipe_config()
+    decoded = load_decoded(config)
+    if args.photos is not None:
+        # the pass reads only the images (and --cv the label table): the first N of both
+        decoded = SimpleNamespace(images=decoded.images[:args.photos], table=decoded.table.iloc[:args.photos])
+    n = len(decoded.images)
+    native = cpu_bf16_native()
+    print(f"{n} photos of {config.data.dataset}, {config.model.backbone} ({config.model.pooling} pooling, "
+          f"reference_blur {config.model.options.reference_blur:g}), {args.threads} threads; "
+          f"CPU computes bf16 natively: {native}", flush=True)
+    features, seconds = {}, {}
+    for name, options in VARIANTS.items():
+        started = time.perf_counter()
+        features[name] = compute_features(decoded, config.replace(**options), "cpu").plain
+        seconds[name] = time.perf_counter() - started
+        print(f"[{name}] {seconds[name]:.1f} s", flush=True)
+    base = features["NCHW float32"]
+    scale = float(np.abs(base).max())
+    rows = {}
+    print("\n| feature pass | seconds | photos/s | vs NCHW float32 | largest difference (of the features' scale) |")
+    print("|---|---|---|---|---|")
+    for name in VARIANTS:
+        diff = float(np.abs(features[name] - base).max()) / scale
+        rows[name] = {"seconds": round(seconds[name], 1), "photos_per_s": round(n / seconds[name], 2),
+                      "speedup": round(seconds["NCHW float32"] / seconds[name], 2), "max_rel_diff": diff}
+        print(f"| {name} | {seconds[name]:.1f} | {n / seconds[name]:.2f} | {rows[name]['speedup']:.2f}x | {diff:.1e} |")
+    result = {"dataset": config.data.dataset, "photos": n, "backbone": config.model.backbone, "threads": args.threads,
+              "cpu_bf16_native": native, "variants": rows, "machine": platform.platform(),
+              "processor": platform.processor()}
+    if args.cv:
+        table = decoded.table
+        mos = table["mos"].to_numpy(np.float64)
+        train_val = np.flatnonzero(np.isin(table["split"].to_numpy(), ("train", "val")))
+        scores, cv = head_cv({"float32": {"x": features["channels_last float32"]},
+                              "bf16": {"x": features["channels_last bf16"]}}, mos, train_val, CV_SEEDS, base="float32")
+        d = cv["bf16"]["vs_float32"]
+        print(f"\nThe recipe's MLP head by cross-validation over {len(train_val)} train+val photos: float32 "
+              f"{cv['float32']['mean']:.4f}, bf16 {cv['bf16']['mean']:.4f}, bf16 - float32 per fold "
+              f"{d['diff_mean']:+.4f} +- {d['diff_se']:.4f}, bf16 better in {d['wins']} of {d['folds']}")
+        result["cv"] = {"rows": int(len(train_val)), "fold_seeds": list(CV_SEEDS), "variants": cv, "per_fold": scores}
+    out = args.json or (RESULTS / "feature_pass.json" if args.photos is None
+                        else Path(tempfile.gettempdir()) / "feature_pass_quick.json")
+    atomic_write_json(out, result)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
