@@ -7,12 +7,16 @@ offline ImageNet weights, every-block mean and std of the photo and of its blurr
 pseudo-reference: two backbone passes per photo), run three ways in one process, one after the
 other, on the same decoded photos:
 
-* ``NCHW float32``: ``channels_last = false`` (the layout the pass used before issue 35);
-* ``channels_last float32``: the default now (``channels_last = true``, ``feature_dtype = "float32"``);
-* ``channels_last bf16``: ``feature_dtype = "bf16"`` (bfloat16 autocast for the backbone, pooling in float32).
+* ``before: NCHW float32``: ``channels_last = false`` and the BatchNorms run as they are (the
+  pass before issue 35);
+* ``channels_last float32``: NHWC layout only;
+* ``channels_last float32, BatchNorm folded``: the default now (the BatchNorms folded into the
+  convolutions, :func:`iqa_ray.models.backbones.fold_batchnorm`);
+* ``channels_last bf16, BatchNorm folded``: ``feature_dtype = "bf16"`` (bfloat16 autocast for the
+  backbone, pooling in float32).
 
 Printed as a markdown table: seconds, photos/s, speed against NCHW, and the largest difference of
-each variant's features from NCHW float32's (relative to the features' scale). The CPU's bf16 units
+each variant's features from the before pass's (relative to the features' scale). The CPU's bf16 units
 (:func:`iqa_ray.training.device.cpu_bf16_native`) are printed with them: bf16 is fast only where
 the CPU computes it natively.
 
@@ -42,9 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frozen_features import CV_SEEDS, head_cv, recipe_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"NCHW float32": {"channels_last": False, "feature_dtype": "float32"},
-            "channels_last float32": {"channels_last": True, "feature_dtype": "float32"},
-            "channels_last bf16": {"channels_last": True, "feature_dtype": "bf16"}}
+# name -> (run config options, BatchNorm folded)
+VARIANTS = {"before: NCHW float32": ({"channels_last": False, "feature_dtype": "float32"}, False),
+            "channels_last float32": ({"channels_last": True, "feature_dtype": "float32"}, False),
+            "channels_last float32, BatchNorm folded": ({"channels_last": True, "feature_dtype": "float32"}, True),
+            "channels_last bf16, BatchNorm folded": ({"channels_last": True, "feature_dtype": "bf16"}, True)}
+FP32, BF16 = "channels_last float32, BatchNorm folded", "channels_last bf16, BatchNorm folded"
 
 
 def main() -> None:
@@ -76,20 +83,25 @@ def main() -> None:
           f"reference_blur {config.model.options.reference_blur:g}), {args.threads} threads; "
           f"CPU computes bf16 natively: {native}", flush=True)
     features, seconds = {}, {}
-    for name, options in VARIANTS.items():
+    import iqa_ray.training.features as pass_module
+
+    fold = pass_module.fold_for_inference
+    for name, (options, folded) in VARIANTS.items():
+        pass_module.fold_for_inference = fold if folded else (lambda model: None)  # the pass as it was, unfolded
         started = time.perf_counter()
         features[name] = compute_features(decoded, config.replace(**options), "cpu").plain
         seconds[name] = time.perf_counter() - started
         print(f"[{name}] {seconds[name]:.1f} s", flush=True)
-    base = features["NCHW float32"]
+    pass_module.fold_for_inference = fold
+    base = features["before: NCHW float32"]
     scale = float(np.abs(base).max())
     rows = {}
-    print("\n| feature pass | seconds | photos/s | vs NCHW float32 | largest difference (of the features' scale) |")
+    print("\n| feature pass | seconds | photos/s | vs before | largest difference (of the features' scale) |")
     print("|---|---|---|---|---|")
     for name in VARIANTS:
         diff = float(np.abs(features[name] - base).max()) / scale
         rows[name] = {"seconds": round(seconds[name], 1), "photos_per_s": round(n / seconds[name], 2),
-                      "speedup": round(seconds["NCHW float32"] / seconds[name], 2), "max_rel_diff": diff}
+                      "speedup": round(seconds["before: NCHW float32"] / seconds[name], 2), "max_rel_diff": diff}
         print(f"| {name} | {seconds[name]:.1f} | {n / seconds[name]:.2f} | {rows[name]['speedup']:.2f}x | {diff:.1e} |")
     result = {"dataset": config.data.dataset, "photos": n, "backbone": config.model.backbone, "threads": args.threads,
               "cpu_bf16_native": native, "variants": rows, "machine": platform.platform(),
@@ -98,8 +110,7 @@ def main() -> None:
         table = decoded.table
         mos = table["mos"].to_numpy(np.float64)
         train_val = np.flatnonzero(np.isin(table["split"].to_numpy(), ("train", "val")))
-        scores, cv = head_cv({"float32": {"x": features["channels_last float32"]},
-                              "bf16": {"x": features["channels_last bf16"]}}, mos, train_val, CV_SEEDS, base="float32")
+        scores, cv = head_cv({"float32": {"x": features[FP32]}, "bf16": {"x": features[BF16]}}, mos, train_val, CV_SEEDS, base="float32")
         d = cv["bf16"]["vs_float32"]
         print(f"\nThe recipe's MLP head by cross-validation over {len(train_val)} train+val photos: float32 "
               f"{cv['float32']['mean']:.4f}, bf16 {cv['bf16']['mean']:.4f}, bf16 - float32 per fold "

@@ -85,3 +85,44 @@ def test_bf16_features_are_float32_close_to_float32_ones_and_keyed_apart(tiny_da
     with pytest.raises(ValueError, match="feature cache computed for"):
         bf16.check(config_for(tiny_dataset), len(fp32.plain))
     assert "feature_dtype" in cache_keys() and cache_key(config_for(tiny_dataset)) == fp32.key
+
+
+@pytest.mark.parametrize("name, pretrained", [("efficientnet_lite0", "offline"), ("resnet18", "none")])
+def test_folded_batchnorms_give_the_unfolded_backbones_maps(name, pretrained):
+    import copy
+
+    from iqa_ray.models.backbones import create_backbone, fold_batchnorm
+    from iqa_ray.training.features import check_folded
+
+    backbone = create_backbone(name, pretrained=pretrained, frozen=True).eval()
+    torch.manual_seed(0)
+    for bn in (m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics that matter
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    # in float64 the fold is exact (up to float64 rounding): it follows the dataflow of every block
+    backbone = backbone.double()
+    unfolded = copy.deepcopy(backbone)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    assert fold_batchnorm(backbone) == n_bn and n_bn > 10  # every one of them
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    images = torch.rand(2, 3, 96, 128, dtype=torch.float64)
+    with torch.inference_mode():
+        for got, want in zip(backbone(images), unfolded(images), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
+        check_folded(SimpleModel(backbone), unfolded, images[:1])
+        with torch.no_grad():  # a fold that does not match the dataflow is caught
+            next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)).bias.add_(1.0)
+        with pytest.raises(AssertionError, match=f"folding the BatchNorms of {name} changed its features"):
+            check_folded(SimpleModel(backbone), unfolded, images[:1])
+
+
+class SimpleModel:
+    def __init__(self, backbone):
+        self.backbone = backbone
+
+
+def test_only_a_frozen_backbone_in_eval_mode_is_folded():
+    from iqa_ray.models.backbones import create_backbone, fold_batchnorm
+
+    with pytest.raises(ValueError, match="frozen backbone in eval mode"):
+        fold_batchnorm(create_backbone("resnet18", pretrained="none", frozen=False).eval())

@@ -291,3 +291,37 @@ def _check_backbone_name(name: str) -> None:
             f"have not been checked); supported backbones: {valid}"
         )
     raise ValueError(f"unknown backbone {name!r} (not a timm model name either); supported backbones: {valid}")
+
+
+def fold_batchnorm(backbone: Backbone) -> int:
+    """Fold every BatchNorm of a frozen backbone in eval mode into the convolution before it, in
+    place, for inference only (the frozen-feature pass): the convolution's weights and bias take the
+    normalisation, and the BatchNorm is replaced by what follows it inside timm's ``BatchNormAct2d``
+    (its dropout and activation) or by nothing. About a third of a CPU pass of Lite0 is BatchNorm.
+
+    A pair is a ``Conv2d`` child directly followed by a ``BatchNorm2d`` child of the same module
+    with as many features as the convolution has outputs (how timm's CNNs are written). Returns the
+    number of BatchNorms folded. The outputs are those of the unfolded backbone within float32
+    rounding; :func:`iqa_ray.training.features.feature_steps` checks this on its first batch.
+    """
+    if backbone.training or not backbone.frozen:
+        raise ValueError("fold_batchnorm folds a frozen backbone in eval mode (inference only)")
+    folded = 0
+    for module in list(backbone.body.modules()):
+        children = list(module.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.num_features == conv.out_channels):
+                continue
+            with torch.no_grad():
+                scale = bn.running_var.add(bn.eps).rsqrt()
+                if bn.affine:
+                    scale = scale * bn.weight
+                shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(module, bn_name, nn.Sequential(*after) if after else nn.Identity())
+            folded += 1
+    return folded
