@@ -218,8 +218,8 @@ def test_a_time_budget_reaches_tune_and_the_record_and_a_resume_keeps_it(tmp_pat
     assert settings.time_budget == 1.5
     tuner = build_tuner(settings, lambda config: None)
     assert tuner._local_tuner._tune_config.time_budget_s == 90.0
-    assert build_tuner(settings_from_args(parse(), "ranking"), lambda config: None
-                       )._local_tuner._tune_config.time_budget_s is None
+    unbudgeted = settings_from_args(parse("--storage", str(tmp_path / "other")), "ranking")  # not the repo's results/
+    assert build_tuner(unbudgeted, lambda config: None)._local_tuner._tune_config.time_budget_s is None
     resumed = settings_from_args(parse("--name", "exp", "--storage", str(tmp_path), "--resume"), "ranking")
     assert resumed.time_budget == 1.5
     with pytest.raises(LaunchError, match=r"--time-budget \(5.0 now, 1.5 recorded\)"):
