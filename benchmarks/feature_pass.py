@@ -26,6 +26,7 @@ training and validation photos only (5 folds x 5 fold seeds, the protocol of
 bf16 features, and the paired difference.
 
     python benchmarks/feature_pass.py [--photos N] [--cv] [--threads 2]
+    python benchmarks/feature_pass.py --scoring   # only: a head trained on bf16 features, scored both ways
 
 Written to ``benchmarks/results/feature_pass.json`` (``--photos``: under /tmp).
 """
@@ -54,10 +55,42 @@ VARIANTS = {"before: NCHW float32": ({"channels_last": False, "feature_dtype": "
 FP32, BF16 = "channels_last float32, BatchNorm folded", "channels_last bf16, BatchNorm folded"
 
 
+def scoring_check(decoded: object, config: object, bf16: np.ndarray) -> dict[str, float]:
+    """The recipe's head (first grid point, seed 0) trained on bf16 features; its test photos scored
+    as the search's splits score them (from the bf16 cache) and as the model handed back scores
+    them (raw images, the backbone in float32): the SRCC of each and the largest score difference."""
+    import torch
+
+    from iqa_ray.core.metrics import srcc
+    from iqa_ray.training.features import FeatureCache, cache_key
+    from iqa_ray.training.inference import predict
+    from iqa_ray.training.loaders import eval_dataset, eval_loader
+
+    config = config.replace(feature_dtype="bf16")
+    from iqa_ray.training.engine import fit
+
+    cache = FeatureCache(plain=bf16, flipped=None, key=cache_key(config))
+
+    run = fit(config, decoded, features=cache)
+    cached_pred, mos = run.test_predictions
+    raw_pred, raw_mos = predict(run.model, eval_loader(config, eval_dataset(config, decoded, "test")),
+                                torch.device("cpu"))
+    assert np.array_equal(mos, raw_mos)
+    out = {"test_srcc_from_cache": float(srcc(cached_pred, mos)), "test_srcc_raw_images": float(srcc(raw_pred, mos)),
+           "largest_score_difference": float(np.abs(cached_pred - raw_pred).max()),
+           "score_std": float(np.std(raw_pred))}
+    print(f"\nA head trained on bf16 features, {len(mos)} test photos: SRCC {out['test_srcc_from_cache']:.4f} from the "
+          f"cache, {out['test_srcc_raw_images']:.4f} from raw images in float32; largest score difference "
+          f"{out['largest_score_difference']:.4f} (scores' std {out['score_std']:.3f})", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=int, default=None, help="only the first N photos (a quick look; JSON under /tmp)")
     p.add_argument("--cv", action="store_true", help="also: the MLP head on float32 vs bf16 features, by cross-validation")
+    p.add_argument("--scoring", action="store_true",
+                   help="also: a head trained on bf16 features, its test photos scored from the cache and from raw images")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -86,13 +119,21 @@ def main() -> None:
     import iqa_ray.training.features as pass_module
 
     fold = pass_module.fold_for_inference
-    for name, (options, folded) in VARIANTS.items():
+    # --scoring alone: only the bf16 features it needs (no timing table)
+    variants = {BF16: VARIANTS[BF16]} if args.scoring and not args.cv else VARIANTS
+    for name, (options, folded) in variants.items():
         pass_module.fold_for_inference = fold if folded else (lambda model: None)  # the pass as it was, unfolded
         started = time.perf_counter()
         features[name] = compute_features(decoded, config.replace(**options), "cpu").plain
         seconds[name] = time.perf_counter() - started
         print(f"[{name}] {seconds[name]:.1f} s", flush=True)
     pass_module.fold_for_inference = fold
+    if variants is not VARIANTS:
+        result = {"dataset": config.data.dataset, "photos": n, "scoring": scoring_check(decoded, config, features[BF16])}
+        out = args.json or Path(tempfile.gettempdir()) / "feature_pass_scoring.json"
+        atomic_write_json(out, result)
+        print(f"written: {out}")
+        return
     base = features["before: NCHW float32"]
     scale = float(np.abs(base).max())
     rows = {}
@@ -116,6 +157,8 @@ def main() -> None:
               f"{cv['float32']['mean']:.4f}, bf16 {cv['bf16']['mean']:.4f}, bf16 - float32 per fold "
               f"{d['diff_mean']:+.4f} +- {d['diff_se']:.4f}, bf16 better in {d['wins']} of {d['folds']}")
         result["cv"] = {"rows": int(len(train_val)), "fold_seeds": list(CV_SEEDS), "variants": cv, "per_fold": scores}
+    if args.scoring:
+        result["scoring"] = scoring_check(decoded, config, features[BF16])
     out = args.json or (RESULTS / "feature_pass.json" if args.photos is None
                         else Path(tempfile.gettempdir()) / "feature_pass_quick.json")
     atomic_write_json(out, result)

@@ -87,7 +87,8 @@ def test_bf16_features_are_float32_close_to_float32_ones_and_keyed_apart(tiny_da
     assert "feature_dtype" in cache_keys() and cache_key(config_for(tiny_dataset)) == fp32.key
 
 
-@pytest.mark.parametrize("name, pretrained", [("efficientnet_lite0", "offline"), ("resnet18", "none")])
+@pytest.mark.parametrize("name, pretrained", [("efficientnet_lite0", "offline"), ("resnet18", "none"),
+                                             ("efficientnet_b0", "none"), ("resnet50", "none")])
 def test_folded_batchnorms_give_the_unfolded_backbones_maps(name, pretrained):
     import copy
 

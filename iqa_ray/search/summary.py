@@ -206,7 +206,11 @@ def _selection_value(value: Any, mode: str) -> float:
 def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
     """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
     from iqa_ray.training.checkpoints import model_from_checkpoint
-    from iqa_ray.training.device import autocast_dtype
+    import torch
+
+    from iqa_ray.training.build import inference_memory_format
+    from iqa_ray.training.device import autocast_dtype, to_float
+    from iqa_ray.training.features import check_folded, fold_for_inference
     from iqa_ray.training.inference import evaluate
     from iqa_ray.training.loaders import eval_dataset, eval_loader
 
@@ -215,9 +219,18 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, 
         return {}
     with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
         model, config = model_from_checkpoint(directory, device=device)
+    # Inference only: a CNN backbone in NHWC and, where frozen, its BatchNorms folded (the feature
+    # pass's speed-ups; the same scores within float32 rounding, checked against the unfolded one).
+    layout = inference_memory_format(config) or torch.contiguous_format
+    model = model.eval().to(memory_format=layout)
+    unfolded = fold_for_inference(model)
     loader = eval_loader(config, eval_dataset(config, decoded, "test"))
-    return {**evaluate(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk),
-            "n": len(loader.dataset)}
+    if unfolded is not None:
+        first = next(iter(loader))["image"].flatten(0, 1)[:1]
+        check_folded(model, unfolded, to_float(first, device).contiguous(memory_format=layout))
+    metrics = evaluate(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk,
+                       memory_format=None if layout is torch.contiguous_format else layout)
+    return {**metrics, "n": len(loader.dataset)}
 
 
 def _score_baseline(name: str, config: TrainConfig | None, decoded: Any, threads: int, features: Any = None,

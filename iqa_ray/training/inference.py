@@ -52,9 +52,10 @@ def predict(model: IQAModel, loader: DataLoader, device: torch.device,
 
 
 def evaluate(model: IQAModel, loader: DataLoader, device: torch.device,
-             amp: torch.dtype | None = None, chunk: int = 64) -> dict[str, float]:
+             amp: torch.dtype | None = None, chunk: int = 64,
+             memory_format: torch.memory_format | None = None) -> dict[str, float]:
     """SRCC, PLCC, KRCC, RMSE and logistic PLCC of ``model`` on ``loader``."""
-    pred, mos = predict(model, loader, device, amp, chunk=chunk)
+    pred, mos = predict(model, loader, device, amp, chunk=chunk, memory_format=memory_format)
     return all_metrics(pred, mos)
 
 
