@@ -59,9 +59,11 @@ def test_a_block_cache_holds_what_the_model_pools_and_the_probes_stage_means(tin
     assert every_model.feature_dim == 2 * (16 + 2 * 24 + 2 * 40 + 3 * 80 + 3 * 112 + 4 * 192 + 320) == every.plain.shape[1]
     with torch.no_grad():
         image = torch.from_numpy(decoded.images[0]).permute(2, 0, 1)[None].float() / 255
-        np.testing.assert_allclose(model(image)["features"][0].numpy(), blocks.plain[0], rtol=1e-5, atol=1e-5)
-        # one image against a cache computed in batches: float32 convolutions group sums differently by
-        # batch size (1e-5 seen on a 0.03 std of a deep block), so a looser absolute tolerance here
+        # One image through the model as trained (NCHW, BatchNorms as they are) against a cache computed
+        # in batches, NHWC, with the BatchNorms folded into the convolutions: float32 sums grouped
+        # differently (1.3e-5 seen on a 0.03 value of a deep block; the features reach 1.3), the same
+        # absolute tolerance for both poolings.
+        np.testing.assert_allclose(model(image)["features"][0].numpy(), blocks.plain[0], rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(every_model(image)["features"][0].numpy(), every.plain[0], rtol=1e-5, atol=1e-4)
     # the strong probe reads the same stage means from any of the caches
     np.testing.assert_allclose(blocks.stage_means(), stages.stage_means(), rtol=1e-6, atol=1e-6)

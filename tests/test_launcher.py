@@ -227,6 +227,17 @@ def test_a_time_budget_reaches_tune_and_the_record_and_a_resume_keeps_it(tmp_pat
                            "ranking")
 
 
+def test_trials_reuse_their_actors_unless_the_cluster_has_several_nodes(tmp_path):
+    from dataclasses import replace
+
+    from iqa_ray.search.tuner import build_tuner
+
+    settings = settings_from_args(parse("--storage", str(tmp_path)), "ranking")
+    assert build_tuner(settings, lambda config: None)._local_tuner._tune_config.reuse_actors is True
+    several = replace(settings, reuse_actors=False)  # what the search sets on a cluster of several nodes
+    assert build_tuner(several, lambda config: None)._local_tuner._tune_config.reuse_actors is False
+
+
 def test_select_flag_overrides_the_studys_rule_and_survives_a_resume(tmp_path, capsys):
     settings = _started(tmp_path, "--select", "latency_ms<=30", study="efficiency")
     assert settings.study.selection_rule.budgets == (("latency_ms", 30.0),)

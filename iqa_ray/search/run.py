@@ -205,7 +205,7 @@ def _place_trials(settings: SearchSettings, args: argparse.Namespace,
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     if settings.workers_per_trial > 1:
         share = 0.0  # --workers-per-trial N: CPU workers (GPU ones are --gpus-per-trial N)
-    settings = replace(settings, gpus_per_trial=share)
+    settings = replace(settings, gpus_per_trial=share, reuse_actors=len(node_cpus) <= 1)
     if trial_workers(settings) > 1:
         # Data-parallel workers are placed by Ray Train, not in the trial's request: checked and
         # capped here so that no trial waits forever for workers the cluster cannot place.

@@ -71,6 +71,9 @@ class SearchSettings:
     verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
     progress_every: float = DEFAULT_PROGRESS_EVERY_S  # seconds between live trial tables (our console)
     time_budget: float | None = None  # minutes: the search stops starting and running trials after this
+    # A finished trial's actor starts the next trial (Tune's reuse_actors): on one node. On a cluster
+    # of several, the next trial would wait for that actor instead of starting on an idle node.
+    reuse_actors: bool = True
 
     def __post_init__(self) -> None:
         check_experiment_name(self.name)

@@ -199,8 +199,11 @@ def experiment_tuner(settings: SearchSettings, trainable: Any, param_space: dict
     from ray import tune
 
     # A finished trial's actor starts the next trial (same resources): a worker process and its
-    # imports (torch, timm, the trainable) are paid once per worker, not once per trial.
-    tune_config.setdefault("reuse_actors", True)
+    # imports (torch, timm, the trainable) are paid once per worker, not once per trial. Only on a
+    # one-node cluster (SearchSettings.reuse_actors): on several nodes, Tune gave a finished trial's
+    # actor to the next trial while another node's actor was still starting, and the trials ran one
+    # after the other on one node (tests/test_cluster.py).
+    tune_config.setdefault("reuse_actors", settings.reuse_actors)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(**tune_config),
                       run_config=run_config(settings, callbacks, name=name))
 
