@@ -116,7 +116,7 @@ def main() -> None:
           f"reference_blur {config.model.options.reference_blur:g}), {args.threads} threads; "
           f"CPU computes bf16 natively: {native}", flush=True)
     features, seconds = {}, {}
-    import iqa_ray.training.features as pass_module
+    import iqa_ray.training.inference as pass_module
 
     fold = pass_module.fold_for_inference
     # --scoring alone: only the bf16 features it needs (no timing table)

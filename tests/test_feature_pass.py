@@ -93,7 +93,7 @@ def test_folded_batchnorms_give_the_unfolded_backbones_maps(name, pretrained):
     import copy
 
     from iqa_ray.models.backbones import create_backbone, fold_batchnorm
-    from iqa_ray.training.features import check_folded
+    from iqa_ray.training.inference import check_folded
 
     backbone = create_backbone(name, pretrained=pretrained, frozen=True).eval()
     torch.manual_seed(0)

@@ -154,7 +154,7 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
     from iqa_ray.search.console import console_callbacks
 
     try:
-        settings, share = _place_trials(settings, args, resources)
+        settings, share, node_cpus = _place_trials(settings, args, resources)
         with phases("decoding"):
             decoded, spec = prepare_dataset(settings, args.smoke_test)
             # Into the object store once: every trial and the final test scoring map this copy, and the
@@ -165,7 +165,6 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
         # One task on one node: as many CPUs as the largest node has (up to 4), never the cluster total.
         # One process each (a data-parallel trial's whole-GPU count is its workers', not theirs).
         one_gpu = min(share, 1.0)
-        node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
         with phases("features"):
             features = prepare_features(settings, decoded_ref, cpus=max(node_cpus, default=1.0), gpus=one_gpu,
                                         n_images=len(table))
@@ -195,9 +194,9 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
 
 
 def _place_trials(settings: SearchSettings, args: argparse.Namespace,
-                  resources: dict[str, float]) -> tuple[SearchSettings, float]:
+                  resources: dict[str, float]) -> tuple[SearchSettings, float, list[float]]:
     """The settings with the trials' GPU share and concurrency resolved against the cluster (refused
-    when the cluster cannot place them), printed; and that GPU share."""
+    when the cluster cannot place them), printed; that GPU share, and the CPUs of each alive node."""
     import ray
 
     gpus, share = resolve_gpus(args, resources)
@@ -219,7 +218,7 @@ def _place_trials(settings: SearchSettings, args: argparse.Namespace,
           f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
           f"workers/trial={trial_workers(settings)} "
           f"(cluster: {cpus:g} CPU, {float(resources.get('GPU', 0)):g} GPU)", flush=True)
-    return settings, share
+    return settings, share, node_cpus
 
 
 def make_trainable(settings: SearchSettings, decoded_ref: Any, features: Any) -> Any:

@@ -52,8 +52,9 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     # The split and refit runs train single-process trials: one GPU at most each.
     single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
     resolved = study.resolve(best.config)
+    train_config = TrainConfig.from_dict(resolved)
     # PIQE and BRISQUE read only the test photos: they run while a refit trains.
-    overlap = refit_plan(single, TrainConfig.from_dict(resolved))[0] and table is not None and has_test(table)
+    overlap = refit_plan(single, train_config)[0] and table is not None and has_test(table)
     classical = (start_classical_baselines(decoded, cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0))
                  if overlap else None)
     with phases("refit"):
@@ -64,7 +65,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     baselines, baselines_error = {}, None
     with phases("baselines"):
         if test:
-            baselines, baselines_error = baselines_beside(settings, TrainConfig.from_dict(resolved), decoded,
+            baselines, baselines_error = baselines_beside(settings, train_config, decoded,
                                                           features=features, refit=bool(refit.get("trial")),
                                                           classical=classical)
         elif classical is not None:
@@ -206,30 +207,21 @@ def _selection_value(value: Any, mode: str) -> float:
 def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
     """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
     from iqa_ray.training.checkpoints import model_from_checkpoint
-    import torch
-
-    from iqa_ray.training.build import inference_memory_format
     from iqa_ray.training.device import autocast_dtype, to_float
-    from iqa_ray.training.features import check_folded, fold_for_inference
-    from iqa_ray.training.inference import evaluate
+    from iqa_ray.training.inference import evaluate, ready_for_inference
     from iqa_ray.training.loaders import eval_dataset, eval_loader
 
     device = worker_device(threads)
-    if not (decoded.table["split"] == "test").any():
+    if not has_test(decoded.table):
         return {}
     with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
         model, config = model_from_checkpoint(directory, device=device)
-    # Inference only: a CNN backbone in NHWC and, where frozen, its BatchNorms folded (the feature
-    # pass's speed-ups; the same scores within float32 rounding, checked against the unfolded one).
-    layout = inference_memory_format(config) or torch.contiguous_format
-    model = model.eval().to(memory_format=layout)
-    unfolded = fold_for_inference(model)
+    # Inference only: the feature pass's speed-ups, checked on the first test image (its first patch).
+    layout, verify = ready_for_inference(model, config)
     loader = eval_loader(config, eval_dataset(config, decoded, "test"))
-    if unfolded is not None:
-        first = next(iter(loader))["image"].flatten(0, 1)[:1]
-        check_folded(model, unfolded, to_float(first, device).contiguous(memory_format=layout))
+    verify(to_float(loader.dataset[0]["image"][:1], device))
     metrics = evaluate(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk,
-                       memory_format=None if layout is torch.contiguous_format else layout)
+                       memory_format=layout)
     return {**metrics, "n": len(loader.dataset)}
 
 
@@ -286,7 +278,6 @@ def cancel(tasks: dict[str, Any]) -> None:
 
     for ref in tasks.values():
         ray.cancel(ref)
-
 
 
 def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:

@@ -105,8 +105,8 @@ def compute_features(decoded: Any, config: Any, device: torch.device | str | Non
     The backbone is the one the run builds (same weights, including a ``pretrained_encoder``),
     run on whole images, and on their mirror images unless ``hflip`` is false; images of one size go
     through in batches of 16, others one by one, under ``inference_mode``, in the ``channels_last``
-    layout for CNN backbones (:func:`~iqa_ray.training.build.inference_memory_format`) and in the
-    run's ``feature_dtype`` (float32 by default; the pooled features are float32 either way).
+    layout for CNN backbones with their BatchNorms folded
+    (:func:`~iqa_ray.training.inference.ready_for_inference`) and in the run's ``feature_dtype`` (float32 by default; the pooled features are float32 either way).
     ``progress(n)`` is called with the number of images done so far after each batch.
     """
     for step in feature_steps(decoded, config, device):
@@ -124,14 +124,14 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
     show progress while a worker computes."""
     import torch.nn.functional as F
 
-    from iqa_ray.training.build import build, inference_memory_format
+    from iqa_ray.training.build import build
     from iqa_ray.training.device import autocast_for, feature_autocast_dtype
+    from iqa_ray.training.inference import ready_for_inference
 
     device = torch.device(device or "cpu")
-    layout = inference_memory_format(config) or torch.contiguous_format
     dtype = feature_autocast_dtype(config.optim.feature_dtype, device)
-    model = build(config, device).eval().to(memory_format=layout)
-    unfolded = fold_for_inference(model)
+    model = build(config, device)
+    layout, verify = ready_for_inference(model, config)
     images = decoded.images
     plain: list[np.ndarray] = []
     flipped: list[np.ndarray] | None = [] if config.data.hflip else None
@@ -144,9 +144,7 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
         if model.backbone.img_size is not None:  # fixed-size backbones (ViT, Swin) see the image resized
             batch = F.interpolate(batch, size=(model.backbone.img_size,) * 2, mode="bilinear", antialias=True,
                                   align_corners=False)
-        if unfolded is not None:  # the folded backbone checked once, on the first image, against the unfolded one
-            check_folded(model, unfolded, batch[:1].contiguous(memory_format=layout))
-            unfolded = None
+        verify(batch[:1])  # the folded backbone against the unfolded one, on the first image
         with autocast_for(device, dtype):
             plain.append(model.pool_images(batch.contiguous(memory_format=layout)).cpu().numpy())
             if flipped is not None:
@@ -158,33 +156,6 @@ def feature_steps(decoded: Any, config: Any, device: torch.device | str | None =
                         key=cache_key(config),
                         channels=tuple(int(c) for c in model.backbone.tap_channels),
                         stage_columns=model.stage_mean_columns())
-
-
-def fold_for_inference(model: Any) -> Any:
-    """Fold the BatchNorms of ``model``'s frozen CNN backbone into its convolutions, in place
-    (:func:`~iqa_ray.models.backbones.fold_batchnorm`: about 1.4x faster on CPU), and return a copy
-    of the unfolded backbone for :func:`check_folded`; ``None`` where nothing was folded."""
-    import copy
-
-    from iqa_ray.models.backbones import fold_batchnorm
-
-    backbone = model.backbone
-    if not backbone.frozen or backbone.training:
-        return None
-    unfolded = copy.deepcopy(backbone)
-    return unfolded if fold_batchnorm(backbone) else None
-
-
-def check_folded(model: Any, unfolded: Any, image: torch.Tensor, rtol: float = 1e-4) -> None:
-    """Raise ``AssertionError`` unless ``model``'s folded backbone gives ``unfolded``'s maps for
-    ``image`` within ``rtol`` of each map's scale (float32 rounding): a fold that does not match a
-    backbone's dataflow is caught before any feature is cached."""
-    for got, want in zip(model.backbone(image), unfolded(image), strict=True):
-        scale = float(want.abs().max()) or 1.0
-        worst = float((got - want).abs().max()) / scale
-        if worst > rtol:
-            raise AssertionError(f"folding the BatchNorms of {model.backbone.name} changed its features by "
-                                 f"{worst:.1e} of their scale (allowed {rtol:g}); please report this backbone")
 
 
 def probe_features(features: Any, config: Any) -> Any:
