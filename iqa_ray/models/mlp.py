@@ -51,12 +51,18 @@ class MLPOptions(Options):
             (the pseudo-reference idea of BPRI: Min, Gu, Zhai, Liu, Yang, Chen, "Blind Quality
             Assessment Based on Pseudo-Reference Image", IEEE TMM 2018). Costs a second backbone
             pass per image.
+        scales: the sizes the photo is pooled at, as factors of its own size, the first ``1.0``:
+            ``(1.0, 0.5)`` appends the pooled features of the photo at half size (bilinear with
+            antialiasing) to those at its own size, as CONTRIQUE does (Madhusudana, Birkbeck, Wang,
+            Adsara, Bovik, "Image Quality Assessment using Contrastive Learning", IEEE TIP 2022).
+            Costs a backbone pass per photo per extra scale (a quarter of one at half size).
     """
 
     hidden_dim: int = 512
     dropout: float = 0.3
     pooling: str = "last"
     reference_blur: float = 0.0
+    scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         require(positive_int(self.hidden_dim), f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
@@ -64,6 +70,11 @@ class MLPOptions(Options):
         require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         require(finite(self.reference_blur) and self.reference_blur >= 0,
                 f"reference_blur must be 0 (off) or a blur's standard deviation in pixels > 0, got {self.reference_blur!r}")
+        scales = self.scales
+        require(isinstance(scales, tuple) and len(scales) >= 1 and scales[0] == 1.0
+                and all(finite(f) and 0 < f <= 1 for f in scales) and len(set(scales)) == len(scales),
+                f"scales must be distinct factors of the photo's size in (0, 1], the first 1.0 (e.g. [1.0, 0.5]), "
+                f"got {scales!r}")
 
 
 def pool_stages(stages: list[Tensor], pooling: str) -> Tensor:
@@ -140,17 +151,21 @@ class MLPIQA(IQAModel):
         loss: RegressionLoss | None = None,
         pooling: str = MLPOptions.pooling,
         reference_blur: float = MLPOptions.reference_blur,
+        scales: tuple[float, ...] = MLPOptions.scales,
     ) -> None:
         super().__init__(backbone, loss=loss)
         # validates (ConfigError names the key)
-        MLPOptions(hidden_dim=hidden_dim, dropout=dropout, pooling=pooling, reference_blur=reference_blur)
+        MLPOptions(hidden_dim=hidden_dim, dropout=dropout, pooling=pooling, reference_blur=reference_blur,
+                   scales=tuple(scales))
         self.pooling = pooling
         self.reference_blur = float(reference_blur)
+        self.scales = tuple(float(f) for f in scales)
         if pooling in BLOCK_POOLINGS:
             backbone.use_block_taps(every_block=pooling == "every_block")
         in_dim = backbone.channels[-1] if pooling == "last" else 2 * sum(backbone.tap_channels)
         if self.reference_blur:
             in_dim *= 2  # the image's pooled features, then their change under the blur
+        in_dim *= len(self.scales)  # the same again for the photo at each smaller size
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
         self.head = nn.Sequential(
@@ -162,13 +177,14 @@ class MLPIQA(IQAModel):
         init_small_output(self.head[-1])
 
     #: What a feature cache of this family depends on besides the backbone and input size.
-    FEATURE_CACHE_OPTIONS = ("pooling", "reference_blur")
+    FEATURE_CACHE_OPTIONS = ("pooling", "reference_blur", "scales")
 
     @classmethod
     def feature_cache_key(cls, options: MLPOptions) -> tuple[Any, ...]:
-        """The pooling, then the pseudo-reference blur where the options set one."""
-        blur = options.reference_blur
-        return (options.pooling,) + ((float(blur),) if blur else ())
+        """The pooling, then the pseudo-reference blur and the extra scales where the options set them."""
+        blur, scales = options.reference_blur, tuple(options.scales)
+        return ((options.pooling,) + ((float(blur),) if blur else ())
+                + ((("scales",) + tuple(float(f) for f in scales)) if scales != (1.0,) else ()))
 
     @property
     def feature_dim(self) -> int:
@@ -177,7 +193,8 @@ class MLPIQA(IQAModel):
     def stage_mean_columns(self) -> tuple[int, ...] | None:
         """Where :meth:`pool_images` puts every stage's spatial mean: only the ``stages``, ``blocks``
         and ``every_block`` poolings hold them (per map, the means then the standard deviations; of
-        the block poolings, the maps that are stages; with ``reference_blur``, in the first half)."""
+        the block poolings, the maps that are stages; with ``reference_blur`` or more ``scales``, in
+        the first part: the photo at its own size)."""
         if self.pooling not in SPREAD_POOLINGS:
             return None
         stages = set(self.backbone.stage_taps)
@@ -232,21 +249,33 @@ class MLPIQA(IQAModel):
             raise ValueError(f"reference_blur={self.reference_blur}: the head needs the maps of the blurred images too")
         return torch.cat([pooled, pooled - pool_stages(blurred, self.pooling)], dim=1)
 
-    def pool_images(self, images: Tensor) -> Tensor:
-        """(B, D) pooled features of images in [0, 1] (what a feature cache holds): one backbone
-        pass, two with ``reference_blur``. The backbone runs in the caller's autocast (the feature
-        pass's ``feature_dtype``), the pooling in float32."""
+    def resized(self, images: Tensor, factor: float) -> Tensor:
+        """``images`` at ``factor`` times their size (bilinear, antialiased; at least 1 px a side), in float32."""
+        if factor == 1.0:
+            return images
+        size = tuple(max(1, round(n * factor)) for n in images.shape[-2:])
+        with full_precision(images.device):
+            return F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+
+    def _pool_one_scale(self, images: Tensor) -> Tensor:
         blurred = self.backbone(self.blurred(images)) if self.reference_blur else None
         stages = self.backbone(images)
         with full_precision(images.device):
             return self.pool_maps([s.float() for s in stages], None if blurred is None else [b.float() for b in blurred])
 
+    def pool_images(self, images: Tensor) -> Tensor:
+        """(B, D) pooled features of images in [0, 1] (what a feature cache holds): one backbone
+        pass per scale, two with ``reference_blur``; the scales' features concatenated in the order
+        of ``scales``. The backbone runs in the caller's autocast (the feature pass's
+        ``feature_dtype``), the pooling in float32."""
+        return torch.cat([self._pool_one_scale(self.resized(images, f)) for f in self.scales], dim=1)
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        if not self.reference_blur:
+        if not self.reference_blur and self.scales == (1.0,):
             return super().forward(images)
-        stages, blurred = self.backbone(images), self.backbone(self.blurred(images))
+        pooled = self.pool_images(images)
         with full_precision(images.device):
-            return self.forward_pooled(self.pool_maps([s.float() for s in stages], [b.float() for b in blurred]))
+            return self.forward_pooled(pooled)
 
     def forward_head(self, stages: list[Tensor]) -> dict[str, Tensor]:
         return self.forward_pooled(self.pool_maps(stages))
