@@ -29,9 +29,14 @@ def test_defaults_come_from_the_study():
     assert (s.searcher, s.scheduler) == ("optuna", "asha")
     assert s.num_samples == s.study.num_samples and s.max_epochs == s.study.max_epochs
     assert s.gpus_per_trial == 0.0 and s.cpus_per_trial == 1.0
-    assert dict(s.overrides)["dataset"] == "embedded"
+    # the ranking study runs on the human-rated photos that ship with the repository; the gmm study,
+    # whose clusters need the synthetic distortions, on the embedded dataset
+    assert dict(s.overrides)["dataset"] == "livec"
+    assert dict(settings_from_args(parse(), "gmm").overrides)["dataset"] == "embedded"
     smoke = settings_from_args(parse("--smoke-test"), "ranking")
     assert smoke.num_samples == 2 and smoke.max_epochs == 1
+    assert dict(smoke.overrides)["dataset"] == "embedded"  # a minute's run: a quarter of the embedded dataset
+    assert dict(settings_from_args(parse("--dataset", "embedded"), "ranking").overrides)["dataset"] == "embedded"
 
 
 @pytest.mark.parametrize(
@@ -128,6 +133,8 @@ def _started(tmp_path, *argv, study="ranking"):
 
     from iqa_ray.search.run import write_experiment_info
 
+    if "--dataset" not in argv:  # an experiment on the embedded dataset, whose folder is recorded below
+        argv = ("--dataset", "embedded", *argv)
     args = parse("--name", "exp", "--storage", str(tmp_path), *argv, study=study)
     settings = settings_from_args(args, study)
     # run_search records the dataset the trials read (for embedded, the generated folder).

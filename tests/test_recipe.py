@@ -132,7 +132,7 @@ def test_the_paper_recipe_offline_fails_before_ray_naming_the_weights(monkeypatc
 
 def test_splits_on_data_without_a_seeded_split_is_refused():
     with pytest.raises(LaunchError, match="--splits"):
-        settings_from_args(parse("--splits", "3"), "ranking")
+        settings_from_args(parse("--splits", "3", "--dataset", "embedded"), "ranking")
     assert main(["--splits", "-1"], study="ranking") == 2
 
 

@@ -15,6 +15,11 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("IQA_RAY_DATA", Path.home() / ".cache" / "iqa_ray" / "datasets")).expanduser()
 
 
+def bundled_datasets_dir() -> Path:
+    """Datasets that ship with the repository (``datasets/`` beside ``iqa_ray/``): ``$IQA_RAY_BUNDLED`` or that folder."""
+    return Path(os.environ.get("IQA_RAY_BUNDLED", Path(__file__).resolve().parents[2] / "datasets")).expanduser()
+
+
 def default_results_dir() -> Path:
     """Root of experiment results: ``$IQA_RAY_RESULTS`` or ``./results``."""
     return Path(os.environ.get("IQA_RAY_RESULTS", "results")).expanduser().resolve()

@@ -2,6 +2,9 @@
 
 Accepted forms:
 
+``livec``
+    The human-rated photos that ship with the repository (:data:`BUNDLED`): 627 LIVE Challenge
+    photos with their MOS in ``datasets/livec/``, read by the ``livec`` adapter.
 ``embedded``
     The default pre-generated dataset over the embedded photos (generated on first use, in
     this process, into :func:`iqa_ray.core.paths.default_data_dir`; a few seconds on 2 cores).
@@ -24,20 +27,41 @@ from typing import Any
 import pandas as pd
 
 from iqa_ray.core.errors import DatasetError
-from iqa_ray.core.paths import default_data_dir
+from iqa_ray.core.paths import bundled_datasets_dir, default_data_dir
 from iqa_ray.data.labels import DEFAULT_LABEL, LABELS
 from iqa_ray.data.pregenerate.config import PregenConfig
 from iqa_ray.data.pregenerate.run import pregenerate
 from iqa_ray.data.pregenerate.store import open_generated, read_shards
 
 EMBEDDED = "embedded"
+#: Short names of the datasets that ship with the repository: name -> (adapter, folder under ``datasets/``).
+BUNDLED = {"livec": ("livec", "livec")}
 
 
 def describe_valid_specs() -> str:
     from iqa_ray.data.datasets.registry import ADAPTERS
 
-    return (f"'{EMBEDDED}', a folder made by launch/pregenerate.py, or '<adapter>:<root>' with adapter in "
-            f"{sorted(ADAPTERS)}")
+    return (f"'{EMBEDDED}', {', '.join(repr(n) for n in BUNDLED)} (in the repository's datasets/), a folder made by "
+            f"launch/pregenerate.py, or '<adapter>:<root>' with adapter in {sorted(ADAPTERS)}")
+
+
+def resolve_spec(spec: str) -> str:
+    """``spec`` with a bundled dataset's short name (:data:`BUNDLED`) written out as ``<adapter>:<its folder>``;
+    any other spec as it is.
+
+    Raises:
+        DatasetError: a bundled dataset whose folder is missing (an installed package without the
+            repository's ``datasets/``); the message says where it was looked for.
+    """
+    if spec not in BUNDLED:
+        return spec
+    adapter, folder = BUNDLED[spec]
+    root = bundled_datasets_dir() / folder
+    if not root.is_dir():
+        raise DatasetError(f"dataset {spec!r} ships with the repository, in {root}, which does not exist here (an "
+                           f"installed package without the clone, or IQA_RAY_BUNDLED pointing elsewhere); clone the "
+                           f"repository or pass '{adapter}:<root>' with a copy of the dataset")
+    return f"{adapter}:{root}"
 
 
 def generated_table(path: str | os.PathLike[str], *, label: str = DEFAULT_LABEL) -> pd.DataFrame:
@@ -79,6 +103,7 @@ def load_table(
     """
     if spec == EMBEDDED:
         return generated_table(ensure_embedded(data_dir), label=label)
+    spec = resolve_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "manifest.json").exists():

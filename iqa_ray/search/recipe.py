@@ -39,6 +39,7 @@ import tomllib
 
 from iqa_ray.core.deprecations import CONFIG, renamed_keys
 from iqa_ray.core.options import ConfigError
+from iqa_ray.data.catalog import BUNDLED
 from iqa_ray.models.registry import family_keys
 from iqa_ray.search.study import Study, StudyError
 from iqa_ray.search.study_file import check_study
@@ -116,7 +117,10 @@ class AppliedRecipe:
 
 
 def dataset_adapter(spec: str) -> str | None:
-    """The adapter name of an ``ADAPTER:ROOT`` spec (aliases resolved), else ``None``."""
+    """The adapter name of an ``ADAPTER:ROOT`` spec or a bundled dataset's short name (aliases
+    resolved), else ``None``."""
+    if spec in BUNDLED:
+        return BUNDLED[spec][0]
     if ":" not in spec or Path(spec).expanduser().exists():
         return None
     from iqa_ray.data.datasets.registry import resolve_dataset_name

@@ -29,7 +29,7 @@ from iqa_ray.search.cluster import (
 )
 from iqa_ray.search.encoders import prepare_encoders
 from iqa_ray.search.phases import Phases
-from iqa_ray.search.settings import SearchSettings, resolve_gpus
+from iqa_ray.search.settings import SearchSettings, default_dataset, resolve_gpus
 from iqa_ray.search.summary import print_summary, summarise
 from iqa_ray.search.tuner import build_tuner, restore_tuner, stop_epochs
 from iqa_ray.trainables.placement import worker_device
@@ -94,7 +94,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "refit": settings.refit,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
-        "launch": {"dataset": args.dataset or EMBEDDED, "set": dict(settings.sets), "smoke_test": args.smoke_test},
+        "launch": {"dataset": args.dataset or default_dataset(settings.study, args.smoke_test), "set": dict(settings.sets), "smoke_test": args.smoke_test},
         "overrides": dict(settings.overrides),
         "params": [{"name": p.name, "role": p.role, "type": p.type, "low": p.low, "high": p.high,
                     "values": list(p.values), "grid": list(p.grid),

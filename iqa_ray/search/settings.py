@@ -215,6 +215,14 @@ def check_flag_values(args: argparse.Namespace) -> None:
         raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
 
 
+def default_dataset(study: Any, smoke_test: bool) -> str:
+    """``--dataset``'s default: the study's own (``dataset`` in its ``[fixed]`` table: the ranking
+    study's is ``livec``, the human-rated photos that ship with the repository), else ``embedded``;
+    ``--smoke-test`` runs on the embedded dataset (a quarter of it: a minute's check that a search
+    runs end to end)."""
+    return EMBEDDED if smoke_test else str(study.fixed.get("dataset", EMBEDDED))
+
+
 def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSettings:
     """Validate every flag and build the search settings; nothing has started yet."""
     check_flag_values(args)
@@ -224,7 +232,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     if getattr(args, "select", None) is not None:
         study = study.with_select(args.select)
     sets = parse_sets(args.set)
-    overrides = {**sets, "dataset": args.dataset or EMBEDDED}
+    overrides = {**sets, "dataset": args.dataset or default_dataset(study, args.smoke_test)}
     recipe, note = resolve_recipe(args.recipe, args.gpus, study, overrides["dataset"])
     applied = apply_recipe(recipe, study, overrides["dataset"], overrides) if recipe is not None else None
     if applied is not None:
