@@ -282,3 +282,57 @@ def test_a_study_file_of_your_own_runs_as_written_unless_a_recipe_is_named(tmp_p
     assert resolve_recipe(None, 0, load_study(str(own)), "embedded") == (None, None)
     recipe, note = resolve_recipe("cpu", 0, load_study(str(own)), "embedded")
     assert recipe.name == "cpu" and note is None
+
+
+def test_the_console_describes_what_the_cpu_recipe_trains_not_the_study_files_hyperiqa():
+    """Issue 37: the ranking study under the cpu recipe trains an MLP head on frozen Lite0 features,
+    and its header must say so instead of the file's "HyperIQA + pairwise ranking loss"."""
+    text = "\n".join(settings_from_args(parse("--gpus", "0"), "ranking").describe())
+    assert "study ranking, as recipe cpu changes it (family, frozen_backbone;" in text
+    assert "trains     mlp on efficientnet_lite0 (offline weights, frozen, features computed once), loss ranking" in text
+    assert "HyperIQA" not in text and "hyperiqa" not in text
+    # the study as written keeps its own description, and says what it trains
+    plain = "\n".join(settings_from_args(parse("--recipe", "none"), "ranking").describe())
+    assert "study ranking: HyperIQA + pairwise ranking loss" in plain
+    assert "trains     hyperiqa on efficientnet_lite0 (offline weights, fine-tuned), loss ranking" in plain
+    # a --set that changes the model is named as what changed it
+    switched = "\n".join(settings_from_args(parse("--recipe", "none", "--set", "frozen_backbone=true"),
+                                            "ranking").describe())
+    assert "as --set changes it (frozen_backbone;" in switched and "HyperIQA" not in switched
+    assert "hyperiqa on efficientnet_lite0 (offline weights, frozen), loss ranking" in switched
+
+
+def test_the_model_record_says_searched_frozen_depth_weights_and_pretraining():
+    from iqa_ray.search.study import describe_model, model_record
+
+    efficiency = load_study("efficiency")
+    assert describe_model(efficiency.trains()) == (
+        "mlp on efficientnet_lite0 (offline weights, frozen depth searched over trainable_stages 0 | 1 | 2 | 5), "
+        "loss ranking")
+    record = model_record({"family": "mlp", "pretrained": "none", "trainable_stages": 2})
+    assert record["backbone_training"] == "last 2 stages fine-tuned" and record["pretrained"] == "none"
+    assert "(random weights, last 2 stages fine-tuned)" in describe_model(record)
+    backbone = describe_model(load_study("backbone").trains())
+    assert backbone.startswith("mlp on backbone searched over efficientnet_lite0 | efficientnet_b0 | resnet18")
+    assert "pretraining searched over none | ssl" in describe_model(load_study("pretraining").trains())
+
+
+def test_the_summary_prints_and_records_the_model_that_trained(capsys):
+    from types import SimpleNamespace
+
+    from iqa_ray.search.study import model_record
+    from iqa_ray.search.summary import print_summary, trained_record
+
+    settings = settings_from_args(parse("--gpus", "0"), "ranking")
+    resolved = settings.effective_study.resolve({**settings.effective_study.constants(), "alpha": 0.2,
+                                                  "margin": 0.5, "lr": 1e-3})
+    trained = json.loads(json.dumps(trained_record(settings, resolved)))  # as summary.json holds it
+    assert trained == {**model_record(resolved), "recipe": "cpu"} and trained["family"] == "mlp"
+    summary = {"study": "ranking", "trials": 2, "errored_trials": 0, "elapsed_s": 3.0, "searcher": "optuna",
+               "trial_scheduler": "asha", "trained": trained, "best_config": {"alpha": 0.2}, "best_val": None,
+               "test": None, "experiment": "/tmp/x", "exports": {}}
+    print_summary(SimpleNamespace(study=settings.study), summary)
+    out = capsys.readouterr().out
+    assert ("trained: mlp on efficientnet_lite0 (offline weights, frozen, features computed once), loss ranking; "
+            "recipe cpu") in out
+    assert "HyperIQA" not in out

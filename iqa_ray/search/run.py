@@ -213,7 +213,7 @@ def _place_trials(settings: SearchSettings, args: argparse.Namespace,
         check_cpus_per_trial(settings.cpus_per_trial, node_cpus)
         # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
         settings = replace(settings, max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
-    print("\n".join([*settings.recipe_lines, *settings.effective_study.describe()]), flush=True)
+    print("\n".join(settings.describe()), flush=True)
     print(f"[search] searcher={settings.searcher} trial_scheduler={settings.scheduler} samples={settings.num_samples} "
           f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
           f"workers/trial={trial_workers(settings)} "

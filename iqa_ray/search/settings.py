@@ -25,7 +25,7 @@ from iqa_ray.core.paths import default_results_dir
 from iqa_ray.data.catalog import EMBEDDED
 from iqa_ray.models.weights import check_weights
 from iqa_ray.search.recipe import apply_recipe, dataset_adapter, foreign_family_keys, parse_recipe, resolve_recipe
-from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
+from iqa_ray.search.study import MODEL_KEYS, SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
 from iqa_ray.search.study_file import budget_problem, load_study, parse_study
 from iqa_ray.training.config import TrainConfig
 
@@ -104,6 +104,14 @@ class SearchSettings:
     def effective_study(self) -> Study:
         """The study with this run's epoch budget and fixed overrides (e.g. dataset, crop size)."""
         return replace(self.study, max_epochs=self.max_epochs, fixed={**self.study.fixed, **dict(self.overrides)})
+
+    def describe(self) -> list[str]:
+        """What the search runs, printed before it starts: the recipe's decisions, then the study as it
+        runs (what trains, what is searched), named after what changed it where it is not the file's."""
+        changed_by = [f"recipe {self.recipe['name']}"] if self.recipe else []
+        if any(key in MODEL_KEYS for key, _ in self.sets):
+            changed_by.append("--set")
+        return [*self.recipe_lines, *self.effective_study.describe(changed_by=" and ".join(changed_by) or None)]
 
     def is_remote_storage(self) -> bool:
         return "://" in self.storage and not self.storage.startswith("file://")

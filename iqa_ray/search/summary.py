@@ -19,6 +19,7 @@ from iqa_ray.search.export import export_experiment
 from iqa_ray.search.phases import Phases, describe
 from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, refit_plan, run_splits, split_lines
 from iqa_ray.search.settings import SearchSettings, experiment_dir_hint
+from iqa_ray.search.study import describe_model, model_record
 from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.search.tuner import close_orphaned_optuna_trials
 from iqa_ray.trainables.placement import worker_device
@@ -83,11 +84,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         # The model handed back (score / load_model / export-model / evaluate read it): the refit's
         # trial folder, or the selected trial's.
         "model": refit.get("trial") or (best.path.rsplit("/", 1)[-1] if best.path else None),
-        "refit": refit, "test": test,
-        "test_source": (f"the selected configuration re-trained on {REFIT_FIT_ON} ({refit['trial']}), its final "
-                        "weights, scored once after the search" if refit.get("trial") else
-                        "the selected trial's kept weights (chosen by validation, or its final ones), scored once "
-                        "after the search"),
+        "trained": trained_record(settings, resolved), "refit": refit, "test": test, "test_source": test_source(refit),
         # Validation SRCC of the selected epoch minus its test SRCC: how much the pick flatters itself.
         "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
         "baselines": baselines,
@@ -109,6 +106,20 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     summary.update(phases=phases.record(), total_s=round(phases.total(), 1))
     write_summary_file(settings, summary)  # again, with the report phase's time
     return summary
+
+
+def trained_record(settings: SearchSettings, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What the model handed back is (summary.json's ``trained``): :func:`~iqa_ray.search.study.model_record`
+    of the selected trial's resolved config, and the recipe that set it (``None``: the study as written)."""
+    return {**model_record(resolved), "recipe": settings.recipe["name"] if settings.recipe else None}
+
+
+def test_source(refit: dict[str, Any]) -> str:
+    """Which weights the summary's test score is of."""
+    if refit.get("trial"):
+        return (f"the selected configuration re-trained on {REFIT_FIT_ON} ({refit['trial']}), its final weights, "
+                "scored once after the search")
+    return "the selected trial's kept weights (chosen by validation, or its final ones), scored once after the search"
 
 
 def trial_reports(results: Any) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
@@ -317,6 +328,9 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     print("\n" + "=" * 78)
     print(f"study {s['study']}: {s['trials']} trials ({s['errored_trials']} errored) in {s['elapsed_s']:.0f} s, "
           f"searcher={s['searcher']}, trial_scheduler={s['trial_scheduler']}")
+    if s.get("trained"):
+        recipe = s["trained"].get("recipe")
+        print(f"trained: {describe_model(s['trained'])}; " + (f"recipe {recipe}" if recipe else "no recipe"))
     if s.get("pareto_front"):
         names = [m for m, _ in s["objectives"]]
         print(f"Pareto front ({len(s['pareto_front'])} trials; " + " / ".join(f"{m} ({d})" for m, d in s["objectives"]) + "):")
