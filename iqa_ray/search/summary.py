@@ -313,15 +313,39 @@ def baseline_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"  linear probe ({probe['backbone']}, {probe['pretrained']} weights, frozen; every stage pooled, "
                      f"ridge alpha {probe['alpha']:g} chosen on validation"
                      + (", then fitted on training and validation photos like the model" if probe.get("refit") else "")
-                     + f"): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
+                     + f"): SRCC {_metric(probe['srcc'])}  PLCC {_metric(probe['plcc'])}")
         for name in ("piqe", "brisque"):
-            lines.append(f"  {name.upper()}: SRCC {b[name]['srcc']:.4f}  PLCC {b[name]['plcc']:.4f}")
-        margin = s["versus_probe"]
-        lines.append(f"the model handed back beats the probe by {margin:+.4f} SRCC" if margin > 0
-                     else f"the model handed back does not beat the probe ({margin:+.4f} SRCC)")
+            lines.append(classical_line(name, b[name]))
+        margin = s.get("versus_probe")
+        if margin is None or not math.isfinite(margin):
+            lines.append("the model handed back cannot be compared with the probe: one of them has no test SRCC")
+        else:
+            lines.append(f"the model handed back beats the probe by {margin:+.4f} SRCC" if margin > 0
+                         else f"the model handed back does not beat the probe ({margin:+.4f} SRCC)")
     elif s.get("baselines_error"):
         lines.append(f"baselines could not be computed: {s['baselines_error']}")
     return lines
+
+
+def _metric(value: Any) -> str:
+    """A correlation for the console: 4 decimals, or ``undefined`` (never a bare ``nan``)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "undefined"
+
+
+def classical_line(name: str, record: dict[str, Any]) -> str:
+    """PIQE's or BRISQUE's summary line: its SRCC and PLCC over the photos it scored, how many it
+    could not score and why, or why it has no correlation at all."""
+    label = name.upper()
+    srcc, plcc = record.get("srcc"), record.get("plcc")
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (srcc, plcc))
+    n, scored = record.get("n"), record.get("scored", record.get("n"))
+    if not finite:
+        why = record.get("undefined") or "its correlation with MOS is undefined"
+        return f"  {label}: no SRCC or PLCC: {why}" + (f"; {record['note']}" if record.get("note") else "")
+    line = f"  {label}: SRCC {srcc:.4f}  PLCC {plcc:.4f}"
+    if record.get("note"):
+        line += f" on the other {scored} photos; {record['note']}"
+    return line
 
 
 def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
