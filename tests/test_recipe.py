@@ -213,18 +213,55 @@ def small_livec(tmp_path):
     return root
 
 
+def add_flat_photos(root, n):
+    """``n`` flat grey 500x500 JPEGs added to a LIVE Challenge copy (BRISQUE gives them no finite score)."""
+    from PIL import Image
+
+    names = [f"flat{i}.jpg" for i in range(n)]
+    for name in names:
+        Image.new("RGB", (500, 500), (128, 128, 128)).save(root / "Images" / name)
+    table = pd.read_csv(root / "livec.csv")
+    flat = pd.DataFrame({"image": names, "mos": np.linspace(20, 40, n)})
+    pd.concat([table, flat]).to_csv(root / "livec.csv", index=False, na_rep="nan")
+    return names
+
+
 @needs_livec
 @pytest.mark.slow
-def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(small_livec, tmp_path, capsys,
-                                                                             shared_ray):
+def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(small_livec, spoil_livec, tmp_path,
+                                                                             capsys, shared_ray):
+    from iqa_ray.data.datasets.registry import load_iqa_dataset
+
+    # The copy has three bad rows (a NaN MOS, a missing file, a truncated JPEG), which --skip-bad-rows
+    # leaves out, and flat grey photos, which BRISQUE cannot score (issue 37).
+    bad, flat = spoil_livec(small_livec), add_flat_photos(small_livec, 6)
+    with pytest.warns(UserWarning, match="skipped 3"):
+        split = load_iqa_dataset("livec", small_livec, fractions=(0.6, 0.2, 0.2), on_error="skip", check_images=True)
+    flat_in_test = int(split["image_id"][split["split"] == "test"].isin(flat).sum())
+    assert flat_in_test >= 1
     storage = tmp_path / "results"
     code = main(["--dataset", f"livec:{small_livec}", "--smoke-test", "--splits", "2", "--name", "e2e",
-                 "--storage", str(storage), "--gpus", "0"], study="ranking")
+                 "--storage", str(storage), "--gpus", "0", "--skip-bad-rows"], study="ranking")
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     experiment = storage / "e2e"
     summary = json.loads((experiment / "summary.json").read_text())
     info = json.loads((experiment / "experiment.json").read_text())
+    # Skipped, not lost: the console says so, and both records list each row with its reason.
+    for record in (summary, info):
+        assert [(row["image"], row["row"]) for row in record["skipped_rows"]] == list(zip(bad, (4, 5, 6)))
+    assert "truncated" in info["skipped_rows"][2]["reason"] and info["overrides"]["skip_bad_rows"] is True
+    assert out.count("3 bad rows skipped (--skip-bad-rows), in no split: row 4 (image 'bad_mos.jpg')") == 2
+    # What trained is said, not the study file's HyperIQA.
+    assert summary["trained"] == {**summary["trained"], "family": "mlp", "backbone": "efficientnet_lite0",
+                                  "backbone_training": "frozen", "feature_cache": True, "recipe": "cpu"}
+    assert ("trained: mlp on efficientnet_lite0 (offline weights, frozen, features computed once), loss ranking; "
+            "recipe cpu") in out and "HyperIQA" not in out
+    # BRISQUE scores the test photos it can; the flat ones are counted, and no nan is printed.
+    brisque = summary["baselines"]["brisque"]
+    assert brisque["unscored"]["count"] == flat_in_test and brisque["scored"] == brisque["n"] - flat_in_test
+    assert f"gave BRISQUE no finite score: {flat_in_test} x flat image" in out
+    assert "nan" not in "".join(line for line in out.splitlines() if "SRCC" in line).lower()
     assert info["recipe"]["name"] == "cpu" and info["splits"] == 1  # a smoke test re-trains on one split
     assert summary["best_config"]["feature_cache"] is True
     assert set(summary["baselines"]) == {"linear_probe", "piqe", "brisque"}

@@ -98,6 +98,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         summary["test_error"] = test_error
     if baselines_error:
         summary["baselines_error"] = baselines_error
+    if settings.skipped_rows:
+        summary["skipped_rows"] = list(settings.skipped_rows)
     if settings.splits and best.checkpoint is not None:
         with phases("splits"):
             summary["splits"] = run_splits(single, resolved, decoded, table, features=features)
@@ -327,6 +329,16 @@ def baseline_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def skipped_line(skipped: list[dict[str, Any]], shown: int = 3) -> str:
+    """The bad rows a search left out (``--skip-bad-rows``), for the console: their count and the first few."""
+    def one(row: dict[str, Any]) -> str:
+        where = f"row {row['row']} " if row.get("row") is not None else ""
+        return f"{where}(image {row['image']!r}): {row['reason']}"
+
+    return (f"{len(skipped)} bad row{'s' if len(skipped) > 1 else ''} skipped (--skip-bad-rows), in no split: "
+            + "; ".join(one(row) for row in skipped[:shown]) + ("; ..." if len(skipped) > shown else ""))
+
+
 def _metric(value: Any) -> str:
     """A correlation for the console: 4 decimals, or ``undefined`` (never a bare ``nan``)."""
     return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "undefined"
@@ -355,6 +367,8 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     if s.get("trained"):
         recipe = s["trained"].get("recipe")
         print(f"trained: {describe_model(s['trained'])}; " + (f"recipe {recipe}" if recipe else "no recipe"))
+    if s.get("skipped_rows"):
+        print(f"dataset: {skipped_line(s['skipped_rows'])}; summary.json lists every one")
     if s.get("pareto_front"):
         names = [m for m, _ in s["objectives"]]
         print(f"Pareto front ({len(s['pareto_front'])} trials; " + " / ".join(f"{m} ({d})" for m, d in s["objectives"]) + "):")

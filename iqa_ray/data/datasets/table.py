@@ -199,7 +199,8 @@ class RowChecker:
             lines.append(f"... and {n - LISTED_BAD_ROWS} more")
         return DatasetError(
             f"{spec.dataset}: {n} bad row{'s' if n > 1 else ''} in {spec.label_file}; nothing is loaded until "
-            f"{'they are' if n > 1 else 'it is'} fixed, or skipped (on_error=\"skip\"):\n  "
+            f"{'they are' if n > 1 else 'it is'} fixed, or skipped (iqa-ray tune --skip-bad-rows, the config key "
+            f"skip_bad_rows = true, or on_error=\"skip\"):\n  "
             + "\n  ".join(lines))
 
     def _record(self, row: Row) -> dict[str, Any]:
