@@ -352,6 +352,9 @@ def test_the_model_record_says_searched_frozen_depth_weights_and_pretraining():
     backbone = describe_model(load_study("backbone").trains())
     assert backbone.startswith("mlp on backbone searched over efficientnet_lite0 | efficientnet_b0 | resnet18")
     assert "pretraining searched over none | ssl" in describe_model(load_study("pretraining").trains())
+    # a trial's resolved config names its SSL encoder file instead of `pretraining`
+    resolved = model_record({"family": "mlp", "pretrained_encoder": "/enc/efficientnet_lite0.pt"})
+    assert resolved["pretraining"] == "ssl" and "pre-trained further by self-supervision" in describe_model(resolved)
 
 
 def test_the_summary_prints_and_records_the_model_that_trained(capsys):

@@ -305,7 +305,7 @@ def model_record(values: Mapping[str, Any], searched: Mapping[str, Sequence[Any]
         training = "frozen" if stages == 0 else f"last {stages} stage{'s' if stages > 1 else ''} fine-tuned"
     return {"family": value("family", default.family), "backbone": value("backbone", default.backbone),
             "pretrained": str(value("pretrained", default.pretrained)) if "pretrained" not in searched
-            else value("pretrained", None), "pretraining": value(PRETRAINING, "none"),
+            else value("pretrained", None), "pretraining": value(PRETRAINING, "ssl" if values.get("pretrained_encoder") else "none"),
             "backbone_training": training, "feature_cache": bool(values.get("feature_cache", False)),
             "loss": value("loss", default.loss)}
 
