@@ -172,3 +172,25 @@ def one_epoch_model(tiny_dataset, tmp_path_factory):
     arrays = [decoded.images[r] for r in test_rows]
     return {"run": root / "run", "checkpoint": saved[-1], "paths": paths, "folder": folder, "expected": expected,
             "arrays": arrays, "images": np.stack(arrays[:6]), "root": root}
+
+
+BAD_ROWS = ("bad_mos.jpg", "missing.jpg", "truncated.jpg")  # what spoil_livec adds, in row order
+
+
+@pytest.fixture
+def spoil_livec():
+    """A function that adds three bad rows to a LIVE Challenge copy (``livec.csv`` and ``Images/``)
+    after its third row: a NaN MOS, an image file that is not there and a truncated JPEG (the first
+    half of the copy's first photo). Returns their image names, in that order (``BAD_ROWS``)."""
+    import pandas as pd
+
+    def spoil(root):
+        table = pd.read_csv(root / "livec.csv")
+        data = (root / "Images" / table["image"].iloc[0]).read_bytes()
+        (root / "Images" / BAD_ROWS[0]).write_bytes(data)
+        (root / "Images" / BAD_ROWS[2]).write_bytes(data[: len(data) // 2])
+        bad = pd.DataFrame({"image": list(BAD_ROWS), "mos": [float("nan"), 50.0, 60.0]})
+        pd.concat([table.iloc[:3], bad, table.iloc[3:]]).to_csv(root / "livec.csv", index=False, na_rep="nan")
+        return list(BAD_ROWS)
+
+    return spoil

@@ -87,3 +87,72 @@ def test_brisque_score_is_the_package_score_of_its_36_features():
     assert brisque_score(image) == pytest.approx(float(_brisque_model().score(image)), abs=1e-9)
     # half size is its own 18 statistics, not a copy of the first
     assert not np.allclose(features[:18], features[18:])
+
+
+def _decoded_with_flat(n_textured, n_flat, seed=3):
+    """A decoded dataset whose test split holds ``n_textured`` photos of varied texture and
+    ``n_flat`` flat grey ones (BRISQUE gives a flat image no finite score)."""
+    import pandas as pd
+
+    from iqa_ray.data.decoded import DecodedImages
+
+    rng = np.random.default_rng(seed)
+    images, mos = [], []
+    for k in range(n_textured):
+        smooth = rng.normal(128, 40, size=(64, 64, 3)).clip(0, 255)
+        noise = rng.normal(0, 4 + 8 * k, size=(64, 64, 3))
+        images.append((smooth + noise).clip(0, 255).astype(np.uint8))
+        mos.append(90.0 - 8 * k + rng.normal())
+    images += [np.full((64, 64, 3), 128, np.uint8) for _ in range(n_flat)]
+    mos += [50.0] * n_flat
+    names = [f"photo{i}.jpg" for i in range(len(images))]
+    table = pd.DataFrame({"image_id": names, "split": "test", "mos": mos})
+    return DecodedImages(images=np.stack(images), table=table)
+
+
+def test_brisque_scores_the_photos_it_can_and_names_the_flat_one():
+    from iqa_ray.evaluation.baselines import FLAT, brisque_score, classical_baseline, scored_images
+
+    decoded = _decoded_with_flat(6, 1)
+    scores, reasons = scored_images("brisque", decoded.images)
+    assert np.isnan(scores[-1]) and reasons[-1] == FLAT
+    assert np.isfinite(scores[:-1]).all() and reasons[:-1] == [None] * 6
+    assert scores[0] == pytest.approx(-brisque_score(decoded.images[0]))  # sign-flipped: higher is better
+    record = classical_baseline(decoded, "brisque")
+    mos = decoded.table["mos"].to_numpy()
+    expected = all_metrics(scores[:-1], mos[:-1])  # over the six photos it scored
+    assert record["srcc"] == pytest.approx(expected["srcc"]) and record["plcc"] == pytest.approx(expected["plcc"])
+    assert record["n"] == 7 and record["scored"] == 6
+    assert record["unscored"] == {"count": 1, "reasons": {FLAT: 1}, "images": [{"image": "photo6.jpg", "reason": FLAT}]}
+    assert record["note"] == f"1 of 7 test photos gave BRISQUE no finite score: 1 x {FLAT}"
+    # PIQE does score a flat image (as its worst, 100): nothing is left out of it
+    piqe = classical_baseline(decoded, "piqe")
+    assert piqe["scored"] == 7 and "unscored" not in piqe and np.isfinite(piqe["srcc"])
+
+
+def test_a_baseline_that_scores_too_few_photos_has_no_correlation_and_says_why():
+    from iqa_ray.evaluation.baselines import classical_baseline
+
+    record = classical_baseline(_decoded_with_flat(2, 3), "brisque")
+    assert record["scored"] == 2 and record["srcc"] is None and record["plcc"] is None
+    assert record["undefined"] == "a correlation needs at least 3 scored photos, 2 were scored"
+    assert record["unscored"]["count"] == 3
+
+
+def test_the_summary_line_of_a_baseline_never_prints_nan():
+    from iqa_ray.evaluation.baselines import classical_baseline
+    from iqa_ray.search.summary import baseline_lines
+
+    probe = {"n": 7, "backbone": "efficientnet_lite0", "pretrained": "offline", "alpha": 10.0, "srcc": 0.5, "plcc": 0.4}
+    some = {"linear_probe": probe, "piqe": classical_baseline(_decoded_with_flat(6, 1), "piqe"),
+            "brisque": classical_baseline(_decoded_with_flat(6, 1), "brisque")}
+    text = "\n".join(baseline_lines({"baselines": some, "versus_probe": 0.1}))
+    brisque = some["brisque"]
+    assert (f"  BRISQUE: SRCC {brisque['srcc']:.4f}  PLCC {brisque['plcc']:.4f} on the other 6 photos; "
+            "1 of 7 test photos gave BRISQUE no finite score: 1 x flat image (one colour throughout)") in text
+    assert "nan" not in text.lower()
+    few = {**some, "brisque": classical_baseline(_decoded_with_flat(2, 3), "brisque")}
+    text = "\n".join(baseline_lines({"baselines": few, "versus_probe": float("nan")}))
+    assert ("  BRISQUE: no SRCC or PLCC: a correlation needs at least 3 scored photos, 2 were scored; "
+            "3 of 5 test photos gave BRISQUE no finite score: 3 x flat image (one colour throughout)") in text
+    assert "cannot be compared with the probe" in text and "nan" not in text.lower()

@@ -135,7 +135,7 @@ def test_a_study_names_its_objectives_rule_and_sampler():
     assert study.objectives == SRCC_LATENCY and study.multi_objective
     assert (study.metric, study.mode) == ("val_srcc", "max")  # the primary drives ASHA
     assert study.selection_rule.rule == "knee" and study.sampler == "nsga2"
-    assert "val_srcc (max) and latency_ms (min), sampler nsga2; hand back the knee" in study.describe()[1]
+    assert "val_srcc (max) and latency_ms (min), sampler nsga2; hand back the knee" in study.describe()[2]
     single = parse_study({"params": STUDY["params"]}, name="one")
     assert single.objectives == (("val_srcc", "max"),) and not single.multi_objective
     assert single.with_select("latency_ms<=20").selection_rule.budgets == (("latency_ms", 20.0),)

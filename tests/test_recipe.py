@@ -11,6 +11,7 @@ import pytest
 
 from iqa_ray.cli.tune import build_parser, main
 from iqa_ray.core.errors import LaunchError
+from iqa_ray.core.paths import bundled_datasets_dir
 from iqa_ray.search.recipe import (
     apply_recipe,
     available_recipes,
@@ -25,8 +26,7 @@ from iqa_ray.search.study import StudyError
 from iqa_ray.search.study_file import load_study
 from iqa_ray.training.config import TrainConfig
 
-LIVEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "livec-jpg"
-needs_livec = pytest.mark.skipif(not (LIVEC / "livec.csv").exists(), reason="the shared LIVE Challenge subset is absent")
+LIVEC = bundled_datasets_dir() / "livec"  # the 627 human-rated photos that ship with the repository
 
 
 def parse(*argv, study="ranking"):
@@ -180,7 +180,6 @@ def test_split_helpers_compute_what_statistics_computes():
     assert summarise_values([]) == {"n": 0}
 
 
-@needs_livec
 def test_other_split_seeds_draw_other_splits_of_the_same_photos_and_the_probe_is_fitted_on_each():
     from iqa_ray.evaluation.baselines import ridge_probe
     from iqa_ray.training.loaders import load_run_table
@@ -213,18 +212,54 @@ def small_livec(tmp_path):
     return root
 
 
-@needs_livec
+def add_flat_photos(root, n):
+    """``n`` flat grey 500x500 JPEGs added to a LIVE Challenge copy (BRISQUE gives them no finite score)."""
+    from PIL import Image
+
+    names = [f"flat{i}.jpg" for i in range(n)]
+    for name in names:
+        Image.new("RGB", (500, 500), (128, 128, 128)).save(root / "Images" / name)
+    table = pd.read_csv(root / "livec.csv")
+    flat = pd.DataFrame({"image": names, "mos": np.linspace(20, 40, n)})
+    pd.concat([table, flat]).to_csv(root / "livec.csv", index=False, na_rep="nan")
+    return names
+
+
 @pytest.mark.slow
-def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(small_livec, tmp_path, capsys,
-                                                                             shared_ray):
+def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(small_livec, spoil_livec, tmp_path,
+                                                                             capsys, shared_ray):
+    from iqa_ray.data.datasets.registry import load_iqa_dataset
+
+    # The copy has three bad rows (a NaN MOS, a missing file, a truncated JPEG), which --skip-bad-rows
+    # leaves out, and flat grey photos, which BRISQUE cannot score (issue 37).
+    bad, flat = spoil_livec(small_livec), add_flat_photos(small_livec, 6)
+    with pytest.warns(UserWarning, match="skipped 3"):
+        split = load_iqa_dataset("livec", small_livec, fractions=(0.6, 0.2, 0.2), on_error="skip", check_images=True)
+    flat_in_test = int(split["image_id"][split["split"] == "test"].isin(flat).sum())
+    assert flat_in_test >= 1
     storage = tmp_path / "results"
     code = main(["--dataset", f"livec:{small_livec}", "--smoke-test", "--splits", "2", "--name", "e2e",
-                 "--storage", str(storage), "--gpus", "0"], study="ranking")
+                 "--storage", str(storage), "--gpus", "0", "--skip-bad-rows"], study="ranking")
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     experiment = storage / "e2e"
     summary = json.loads((experiment / "summary.json").read_text())
     info = json.loads((experiment / "experiment.json").read_text())
+    # Skipped, not lost: the console says so, and both records list each row with its reason.
+    for record in (summary, info):
+        assert [(row["image"], row["row"]) for row in record["skipped_rows"]] == list(zip(bad, (4, 5, 6)))
+    assert "truncated" in info["skipped_rows"][2]["reason"] and info["overrides"]["skip_bad_rows"] is True
+    assert out.count("3 bad rows skipped (--skip-bad-rows), in no split: row 4 (image 'bad_mos.jpg')") == 2
+    # What trained is said, not the study file's HyperIQA.
+    assert summary["trained"] == {**summary["trained"], "family": "mlp", "backbone": "efficientnet_lite0",
+                                  "backbone_training": "frozen", "feature_cache": True, "recipe": "cpu"}
+    assert ("trained: mlp on efficientnet_lite0 (offline weights, frozen, features computed once), loss ranking; "
+            "recipe cpu") in out and "HyperIQA" not in out
+    # BRISQUE scores the test photos it can; the flat ones are counted, and no nan is printed.
+    brisque = summary["baselines"]["brisque"]
+    assert brisque["unscored"]["count"] == flat_in_test and brisque["scored"] == brisque["n"] - flat_in_test
+    assert f"gave BRISQUE no finite score: {flat_in_test} x flat image" in out
+    assert "nan" not in "".join(line for line in out.splitlines() if "SRCC" in line).lower()
     assert info["recipe"]["name"] == "cpu" and info["splits"] == 1  # a smoke test re-trains on one split
     assert summary["best_config"]["feature_cache"] is True
     assert set(summary["baselines"]) == {"linear_probe", "piqe", "brisque"}
@@ -282,3 +317,60 @@ def test_a_study_file_of_your_own_runs_as_written_unless_a_recipe_is_named(tmp_p
     assert resolve_recipe(None, 0, load_study(str(own)), "embedded") == (None, None)
     recipe, note = resolve_recipe("cpu", 0, load_study(str(own)), "embedded")
     assert recipe.name == "cpu" and note is None
+
+
+def test_the_console_describes_what_the_cpu_recipe_trains_not_the_study_files_hyperiqa():
+    """Issue 37: the ranking study under the cpu recipe trains an MLP head on frozen Lite0 features,
+    and its header must say so instead of the file's "HyperIQA + pairwise ranking loss"."""
+    text = "\n".join(settings_from_args(parse("--gpus", "0"), "ranking").describe())
+    assert "study ranking, as recipe cpu changes it (family, frozen_backbone;" in text
+    assert "trains     mlp on efficientnet_lite0 (offline weights, frozen, features computed once), loss ranking" in text
+    assert "HyperIQA" not in text and "hyperiqa" not in text
+    # the study as written keeps its own description, and says what it trains
+    plain = "\n".join(settings_from_args(parse("--recipe", "none"), "ranking").describe())
+    assert "study ranking: HyperIQA + pairwise ranking loss" in plain
+    assert "trains     hyperiqa on efficientnet_lite0 (offline weights, fine-tuned), loss ranking" in plain
+    # a --set that changes the model is named as what changed it
+    switched = "\n".join(settings_from_args(parse("--recipe", "none", "--set", "frozen_backbone=true"),
+                                            "ranking").describe())
+    assert "as --set changes it (frozen_backbone;" in switched and "HyperIQA" not in switched
+    assert "hyperiqa on efficientnet_lite0 (offline weights, frozen), loss ranking" in switched
+
+
+def test_the_model_record_says_searched_frozen_depth_weights_and_pretraining():
+    from iqa_ray.search.study import describe_model, model_record
+
+    efficiency = load_study("efficiency")
+    assert describe_model(efficiency.trains()) == (
+        "mlp on efficientnet_lite0 (offline weights, frozen depth searched over trainable_stages 0 | 1 | 2 | 5), "
+        "loss ranking")
+    record = model_record({"family": "mlp", "pretrained": "none", "trainable_stages": 2})
+    assert record["backbone_training"] == "last 2 stages fine-tuned" and record["pretrained"] == "none"
+    assert "(random weights, last 2 stages fine-tuned)" in describe_model(record)
+    backbone = describe_model(load_study("backbone").trains())
+    assert backbone.startswith("mlp on backbone searched over efficientnet_lite0 | efficientnet_b0 | resnet18")
+    assert "pretraining searched over none | ssl" in describe_model(load_study("pretraining").trains())
+    # a trial's resolved config names its SSL encoder file instead of `pretraining`
+    resolved = model_record({"family": "mlp", "pretrained_encoder": "/enc/efficientnet_lite0.pt"})
+    assert resolved["pretraining"] == "ssl" and "pre-trained further by self-supervision" in describe_model(resolved)
+
+
+def test_the_summary_prints_and_records_the_model_that_trained(capsys):
+    from types import SimpleNamespace
+
+    from iqa_ray.search.study import model_record
+    from iqa_ray.search.summary import print_summary, trained_record
+
+    settings = settings_from_args(parse("--gpus", "0"), "ranking")
+    resolved = settings.effective_study.resolve({**settings.effective_study.constants(), "alpha": 0.2,
+                                                  "margin": 0.5, "lr": 1e-3})
+    trained = json.loads(json.dumps(trained_record(settings, resolved)))  # as summary.json holds it
+    assert trained == {**model_record(resolved), "recipe": "cpu"} and trained["family"] == "mlp"
+    summary = {"study": "ranking", "trials": 2, "errored_trials": 0, "elapsed_s": 3.0, "searcher": "optuna",
+               "trial_scheduler": "asha", "trained": trained, "best_config": {"alpha": 0.2}, "best_val": None,
+               "test": None, "experiment": "/tmp/x", "exports": {}}
+    print_summary(SimpleNamespace(study=settings.study), summary)
+    out = capsys.readouterr().out
+    assert ("trained: mlp on efficientnet_lite0 (offline weights, frozen, features computed once), loss ranking; "
+            "recipe cpu") in out
+    assert "HyperIQA" not in out

@@ -71,6 +71,12 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
                    help="hand back the selected trial's own weights (trained on training photos); by default, where the "
                         "selected config chooses nothing on validation (select_epoch = last, as the cpu recipe), one more "
                         "trial re-trains it on training and validation photos and that model is handed back and tested")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave a real dataset's bad rows out of every split instead of stopping: scores that are "
+                        "missing or not valid, missing files, images that cannot be read (by default the search "
+                        "stops before Ray starts, naming them all); the console, summary.json and experiment.json "
+                        "list each one. Sets the config key skip_bad_rows, so --splits, the notebooks and evaluation "
+                        "leave the same rows out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key for every trial (repeatable), e.g. --set crop_size=96")
     p.add_argument("--address", default=None, help="address of an existing Ray cluster, e.g. 10.0.0.5:6379 or auto")

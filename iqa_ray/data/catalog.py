@@ -92,11 +92,14 @@ def load_table(
     split_seed: int = 0,
     on_error: str = "raise",
     split_fractions: tuple[float, float, float] | None = None,
+    check_images: bool = False,
 ) -> pd.DataFrame:
     """The labelled table named by ``spec`` (see the module docstring for the forms).
 
     ``split_seed`` and ``split_fractions`` (``None``: the adapter's default) shape the seeded
-    split of real datasets; pre-generated data has its own split by source photo.
+    split of real datasets; pre-generated data has its own split by source photo. ``on_error``
+    and ``check_images`` apply to real datasets (:func:`~iqa_ray.data.datasets.registry.load_iqa_dataset`:
+    every bad row raised in one error, or skipped); pre-generated images were written by iqa-ray.
 
     Raises:
         DatasetError: ``spec`` names nothing usable; the message lists the valid forms.
@@ -115,7 +118,8 @@ def load_table(
 
         name, root = spec.split(":", 1)
         extra = {"fractions": tuple(split_fractions)} if split_fractions is not None else {}
-        table = load_iqa_dataset(name, Path(root).expanduser(), split_seed=split_seed, on_error=on_error, **extra)
+        table = load_iqa_dataset(name, Path(root).expanduser(), split_seed=split_seed, on_error=on_error,
+                                 check_images=check_images, **extra)
         table.attrs.setdefault("label", "mos")
         return table
     raise DatasetError(f"unknown dataset {spec!r}; valid: {describe_valid_specs()}")

@@ -19,6 +19,7 @@ its compute. :func:`baseline_report` scores all three on a decoded dataset's tes
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -71,12 +72,42 @@ def brisque_score(image: np.ndarray) -> float:
 BASELINES: dict[str, Callable[[np.ndarray], float]] = {"piqe": piqe_score, "brisque": brisque_score}
 
 
+FLAT = "flat image (one colour throughout)"  # why BRISQUE gives no score: its contrast normalisation divides 0 by 0
+# At most this many unscored photos are named in a baseline's record (the count covers them all).
+NAMED_UNSCORED = 20
+
+
 def baseline_scores(name: str, images: Iterable[np.ndarray]) -> np.ndarray:
-    """Quality predictions of a classical baseline, sign-flipped so that higher is better."""
+    """Quality predictions of a classical baseline, sign-flipped so that higher is better; NaN for an
+    image it gives no finite score (:func:`scored_images` says why)."""
+    return scored_images(name, images)[0]
+
+
+def scored_images(name: str, images: Iterable[np.ndarray]) -> tuple[np.ndarray, list[str | None]]:
+    """A classical baseline's sign-flipped scores (NaN where it has none) and, per image, why it has
+    none (``None`` where it has one): :data:`FLAT`, ``no finite score``, or the numerical error raised.
+
+    Raises:
+        KeyError: an unknown baseline (the message lists the valid ones).
+    """
     if name not in BASELINES:
         raise KeyError(f"unknown baseline {name!r}; valid: {sorted(BASELINES)}")
     fn = BASELINES[name]
-    return -np.array([fn(im) for im in images], dtype=np.float64)
+    scores, reasons = [], []
+    for image in images:
+        reason = None
+        try:
+            with np.errstate(invalid="ignore", divide="ignore"):  # a flat image's 0/0: recorded below
+                score = float(fn(image))
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # recorded as the image's reason
+            score, reason = math.nan, f"{type(exc).__name__}: {exc}"
+        if not math.isfinite(score):
+            pixels = np.asarray(image).reshape(-1, np.asarray(image).shape[-1] if np.ndim(image) == 3 else 1)
+            flat = bool(len(pixels) and np.ptp(pixels, axis=0).max() == 0)
+            reason = FLAT if flat else (reason or "no finite score")
+        scores.append(-score if reason is None else math.nan)
+        reasons.append(reason)
+    return np.asarray(scores, dtype=np.float64), reasons
 
 
 # Ridge strengths tried on the validation split (features are standardised, so these are on a
@@ -158,12 +189,46 @@ def ridge_probe(features: np.ndarray, mos: np.ndarray, train: np.ndarray, val: n
 
 
 def classical_baseline(decoded: Any, name: str) -> dict[str, Any]:
-    """PIQE or BRISQUE on a decoded dataset's test split: its metrics and ``n`` (empty without test)."""
+    """PIQE or BRISQUE on a decoded dataset's test split (empty without test photos).
+
+    The photos the baseline gives no finite score (BRISQUE on a flat image) are left out of its
+    metrics and listed, never turned into a NaN correlation of every photo.
+
+    Returns:
+        The metrics over the scored photos (:func:`~iqa_ray.core.metrics.all_metrics`; ``None``
+        for one that is undefined, ``undefined`` saying why), ``n`` the test photos, ``scored``
+        those it scored; with unscored photos, ``unscored`` (their count, the count of each reason,
+        the first :data:`NAMED_UNSCORED` by image and reason) and ``note``, one line saying so.
+    """
     test = decoded.split_indices("test")
     if len(test) == 0:
         return {}
     mos = decoded.table["mos"].to_numpy(dtype=np.float64)[test]
-    return {**all_metrics(baseline_scores(name, [decoded.images[i] for i in test]), mos), "n": int(len(test))}
+    scores, reasons = scored_images(name, [decoded.images[i] for i in test])
+    ok = np.isfinite(scores)
+    metrics = {k: (float(v) if math.isfinite(v) else None) for k, v in all_metrics(scores[ok], mos[ok]).items()}
+    record: dict[str, Any] = {**metrics, "n": int(len(test)), "scored": int(ok.sum())}
+    if metrics["srcc"] is None or metrics["plcc"] is None:
+        record["undefined"] = _why_undefined(scores[ok], mos[ok])
+    missing = [(str(decoded.table["image_id"].iloc[i]), r) for i, r in zip(test, reasons) if r is not None]
+    if missing:
+        counts = {r: sum(1 for _, m in missing if m == r) for r in dict.fromkeys(r for _, r in missing)}
+        record["unscored"] = {"count": len(missing), "reasons": counts,
+                              "images": [{"image": i, "reason": r} for i, r in missing[:NAMED_UNSCORED]]}
+        record["note"] = (f"{len(missing)} of {len(test)} test photos gave {name.upper()} no finite score: "
+                          + "; ".join(f"{c} x {r}" for r, c in counts.items()))
+    return record
+
+
+def _why_undefined(scores: np.ndarray, mos: np.ndarray) -> str:
+    """Why a baseline's correlation over its scored photos is undefined (:mod:`iqa_ray.core.metrics`)."""
+    if len(scores) < 3:
+        return f"a correlation needs at least 3 scored photos, {len(scores)} were scored"
+    if np.ptp(scores) == 0:
+        return "it gave every scored photo the same score"
+    if np.ptp(mos) == 0:
+        return "every scored photo has the same MOS"
+    return "the correlation is undefined"
 
 
 def probe_baseline(decoded: Any, *, backbone: str = "efficientnet_lite0", pretrained: str = "offline",

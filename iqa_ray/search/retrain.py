@@ -163,8 +163,9 @@ def split_seeds(base_seed: int, n: int) -> list[int]:
 def split_columns(config: TrainConfig, table: Any, seeds: list[int]) -> dict[int, list[str]]:
     """Each seed's split of the rows of ``table`` (the decoded dataset's rows, in order).
 
-    The label table is read again with each seed (no image is decoded); rows are matched by
-    ``image_id``, so images skipped at decode time do not shift the assignment.
+    The label table is read again with each seed (no image is decoded; ``skip_bad_rows`` leaves
+    the same rows out); rows are matched by ``image_id``, so images skipped at decode time do not
+    shift the assignment.
     """
     from iqa_ray.training.loaders import load_run_table
 

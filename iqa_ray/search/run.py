@@ -30,7 +30,7 @@ from iqa_ray.search.cluster import (
 from iqa_ray.search.encoders import prepare_encoders
 from iqa_ray.search.phases import Phases
 from iqa_ray.search.settings import SearchSettings, default_dataset, resolve_gpus
-from iqa_ray.search.summary import print_summary, summarise
+from iqa_ray.search.summary import print_summary, skipped_line, summarise
 from iqa_ray.search.tuner import build_tuner, restore_tuner, stop_epochs
 from iqa_ray.trainables.placement import worker_device
 from iqa_ray.training.config import TrainConfig
@@ -39,12 +39,13 @@ DRIVER_MEMORY_BYTES = 2**20  # what a data-parallel trial's driver asks for (it 
 DRIVER_LOG = "driver.log"  # the driver's Ray/Optuna INFO lines, in the experiment folder
 
 
-def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
+def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str, list[dict[str, Any]]]:
     """Pre-generate (embedded, on Ray Data) if needed and decode the dataset once for all trials.
 
     Returns:
-        The decoded dataset and the exact dataset spec it came from (for ``embedded``, the
-        generated folder), which is what trial configs record.
+        The decoded dataset, the exact dataset spec it came from (for ``embedded``, the generated
+        folder), which is what trial configs record, and the bad rows left out (``--skip-bad-rows``):
+        the label table's, before the split is drawn, then any image that failed to decode.
     """
     from iqa_ray.core.paths import default_data_dir
     from iqa_ray.core.progress import progress_bar
@@ -63,14 +64,29 @@ def prepare_dataset(settings: SearchSettings, smoke: bool) -> tuple[Any, str]:
         spec = str(generated.path)
     else:
         spec = d.dataset
-        table = load_run_table(config)
+        table = load_run_table(config, check_images=True)
     with progress_bar(len(table), "decoding") as bar:
         decoded = decode_for(config, table, progress=bar.update)
+    skipped = skipped_rows(table, decoded)
     counts = decoded.table["split"].value_counts().to_dict()
     print(f"[data] {d.dataset}: {len(decoded.table)} images decoded once "
           f"({counts.get('train', 0)} train / {counts.get('val', 0)} val / {counts.get('test', 0)} test), "
           f"{decoded.nbytes / 1e6:.0f} MB shared with every trial", flush=True)
-    return decoded, spec
+    if skipped:
+        print(f"[data] {d.dataset}: {skipped_line(skipped)}; experiment.json and summary.json list every one",
+              flush=True)
+    return decoded, spec, skipped
+
+
+def skipped_rows(table: Any, decoded: Any) -> list[dict[str, Any]]:
+    """The rows a search left out: the label table's bad rows (``attrs["skipped"]``), then the images
+    that failed to decode (each with its ``path``)."""
+    rows = [dict(row) for row in table.attrs.get("skipped", [])]
+    paths = table["path"].tolist() if "path" in table.columns else [None] * len(table)
+    for row in decoded.skipped:
+        rows.append({"file": table.attrs.get("label_file"), "row": None, "line": None, "image": row["image_id"],
+                     "path": paths[row["row"]], "reason": row["reason"]})
+    return rows
 
 
 def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) -> None:
@@ -94,8 +110,11 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "refit": settings.refit,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
-        "launch": {"dataset": args.dataset or default_dataset(settings.study, args.smoke_test), "set": dict(settings.sets), "smoke_test": args.smoke_test},
+        "launch": {"dataset": args.dataset or default_dataset(settings.study, args.smoke_test), "set": dict(settings.sets),
+                   "smoke_test": args.smoke_test, "skip_bad_rows": bool(getattr(args, "skip_bad_rows", False))},
         "overrides": dict(settings.overrides),
+        # The bad rows the search left out of every split (skip_bad_rows): label file and row, image, reason.
+        "skipped_rows": list(settings.skipped_rows),
         "params": [{"name": p.name, "role": p.role, "type": p.type, "low": p.low, "high": p.high,
                     "values": list(p.values), "grid": list(p.grid),
                     "range_by": [p.range_by[0], {str(k): list(v) for k, v in p.range_by[1].items()}] if p.range_by else None}
@@ -156,7 +175,8 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
     try:
         settings, share, node_cpus = _place_trials(settings, args, resources)
         with phases("decoding"):
-            decoded, spec = prepare_dataset(settings, args.smoke_test)
+            decoded, spec, skipped = prepare_dataset(settings, args.smoke_test)
+            settings = replace(settings, skipped_rows=tuple(skipped))
             # Into the object store once: every trial and the final test scoring map this copy, and the
             # driver keeps only the reference (and the small label table, for --splits).
             table = decoded.table
@@ -213,7 +233,7 @@ def _place_trials(settings: SearchSettings, args: argparse.Namespace,
         check_cpus_per_trial(settings.cpus_per_trial, node_cpus)
         # --gpus N caps the GPUs the search uses: at most N / share trials run at once.
         settings = replace(settings, max_concurrent=gpu_concurrency(gpus, share, settings.max_concurrent))
-    print("\n".join([*settings.recipe_lines, *settings.effective_study.describe()]), flush=True)
+    print("\n".join(settings.describe()), flush=True)
     print(f"[search] searcher={settings.searcher} trial_scheduler={settings.scheduler} samples={settings.num_samples} "
           f"max_epochs={settings.max_epochs} cpus/trial={settings.cpus_per_trial:g} gpus/trial={share:g} "
           f"workers/trial={trial_workers(settings)} "

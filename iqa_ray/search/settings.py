@@ -25,7 +25,7 @@ from iqa_ray.core.paths import default_results_dir
 from iqa_ray.data.catalog import EMBEDDED
 from iqa_ray.models.weights import check_weights
 from iqa_ray.search.recipe import apply_recipe, dataset_adapter, foreign_family_keys, parse_recipe, resolve_recipe
-from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
+from iqa_ray.search.study import MODEL_KEYS, SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
 from iqa_ray.search.study_file import budget_problem, load_study, parse_study
 from iqa_ray.training.config import TrainConfig
 
@@ -74,6 +74,9 @@ class SearchSettings:
     # A finished trial's actor starts the next trial (Tune's reuse_actors): on one node. On a cluster
     # of several, the next trial would wait for that actor instead of starting on an idle node.
     reuse_actors: bool = True
+    # The bad rows of a real dataset left out of every split (config key skip_bad_rows, --skip-bad-rows),
+    # once the data is read: label file and row, image, reason.
+    skipped_rows: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         check_experiment_name(self.name)
@@ -104,6 +107,14 @@ class SearchSettings:
     def effective_study(self) -> Study:
         """The study with this run's epoch budget and fixed overrides (e.g. dataset, crop size)."""
         return replace(self.study, max_epochs=self.max_epochs, fixed={**self.study.fixed, **dict(self.overrides)})
+
+    def describe(self) -> list[str]:
+        """What the search runs, printed before it starts: the recipe's decisions, then the study as it
+        runs (what trains, what is searched), named after what changed it where it is not the file's."""
+        changed_by = [f"recipe {self.recipe['name']}"] if self.recipe else []
+        if any(key in MODEL_KEYS for key, _ in self.sets):
+            changed_by.append("--set")
+        return [*self.recipe_lines, *self.effective_study.describe(changed_by=" and ".join(changed_by) or None)]
 
     def is_remote_storage(self) -> bool:
         return "://" in self.storage and not self.storage.startswith("file://")
@@ -233,6 +244,8 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         study = study.with_select(args.select)
     sets = parse_sets(args.set)
     overrides = {**sets, "dataset": args.dataset or default_dataset(study, args.smoke_test)}
+    if getattr(args, "skip_bad_rows", False):
+        overrides["skip_bad_rows"] = True  # a config key: whatever re-reads the run's data leaves the same rows out
     recipe, note = resolve_recipe(args.recipe, args.gpus, study, overrides["dataset"])
     applied = apply_recipe(recipe, study, overrides["dataset"], overrides) if recipe is not None else None
     if applied is not None:
@@ -271,7 +284,9 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         from iqa_ray.training.loaders import load_run_table
 
         d = config.data
-        preflight_decoded(load_run_table(config), dataset=d.dataset, image_size=d.image_size,
+        # Every bad row and unreadable image, in one error (or skipped: skip_bad_rows), before Ray starts.
+        table = load_run_table(config, check_images=True)
+        preflight_decoded(table, dataset=d.dataset, image_size=d.image_size,
                           short_side=d.short_side, min_side=0 if d.whole_image else d.crop_size)
     gpt = args.gpus_per_trial
     num_samples = args.num_samples or study.num_samples
@@ -394,6 +409,8 @@ def changed_flags(args: argparse.Namespace, record: Mapping[str, Any], study: St
         differs.append("--splits-train-only (given now, not recorded)")
     if getattr(args, "no_refit", False) and record.get("refit", True):
         differs.append("--no-refit (given now, not recorded)")
+    if getattr(args, "skip_bad_rows", False) and not record["overrides"].get("skip_bad_rows", False):
+        differs.append("--skip-bad-rows (given now, not recorded)")
     if args.smoke_test != launch["smoke_test"]:
         differs.append(f"--smoke-test ({args.smoke_test} now, {launch['smoke_test']} recorded)")
     for flag in _RECORDED_FLAGS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from iqa_ray.core.options import ConfigError
 from iqa_ray.core.selection import SelectionRule
@@ -25,6 +25,10 @@ TRIAL_SCHEDULERS = ("asha", "hyperband", "none")
 UNIT_SUFFIX = "__unit"
 PRETRAINING = "pretraining"  # study-only key: "none" or "ssl" (resolved to pretrained_encoder)
 _PRETRAINING_DATA_KEYS = {"source", "splits"}  # [pretraining] keys that are not PretrainConfig fields
+# The keys that say which model trains (what a study's description is about): a recipe or --set that
+# changes one of them makes the study file's description wrong, and the console says what trains instead.
+# (Other weights for the same model, `pretrained`, leave a description true.)
+MODEL_KEYS = ("family", "backbone", "frozen_backbone", "trainable_stages", "loss")
 
 
 class StudyError(ConfigError):
@@ -224,13 +228,37 @@ class Study:
         out.update({p.name: trial_config[p.name] for p in self.params if p.name not in out and p.name in trial_config})
         return out
 
-    def describe(self) -> list[str]:
+    def trains(self) -> dict[str, Any]:
+        """The model this study's trials train (:func:`model_record` of its fixed values and searched keys)."""
+        return model_record(self.fixed, {p.name: list(p.values or p.grid) for p in self.params})
+
+    def changed_model_keys(self) -> list[str]:
+        """The :data:`MODEL_KEYS` whose value differs from the study file's own (a recipe or ``--set``
+        changed them); empty for a study built without a file's definition."""
+        written = self.definition.get("fixed")
+        if not isinstance(written, Mapping):
+            return []
+        searched = {p.name for p in self.params}
+        default = TrainConfig().model
+        return [k for k in MODEL_KEYS if k not in searched
+                and self.fixed.get(k, getattr(default, k)) != written.get(k, getattr(default, k))]
+
+    def describe(self, changed_by: str | None = None) -> list[str]:
+        """The study as it runs, for the console: what trains, what is optimised and searched.
+
+        The study file's description heads it unless a recipe or ``--set`` (``changed_by``, e.g.
+        ``"recipe cpu"``) changed which model trains (:meth:`changed_model_keys`): a description of
+        HyperIQA above an MLP head would mislead.
+        """
         goal = " and ".join(f"{m} ({d})" for m, d in self.objectives)
         if self.multi_objective:
             goal += f", sampler {self.sampler}"
         if self.multi_objective or self.select != "best":
             goal += f"; hand back the {self.selection_rule.describe()}"
-        lines = [f"study {self.name}: {self.description}",
+        changed = self.changed_model_keys()
+        head = (f"study {self.name}, as {changed_by or 'this launch'} changes it ({', '.join(changed)}; the study "
+                "file's description no longer applies)" if changed else f"study {self.name}: {self.description}")
+        lines = [head, f"  {'trains':10s} {describe_model(self.trains())}",
                  f"  optimise {goal}; {self.num_samples} samples, up to {self.max_epochs} epochs"]
         for p in self.params:
             rng = (f"{p.values}" if p.type == "choice" else f"[{p.low}, {p.high}]")
@@ -243,3 +271,64 @@ class Study:
             table = {k: v for k, v in self.pretraining.items()}
             lines.append(f"  pre-training of the ssl encoder ({', '.join(self.encoder_backbones())}): {table}")
         return lines
+
+
+def model_record(values: Mapping[str, Any], searched: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+    """Which model a run trains, in the terms a reader asks about.
+
+    Args:
+        values: config keys (a study's fixed values, or one trial's resolved config); unset keys
+            take :class:`TrainConfig`'s defaults.
+        searched: searched keys and the values they may take (a study's parameters).
+
+    Returns:
+        ``family``, ``backbone``, ``pretrained`` (the weights it starts from), ``pretraining``
+        (``ssl``: a self-supervised encoder on them), ``backbone_training`` (``frozen``, ``fine-tuned``,
+        ``last N stages fine-tuned``), ``feature_cache`` (features computed once) and ``loss``; a
+        searched key holds ``{"searched": [values]}``.
+    """
+    default, searched = TrainConfig().model, searched or {}
+
+    def value(key: str, fallback: Any) -> Any:
+        if key in searched:
+            return {"searched": list(searched[key])}
+        return values.get(key, fallback)
+
+    stages = value("trainable_stages", default.trainable_stages)
+    if values.get("frozen_backbone", default.frozen_backbone) and "frozen_backbone" not in searched:
+        training: Any = "frozen"
+    elif isinstance(stages, dict) or "frozen_backbone" in searched:
+        training = {"searched": list(searched.get("trainable_stages", searched.get("frozen_backbone", [])))}
+    elif stages is None:
+        training = "fine-tuned"
+    else:
+        training = "frozen" if stages == 0 else f"last {stages} stage{'s' if stages > 1 else ''} fine-tuned"
+    return {"family": value("family", default.family), "backbone": value("backbone", default.backbone),
+            "pretrained": str(value("pretrained", default.pretrained)) if "pretrained" not in searched
+            else value("pretrained", None), "pretraining": value(PRETRAINING, "ssl" if values.get("pretrained_encoder") else "none"),
+            "backbone_training": training, "feature_cache": bool(values.get("feature_cache", False)),
+            "loss": value("loss", default.loss)}
+
+
+def describe_model(record: Mapping[str, Any]) -> str:
+    """One line of :func:`model_record`: ``mlp on efficientnet_lite0 (offline weights, frozen, features
+    computed once), loss ranking``."""
+
+    def text(value: Any, name: str) -> str:
+        if isinstance(value, dict):
+            return f"{name} searched over {' | '.join(str(v) for v in value['searched'])}"
+        return str(value)
+
+    training = record["backbone_training"]
+    training = (f"frozen depth searched over trainable_stages {' | '.join(str(v) for v in training['searched'])}"
+                if isinstance(training, dict) else training)
+    weights = record["pretrained"]
+    weights = (text(weights, "weights") if isinstance(weights, dict) else "random weights" if weights == "none"
+               else f"{weights} weights")
+    pretraining = record.get("pretraining", "none")
+    if pretraining != "none":
+        weights += (", " + text(pretraining, "pretraining") if isinstance(pretraining, dict)
+                    else " pre-trained further by self-supervision (ssl)")
+    cache = ", features computed once" if record["feature_cache"] else ""
+    return (f"{text(record['family'], 'family')} on {text(record['backbone'], 'backbone')} ({weights}, {training}"
+            f"{cache}), loss {text(record['loss'], 'loss')}")

@@ -19,6 +19,7 @@ from iqa_ray.search.export import export_experiment
 from iqa_ray.search.phases import Phases, describe
 from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, refit_plan, run_splits, split_lines
 from iqa_ray.search.settings import SearchSettings, experiment_dir_hint
+from iqa_ray.search.study import describe_model, model_record
 from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.search.tuner import close_orphaned_optuna_trials
 from iqa_ray.trainables.placement import worker_device
@@ -83,11 +84,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         # The model handed back (score / load_model / export-model / evaluate read it): the refit's
         # trial folder, or the selected trial's.
         "model": refit.get("trial") or (best.path.rsplit("/", 1)[-1] if best.path else None),
-        "refit": refit, "test": test,
-        "test_source": (f"the selected configuration re-trained on {REFIT_FIT_ON} ({refit['trial']}), its final "
-                        "weights, scored once after the search" if refit.get("trial") else
-                        "the selected trial's kept weights (chosen by validation, or its final ones), scored once "
-                        "after the search"),
+        "trained": trained_record(settings, resolved), "refit": refit, "test": test, "test_source": test_source(refit),
         # Validation SRCC of the selected epoch minus its test SRCC: how much the pick flatters itself.
         "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
         "baselines": baselines,
@@ -101,6 +98,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         summary["test_error"] = test_error
     if baselines_error:
         summary["baselines_error"] = baselines_error
+    if settings.skipped_rows:
+        summary["skipped_rows"] = list(settings.skipped_rows)
     if settings.splits and best.checkpoint is not None:
         with phases("splits"):
             summary["splits"] = run_splits(single, resolved, decoded, table, features=features)
@@ -109,6 +108,20 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     summary.update(phases=phases.record(), total_s=round(phases.total(), 1))
     write_summary_file(settings, summary)  # again, with the report phase's time
     return summary
+
+
+def trained_record(settings: SearchSettings, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What the model handed back is (summary.json's ``trained``): :func:`~iqa_ray.search.study.model_record`
+    of the selected trial's resolved config, and the recipe that set it (``None``: the study as written)."""
+    return {**model_record(resolved), "recipe": settings.recipe["name"] if settings.recipe else None}
+
+
+def test_source(refit: dict[str, Any]) -> str:
+    """Which weights the summary's test score is of."""
+    if refit.get("trial"):
+        return (f"the selected configuration re-trained on {REFIT_FIT_ON} ({refit['trial']}), its final weights, "
+                "scored once after the search")
+    return "the selected trial's kept weights (chosen by validation, or its final ones), scored once after the search"
 
 
 def trial_reports(results: Any) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
@@ -302,21 +315,60 @@ def baseline_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"  linear probe ({probe['backbone']}, {probe['pretrained']} weights, frozen; every stage pooled, "
                      f"ridge alpha {probe['alpha']:g} chosen on validation"
                      + (", then fitted on training and validation photos like the model" if probe.get("refit") else "")
-                     + f"): SRCC {probe['srcc']:.4f}  PLCC {probe['plcc']:.4f}")
+                     + f"): SRCC {_metric(probe['srcc'])}  PLCC {_metric(probe['plcc'])}")
         for name in ("piqe", "brisque"):
-            lines.append(f"  {name.upper()}: SRCC {b[name]['srcc']:.4f}  PLCC {b[name]['plcc']:.4f}")
-        margin = s["versus_probe"]
-        lines.append(f"the model handed back beats the probe by {margin:+.4f} SRCC" if margin > 0
-                     else f"the model handed back does not beat the probe ({margin:+.4f} SRCC)")
+            lines.append(classical_line(name, b[name]))
+        margin = s.get("versus_probe")
+        if margin is None or not math.isfinite(margin):
+            lines.append("the model handed back cannot be compared with the probe: one of them has no test SRCC")
+        else:
+            lines.append(f"the model handed back beats the probe by {margin:+.4f} SRCC" if margin > 0
+                         else f"the model handed back does not beat the probe ({margin:+.4f} SRCC)")
     elif s.get("baselines_error"):
         lines.append(f"baselines could not be computed: {s['baselines_error']}")
     return lines
+
+
+def skipped_line(skipped: list[dict[str, Any]], shown: int = 3) -> str:
+    """The bad rows a search left out (``--skip-bad-rows``), for the console: their count and the first few."""
+    def one(row: dict[str, Any]) -> str:
+        where = f"row {row['row']} " if row.get("row") is not None else ""
+        return f"{where}(image {row['image']!r}): {row['reason']}"
+
+    return (f"{len(skipped)} bad row{'s' if len(skipped) > 1 else ''} skipped (--skip-bad-rows), in no split: "
+            + "; ".join(one(row) for row in skipped[:shown]) + ("; ..." if len(skipped) > shown else ""))
+
+
+def _metric(value: Any) -> str:
+    """A correlation for the console: 4 decimals, or ``undefined`` (never a bare ``nan``)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "undefined"
+
+
+def classical_line(name: str, record: dict[str, Any]) -> str:
+    """PIQE's or BRISQUE's summary line: its SRCC and PLCC over the photos it scored, how many it
+    could not score and why, or why it has no correlation at all."""
+    label = name.upper()
+    srcc, plcc = record.get("srcc"), record.get("plcc")
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (srcc, plcc))
+    n, scored = record.get("n"), record.get("scored", record.get("n"))
+    if not finite:
+        why = record.get("undefined") or "its correlation with MOS is undefined"
+        return f"  {label}: no SRCC or PLCC: {why}" + (f"; {record['note']}" if record.get("note") else "")
+    line = f"  {label}: SRCC {srcc:.4f}  PLCC {plcc:.4f}"
+    if record.get("note"):
+        line += f" on the other {scored} photos; {record['note']}"
+    return line
 
 
 def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     print("\n" + "=" * 78)
     print(f"study {s['study']}: {s['trials']} trials ({s['errored_trials']} errored) in {s['elapsed_s']:.0f} s, "
           f"searcher={s['searcher']}, trial_scheduler={s['trial_scheduler']}")
+    if s.get("trained"):
+        recipe = s["trained"].get("recipe")
+        print(f"trained: {describe_model(s['trained'])}; " + (f"recipe {recipe}" if recipe else "no recipe"))
+    if s.get("skipped_rows"):
+        print(f"dataset: {skipped_line(s['skipped_rows'])}; summary.json lists every one")
     if s.get("pareto_front"):
         names = [m for m, _ in s["objectives"]]
         print(f"Pareto front ({len(s['pareto_front'])} trials; " + " / ".join(f"{m} ({d})" for m, d in s["objectives"]) + "):")

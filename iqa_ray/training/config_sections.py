@@ -92,6 +92,11 @@ class DataConfig(Options):
             image once and train the head on them (``whole_image`` only; the family must pool,
             i.e. ``mlp``). Exactly the model a forward pass on images gives, at a fraction of the
             cost per epoch; a search shares one cache between all its trials.
+        skip_bad_rows: a real dataset's bad rows (a score that is missing or not valid, a missing
+            image file, an image that cannot be read) are left out of every split and listed,
+            instead of stopping the run with one error that names them all. Part of the config, so
+            everything that re-reads the run's data (re-training on other splits, the notebooks,
+            evaluation) leaves the same rows out; a search's ``--skip-bad-rows``.
     """
 
     dataset: str = "embedded"
@@ -113,6 +118,7 @@ class DataConfig(Options):
     prefetch_factor: int = 4
     hflip: bool = True
     eval_chunk: int = 64
+    skip_bad_rows: bool = False
 
     def __post_init__(self) -> None:
         require(isinstance(self.dataset, str) and self.dataset != "", "dataset must be a non-empty string")
@@ -159,6 +165,7 @@ class DataConfig(Options):
                 f"patch_placement must be one of {PATCH_PLACEMENTS}, got {self.patch_placement!r}")
         require(isinstance(self.hflip, bool), f"hflip must be true or false, got {self.hflip!r}")
         require(isinstance(self.feature_cache, bool), f"feature_cache must be true or false, got {self.feature_cache!r}")
+        require(isinstance(self.skip_bad_rows, bool), f"skip_bad_rows must be true or false, got {self.skip_bad_rows!r}")
         require(not self.feature_cache or self.whole_image,
                 "feature_cache caches whole-image features: it needs whole_image = true")
 

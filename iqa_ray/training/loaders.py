@@ -21,20 +21,27 @@ from iqa_ray.data.decoded import DecodedImages, IQADataset, decode_table
 from iqa_ray.training.config import TrainConfig
 
 
-def load_run_table(config: TrainConfig, spec: str | None = None, *, split_seed: int | None = None) -> Any:
-    """The label table of the run's dataset (or of ``spec``), split as the run's data config says."""
+def load_run_table(config: TrainConfig, spec: str | None = None, *, split_seed: int | None = None,
+                   check_images: bool = False) -> Any:
+    """The label table of the run's dataset (or of ``spec``), split as the run's data config says.
+
+    Bad rows stop it with one error naming them all, or with ``skip_bad_rows`` are left out of
+    every split (``attrs["skipped"]``), unreadable image files included; ``check_images`` finds
+    those without skipping them (:func:`~iqa_ray.data.catalog.load_table`).
+    """
     d = config.data
     return load_table(spec or d.dataset, label=d.label, split_seed=d.split_seed if split_seed is None else split_seed,
-                      split_fractions=d.split_fractions)
+                      split_fractions=d.split_fractions, on_error="skip" if d.skip_bad_rows else "raise",
+                      check_images=check_images or d.skip_bad_rows)
 
 
 def decode_for(config: TrainConfig, table: Any, progress: Callable[[int], Any] | None = None) -> DecodedImages:
     """Decode ``table`` with the run's resize rule (``image_size`` or ``short_side``);
-    ``progress(1)`` after each image."""
+    ``progress(1)`` after each image; with ``skip_bad_rows`` an image that fails is left out and listed."""
     d = config.data
     kwargs = {"short_side": d.short_side} if d.short_side is not None else {}
     return decode_table(table, image_size=d.image_size, min_size=0 if d.whole_image else d.crop_size,
-                        progress=progress, **kwargs)
+                        progress=progress, on_error="skip" if d.skip_bad_rows else "raise", **kwargs)
 
 
 def load_decoded(config: TrainConfig) -> DecodedImages:

@@ -71,8 +71,12 @@ Errors
 ------
 Problems raise :class:`~iqa_ray.core.errors.DatasetError` naming the file, the row and what is
 valid. Row problems (a MOS that is empty, not a number or out of range, a duplicated image name,
-a missing image file, an unknown split value) can instead be skipped with ``on_error="skip"``:
-they are listed in ``df.attrs["skipped"]`` and a warning gives their number. For a duplicated
-name the first row is kept. Structural problems (missing root, label file, image folder or
-columns, unreadable files, nothing left to load) always raise. Images are not decoded here.
+a missing image file, an unknown split value and, with ``check_images=True``, an image file that
+is empty, not an image or truncated) are all found before the split is drawn and raised together,
+in one error that names the first 20 and counts the rest; or they are skipped with
+``on_error="skip"``: left out of every split, listed in ``df.attrs["skipped"]``, and a warning
+gives their number. For a duplicated name the first row is kept. Structural problems (missing
+root, label file, image folder or columns, unreadable label files, nothing left to load) always
+raise. Images are not decoded here (``check_images`` reads headers, and decodes only a JPEG
+without its end marker or a format other than JPEG and PNG: :mod:`.image_check`).
 """

@@ -53,6 +53,7 @@ def load_agiqa3k(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
     image_dir: str | os.PathLike[str] | None = None,
     label_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
@@ -64,4 +65,5 @@ def load_agiqa3k(
     ``adj2``, ``style``, ``std_quality``, ``mos_align`` and ``std_align``.
     """
     return read_layout(AGIQA3K, root, split_seed=split_seed, fractions=fractions, on_error=on_error,
-                       check_files=check_files, image_dir=image_dir, label_file=label_file)
+                       check_files=check_files, check_images=check_images, image_dir=image_dir,
+                       label_file=label_file)

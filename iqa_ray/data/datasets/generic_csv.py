@@ -35,6 +35,7 @@ def load_csv_dataset(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
 ) -> pd.DataFrame:
     """Read any folder of images with a CSV of scores whose columns the user names.
 
@@ -55,6 +56,7 @@ def load_csv_dataset(
         fractions: (train, val, test) fractions of groups.
         on_error: ``"raise"`` or ``"skip"``.
         check_files: Check that every image exists (no decoding).
+        check_images: An empty, unreadable or truncated image file is a bad row (:mod:`.image_check`).
 
     Returns:
         The common table; every other CSV column is kept as an extra (as text), unless its
@@ -72,4 +74,4 @@ def load_csv_dataset(
     except ValueError as exc:
         raise ValueError(str(exc).replace(f"{name}: score_range", "mos_range")) from None
     return read_layout(layout, root, split_seed=split_seed, fractions=fractions, on_error=on_error,
-                       check_files=check_files, image_dir=image_dir)
+                       check_files=check_files, check_images=check_images, image_dir=image_dir)

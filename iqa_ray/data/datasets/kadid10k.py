@@ -61,6 +61,7 @@ def load_kadid10k(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
     image_dir: str | os.PathLike[str] | None = None,
     label_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
@@ -75,6 +76,7 @@ def load_kadid10k(
         fractions: (train, val, test) fractions of reference images.
         on_error: ``"raise"`` or ``"skip"``.
         check_files: Check that every distorted image exists (no decoding).
+        check_images: An empty, unreadable or truncated image file is a bad row (:mod:`.image_check`).
         image_dir: Image folder, relative to ``root`` or absolute (default ``images``).
         label_file: Label CSV (default ``dmos.csv``).
 
@@ -99,10 +101,7 @@ def load_kadid10k(
         row = Row(loc, name, values[cols["dmos"]], extras)
         match = _KADID_NAME.match(os.path.basename(name))
         if match is None:
-            row.error = (
-                "file name does not follow the KADID-10k pattern I<ref>_<type>_<level>.png "
-                "(e.g. I01_03_05.png)"
-            )
+            row.error = "file name does not follow the KADID-10k pattern I<ref>_<type>_<level>.png (e.g. I01_03_05.png)"
         else:
             kind, level = int(match.group(2)), int(match.group(3))
             extras["distortion"] = kind
@@ -127,9 +126,8 @@ def load_kadid10k(
         extra_columns=("ref_img", "ref_path", "distortion", "distortion_name", "level", "var"),
         attrs={"group_by": "ref_img"},
     )
-    frame = build_table(
-        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
-    )
+    frame = build_table(spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error,
+                        check_files=check_files, check_images=check_images)
     frame["distortion"] = frame["distortion"].astype("int64")
     frame["level"] = frame["level"].astype("int64")
     return frame

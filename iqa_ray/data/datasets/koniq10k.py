@@ -54,6 +54,7 @@ def load_koniq10k(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
     image_dir: str | os.PathLike[str] | None = None,
     mos_column: str = "MOS",
     use_official_split: bool = True,
@@ -68,6 +69,7 @@ def load_koniq10k(
         fractions: (train, val, test) fractions of the seeded split.
         on_error: ``"raise"`` or ``"skip"`` (see :mod:`iqa_ray.data.datasets`).
         check_files: Check that every image file exists (no decoding).
+        check_images: An empty, unreadable or truncated image file is a bad row (:mod:`.image_check`).
         image_dir: Image folder, relative to ``root`` or absolute; default ``1024x768`` if it
             exists, else ``512x384``.
         mos_column: ``"MOS"`` (1-5, mapped to 0-100) or ``"MOS_zscore"`` (0-100, used as is).
@@ -119,7 +121,8 @@ def load_koniq10k(
         attrs={"split_file": str(sets_path) if official else None},
     )
     return build_table(
-        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
+        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files,
+        check_images=check_images,
     )
 
 

@@ -110,6 +110,7 @@ def read_layout(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
     image_dir: str | os.PathLike[str] | None = None,
     label_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
@@ -122,6 +123,7 @@ def read_layout(
         fractions: (train, val, test) fractions of groups.
         on_error: ``"raise"`` or ``"skip"`` bad rows.
         check_files: check that every image exists (no decoding).
+        check_images: An empty, unreadable or truncated image file is a bad row (:mod:`.image_check`).
         image_dir: image folder, relative to ``root`` or absolute (overrides the layout's).
         label_file: label file, relative to ``root`` or absolute (overrides the layout's).
 
@@ -167,12 +169,8 @@ def read_layout(
             row.split = values[cols[layout.split_col]]
         rows.append(row)
     spec = Spec(
-        dataset=name,
-        root=root_p,
-        image_dir=Path(images),
-        label_file=label,
-        mos_label=layout.score_col,
-        mos_range=layout.score_range,
+        dataset=name, root=root_p, image_dir=Path(images), label_file=label,
+        mos_label=layout.score_col, mos_range=layout.score_range,
         mos_scale=layout.describe_scale(),
         higher_is_better=layout.higher_is_better,
         official_split=bool(layout.split_col),
@@ -181,4 +179,4 @@ def read_layout(
         attrs={"group_by": layout.group_col, "split_column": layout.split_col},
     )
     return build_table(spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error,
-                       check_files=check_files)
+                       check_files=check_files, check_images=check_images)

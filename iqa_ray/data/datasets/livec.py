@@ -46,6 +46,7 @@ def load_livec(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
     image_dir: str | os.PathLike[str] | None = None,
     label_file: str | os.PathLike[str] | None = None,
     drop_training_images: bool = True,
@@ -62,6 +63,7 @@ def load_livec(
         fractions: (train, val, test) fractions.
         on_error: ``"raise"`` or ``"skip"``.
         check_files: Check that every image exists (no decoding).
+        check_images: An empty, unreadable or truncated image file is a bad row (:mod:`.image_check`).
         image_dir: Image folder, relative to ``root`` or absolute (default ``Images``).
         label_file: A ``.csv`` with ``image``, ``mos`` to use instead of the ``.mat`` files.
         drop_training_images: Drop the 7 rater-training images (first 7 ``.mat`` entries,
@@ -73,11 +75,6 @@ def load_livec(
     Raises:
         DatasetError: See :mod:`iqa_ray.data.datasets`.
     """
-    dataset = "livec"
-    root_p = dataset_root(root, dataset, "Images/ and Data/AllMOS_release.mat (or livec.csv)")
-    nested = root_p / "ChallengeDB_release"
-    if not (root_p / "Data").is_dir() and not (root_p / LIVEC_CSV_FILE).is_file() and nested.is_dir():
-        root_p = nested
     dataset = "livec"
     root_p = dataset_root(root, dataset, "Images/ and Data/AllMOS_release.mat (or livec.csv)")
     nested = root_p / "ChallengeDB_release"
@@ -117,7 +114,8 @@ def load_livec(
         attrs={"dropped_training_images": dropped},
     )
     return build_table(
-        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
+        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files,
+        check_images=check_images,
     )
 
 

@@ -113,6 +113,7 @@ def load_iqa_dataset(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Load a real IQA dataset by name into the common table (see :mod:`iqa_ray.data.datasets`).
@@ -125,6 +126,7 @@ def load_iqa_dataset(
         fractions: (train, val, test) fractions of the seeded split.
         on_error: ``"raise"`` (default) or ``"skip"`` bad rows.
         check_files: Check that every listed image exists (no decoding).
+        check_images: An empty, unreadable or truncated image file is a bad row (:mod:`.image_check`).
         **kwargs: Adapter-specific options (``image_dir``, ``label_file``, ``mos_column``,
             ``drop_training_images``, the generic adapter's column names, ...).
 
@@ -144,6 +146,7 @@ def load_iqa_dataset(
         fractions=fractions,
         on_error=on_error,
         check_files=check_files,
+        check_images=check_images,
         **kwargs,
     )
 

@@ -38,6 +38,7 @@ def load_spaq(
     fractions: Sequence[float] = REAL_FRACTIONS,
     on_error: str = "raise",
     check_files: bool = True,
+    check_images: bool = False,
     image_dir: str | os.PathLike[str] | None = None,
     label_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
@@ -53,6 +54,7 @@ def load_spaq(
         fractions: (train, val, test) fractions.
         on_error: ``"raise"`` or ``"skip"``.
         check_files: Check that every image exists (no decoding).
+        check_images: An empty, unreadable or truncated image file is a bad row (:mod:`.image_check`).
         image_dir: Image folder, relative to ``root`` or absolute (default ``TestImage``); useful
             for a resized copy.
         label_file: Label file (``.csv`` or ``.xlsx``), relative to ``root`` or absolute.
@@ -95,5 +97,6 @@ def load_spaq(
         extra_columns=tuple(a.lower() for a in attributes),
     )
     return build_table(
-        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files
+        spec, rows, split_seed=split_seed, fractions=fractions, on_error=on_error, check_files=check_files,
+        check_images=check_images,
     )

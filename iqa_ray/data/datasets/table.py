@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from iqa_ray.core.errors import DatasetError
+from iqa_ray.data.datasets.image_check import image_problems
 from iqa_ray.data.datasets.label_files import Loc
 from iqa_ray.data.splits import assign_group_splits, validate_fractions
 
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 REAL_FRACTIONS = (0.7, 0.1, 0.2)  # train/val/test of a real dataset without an official split
+LISTED_BAD_ROWS = 20  # bad rows named in the one error that lists them (the rest are counted)
 ON_ERROR_VALUES = ("raise", "skip")
 BASE_COLUMNS = ("image_id", "path", "mos", "mos_raw", "split", "group")
 
@@ -138,43 +140,68 @@ class RowProblem(Exception):
 class RowChecker:
     """Checks label rows one at a time and makes each good one a record of the common table.
 
-    A bad row raises a :class:`DatasetError` (``on_error="raise"``) or is listed in ``skipped``
-    (``"skip"``); for a duplicated image name the first row is kept.
+    Every bad row is listed in ``skipped`` (with ``on_error="raise"``, :meth:`error` then makes them
+    one :class:`DatasetError`); for a duplicated image name the first row is kept.
     """
 
     def __init__(self, spec: Spec, *, on_error: str, check_files: bool) -> None:
         self.spec = spec
         self.on_error = on_error
         self.check_files = check_files
-        self.skipped: list[dict[str, Any]] = []
         self.n_read = 0
         self._files = FileIndex()
         self._first_seen: dict[str, Loc] = {}
+        self._found: list[tuple[int, str, dict[str, Any]]] = []  # (row order, message, skipped entry)
 
     def record(self, row: Row) -> dict[str, Any] | None:
-        """The table record of ``row``, or ``None`` when it is skipped."""
+        """The table record of ``row``, or ``None`` when it is bad (listed)."""
         self.n_read += 1
         row.image = row.image.strip().replace("\\", "/")
         try:
             return self._record(row)
         except RowProblem as exc:
             problem = str(exc)
-        self._fail(row, problem)
+        self.fail(row, problem, self.n_read)
         return None
 
-    def _fail(self, row: Row, problem: str) -> None:
-        message = f"{row.loc.describe()}, image {row.image!r}: {problem}"
-        if self.on_error == "raise":
-            raise DatasetError(message)
-        self.skipped.append(
-            {
-                "file": str(row.loc.file),
-                "row": row.loc.row,
-                "line": row.loc.line,
-                "image": row.image,
-                "reason": problem,
-            }
-        )
+    def fail(self, row: Row, problem: str, order: int, path: str | None = None) -> None:
+        """List ``row`` as bad (``order``: its place among the rows read, which orders the list)."""
+        entry = {"file": str(row.loc.file), "row": row.loc.row, "line": row.loc.line, "image": row.image,
+                 "reason": problem}
+        if path is not None:
+            entry["path"] = path
+        self._found.append((order, f"{row.loc.describe()}, image {row.image!r}: {problem}", entry))
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """The bad rows, in the order they were read: ``file``, ``row``, ``line``, ``image``, ``reason``
+        (and ``path`` for an image that cannot be used)."""
+        return [entry for _, _, entry in sorted(self._found, key=lambda found: found[0])]
+
+    def check_images(self, kept: list[tuple[int, Row, dict[str, Any]]]) -> list[tuple[int, Row, dict[str, Any]]]:
+        """``kept`` (row order, row, record) without the rows whose image file cannot be used
+        (:func:`~iqa_ray.data.datasets.image_check.image_problems`), which are listed as bad."""
+        problems = image_problems([record["path"] for _, _, record in kept])
+        for i, problem in problems.items():
+            order, row, record = kept[i]
+            self.fail(row, problem, order, path=record["path"])
+        return [item for i, item in enumerate(kept) if i not in problems]
+
+    def error(self) -> DatasetError | None:
+        """Every bad row in one error (the first :data:`LISTED_BAD_ROWS` and a count of the rest) when
+        ``on_error="raise"`` and there are any; else ``None``."""
+        if self.on_error != "raise" or not self._found:
+            return None
+        n, spec = len(self._found), self.spec
+        found = sorted(self._found, key=lambda item: item[0])
+        lines = [message for _, message, _ in found[:LISTED_BAD_ROWS]]
+        if n > LISTED_BAD_ROWS:
+            lines.append(f"... and {n - LISTED_BAD_ROWS} more")
+        return DatasetError(
+            f"{spec.dataset}: {n} bad row{'s' if n > 1 else ''} in {spec.label_file}; nothing is loaded until "
+            f"{'they are' if n > 1 else 'it is'} fixed, or skipped (iqa-ray tune --skip-bad-rows, the config key "
+            f"skip_bad_rows = true, or on_error=\"skip\"):\n  "
+            + "\n  ".join(lines))
 
     def _record(self, row: Row) -> dict[str, Any]:
         spec, image = self.spec, row.image
@@ -233,12 +260,30 @@ def build_table(
     fractions: Sequence[float],
     on_error: str,
     check_files: bool,
+    check_images: bool = False,
 ) -> pd.DataFrame:
-    """Validate rows, normalise MOS, split, and assemble the common table."""
+    """Validate rows, normalise MOS, split, and assemble the common table.
+
+    Every bad row is found before the split is drawn: ``on_error="raise"`` raises one
+    :class:`DatasetError` listing them (:meth:`RowChecker.error`), ``"skip"`` leaves them out of
+    every split and lists them in ``attrs["skipped"]``. ``check_images``: an image file that cannot
+    be used (empty, not an image, a truncated JPEG or PNG: :mod:`~iqa_ray.data.datasets.image_check`)
+    makes its row bad too (its entry then holds the image's ``path``).
+    """
     check_on_error(on_error)
     fracs = validate_fractions(fractions)
     checker = RowChecker(spec, on_error=on_error, check_files=check_files)
-    kept = [record for record in map(checker.record, rows) if record is not None]
+    checked = []  # (row order, row, record) of the good rows
+    for row in rows:
+        record = checker.record(row)
+        if record is not None:
+            checked.append((checker.n_read, row, record))
+    if check_images:
+        checked = checker.check_images(checked)
+    error = checker.error()
+    if error is not None:
+        raise error
+    kept = [record for _, _, record in checked]
     skipped = checker.skipped
     if not kept:
         raise _nothing_to_load(spec, skipped)
