@@ -140,7 +140,15 @@ def stage_means(mean_std: np.ndarray, channels: tuple[int, ...]) -> np.ndarray:
 
 def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int, *,
               weights: np.ndarray | None = None, flipped: np.ndarray | None = None) -> float:
-    """Test SRCC of the recipe's MLP head trained on rows ``train`` of features ``x`` (a plain torch loop
+    """Test SRCC of :func:`head_predict` (the recipe's MLP head) on rows ``test``."""
+    from iqa_ray.core.metrics import srcc
+
+    return float(srcc(head_predict(x, mos, train, test, seed, weights=weights, flipped=flipped), mos[test]))
+
+
+def head_predict(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int, *,
+                 weights: np.ndarray | None = None, flipped: np.ndarray | None = None) -> np.ndarray:
+    """Scores of rows ``test`` by the recipe's MLP head trained on rows ``train`` of features ``x`` (a plain torch loop
     with the recipe's settings and the ranking study's middle values; see the module docstring).
 
     ``weights`` (one per row) weight each row's L1 term and each pair's ranking term by the product
@@ -150,8 +158,6 @@ def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarra
     """
     import torch
     from torch import nn
-
-    from iqa_ray.core.metrics import srcc
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -194,7 +200,7 @@ def head_srcc(x: np.ndarray, mos: np.ndarray, train: np.ndarray, test: np.ndarra
         score = head((feats[test] - mean) / std).squeeze(1)
         if mirror is not None:
             score = (score + head((mirror[test] - mean) / std).squeeze(1)) / 2
-        return float(srcc(score.numpy().astype(np.float64), mos[test]))
+        return score.numpy().astype(np.float64)
 
 
 def paired(scores: dict[str, list[float]], richer: str, base: str) -> dict[str, Any]:
