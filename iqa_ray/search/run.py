@@ -92,6 +92,8 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "recipe": settings.recipe, "splits": settings.splits,
         "splits_train_on_val": settings.splits_train_on_val,
         "refit": settings.refit,
+        # Where --mlflow tracks the search (its MLflow experiment is named like it); a resume keeps it.
+        "mlflow": {"tracking_uri": settings.mlflow, "experiment": settings.name} if settings.mlflow else None,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
         "launch": {"dataset": args.dataset or EMBEDDED, "set": dict(settings.sets), "smoke_test": args.smoke_test},
