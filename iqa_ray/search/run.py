@@ -28,6 +28,7 @@ from iqa_ray.search.cluster import (
     trial_workers,
 )
 from iqa_ray.search.encoders import prepare_encoders
+from iqa_ray.search.mlflow_runs import log_summary, trial_runs
 from iqa_ray.search.phases import Phases
 from iqa_ray.search.settings import SearchSettings, resolve_gpus
 from iqa_ray.search.summary import print_summary, summarise
@@ -134,6 +135,8 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
                 raise
             raise LaunchError(str(exc)) from None
         settings, summary = _search(settings, args, resources, owns_ray=owns_ray, phases=phases)
+    if settings.mlflow is not None:
+        summary = log_summary(settings, summary)
     print_summary(settings, summary)
     return 0
 
@@ -184,8 +187,10 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
         trainable = make_trainable(settings, decoded_ref, features)
         with phases("search"):
             started = time.perf_counter()
-            tuner = (restore_tuner(settings, trainable) if args.resume
-                     else build_tuner(settings, trainable, callbacks=console_callbacks(settings)))
+            if args.resume:  # a restored Tuner keeps the callbacks it was built with (the console, MLflow's)
+                tuner = restore_tuner(settings, trainable)
+            else:
+                tuner = build_tuner(settings, trainable, callbacks=[*console_callbacks(settings), *trial_runs(settings)])
             results = tuner.fit()
             elapsed = time.perf_counter() - started
         summary = summarise(settings, results, decoded_ref, elapsed, features=features, table=table, phases=phases)
