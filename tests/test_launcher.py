@@ -20,7 +20,7 @@ def test_help_lists_the_flags_users_need():
     text = build_parser("ranking").format_help()
     for flag in ("--gpus", "--gpus-per-trial", "--cpus-per-trial", "--num-samples", "--max-concurrent", "--searcher",
                  "--trial-scheduler", "--dataset", "--address", "--storage", "--name", "--resume", "--smoke-test",
-                 "--grace-period", "--reduction-factor", "--max-epochs", "--progress-every", "--verbose"):
+                 "--grace-period", "--reduction-factor", "--max-epochs", "--progress-every", "--verbose", "--mlflow"):
         assert flag in text
 
 
