@@ -178,14 +178,16 @@ def test_a_trial_checkpointing_every_other_epoch_repeats_the_lost_epoch_exactly(
 
 
 def test_killed_driver_resumes_without_losing_finished_trials(tmp_path, tiny_dataset):
+    """... and MLflow (--mlflow) holds each trial once, with each epoch once, after the resume."""
     import optuna
+    from test_mlflow import check_tracked_search
 
     study = write_study(tmp_path, num_samples=3, max_epochs=3, searcher="optuna", scheduler="none",
                         extra_fixed="patches_per_image = 4")
     log = tmp_path / "log.txt"
     name = "killdriver"
     exp = tmp_path / name
-    proc = start(launcher(study, tmp_path, name, tiny_dataset.path, "--max-concurrent", "2"), log)
+    proc = start(launcher(study, tmp_path, name, tiny_dataset.path, "--max-concurrent", "2", "--mlflow"), log)
     try:
         def one_done_one_running():
             rows = {t.name: results(t) for t in exp.glob("trial_*")}
@@ -222,6 +224,8 @@ def test_killed_driver_resumes_without_losing_finished_trials(tmp_path, tiny_dat
     completed = [t for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials
                  if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(completed) == 3
+    # The resumed driver logged into the trials' runs from before the kill: one run per trial.
+    check_tracked_search(exp)
 
 
 def test_non_finite_loss_errors_one_trial_and_the_experiment_goes_on(tmp_path, tiny_dataset, shared_ray):

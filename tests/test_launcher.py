@@ -20,7 +20,7 @@ def test_help_lists_the_flags_users_need():
     text = build_parser("ranking").format_help()
     for flag in ("--gpus", "--gpus-per-trial", "--cpus-per-trial", "--num-samples", "--max-concurrent", "--searcher",
                  "--trial-scheduler", "--dataset", "--address", "--storage", "--name", "--resume", "--smoke-test",
-                 "--grace-period", "--reduction-factor", "--max-epochs", "--progress-every", "--verbose"):
+                 "--grace-period", "--reduction-factor", "--max-epochs", "--progress-every", "--verbose", "--mlflow"):
         assert flag in text
 
 
@@ -263,16 +263,16 @@ def test_select_flag_overrides_the_studys_rule_and_survives_a_resume(tmp_path, c
 def test_ended_by_names_the_time_budget_only_where_the_scheduler_cannot_stop(tmp_path):
     import json
 
-    from iqa_ray.search.export import _ended_by, _experiment_info, _scheduler_stops
+    from iqa_ray.search.export import ended_by, _experiment_info, _scheduler_stops
 
     (tmp_path / "experiment.json").write_text(json.dumps({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
                                                           "max_epochs": 8, "time_budget": 10}))
     stops = _scheduler_stops(_experiment_info(tmp_path))
     assert stops == (frozenset({1, 2, 4}), True)
-    assert _ended_by("TERMINATED", None, {"epoch": 4}, 8, stops) == "scheduler"
-    assert _ended_by("TERMINATED", None, {"epoch": 3}, 8, stops) == "time_budget"
-    assert _ended_by("TERMINATED", None, {"epoch": 8}, 8, stops) == "completed"
-    assert _ended_by("TERMINATED", None, {"epoch": 3}, 8, (frozenset({1, 2, 4}), False)) == "scheduler"
+    assert ended_by("TERMINATED", None, {"epoch": 4}, 8, stops) == "scheduler"
+    assert ended_by("TERMINATED", None, {"epoch": 3}, 8, stops) == "time_budget"
+    assert ended_by("TERMINATED", None, {"epoch": 8}, 8, stops) == "completed"
+    assert ended_by("TERMINATED", None, {"epoch": 3}, 8, (frozenset({1, 2, 4}), False)) == "scheduler"
 
 
 def test_an_old_key_in_set_overrides_the_studys_value_written_with_the_new_one():

@@ -342,15 +342,22 @@ def test_a_tensorboard_that_cannot_start_is_reported(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_search_in_tensorboard(tmp_path, tiny_dataset, tensorboard, capsys, shared_ray):
+def test_real_search_in_tensorboard_and_mlflow(tmp_path, tiny_dataset, tensorboard, capsys, shared_ray):
+    """One real search, seen by TensorBoard and, with ``--mlflow``, by MLflow's client (the checks of
+    tests/test_mlflow.py)."""
+    from test_mlflow import check_tracked_search
+
     from iqa_ray.cli.tune import main
 
     study_path = tmp_path / "tiny_tb.toml"
     study_path.write_text(TINY_STUDY)
     code = main(["--study", str(study_path), "--storage", str(tmp_path), "--name", "tb", "--cpus-per-trial", "1",
-                 "--dataset", str(tiny_dataset.path)], prog="launch/tune.py", require_study=True)
-    assert code == 0, capsys.readouterr().out[-4000:]
+                 "--dataset", str(tiny_dataset.path), "--mlflow"], prog="launch/tune.py", require_study=True)
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
     exp = tmp_path / "tb"
+    assert f"MLflow: mlflow ui --backend-store-uri sqlite:///{exp.resolve()}/mlflow.db" in out, out[-2000:]
+    check_tracked_search(exp.resolve())
     trials = {}
     for folder in sorted(exp.glob("trial_*")):
         config = json.loads((folder / "params.json").read_text())

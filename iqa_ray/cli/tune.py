@@ -15,6 +15,7 @@ from iqa_ray.core.errors import DatasetError, LaunchError
 from iqa_ray.core.options import ConfigError
 from iqa_ray.core.paths import default_results_dir
 from iqa_ray.search.cluster import check_address
+from iqa_ray.search.mlflow_store import LOCAL
 from iqa_ray.search.settings import DEFAULT_PROGRESS_EVERY_S, settings_from_args
 from iqa_ray.search.study import SEARCHERS, TRIAL_SCHEDULERS, StudyError
 from iqa_ray.search.study_file import available_studies
@@ -90,6 +91,10 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial from its checkpoint (default: 2)")
     p.add_argument("--progress-every", type=_seconds, default=DEFAULT_PROGRESS_EVERY_S, metavar="SECONDS",
                    help="seconds between live trial tables (default: %(default)g)")
+    p.add_argument("--mlflow", nargs="?", const=LOCAL, default=None, metavar="URI",
+                   help="track every trial (parameters, per-epoch metrics, status) and the summary in MLflow: alone, "
+                        "in an SQLite store in the experiment folder (<storage>/<name>/mlflow.db); with a URI, there "
+                        "(http(s)://HOST[:PORT], sqlite:////abs/path.db); needs pip install \"iqa-ray[mlflow]\"")
     p.add_argument("--verbose", action="store_true",
                    help="Ray's own console instead of ours: its trial tables and every worker's log lines "
                         "(by default those stay in Ray's log files and <experiment>/driver.log)")

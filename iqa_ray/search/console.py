@@ -33,7 +33,7 @@ from iqa_ray.core.selection import SelectionRule, kept_report, select_by_rule, s
 from iqa_ray.search.settings import DEFAULT_PROGRESS_EVERY_S, SearchSettings
 
 #: Loggers whose INFO records go to the driver log instead of the console.
-DRIVER_LOGGERS = ("ray", "optuna")
+DRIVER_LOGGERS = ("ray", "optuna", "mlflow")
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 MAX_ROWS = 20
 

@@ -156,8 +156,18 @@ def _scheduler_stops(info: dict[str, Any]) -> tuple[frozenset[int] | None, bool]
     return None, budget
 
 
-def _ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any,
+def ended_by(status: str, error: str | None, last: dict[str, Any] | None, max_epochs: Any,
               stops: tuple[frozenset[int] | None, bool] = (None, False)) -> str:
+    """How a trial ended (``trials.parquet``'s ``ended_by``; the MLflow runs' tag of that name).
+
+    Args:
+        status: Tune's status of the trial (``TERMINATED``, ``ERROR``, ``RUNNING``, ...).
+        error: the last line of its error, if any.
+        last: its last report (``epoch``, ``stopped_early``), or ``None`` when it reported none.
+        max_epochs: the epochs it could train.
+        stops: the epochs at which the scheduler may stop a trial (``None``: any), and whether the
+            search had a time budget.
+    """
     if error or status == "ERROR":
         return "error"
     if last is None:
@@ -217,7 +227,7 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             last = epochs[-1]
             row.update({
                 "stop_epoch": int(last["epoch"]), "max_epochs": max_epochs,
-                "ended_by": _ended_by(status, error, last, max_epochs, stops),
+                "ended_by": ended_by(status, error, last, max_epochs, stops),
                 "best_val_srcc": best.get("val_srcc"), "best_epoch": int(best["epoch"]),
                 "best_val_plcc": best.get("val_plcc"), "best_val_krcc": best.get("val_krcc"),
                 "best_val_rmse": best.get("val_rmse"),
@@ -228,7 +238,7 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "hostname": last.get("hostname"),
             })
         else:
-            row.update({"stop_epoch": 0, "max_epochs": max_epochs, "ended_by": _ended_by(status, error, None, max_epochs)})
+            row.update({"stop_epoch": 0, "max_epochs": max_epochs, "ended_by": ended_by(status, error, None, max_epochs)})
         row["stopped_by_scheduler"] = row["ended_by"] == "scheduler"
         if kind == "split" and by_epoch:
             # Each split run is a final model of its own split: its kept weights were scored on

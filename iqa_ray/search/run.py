@@ -28,6 +28,7 @@ from iqa_ray.search.cluster import (
     trial_workers,
 )
 from iqa_ray.search.encoders import prepare_encoders
+from iqa_ray.search.mlflow_runs import log_summary, trial_runs
 from iqa_ray.search.phases import Phases
 from iqa_ray.search.settings import SearchSettings, default_dataset, resolve_gpus
 from iqa_ray.search.summary import print_summary, skipped_line, summarise
@@ -108,6 +109,8 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "recipe": settings.recipe, "splits": settings.splits,
         "splits_train_on_val": settings.splits_train_on_val,
         "refit": settings.refit,
+        # Where --mlflow tracks the search (its MLflow experiment is named like it); a resume keeps it.
+        "mlflow": {"tracking_uri": settings.mlflow, "experiment": settings.name} if settings.mlflow else None,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
         # `embedded`, the generated folder, so a resume reads the same images without regenerating).
         "launch": {"dataset": args.dataset or default_dataset(settings.study, args.smoke_test), "set": dict(settings.sets),
@@ -151,6 +154,8 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
                 raise
             raise LaunchError(str(exc)) from None
         settings, summary = _search(settings, args, resources, owns_ray=owns_ray, phases=phases)
+    if settings.mlflow is not None:
+        summary = log_summary(settings, summary)
     print_summary(settings, summary)
     return 0
 
@@ -202,8 +207,10 @@ def _search(settings: SearchSettings, args: argparse.Namespace, resources: dict[
         trainable = make_trainable(settings, decoded_ref, features)
         with phases("search"):
             started = time.perf_counter()
-            tuner = (restore_tuner(settings, trainable) if args.resume
-                     else build_tuner(settings, trainable, callbacks=console_callbacks(settings)))
+            if args.resume:  # a restored Tuner keeps the callbacks it was built with (the console, MLflow's)
+                tuner = restore_tuner(settings, trainable)
+            else:
+                tuner = build_tuner(settings, trainable, callbacks=[*console_callbacks(settings), *trial_runs(settings)])
             results = tuner.fit()
             elapsed = time.perf_counter() - started
         summary = summarise(settings, results, decoded_ref, elapsed, features=features, table=table, phases=phases)

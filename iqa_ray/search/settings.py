@@ -24,6 +24,7 @@ from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.paths import default_results_dir
 from iqa_ray.data.catalog import EMBEDDED
 from iqa_ray.models.weights import check_weights
+from iqa_ray.search.mlflow_store import LOCAL, check_new_experiment, require_mlflow, resumed_uri, tracking_uri
 from iqa_ray.search.recipe import apply_recipe, dataset_adapter, foreign_family_keys, parse_recipe, resolve_recipe
 from iqa_ray.search.study import MODEL_KEYS, SEARCHERS, TRIAL_SCHEDULERS, Study, StudyError
 from iqa_ray.search.study_file import budget_problem, load_study, parse_study
@@ -77,6 +78,7 @@ class SearchSettings:
     # The bad rows of a real dataset left out of every split (config key skip_bad_rows, --skip-bad-rows),
     # once the data is read: label file and row, image, reason.
     skipped_rows: tuple[dict[str, Any], ...] = ()
+    mlflow: str | None = None  # the MLflow tracking URI (--mlflow), or None: not tracked in MLflow
 
     def __post_init__(self) -> None:
         check_experiment_name(self.name)
@@ -224,6 +226,8 @@ def check_flag_values(args: argparse.Namespace) -> None:
         raise LaunchError(f"--splits must be >= 0, got {args.splits}")
     if args.reduction_factor is not None and args.reduction_factor < 2:
         raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
+    if getattr(args, "mlflow", None) is not None:
+        require_mlflow()  # first: the study, recipe and data checks can take a while
 
 
 def default_dataset(study: Any, smoke_test: bool) -> str:
@@ -294,7 +298,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
     grace = args.grace_period or min(study.grace_period, max_epochs)
     if args.smoke_test:
         num_samples, max_epochs, grace = min(num_samples, 2), 1, 1
-    return SearchSettings(
+    settings = SearchSettings(
         study=study, name=args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=args.storage or str(default_results_dir()),
         searcher=args.searcher or study.searcher, scheduler=args.trial_scheduler or study.trial_scheduler,
@@ -312,6 +316,15 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
                       *((family_note,) if family_note else ())),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=getattr(args, "time_budget", None),
     )
+    return replace(settings, mlflow=new_tracking_uri(getattr(args, "mlflow", None), settings))
+
+
+def new_tracking_uri(flag: str | None, settings: SearchSettings) -> str | None:
+    """The MLflow tracking URI ``--mlflow`` asks a new search to log to, checked (:mod:`iqa_ray.search.mlflow_store`)."""
+    uri = tracking_uri(flag, settings.local_experiment_dir(), settings.storage)
+    if uri is not None and flag != LOCAL:  # the default store is in the new experiment folder
+        check_new_experiment(uri, settings.name)
+    return uri
 
 
 # Flags that shape what a search computes: on --resume they must match the recorded experiment
@@ -377,6 +390,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
+        mlflow=resumed_uri(getattr(args, "mlflow", None), (record.get("mlflow") or {}).get("tracking_uri"), local),
     )
 
 

@@ -403,5 +403,10 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
         print("  (remote storage: copy the experiment folder locally, then `iqa-ray export FOLDER` "
               "writes trials.parquet / epochs.parquet)")
     print(f"TensorBoard: {tensorboard_command(s['experiment'])}")
+    tracked = s.get("mlflow") or {}
+    if tracked.get("error"):
+        print(f"MLflow ({tracked['tracking_uri']}): the summary run could not be logged: {tracked['error']}")
+    elif tracked:
+        print(f"MLflow: {tracked['ui']}  (experiment {tracked['experiment']})")
     print("=" * 78)
 
