@@ -1,4 +1,4 @@
-# Two commands for a new user: `make tune` (the main job on the embedded dataset) and
+# Two commands for a new user: `make tune` (the main job: the ranking search on the 627 LIVE Challenge photos in datasets/livec) and
 # `make test` (the whole test suite, slow end-to-end tests included, as CI runs it).
 # Both create .venv and install the package the first time, and reuse it afterwards.
 

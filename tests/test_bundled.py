@@ -25,3 +25,10 @@ def test_a_missing_bundled_folder_says_where_it_was_looked_for_and_what_to_pass(
     monkeypatch.setenv("IQA_RAY_BUNDLED", str(tmp_path))
     with pytest.raises(DatasetError, match=r"ships with the repository, in .*livec.*pass 'livec:<root>'"):
         load_table("livec")
+
+
+def test_a_bare_csv_spec_is_refused_saying_what_the_generic_adapter_needs(tmp_path):
+    """`csv:ROOT` cannot name the columns and score range: a clear error, not a TypeError."""
+    (tmp_path / "labels.csv").write_text("image,mos\na.jpg,50\n")
+    with pytest.raises(DatasetError, match=r"csv_file, image_col, mos_col, mos_range.*Layout"):
+        load_table(f"csv:{tmp_path}")

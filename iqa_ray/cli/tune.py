@@ -25,7 +25,8 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     prog = prog or (f"launch/tune_{study}.py" if study else "launch/tune.py")
     p = argparse.ArgumentParser(prog=prog, description=(
         f"Run the {study or '<study>'} hyperparameter search on Ray Tune. With no flags on a machine without "
-        "a GPU it runs a small, real search on the embedded dataset on CPU."))
+        "a GPU it runs a real search on CPU with the cpu recipe, on the study's own dataset (the ranking study: the "
+        "627 LIVE Challenge photos that ship in datasets/livec)."))
     if study is None:
         p.add_argument("--study", required=True, help=f"study name or .toml path; available: {available_studies()}")
     p.add_argument("--gpus", type=float, default=None,
@@ -56,7 +57,9 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
                         "knee (the knee of a multi-objective study's Pareto front) or a cost budget such as "
                         "'latency_ms<=20' or 'latency_ms<=20,params_m<=5' (default: the study's select, else best)")
     p.add_argument("--dataset", default=None,
-                   help="embedded (default), a pre-generated folder, or ADAPTER:ROOT (e.g. koniq10k:/data/koniq10k)")
+                   help="livec (the bundled LIVE Challenge photos; the ranking study's default), embedded (the synthetic "
+                        "dataset; the other studies' and --smoke-test's default), a pre-generated folder, or "
+                        "ADAPTER:ROOT (e.g. koniq10k:/data/koniq10k)")
     p.add_argument("--recipe", default=None, metavar="NAME|PATH",
                    help="what the protocol fixes (recipes/*.toml): cpu (frozen features computed once, a head searched "
                         "on them), paper (HyperIQA's published protocol), none (the study as written), or a file; "

@@ -6,7 +6,7 @@ Reads only what Tune wrote (each trial's ``params.json``, ``result.json`` and ``
 the experiment state for trial status), so it works on finished, interrupted and resumed
 experiments alike, and is run automatically at the end of every search.
 
-Schema (the README's Results section points here):
+Schema (docs/RESULTS.md points here):
 
 ``epochs.parquet`` - one row per trial and reported epoch:
     ``trial_id``, ``epoch``, every reported metric (``train_loss``, ``val_srcc``, ``val_plcc``,

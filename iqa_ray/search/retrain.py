@@ -19,8 +19,8 @@ Where the configuration chooses on validation (``select_epoch = "best"``, early 
 schedule), a refit would have nothing to choose with, so the selected trial's own weights are
 handed back, as they are with ``SearchSettings.refit = False`` (``--no-refit``).
 
-What was measured before this became the default (docs/BENCHMARKS.md, "Refit on training and
-validation photos"): on LIVE Challenge, the recipe's head trained on all of a cross-validation
+What was measured before this became the default (docs/BENCHMARKS.md, "Why each recipe
+choice"): on LIVE Challenge, the recipe's head trained on all of a cross-validation
 fold's other photos instead of three quarters of them gained +0.012 +- 0.004 SRCC (19 of 25 folds).
 
 **``--splits N``** re-trains the selected configuration on N more random splits, reported as

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from iqa_ray.core.errors import DatasetError
 from iqa_ray.core.plugins import load_plugins
 from iqa_ray.data.datasets.agiqa3k import AGIQA3K, load_agiqa3k
 from iqa_ray.data.datasets.generic_csv import load_csv_dataset
@@ -140,6 +141,12 @@ def load_iqa_dataset(
     check_on_error(on_error)
     validate_fractions(fractions)
     adapter = ADAPTERS[resolve_dataset_name(name)]
+    if adapter is load_csv_dataset and not {"csv_file", "image_col", "mos_col", "mos_range"} <= set(kwargs):
+        # the generic adapter reads any table, so it has to be told which: a bare `csv:ROOT` spec cannot say
+        raise DatasetError(f"the generic csv adapter needs its label file, column names and score range "
+                           f"(csv_file, image_col, mos_col, mos_range), which a '{name}:{root}' spec cannot give; "
+                           "declare the table as a Layout and register it (docs/DATA.md, a few lines of data), "
+                           "or call iqa_ray.data.datasets.load_csv_dataset with them")
     return adapter(
         root,
         split_seed=split_seed,
