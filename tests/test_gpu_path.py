@@ -320,3 +320,67 @@ def test_a_run_on_images_still_trains_with_the_new_step(tiny_dataset):
     result = fit(config, decoded)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert make_loaders(config, decoded).train.num_workers == 0  # CPU: the trial's threads compute
+
+
+# ----------------------------------------------------------------------------- a GPU share without CUDA
+# (the end-to-end runs on a cluster of logical GPUs are in tests/test_gpu_cluster.py)
+
+
+def test_a_gpu_share_without_cuda_computes_on_the_cpu_and_says_so(monkeypatch):
+    import ray
+
+    from iqa_ray.trainables.placement import device_report, worker_device
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])  # what Ray gives a trial holding a share of GPU 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device = worker_device(1)
+    assert device == CPU
+    assert device_report(device) == {"device": "cpu", "gpu_ids": "1", "cuda_visible_devices": "1"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert worker_device(1) == CUDA  # the same share where CUDA is there: that GPU
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert worker_device(1) == CPU and device_report(CPU) == {"device": "cpu", "gpu_ids": "", "cuda_visible_devices": ""}
+
+
+def test_a_data_parallel_worker_uses_its_gpu_only_where_cuda_is(monkeypatch):
+    import ray.train.torch
+
+    from iqa_ray.trainables.process_group import train_device
+
+    # Ray Train names the worker's GPU whenever Ray gave it one, CUDA or not
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:1"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_device() == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_device() == torch.device("cuda:1")
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: CPU)
+    assert train_device() == CPU
+
+
+def test_the_workers_start_their_process_group_on_rank_0s_backend(monkeypatch):
+    """A worker joins the group rank 0 offers (gloo on the CPU) and refuses, naming both devices, a
+    group its device cannot join (NCCL offered to a worker without CUDA)."""
+    import ray
+    import ray.train.collective
+    import torch.distributed as dist
+
+    from iqa_ray.trainables.process_group import start_process_group
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    offered = []
+    monkeypatch.setattr(ray.train.collective, "broadcast_from_rank_zero", lambda offer: offered.append(offer) or offer)
+    try:
+        assert start_process_group(0, 1, CPU, timeout_s=30) == "gloo"
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    host, port, backend = offered[0]
+    assert (host, backend) == ("127.0.0.1", "gloo") and port > 0
+    monkeypatch.setattr(ray.train.collective, "broadcast_from_rank_zero", lambda offer: ("127.0.0.1", port, "nccl"))
+    with pytest.raises(RuntimeError, match=r"worker 1 computes on cpu \(gloo\) but rank 0 chose nccl"):
+        start_process_group(1, 2, CPU)
+    assert not dist.is_initialized()
+
