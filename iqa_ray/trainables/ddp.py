@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 from iqa_ray.trainables.iqa import nonfinite_marker, process_report, trial_cost, with_split
 from iqa_ray.trainables.placement import device_report
 from iqa_ray.trainables.process_group import WorkerProcessGroup, start_process_group, train_device
+from iqa_ray.trainables.worker_group import WatchWorkerGroup
 from iqa_ray.training.checkpoints import load_checkpoint
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.engine import EpochResult, fit
@@ -193,7 +194,7 @@ def ddp_trainable(
     taken = Queue(maxsize=1, actor_options={"num_cpus": 0})
     train_root, local_root = _fresh_run_root(experiment_path, trial_dir)
     trainer = _trainer(
-        workers, train_root, max_worker_failures, [_forward_to(reports, taken)],
+        workers, train_root, max_worker_failures, [_forward_to(reports, taken), WatchWorkerGroup()],
         {"flat": flat, "shared": shared, "splits": splits, "score_test": score_test,
          "stop_epochs": list(stop_epochs), "cpus_per_worker": workers.cpus_per_worker,
          "start_checkpoint": tune.get_checkpoint()})
