@@ -384,3 +384,57 @@ def test_the_workers_start_their_process_group_on_rank_0s_backend(monkeypatch):
         start_process_group(1, 2, CPU)
     assert not dist.is_initialized()
 
+
+def test_the_note_on_a_gpu_share_without_cuda_is_printed_once():
+    import io
+    from types import SimpleNamespace
+
+    from iqa_ray.search.console import DeviceNote, device_note
+
+    cpu_share = {"device": "cpu", "gpu_ids": "0", "cuda_visible_devices": "0", "epoch": 1}
+    assert device_note("a", {"device": "cpu", "gpu_ids": "", "cuda_visible_devices": ""}) is None  # no share
+    assert device_note("a", {"device": "cuda", "gpu_ids": "0", "cuda_visible_devices": "0"}) is None  # on its GPU
+    assert device_note("a", {"device": "cpu", "gpu_ids": float("nan")}) is None  # not reported (an older trial)
+    assert device_note("a", {"epoch": 1}) is None
+    note = device_note("a", cpu_share)
+    assert note.startswith("note: trial a holds GPU 0 (CUDA_VISIBLE_DEVICES=0) but finds no CUDA, so it trains on "
+                           "the CPU;")
+    ddp = device_note("d", {**cpu_share, "worker_gpu_ids": "0;1", "process_group": "gloo",
+                            "cuda_visible_devices": "0,1"})
+    assert "trial d holds GPUs 0, 1 (CUDA_VISIBLE_DEVICES=0,1)" in ddp and "data-parallel workers on gloo" in ddp
+
+    out = io.StringIO()
+    callback = DeviceNote(out=out)
+    for trial_id, epoch in (("c", 1), ("a", 1), ("a", 2), ("b", 1), ("b", 2)):
+        report = {"device": "cuda", "gpu_ids": "1"} if trial_id == "c" else {**cpu_share, "epoch": epoch}
+        callback.on_trial_result(0, [], SimpleNamespace(trial_id=trial_id), report)
+    assert out.getvalue() == note + "\n"  # one line for the search, not one per trial or epoch
+    assert callback.noted == "a"
+
+
+def test_the_summary_and_the_export_record_where_each_trial_trained(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from iqa_ray.search.export import collect
+    from iqa_ray.search.summary import trained_on
+
+    rows = {"a": {"device": "cpu", "gpu_ids": "0", "cuda_visible_devices": "0"},
+            "b": {"device": "cuda", "gpu_ids": "0", "cuda_visible_devices": "0"},
+            "c": {"device": "cpu", "gpu_ids": "", "cuda_visible_devices": ""}}
+    record = trained_on({t: (SimpleNamespace(), [{"epoch": 1, **r}]) for t, r in rows.items()})
+    assert record["trials"] == {"cpu": 2, "cuda": 1} and record["gpu_share_without_cuda"] == ["a"]
+    assert record["note"].startswith("note: trial a holds GPU 0")
+    assert "note" not in trained_on({"b": (SimpleNamespace(), [{"epoch": 1, **rows["b"]}])})
+
+    exp = tmp_path / "exp"
+    for trial_id, r in rows.items():
+        (exp / f"trial_{trial_id}").mkdir(parents=True)
+        (exp / f"trial_{trial_id}" / "params.json").write_text(json.dumps({"lr": 0.01, "epochs": 1}))
+        (exp / f"trial_{trial_id}" / "result.json").write_text(
+            json.dumps({"trial_id": trial_id, "epoch": 1, "val_srcc": 0.5, **r}) + "\n")
+    trials, epochs = collect(exp)
+    trials = trials.set_index("trial_id")
+    assert trials.device.to_dict() == {"a": "cpu", "b": "cuda", "c": "cpu"}
+    assert trials.gpu_ids.to_dict() == {"a": "0", "b": "0", "c": ""}
+    assert epochs.set_index("trial_id").cuda_visible_devices.to_dict() == {"a": "0", "b": "0", "c": ""}
