@@ -29,7 +29,7 @@ WATCH_EVERY_S = 1.0  # how often the watcher asks whether the run's controller i
 HEAD_NODE = "node:__internal_head__"  # the head node's resource: the watcher lives where the cluster does
 
 
-class _Watcher:
+class RunWatcher:
     """The detached actor of :class:`WatchWorkerGroup` (``max_concurrency=2``: :meth:`watch` runs
     while :meth:`add` and :meth:`finish` are called)."""
 
@@ -99,7 +99,7 @@ class WatchWorkerGroup(ControllerCallback, WorkerGroupCallback):
     def after_controller_start(self, train_run_context: Any) -> None:
         import ray
 
-        watcher = ray.remote(_Watcher).options(
+        watcher = ray.remote(RunWatcher).options(
             num_cpus=0, lifetime="detached", max_concurrency=2, resources={HEAD_NODE: 0.001},
             # outside the trial's placement group, whose removal ends the controller it watches
             scheduling_strategy="DEFAULT")
