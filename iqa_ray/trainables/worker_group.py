@@ -20,12 +20,14 @@ so the controller ends as it would without it.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback  # DeveloperAPI
 
 WATCH_EVERY_S = 1.0  # how often the watcher asks whether the run's controller is still there
+WATCHER_START_TIMEOUT_S = 120.0  # how long the controller waits for its watcher's process to start
 HEAD_NODE = "node:__internal_head__"  # the head node's resource: the watcher lives where the cluster does
 
 
@@ -44,7 +46,8 @@ class RunWatcher:
             self._groups.append(group)
 
     def finish(self) -> None:
-        """The controller is shutting down (its groups removed, or about to be): clean up and exit."""
+        """The controller is shutting down, its worker group already shut down: remove what is left
+        (normally nothing) and exit."""
         self._done.set()
 
     def watch(self, every_s: float = WATCH_EVERY_S) -> None:
@@ -108,10 +111,16 @@ class WatchWorkerGroup(ControllerCallback, WorkerGroupCallback):
 
     def after_worker_group_start(self, worker_group: Any) -> None:
         import ray
+        from ray.exceptions import RayError
 
         # Where Ray Train's own PlacementGroupCleanerCallback finds the group (Ray 2.60).
         group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        ray.get(self._watcher.add.remote(group))
+        try:
+            ray.get(self._watcher.add.remote(group), timeout=WATCHER_START_TIMEOUT_S)
+        except RayError as exc:  # the run trains on; only the clean-up after an abrupt end is lost
+            print(f"warning: the watcher of this data-parallel run is not there ({exc!r}); if Tune ends the trial "
+                  f"before the run shuts down, its workers' placement group {group.id.hex()} stays held until the "
+                  "launcher exits (`ray.util.remove_placement_group` frees it)", file=sys.stderr, flush=True)
 
     async def before_controller_shutdown(self) -> None:
         # (An abort, which removes the groups after its callbacks, ends the controller: the watcher
