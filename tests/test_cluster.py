@@ -13,6 +13,7 @@ move to process groups of their own but stay children of the raylet).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,10 +192,10 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> tuple[int, in
             return proc.pid, -1
 
 
-def _node_args(temp_dir: Path, ports: list[int], workers: tuple[int, int]) -> list[str]:
+def _node_args(temp_dir: Path, ports: list[int], workers: tuple[int, int], cpus: int = 1, gpus: int = 0) -> list[str]:
     node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics = ports
     return [
-        "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(temp_dir), "--node-ip-address", "127.0.0.1",
+        "--num-cpus", str(cpus), "--num-gpus", str(gpus), "--temp-dir", str(temp_dir), "--node-ip-address", "127.0.0.1",
         "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
         "--min-worker-port", str(workers[0]), "--max-worker-port", str(workers[1]),
         "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
@@ -216,12 +218,14 @@ def _start_with_retry(make_args, env: dict[str, str], log: Path, groups: list[in
     pytest.fail(f"`ray start` failed {attempts} times; log:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@contextlib.contextmanager
+def running_cluster(data: Path, nodes: list[tuple[int, int]]) -> Iterator[Cluster]:
+    """A cluster of ``nodes`` (each ``(CPUs, GPUs)``, the head first) started with ``ray start`` on this
+    machine, with token authentication; stopped (without ``ray stop``) on exit. The GPUs are logical:
+    Ray lets a node declare GPUs it does not have."""
     # Short root: Ray puts Unix sockets under <temp-dir>/session_<date>_<pid>/sockets/ and a socket
     # path must fit in 107 bytes, which pytest's tmp_path may exceed.
     root = Path(tempfile.mkdtemp(prefix="iqa-rc-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    data = tmp_path_factory.mktemp("shared-data")  # IQA_RAY_DATA: one filesystem that both nodes see
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -230,34 +234,47 @@ def cluster(tmp_path_factory):
     log = root / "ray-start.log"
     groups: list[int] = []
     state: dict[str, int] = {}
+    taken: set[int] = set()  # the worker ports of the nodes started so far
 
-    def head_args() -> list[str]:
+    def head_args(cpus: int, gpus: int) -> list[str]:
         gcs, dashboard, client, *node = _free_ports(9)
         state["gcs"] = gcs
         workers = _free_range(WORKER_PORTS, {gcs, dashboard, client, *node})
         return ["--head", "--port", str(gcs), "--include-dashboard=false", "--dashboard-host", "127.0.0.1",
                 "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-                *_node_args(root / "head", node, workers)]
+                *_node_args(root / "head", node, workers, cpus, gpus)]
 
-    def worker_args() -> list[str]:
+    def worker_args(index: int, cpus: int, gpus: int) -> list[str]:
         node = _free_ports(6)
-        head_workers = (int(head[head.index("--min-worker-port") + 1]), int(head[head.index("--max-worker-port") + 1]))
-        workers = _free_range(WORKER_PORTS, {*node, *range(head_workers[0], head_workers[1] + 1)})
-        return ["--address", f"127.0.0.1:{state['gcs']}", *_node_args(root / "worker", node, workers)]
+        workers = _free_range(WORKER_PORTS, {*node, *taken})
+        return ["--address", f"127.0.0.1:{state['gcs']}",
+                *_node_args(root / f"worker{index or ''}", node, workers, cpus, gpus)]
 
     try:
-        head = _start_with_retry(head_args, env, log, groups)
-        worker = _start_with_retry(worker_args, env, log, groups)
+        commands = []
+        for index, (cpus, gpus) in enumerate(nodes):
+            make = (lambda c=cpus, g=gpus: head_args(c, g)) if index == 0 else (
+                lambda i=index - 1, c=cpus, g=gpus: worker_args(i, c, g))
+            args = _start_with_retry(make, env, log, groups)
+            low, high = int(args[args.index("--min-worker-port") + 1]), int(args[args.index("--max-worker-port") + 1])
+            taken.update(range(low, high + 1))
+            commands.append(["ray", "start", *args])
         address = f"127.0.0.1:{state['gcs']}"
-        nodes = list_nodes(address, env, want=2)
-        assert len(nodes) == 2 and all(n["cpus"] == 1.0 for n in nodes), nodes
-        yield Cluster(address=address, env=env, node_ids=sorted(n["node_id"] for n in nodes), root=root, data=data,
-                      head_node_id=next(n["node_id"] for n in nodes if n["head"]),
-                      commands=[["ray", "start", *head], ["ray", "start", *worker]])
+        listed = list_nodes(address, env, want=len(nodes))
+        assert len(listed) == len(nodes) and sorted(n["cpus"] for n in listed) == sorted(float(c) for c, _ in nodes), listed
+        yield Cluster(address=address, env=env, node_ids=sorted(n["node_id"] for n in listed), root=root, data=data,
+                      head_node_id=next(n["node_id"] for n in listed if n["head"]), commands=commands)
     finally:
-        for pgid in reversed(groups):  # the worker node first, then the head
+        for pgid in reversed(groups):  # the worker nodes first, then the head
             _stop_node(pgid)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # IQA_RAY_DATA: one filesystem that both nodes see
+    with running_cluster(tmp_path_factory.mktemp("shared-data"), [(1, 0), (1, 0)]) as started:
+        yield started
 
 
 def _launch(*argv: str, env: dict[str, str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:

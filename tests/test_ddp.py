@@ -238,8 +238,10 @@ def _argv(tmp_path, name: str, dataset, *extra: str, max_epochs: int = 3, extra_
             "--name", name, "--cpus-per-trial", "2", *extra]
 
 
-def _launch(tmp_path, name: str, dataset, *extra: str, max_epochs: int = 3, extra_fixed: str = ""):
-    """The launcher in a fresh interpreter (a test that kills one of its processes), and its log."""
+def _launch(tmp_path, name: str, dataset, *extra: str, max_epochs: int = 3, extra_fixed: str = "",
+            env: dict[str, str] | None = None):
+    """The launcher in a fresh interpreter (a test that kills one of its processes, or sets ``env`` for
+    the Ray instance it starts), and its log."""
     import os
     import subprocess
     import sys
@@ -250,7 +252,7 @@ def _launch(tmp_path, name: str, dataset, *extra: str, max_epochs: int = 3, extr
            *_argv(tmp_path, name, dataset, *extra, max_epochs=max_epochs, extra_fixed=extra_fixed)]
     log = tmp_path / f"{name}.log"
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=root,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True), log
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True), log
 
 
 def _reports(experiment) -> list[dict]:
@@ -343,3 +345,83 @@ def test_a_killed_worker_resumes_the_trial_from_its_checkpoint(tmp_path, tiny_da
     done_before = first[-1]["epoch"]
     assert all(r["resumed_from_epoch"] == done_before for r in after), "it resumed from the newest checkpoint"
     assert after[0]["epoch"] == done_before + 1
+
+
+NO_INTERFACE = "iqa-ray-no-such-interface"  # a GLOO_SOCKET_IFNAME no machine has: gloo cannot start, every time
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(660)
+def test_a_trial_whose_process_group_never_starts_ends_the_search_with_its_error(tmp_path, tiny_dataset):
+    """Every worker fails the same way (gloo finds no network interface of that name): Ray Train
+    retries the worker group and gives up, Tune retries the trial once (--max-failures 1) and ends it
+    as ERROR, and the launcher exits with the error named. Before issue 38 the first failure left the
+    worker group's placement group held and the retry waited for it forever (the launcher was killed
+    at the limit below)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    started = time.monotonic()
+    proc, log = _launch(tmp_path, "nogloo", tiny_dataset.path, "--workers-per-trial", "2", "--max-failures", "1",
+                        max_epochs=1, env={"GLOO_SOCKET_IFNAME": NO_INTERFACE})
+    try:
+        code = proc.wait(timeout=480)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        pytest.fail(f"the search did not end within 480 s (it hangs): {log.read_text()[-3000:]}")
+    elapsed = time.monotonic() - started
+    text = log.read_text()
+    assert code == 2, text[-4000:]
+    assert "error: no trial reported any epoch (1 errored)" in text
+    assert text.count("will be retried from its last checkpoint") == 1  # --max-failures 1: one retry
+    (line,) = [x for x in text.splitlines() if " ERROR at epoch 0: " in x]
+    assert f"Unable to find address for: {NO_INTERFACE}" in line, line
+    print(f"\n[ddp] a process group that never starts ended the search in {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_run_watcher_frees_the_workers_placement_group_once_the_controller_is_gone(shared_ray):
+    """trainables/worker_group.py: the watcher removes a run's placement group when its controller
+    dies (as when Tune ends the trial), not while the controller is only busy; after a clean shutdown
+    (finish) it exits, leaving the controller and its removed group alone."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from iqa_ray.trainables.worker_group import RunWatcher
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def busy(self, seconds: float) -> bool:
+            time.sleep(seconds)
+            return True
+
+    def state(group) -> str:
+        return placement_group_table(group)["state"]
+
+    def run() -> tuple:
+        controller, group = Controller.remote(), placement_group([{"CPU": 0.01}])
+        ray.get(group.ready(), timeout=60)
+        watcher = ray.remote(RunWatcher).options(num_cpus=0, max_concurrency=2).remote(controller)
+        ray.get(watcher.add.remote(group))
+        return controller, group, watcher, watcher.watch.remote(0.2)
+
+    controller, group, watcher, watching = run()
+    ray.get(controller.busy.remote(2.0))  # unanswered checks for 2 s: busy, not gone
+    assert state(group) == "CREATED"
+    ray.kill(controller)
+    with pytest.raises(ray.exceptions.RayActorError):  # the watcher exits once it has cleaned up
+        ray.get(watching, timeout=60)
+    assert state(group) == "REMOVED"
+
+    controller, group, watcher, watching = run()
+    remove_placement_group(group)  # a clean shutdown: the controller removes its group, then says so
+    watcher.finish.remote()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(watching, timeout=60)
+    assert ray.get(controller.busy.remote(0.0)) and state(group) == "REMOVED"

@@ -320,3 +320,121 @@ def test_a_run_on_images_still_trains_with_the_new_step(tiny_dataset):
     result = fit(config, decoded)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert make_loaders(config, decoded).train.num_workers == 0  # CPU: the trial's threads compute
+
+
+# ----------------------------------------------------------------------------- a GPU share without CUDA
+# (the end-to-end runs on a cluster of logical GPUs are in tests/test_gpu_cluster.py)
+
+
+def test_a_gpu_share_without_cuda_computes_on_the_cpu_and_says_so(monkeypatch):
+    import ray
+
+    from iqa_ray.trainables.placement import device_report, worker_device
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])  # what Ray gives a trial holding a share of GPU 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device = worker_device(1)
+    assert device == CPU
+    assert device_report(device) == {"device": "cpu", "gpu_ids": "1", "cuda_visible_devices": "1"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert worker_device(1) == CUDA  # the same share where CUDA is there: that GPU
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert worker_device(1) == CPU and device_report(CPU) == {"device": "cpu", "gpu_ids": "", "cuda_visible_devices": ""}
+
+
+def test_a_data_parallel_worker_uses_its_gpu_only_where_cuda_is(monkeypatch):
+    import ray.train.torch
+
+    from iqa_ray.trainables.process_group import train_device
+
+    # Ray Train names the worker's GPU whenever Ray gave it one, CUDA or not
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:1"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_device() == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_device() == torch.device("cuda:1")
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: CPU)
+    assert train_device() == CPU
+
+
+def test_the_workers_start_their_process_group_on_rank_0s_backend(monkeypatch):
+    """A worker joins the group rank 0 offers (gloo on the CPU) and refuses, naming both devices, a
+    group its device cannot join (NCCL offered to a worker without CUDA)."""
+    import ray
+    import ray.train.collective
+    import torch.distributed as dist
+
+    from iqa_ray.trainables.process_group import start_process_group
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    offered = []
+    monkeypatch.setattr(ray.train.collective, "broadcast_from_rank_zero", lambda offer: offered.append(offer) or offer)
+    try:
+        assert start_process_group(0, 1, CPU, timeout_s=30) == "gloo"
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    host, port, backend = offered[0]
+    assert (host, backend) == ("127.0.0.1", "gloo") and port > 0
+    monkeypatch.setattr(ray.train.collective, "broadcast_from_rank_zero", lambda offer: ("127.0.0.1", port, "nccl"))
+    with pytest.raises(RuntimeError, match=r"worker 1 computes on cpu \(gloo\) but rank 0 chose nccl"):
+        start_process_group(1, 2, CPU)
+    assert not dist.is_initialized()
+
+
+def test_the_note_on_a_gpu_share_without_cuda_is_printed_once():
+    import io
+    from types import SimpleNamespace
+
+    from iqa_ray.search.console import DeviceNote, device_note
+
+    cpu_share = {"device": "cpu", "gpu_ids": "0", "cuda_visible_devices": "0", "epoch": 1}
+    assert device_note("a", {"device": "cpu", "gpu_ids": "", "cuda_visible_devices": ""}) is None  # no share
+    assert device_note("a", {"device": "cuda", "gpu_ids": "0", "cuda_visible_devices": "0"}) is None  # on its GPU
+    assert device_note("a", {"device": "cpu", "gpu_ids": float("nan")}) is None  # not reported (an older trial)
+    assert device_note("a", {"epoch": 1}) is None
+    note = device_note("a", cpu_share)
+    assert note.startswith("note: trial a holds GPU 0 (CUDA_VISIBLE_DEVICES=0) but finds no CUDA, so it trains on "
+                           "the CPU;")
+    ddp = device_note("d", {**cpu_share, "worker_gpu_ids": "0;1", "process_group": "gloo",
+                            "cuda_visible_devices": "0,1"})
+    assert "trial d holds GPUs 0, 1 (CUDA_VISIBLE_DEVICES=0,1)" in ddp and "data-parallel workers on gloo" in ddp
+
+    out = io.StringIO()
+    callback = DeviceNote(out=out)
+    for trial_id, epoch in (("c", 1), ("a", 1), ("a", 2), ("b", 1), ("b", 2)):
+        report = {"device": "cuda", "gpu_ids": "1"} if trial_id == "c" else {**cpu_share, "epoch": epoch}
+        callback.on_trial_result(0, [], SimpleNamespace(trial_id=trial_id), report)
+    assert out.getvalue() == note + "\n"  # one line for the search, not one per trial or epoch
+    assert callback.noted == "a"
+
+
+def test_the_summary_and_the_export_record_where_each_trial_trained(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from iqa_ray.search.export import collect
+    from iqa_ray.search.summary import trained_on
+
+    rows = {"a": {"device": "cpu", "gpu_ids": "0", "cuda_visible_devices": "0"},
+            "b": {"device": "cuda", "gpu_ids": "0", "cuda_visible_devices": "0"},
+            "c": {"device": "cpu", "gpu_ids": "", "cuda_visible_devices": ""}}
+    record = trained_on({t: (SimpleNamespace(), [{"epoch": 1, **r}]) for t, r in rows.items()})
+    assert record["trials"] == {"cpu": 2, "cuda": 1} and record["gpu_share_without_cuda"] == ["a"]
+    assert record["note"].startswith("note: trial a holds GPU 0")
+    assert "note" not in trained_on({"b": (SimpleNamespace(), [{"epoch": 1, **rows["b"]}])})
+
+    exp = tmp_path / "exp"
+    for trial_id, r in rows.items():
+        (exp / f"trial_{trial_id}").mkdir(parents=True)
+        (exp / f"trial_{trial_id}" / "params.json").write_text(json.dumps({"lr": 0.01, "epochs": 1}))
+        (exp / f"trial_{trial_id}" / "result.json").write_text(
+            json.dumps({"trial_id": trial_id, "epoch": 1, "val_srcc": 0.5, **r}) + "\n")
+    trials, epochs = collect(exp)
+    trials = trials.set_index("trial_id")
+    assert trials.device.to_dict() == {"a": "cpu", "b": "cuda", "c": "cpu"}
+    assert trials.gpu_ids.to_dict() == {"a": "0", "b": "0", "c": ""}
+    assert epochs.set_index("trial_id").cuda_visible_devices.to_dict() == {"a": "0", "b": "0", "c": ""}

@@ -73,17 +73,19 @@ def test_bad_progress_interval_names_what_is_valid(value, capsys):
 
 
 def test_console_flags_choose_our_table_or_rays_console():
-    from iqa_ray.search.console import TrialProgress, console_callbacks
+    from iqa_ray.search.console import DeviceNote, TrialProgress, console_callbacks
     from iqa_ray.search.tuner import run_config
 
     quiet = settings_from_args(parse("--progress-every", "5"), "ranking")
-    (table,) = console_callbacks(quiet)
+    table, note = console_callbacks(quiet)
     assert isinstance(table, TrialProgress) and table.every == 5.0 and table.metric == quiet.study.metric
     assert table.params == tuple(p.name for p in quiet.effective_study.params) and table.scheduler == "asha"
     config = run_config(quiet, [table])
     assert config.verbose == 0 and config.callbacks[0] is table
     verbose = settings_from_args(parse("--verbose"), "ranking")
-    assert console_callbacks(verbose) == [] and run_config(verbose, None).verbose == 1
+    # Ray's console, and still the one note on GPU shares without CUDA
+    (only,) = console_callbacks(verbose)
+    assert isinstance(note, DeviceNote) and isinstance(only, DeviceNote) and run_config(verbose, None).verbose == 1
     assert settings_from_args(parse(), "ranking").progress_every == 30.0
 
 

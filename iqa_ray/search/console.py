@@ -11,7 +11,9 @@ and a final table. Ray's own console output goes to files instead of the termina
 * every trial worker's stdout/stderr -> Ray's session logs (``/tmp/ray/session_latest/logs``,
   ``worker-*.out`` / ``.err``), which is where they always were; they are just not echoed.
 
-``--verbose`` brings back Ray's own console (its trial tables and the workers' echoed logs).
+``--verbose`` brings back Ray's own console (its trial tables and the workers' echoed logs). With
+either console, a trial that holds a GPU share but finds no CUDA (and so trains on the CPU) is
+said once, in one line (:class:`DeviceNote`), not once per trial or epoch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,12 +41,42 @@ MAX_ROWS = 20
 
 
 def console_callbacks(settings: SearchSettings) -> list[Any]:
-    """The search's live trial table (none with ``--verbose``: Ray's console then)."""
+    """The search's live trial table (none with ``--verbose``: Ray's console then) and its note on
+    GPU shares without CUDA (with either console)."""
     if settings.verbose:
-        return []
+        return [DeviceNote()]
     study = settings.effective_study
     return [TrialProgress(study.metric, study.mode, params=[p.name for p in study.params], scheduler=settings.scheduler,
-                          every=settings.progress_every, rule=study.selection_rule)]
+                          every=settings.progress_every, rule=study.selection_rule), DeviceNote()]
+
+
+def device_note(trial_id: str, report: Mapping[str, Any]) -> str | None:
+    """The line that says a trial held a GPU share but found no CUDA and trained on the CPU, from one
+    of its reports (:func:`iqa_ray.trainables.placement.device_report`); ``None`` for any other trial."""
+    gpu_ids, group = report.get("gpu_ids"), report.get("process_group")
+    if not isinstance(gpu_ids, str) or not gpu_ids or report.get("device") != "cpu":  # (NaN: not reported)
+        return None
+    workers = report.get("worker_gpu_ids")  # a data-parallel trial: each rank's GPU
+    held = f"GPUs {workers.replace(';', ', ')}" if isinstance(workers, str) and ";" in workers else f"GPU {gpu_ids}"
+    group = f", its data-parallel workers on {group}" if isinstance(group, str) and group != "none" else ""
+    return (f"note: trial {trial_id} holds {held} (CUDA_VISIBLE_DEVICES="
+            f"{report.get('cuda_visible_devices') or 'unset'}) but finds no CUDA, so it trains on the CPU{group}; "
+            "so does every trial placed on such a GPU (a node that declares GPUs it does not have, or a torch "
+            "without CUDA). trials.parquet's device column says where each trial trained.")
+
+
+class DeviceNote(Callback):
+    """Tune callback that prints :func:`device_note` once per search: for the first trial that held a
+    GPU share without CUDA (the others are alike; ``summary.json``'s ``devices`` lists them)."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out
+        self.noted: str | None = None  # the trial the note named
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        if self.noted is None and (note := device_note(trial.trial_id, result)) is not None:
+            print(note, file=self.out or sys.stdout, flush=True)
+            self.noted = trial.trial_id
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ Schema (docs/RESULTS.md points here):
     ``val_krcc``, ``val_rmse``, ``val_plcc_logistic``, ``lr_*``, ``images_per_s``,
     ``epoch_seconds``, ``best_val_srcc``, ``stopped_early``), ``node_id``,
     ``hostname``, ``pid`` (the trial process), ``resumed_from_epoch`` (epochs done before this
-    process started: > 0 after a restart from a checkpoint), ``time_total_s``, ``timestamp``.
+    process started: > 0 after a restart from a checkpoint), the device columns (below),
+    ``time_total_s``, ``timestamp``.
 ``trials.parquet`` - one row per trial:
     ``trial_id``, ``kind`` (``search``: a trial of the search; ``split``: a ``--splits`` re-run of
     the selected config on another random split, with its own ``config.split_seed`` and its own
@@ -37,8 +38,15 @@ Schema (docs/RESULTS.md points here):
     trial's where there is no refit; its kept weights scored on the test split once; every other
     search row has none, so nothing invites choosing on test), ``test_source`` (``refit`` or
     ``checkpoint`` on that row, ``split run`` on split rows), ``time_total_s``, ``checkpoint_path`` (relative to the experiment folder),
-    ``node_id``, ``hostname``, ``git_revision`` (of the code that trained the trial), ``error``
-    (last line of the error, if any), ``trial_dir`` (folder name).
+    ``node_id``, ``hostname``, the device columns of its last report (below), ``git_revision``
+    (of the code that trained the trial), ``error`` (last line of the error, if any), ``trial_dir``
+    (folder name).
+
+The device columns (:func:`iqa_ray.trainables.placement.device_report`): ``device`` where the trial
+trained (``cpu``, ``cuda``, ``cuda:1``), ``gpu_ids`` the GPUs Ray gave it (empty without a GPU
+share; a share with ``device`` ``cpu`` found no CUDA), ``cuda_visible_devices`` as the trial's
+process saw it, and ``process_group`` the backend of a data-parallel trial's workers (``gloo``,
+``nccl``; rank 0's columns; absent from ordinary trials).
 
 ``lr_*`` columns are each parameter group's learning rate at the start of the epoch. The
 experiment folder also holds ``experiment.json`` (searcher, scheduler, budgets, and every searched
@@ -69,8 +77,9 @@ from iqa_ray.core.selection import (
 
 METRIC_PREFIXES = ("train_", "val_", "test_", "lr_")
 COST_KEYS = ("params_m", "gflops", "latency_ms", "latency_batch_ms", "latency_batch_size")  # iqa_ray.evaluation.cost, reported by every trial
+DEVICE_KEYS = ("device", "gpu_ids", "cuda_visible_devices", "process_group")  # iqa_ray.trainables.placement, every trial
 SPLITS_DIR = "splits"  # the --splits re-runs of the selected config: a Tune experiment inside the experiment
-_KEEP = (*COST_KEYS, "epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "stopped_early", "node_id",
+_KEEP = (*COST_KEYS, *DEVICE_KEYS, "epoch", "images_per_s", "epoch_seconds", "best_val_srcc", "best_epoch", "stopped_early", "node_id",
          "hostname", "pid",
          "git_revision",
          "resumed_from_epoch", "time_total_s", "timestamp", "training_iteration")
@@ -235,7 +244,7 @@ def collect(experiment: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "selection_score": trial_score(epochs, metric, mode),
                 **{k: last.get(k) for k in COST_KEYS},
                 "time_total_s": last.get("time_total_s"), "node_id": last.get("node_id"),
-                "hostname": last.get("hostname"),
+                "hostname": last.get("hostname"), **{k: last[k] for k in DEVICE_KEYS if k in last},
             })
         else:
             row.update({"stop_epoch": 0, "max_epochs": max_epochs, "ended_by": ended_by(status, error, None, max_epochs)})

@@ -9,12 +9,14 @@ PIQE, BRISQUE and a linear probe on the same frozen backbone scored on the same 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
 from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.io import atomic_write_json, git_revision
 from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
+from iqa_ray.search.console import device_note
 from iqa_ray.search.export import export_experiment
 from iqa_ray.search.phases import Phases, describe
 from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, refit_plan, run_splits, split_lines
@@ -74,7 +76,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     summary = {
         "study": settings.study.name, "experiment": experiment_dir_hint(settings), "git_revision": git_revision(),
         "searcher": settings.searcher, "trial_scheduler": settings.scheduler, "trials": len(results),
-        "errored_trials": len(errors), "elapsed_s": round(elapsed, 1),
+        "errored_trials": len(errors), "elapsed_s": round(elapsed, 1), "devices": trained_on(reports),
         "metric": study.metric, "mode": study.mode,
         "best_trial": best.path.rsplit("/", 1)[-1] if best.path else None,
         "best_config": {k: v for k, v in config.items()},
@@ -132,6 +134,18 @@ def trial_reports(results: Any) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
         if frame is not None and len(frame):
             reports[r.metrics.get("trial_id") or r.path] = (r, frame.to_dict("records"))
     return reports
+
+
+def trained_on(reports: dict[str, tuple[Any, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Where the search's trials trained (summary.json's ``devices``): trials per device (``cpu``,
+    ``cuda``, ...), and the trials that held a GPU share but found no CUDA, with the console's note."""
+    last = {trial_id: rows[-1] for trial_id, (_, rows) in reports.items()}
+    counts = Counter(str(row.get("device") or "not reported") for row in last.values())
+    without = sorted(t for t, row in last.items() if device_note(t, row) is not None)
+    record: dict[str, Any] = {"trials": dict(sorted(counts.items())), "gpu_share_without_cuda": without}
+    if without:
+        record["note"] = device_note(without[0], last[without[0]])
+    return record
 
 
 def selected_trial_id(settings: SearchSettings, reports: dict[str, tuple[Any, list[dict[str, Any]]]],

@@ -8,6 +8,11 @@ trial through a queue and are reported to Tune with the same metric names and th
 ``checkpoint.pt`` as :func:`~iqa_ray.trainables.iqa.iqa_trainable`, so ASHA, Optuna, the export,
 selection and TensorBoard see an ordinary trial.
 
+Each worker computes on its GPU where it has CUDA and on the CPU where it has none (a node that
+declares GPUs it does not have), and the workers start their ``torch.distributed`` process group
+themselves, in :func:`train_worker` (NCCL on CUDA, gloo on the CPU), so that a group that cannot
+start is an ordinary failure of the training function (:mod:`iqa_ray.trainables.process_group`).
+
 Failures are handled twice: a worker that dies restarts the worker group from the latest
 checkpoint of the run (Ray Train's ``FailureConfig``; the epochs after it are trained again and
 reach Tune once); a driver that dies (or a resumed search) starts again from the trial's Tune
@@ -31,6 +36,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from iqa_ray.trainables.iqa import nonfinite_marker, process_report, trial_cost, with_split
+from iqa_ray.trainables.placement import device_report
+from iqa_ray.trainables.process_group import WorkerProcessGroup, start_process_group, train_device
+from iqa_ray.trainables.worker_group import WatchWorkerGroup
 from iqa_ray.training.checkpoints import load_checkpoint
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.engine import EpochResult, fit
@@ -69,18 +77,32 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """
     import ray
     import ray.train
-    import ray.train.torch
     import torch
+    import torch.distributed as dist
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    device = train_device()
+    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    # First, so that a group that cannot start fails the worker before it loads anything.
+    backend = start_process_group(rank, world, device) if world > 1 else "none"
+    try:
+        _train_share(loop_config, rank, world, device, backend)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_share(loop_config: dict[str, Any], rank: int, world: int, device: Any, backend: str) -> None:
+    """:func:`train_worker` once its process group is up: the engine's ``fit`` on this worker's share."""
+    import ray
+    import ray.train
+
     shared: SharedData = loop_config["shared"]
     decoded = ray.get(shared.decoded)
     features = ray.get(shared.features) if shared.features is not None else None
     train_config = TrainConfig.from_dict(loop_config["flat"])
     decoded = with_split(decoded, train_config.data.split_seed, loop_config["splits"])
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
 
     # The run's latest checkpoint after a worker failure, else the trial's (a resumed trial).
     checkpoint = ray.train.get_checkpoint() or loop_config["start_checkpoint"]
@@ -88,7 +110,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume_state = load_checkpoint(directory)
-    node = process_report(resume_state, workers=world)
+    # Every rank reports its device and GPU (the driver forwards each rank's, search/console.py notes
+    # a GPU worker without CUDA once) and the process group's backend.
+    node = process_report(resume_state, workers=world, process_group=backend, **device_report(device))
     if rank == 0:  # the model's cost on one worker's device, as an ordinary trial measures it (the
         # driver forwards rank 0's reports; the other workers wait at their first collective)
         node.update(trial_cost(train_config, decoded, device))
@@ -119,7 +143,9 @@ def _forward_to(reports: Any, taken: Any) -> Any:
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             report = dict(metrics[0])
-            report["worker_pids"] = ",".join(str(m.get("pid")) for m in metrics)  # every rank's process
+            # every rank's process, and the GPU Ray gave it (";" between ranks: a rank may hold several)
+            report["worker_pids"] = ",".join(str(m.get("pid")) for m in metrics)
+            report["worker_gpu_ids"] = ";".join(str(m.get("gpu_ids", "")) for m in metrics)
             self.target.put((report, checkpoint))
             # Until Tune has it: the run keeps pace with Tune's scheduler, and this checkpoint (the
             # run keeps one) is not replaced before Tune copied it into the trial's folder.
@@ -168,7 +194,7 @@ def ddp_trainable(
     taken = Queue(maxsize=1, actor_options={"num_cpus": 0})
     train_root, local_root = _fresh_run_root(experiment_path, trial_dir)
     trainer = _trainer(
-        workers, train_root, max_worker_failures, _forward_to(reports, taken),
+        workers, train_root, max_worker_failures, [_forward_to(reports, taken), WatchWorkerGroup()],
         {"flat": flat, "shared": shared, "splits": splits, "score_test": score_test,
          "stop_epochs": list(stop_epochs), "cpus_per_worker": workers.cpus_per_worker,
          "start_checkpoint": tune.get_checkpoint()})
@@ -210,12 +236,12 @@ def _fresh_run_root(experiment_path: str | None, trial_dir: Path) -> tuple[str, 
     return train_root, local_root
 
 
-def _trainer(workers: Workers, train_root: str, max_worker_failures: int, forward: Any,
+def _trainer(workers: Workers, train_root: str, max_worker_failures: int, callbacks: list[Any],
              loop_config: dict[str, Any]) -> Any:
     """The trial's :class:`~ray.train.torch.TorchTrainer`: ``workers`` running :func:`train_worker`,
     restarted from the run's latest checkpoint up to ``max_worker_failures`` times."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     use_gpu = workers.gpus_per_worker > 0
     resources = {"CPU": workers.cpus_per_worker, **({"GPU": workers.gpus_per_worker} if use_gpu else {})}
@@ -224,13 +250,14 @@ def _trainer(workers: Workers, train_root: str, max_worker_failures: int, forwar
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=use_gpu,
                                                resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # The workers start their process group themselves, on the backend their devices allow.
+        torch_config=WorkerProcessGroup(),
         run_config=ray.train.RunConfig(
             # A fresh run per driver start: a restarted driver resumes from the trial's checkpoint.
             name=f"ddp-{os.getpid()}-{os.urandom(3).hex()}", storage_path=train_root,
             failure_config=ray.train.FailureConfig(max_failures=max_worker_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=[forward]),
+            callbacks=callbacks),
     )
 
 

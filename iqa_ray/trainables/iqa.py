@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from iqa_ray.core.io import git_revision
 from iqa_ray.data.decoded import DecodedImages
-from iqa_ray.trainables.placement import worker_device
+from iqa_ray.trainables.placement import device_report, worker_device
 from iqa_ray.training.config import TrainConfig
 from iqa_ray.training.engine import EpochResult, NonFiniteLossError, fit
 
@@ -127,7 +127,9 @@ def iqa_trainable(
             from iqa_ray.training.checkpoints import load_checkpoint
 
             resume_state = load_checkpoint(directory)
-    node = process_report(resume_state)
+    # The device beside the GPU share Ray gave this trial: a share without CUDA trains on the CPU,
+    # and the search says so once (search/console.py).
+    node = process_report(resume_state, **device_report(device))
     # What the model costs at its evaluation size (parameters, FLOPs, ms per image on this trial's
     # device): reported with every epoch, so it reaches trials.parquet and HParams for every trial.
     node.update(trial_cost(train_config, decoded, device))
