@@ -83,6 +83,12 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
                         "leave the same rows out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key for every trial (repeatable), e.g. --set crop_size=96")
+    _add_run_flags(p)
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where the search runs, where its results go, and what it prints and tracks."""
     p.add_argument("--address", default=None, help="address of an existing Ray cluster, e.g. 10.0.0.5:6379 or auto")
     p.add_argument("--storage", default=None,
                    help=f"results root: a local path or a pyarrow URI such as s3://bucket/iqa (default: {default_results_dir()})")
@@ -101,7 +107,6 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
     p.add_argument("--verbose", action="store_true",
                    help="Ray's own console instead of ours: its trial tables and every worker's log lines "
                         "(by default those stay in Ray's log files and <experiment>/driver.log)")
-    return p
 
 
 def _seconds(text: str) -> float:
