@@ -123,3 +123,101 @@ def test_a_checkpoint_holds_the_kept_epochs_validation_predictions_as_reported(t
     again_ids, again, again_epoch = kept_val_predictions(load_checkpoint(resumed[-1]))
     assert again_ids == ids and again_epoch == epoch
     np.testing.assert_array_equal(again, scores)
+
+
+# ----------------------------------------------------------------------------- the averaged model
+
+
+def experiment_with_members(root, checkpoint, weights, scale=(1.0, 1.5, 0.5)):
+    """An experiment folder whose summary names an ensemble of trial folders: member i holds the
+    one-epoch model with its last layer's weights times ``scale[i]`` (another model, same preparation)."""
+    from iqa_ray.core.ensembles import ENSEMBLE_FILE, manifest
+    from iqa_ray.training.checkpoints import CHECKPOINT_FILE, load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    last = [k for k in state["model"] if k.endswith("weight")][-1]
+    members = []
+    for i, weight in enumerate(weights):
+        folder = root / f"trial_{i}" / "checkpoint_000000"
+        folder.mkdir(parents=True)
+        changed = {**state, "model": {**state["model"], last: state["model"][last] * scale[i]}, "best_model": None}
+        torch.save(changed, folder / CHECKPOINT_FILE)
+        (root / f"trial_{i}" / "params.json").write_text("{}")
+        members.append({"model": f"trial_{i}", "weight": weight})
+    (root / ENSEMBLE_FILE).write_text(json.dumps(manifest(members, rounds=len(weights))))
+    (root / "summary.json").write_text(json.dumps({"model": ENSEMBLE_FILE, "best_trial": "trial_0"}))
+    return root
+
+
+def test_an_ensemble_of_one_scores_exactly_like_its_member(one_epoch_model, tmp_path):
+    import iqa_ray
+
+    experiment = experiment_with_members(tmp_path / "exp", one_epoch_model["checkpoint"], [1.0])
+    member = iqa_ray.load_model(tmp_path / "exp" / "trial_0", device="cpu")
+    ensemble = iqa_ray.load_model(experiment, device="cpu")
+    assert "ensemble" in repr(ensemble) and "1 members" in repr(ensemble)
+    np.testing.assert_array_equal(ensemble(one_epoch_model["paths"]), member(one_epoch_model["paths"]))
+
+
+def test_an_ensemble_of_two_scores_their_weighted_mean_by_load_model_score_and_export(one_epoch_model, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import iqa_ray
+    from iqa_ray.cli import main as iqa_ray_main
+    from iqa_ray.evaluation.portable import export_torchscript, load_metadata
+
+    experiment = experiment_with_members(tmp_path / "exp", one_epoch_model["checkpoint"], [0.25, 0.75])
+    paths = one_epoch_model["paths"]
+    a, b = (iqa_ray.load_model(experiment / f"trial_{i}", device="cpu")(paths) for i in range(2))
+    assert np.abs(a - b).max() > 0.01  # two different models
+    ensemble = iqa_ray.load_model(experiment / "ensemble.json", device="cpu")
+    expected = 0.25 * a + 0.75 * b
+    np.testing.assert_allclose(ensemble(paths), expected, rtol=1e-6)
+    # iqa-ray score on the experiment folder
+    assert iqa_ray_main(["score", str(experiment), *paths[:4], "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    np.testing.assert_allclose([float(line.split(",")[1]) for line in lines], expected[:4], rtol=1e-5)
+    # export-model: one TorchScript file of the averaging module, scoring like load_model without iqa_ray
+    path = export_torchscript(ensemble, tmp_path / "ensemble.pt")
+    np.save(tmp_path / "images.npy", one_epoch_model["images"])
+    code = ("import sys, json, numpy as np, torch; sys.modules['iqa_ray'] = None; "
+            f"m = torch.jit.load({str(path)!r}); x = torch.from_numpy(np.load({str(tmp_path / 'images.npy')!r}))"
+            ".permute(0, 3, 1, 2).contiguous(); torch.set_num_threads(1); print(json.dumps(m(x).tolist()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    scores = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(scores, ensemble(list(one_epoch_model["images"])), rtol=1e-5)
+    assert load_metadata(path)["ensemble"] == {"members": 2, "weights": [0.25, 0.75]}
+
+
+def test_bad_ensembles_are_clear_errors(one_epoch_model, tmp_path):
+    import iqa_ray
+    from iqa_ray.evaluation.cross_dataset import EvaluateError, run
+    from iqa_ray.evaluation.scoring import ScoreError
+
+    experiment = experiment_with_members(tmp_path / "exp", one_epoch_model["checkpoint"], [0.5, 0.5])
+    manifest_file = experiment / "ensemble.json"
+    record = json.loads(manifest_file.read_text())
+    bad = {**record, "members": [{**record["members"][0], "weight": 0.7}, record["members"][1]]}
+    manifest_file.write_text(json.dumps(bad))
+    with pytest.raises(ScoreError, match="sum to 1.2"):
+        iqa_ray.load_model(experiment, device="cpu")
+    manifest_file.write_text(json.dumps({**record, "members": [{"model": "../elsewhere", "weight": 1.0}]}))
+    with pytest.raises(ScoreError, match="not a trial folder below"):
+        iqa_ray.load_model(experiment, device="cpu")
+    manifest_file.write_text(json.dumps({**record, "members": [{"model": "trial_9", "weight": 1.0}]}))
+    with pytest.raises(ScoreError, match="member trial_9 left no checkpoint"):
+        iqa_ray.load_model(experiment, device="cpu")
+    manifest_file.write_text(json.dumps(record))
+    with pytest.raises(EvaluateError, match="iqa-ray evaluate scores one model"):
+        run(type("Args", (), {"source": str(experiment), "device": "cpu", "out": None, "dataset": []})())
+
+
+def test_members_that_prepare_photos_differently_are_refused_naming_the_key():
+    from iqa_ray.evaluation.ensemble import EnsembleError, check_same_scoring
+    from iqa_ray.training.config import TrainConfig
+
+    configs = [TrainConfig.from_dict({"crop_size": 48}), TrainConfig.from_dict({"crop_size": 64})]
+    check_same_scoring(configs[:1] * 2, ["a", "b"])
+    with pytest.raises(EnsembleError, match="member b prepares photos unlike a .crop_size: 64 vs 48"):
+        check_same_scoring(configs, ["a", "b"])

@@ -21,14 +21,18 @@ Ties are broken by the trial id (the smallest wins), whatever order the library 
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Callable, Mapping
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from iqa_ray.core.metrics import krcc, plcc, srcc
 
-__all__ = ["ENSEMBLE_METRICS", "caruana_select", "ensemble_predictions"]
+__all__ = ["ENSEMBLE_FILE", "ENSEMBLE_METRICS", "caruana_select", "ensemble_predictions", "is_manifest", "manifest",
+           "read_manifest"]
 
 #: What ensemble selection may maximise: the validation metric a study selects on -> the correlation.
 ENSEMBLE_METRICS: dict[str, Callable[..., float]] = {
@@ -93,3 +97,59 @@ def caruana_select(val_predictions: Mapping[str, np.ndarray], mos: np.ndarray, r
         if chosen_score > best_score or not best_weights:  # the shortest of equal prefixes
             best_score, best_weights = chosen_score, {k: c / n for k, c in counts.items()}
     return dict(sorted(best_weights.items()))
+
+
+# ----------------------------------------------------------------------------- the manifest of a handed-back ensemble
+
+#: The file in an experiment folder naming the members of the ensemble a search handed back.
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FORMAT = "iqa-ray-ensemble"
+
+
+def manifest(members: list[dict[str, Any]], **record: Any) -> dict[str, Any]:
+    """An ensemble manifest: ``members`` (each ``model``: its trial folder relative to the manifest's
+    folder, ``weight``, and what else the caller records) and ``record`` (how they were chosen)."""
+    return {"format": ENSEMBLE_FORMAT, "version": 1, "members": members, **record}
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[tuple[str, float]]:
+    """The members of the manifest at ``path``: (trial folder relative to its folder, weight).
+
+    Raises:
+        ValueError: not a manifest, no members, a member that is not a folder below the manifest's
+            folder, or weights that are not positive and summing to 1 (each named).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the ensemble manifest {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != ENSEMBLE_FORMAT:
+        raise ValueError(f"{path} is not an iqa-ray ensemble manifest (no \"format\": {ENSEMBLE_FORMAT!r})")
+    members = data.get("members")
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"{path}: an ensemble manifest needs a non-empty list of members")
+    out = []
+    for i, member in enumerate(members):
+        model, weight = (member.get("model"), member.get("weight")) if isinstance(member, dict) else (None, None)
+        parts = Path(str(model)).parts if isinstance(model, str) else ()
+        if not parts or Path(model).is_absolute() or any(p in (".", "..") for p in parts):
+            raise ValueError(f"{path}: member {i}'s model {model!r} is not a trial folder below {path.parent}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"{path}: member {i} ({model}) has weight {weight!r}; weights must be positive numbers")
+        out.append((model, float(weight)))
+    total = sum(w for _, w in out)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"{path}: the members' weights sum to {total:.6g}, not 1")
+    return out
+
+
+def is_manifest(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a JSON file that says it is an ensemble manifest (a cheap check)."""
+    path = Path(path)
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == ENSEMBLE_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
