@@ -3,6 +3,7 @@ predictions, the predictions the trials record, and the averaged model (load_mod
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,20 +108,21 @@ def test_a_checkpoint_holds_the_kept_epochs_validation_predictions_as_reported(t
     result = fit(config, decoded, on_epoch_end=lambda e: saved.append((e.metrics, e.save(tmp_path / str(e.epoch)))),
                  score_test=False)
     metrics, path = saved[-1]
-    ids, scores, epoch = kept_val_predictions(load_checkpoint(path))
+    ids, scores, mos, epoch = kept_val_predictions(load_checkpoint(path))
     val = decoded.split_indices("val")
     assert ids == decoded.table["image_id"].iloc[val].astype(str).tolist()
     assert epoch == metrics["best_epoch"] == result.best_epoch
     kept = result.history[epoch - 1]
     # the very predictions the reported validation metrics were computed from
-    assert srcc(scores, decoded.table["mos"].to_numpy()[val]) == kept["val_srcc"]
+    assert srcc(scores, mos) == kept["val_srcc"]
+    np.testing.assert_allclose(mos, decoded.table["mos"].to_numpy()[val], rtol=1e-6)
     assert kept_val_predictions({"best_epoch": -1, "model": {}}) is None  # written before they were saved
     # a run resumed after its first epoch keeps the same predictions (one serialisation), even where the
     # epoch it keeps is the one before the resume
     resumed = []
     fit(config, decoded, resume=saved[0][1], on_epoch_end=lambda e: resumed.append(e.save(tmp_path / f"r{e.epoch}")),
         score_test=False)
-    again_ids, again, again_epoch = kept_val_predictions(load_checkpoint(resumed[-1]))
+    again_ids, again, _, again_epoch = kept_val_predictions(load_checkpoint(resumed[-1]))
     assert again_ids == ids and again_epoch == epoch
     np.testing.assert_array_equal(again, scores)
 
@@ -221,3 +223,139 @@ def test_members_that_prepare_photos_differently_are_refused_naming_the_key():
     check_same_scoring(configs[:1] * 2, ["a", "b"])
     with pytest.raises(EnsembleError, match="member b prepares photos unlike a .crop_size: 64 vs 48"):
         check_same_scoring(configs, ["a", "b"])
+
+
+# ----------------------------------------------------------------------------- the search's side, without Ray
+
+
+class FakeCheckpoint:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(str(self.folder))
+
+
+class FakeResult:
+    def __init__(self, folder, config, checkpoint=True):
+        self.path, self.config = str(folder), config
+        self.checkpoint = FakeCheckpoint(folder) if checkpoint else None
+
+
+def fake_trial(root, name, scores, mos, *, epoch=3, reported=None, config=None, checkpoint=True):
+    """A search trial whose checkpoint keeps ``scores`` of 4 validation photos at ``epoch``, reporting ``reported``."""
+    from iqa_ray.training.checkpoints import CHECKPOINT_FILE
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    torch.save({"format": "iqa-ray", "model": {}, "best_epoch": epoch - 1,
+                "kept_val": {"image_id": ["a", "b", "c", "d", "e"][:len(mos)],
+                             "score": torch.tensor(scores, dtype=torch.float64),
+                             "mos": torch.tensor(mos, dtype=torch.float64)}}, folder / CHECKPOINT_FILE)
+    val = srcc(np.array(scores, dtype=float), np.array(mos, dtype=float)) if reported is None else reported
+    rows = [{"epoch": e, "val_srcc": val if e == epoch else 0.0, "best_epoch": epoch} for e in range(1, epoch + 1)]
+    return FakeResult(folder, {"lr": 1e-3, **(config or {})}, checkpoint), rows
+
+
+def ranking_settings(tmp_path, *flags):
+    from iqa_ray.cli.tune import build_parser
+    from iqa_ray.search.settings import settings_from_args
+
+    args = build_parser("ranking").parse_args(["--gpus", "0", "--storage", str(tmp_path), "--name", "e", *flags])
+    return settings_from_args(args, "ranking")
+
+
+def test_the_library_holds_the_trials_reported_predictions_and_says_why_others_are_left_out(tmp_path):
+    from iqa_ray.core.errors import LaunchError
+    from iqa_ray.search.ensemble import choose_ensemble, trial_library
+
+    settings = ranking_settings(tmp_path, "--ensemble", "3")
+    mos = [10.0, 20.0, 30.0, 40.0, 50.0]
+    reports = {
+        "t0": fake_trial(tmp_path, "t0", [1, 2, 3, 5, 4], mos),
+        "t1": fake_trial(tmp_path, "t1", [2, 1, 3, 4, 5], mos),
+        "t2": fake_trial(tmp_path, "t2", [5, 4, 3, 2, 1], mos, epoch=2, reported=-1.0),
+        "t3": fake_trial(tmp_path, "t3", [1, 2, 3, 4, 5], mos, reported=0.5),  # not what it reported
+        "t4": fake_trial(tmp_path, "t4", [1, 2, 3, 4, 5], mos, checkpoint=False),
+        "t5": fake_trial(tmp_path, "t5", [1, 2, 3, 4, 5], mos, config={"crop_size": 96}),
+    }
+    reports["t2"][1][-1]["best_epoch"] = 1  # its reports keep epoch 1, its checkpoint epoch 2
+    library, got_mos, left_out = trial_library(settings, reports, "t0")
+    assert sorted(library) == ["t0", "t1"] and got_mos.tolist() == mos
+    assert left_out["t2"].startswith("its newest checkpoint keeps epoch 2, its reports epoch 1")
+    assert "give SRCC 1.000000, it reported 0.5" in left_out["t3"]
+    assert left_out["t4"] == "its newest checkpoint holds no validation predictions"
+    assert "prepares photos unlike" in left_out["t5"]
+    record = choose_ensemble(settings, reports, "t0")
+    assert record["best_trial"] == "t0" and record["best_trial_val_srcc"] == pytest.approx(0.9)
+    assert record["val_srcc"] >= record["best_trial_val_srcc"] and record["library"] == 2
+    assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0)
+    assert record["members"][0]["search_trial"] == "t0" or record["members"][0]["weight"] >= 0.5
+    json.dumps(record)  # summary.json holds it
+    with pytest.raises(LaunchError, match="the selected trial t3 cannot start the ensemble: its recorded predictions"):
+        trial_library(settings, reports, "t3")
+
+
+def test_ensemble_flags_are_checked_and_recorded_for_resume(tmp_path):
+    from iqa_ray.cli.tune import build_parser
+    from iqa_ray.core.errors import LaunchError
+    from iqa_ray.search.ensemble import check_ensemble
+    from iqa_ray.search.run import write_experiment_info
+    from iqa_ray.search.settings import resume_settings, settings_from_args
+
+    assert ranking_settings(tmp_path).ensemble == 0
+    with pytest.raises(LaunchError, match="--ensemble must be a whole number"):
+        ranking_settings(tmp_path, "--ensemble", "-1")
+    livec = f"livec:{Path(__file__).resolve().parents[1] / 'datasets' / 'livec'}"
+    for flags, match in [(("--splits", "2", "--dataset", livec), "--ensemble 3 with --splits 2"),
+                         (("--select", "latency_ms<=20"), "--ensemble 3 with --select latency_ms<=20")]:
+        with pytest.raises(LaunchError, match=match):
+            check_ensemble(ranking_settings(tmp_path, "--ensemble", "3", *flags))
+    args = build_parser("ranking").parse_args(["--gpus", "0", "--storage", str(tmp_path), "--name", "rec",
+                                               "--ensemble", "4"])
+    s = settings_from_args(args, "ranking")
+    check_ensemble(s)
+    s.local_experiment_dir().mkdir(parents=True)
+    write_experiment_info(s, args)
+    assert json.loads((s.local_experiment_dir() / "experiment.json").read_text())["ensemble"] == 4
+    resume = build_parser("ranking").parse_args(["--resume", "--storage", str(tmp_path), "--name", "rec"])
+    assert resume_settings(resume, "ranking").ensemble == 4
+    with pytest.raises(LaunchError, match=r"--ensemble \(2 now, 4 recorded\)"):
+        resume_settings(build_parser("ranking").parse_args(["--resume", "--storage", str(tmp_path), "--name", "rec",
+                                                             "--ensemble", "2"]), "ranking")
+    # without --ensemble, experiment.json is as it was
+    plain = build_parser("ranking").parse_args(["--gpus", "0", "--storage", str(tmp_path), "--name", "plain"])
+    p = settings_from_args(plain, "ranking")
+    p.local_experiment_dir().mkdir(parents=True)
+    write_experiment_info(p, plain)
+    assert "ensemble" not in json.loads((p.local_experiment_dir() / "experiment.json").read_text())
+
+
+def test_member_refits_train_each_members_config_on_training_and_validation_photos():
+    from iqa_ray.search.retrain import MemberConfigs
+
+    resolve = MemberConfigs({"t1": {"lr": 1e-3, "alpha": 0.1}, "t2": {"lr": 2e-3, "alpha": 0.5}})
+    assert resolve({"ensemble_member": "t2", "lr": 9.0}) == {"lr": 2e-3, "alpha": 0.5, "train_on_val": True}
+    import pickle
+
+    assert pickle.loads(pickle.dumps(resolve))({"ensemble_member": "t1"})["alpha"] == 0.1
+
+
+def test_the_summary_prints_the_members_and_the_selected_trial_beside_the_ensemble():
+    from iqa_ray.search.ensemble import ensemble_lines
+
+    record = {"rounds": 5, "metric": "val_srcc", "library": 8, "left_out": {"t9": "x"}, "best_trial": "t1",
+              "members": [{"trial_id": "t1", "weight": 0.6, "val_srcc": 0.81, "search_trial": "trial_t1",
+                           "model": "refit/trial_a"},
+                          {"trial_id": "t4", "weight": 0.4, "val_srcc": 0.79, "search_trial": "trial_t4",
+                           "model": "refit/trial_b"}],
+              "val_srcc": 0.83, "best_trial_val_srcc": 0.81, "test": {"srcc": 0.85, "n": 125},
+              "best_trial_test": {"srcc": 0.84, "n": 125}}
+    text = "\n".join(ensemble_lines(record))
+    assert "2 trials by 5 greedy rounds" in text and "library of 8 trials, 1 left out" in text
+    assert "t1  weight 0.600  validation SRCC 0.8100 -> refit/trial_a" in text
+    assert "validation SRCC: ensemble 0.8300, selected trial t1 0.8100" in text
+    assert "test SRCC: ensemble 0.8500, selected trial's own model 0.8400 (+0.0100, same 125 photos)" in text
+    assert ensemble_lines({}) == []

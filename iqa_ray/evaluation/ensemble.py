@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from iqa_ray.core.ensembles import read_manifest
 from iqa_ray.training.config import TrainConfig
 
-__all__ = ["EnsembleError", "EnsembleNetwork", "load_ensemble", "scoring_key", "check_same_scoring"]
+__all__ = ["EnsembleError", "EnsembleNetwork", "check_same_scoring", "load_ensemble", "scoring_key"]
 
 
 class EnsembleError(ValueError):

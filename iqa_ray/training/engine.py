@@ -254,7 +254,7 @@ def _run_epoch(state: TrainState, feed: ImageFeed | CachedFeed, module: nn.Modul
     val_scores, val_mos = feed.predict(model, "val")
     val = all_metrics(val_scores, val_mos)
     state.schedule.epoch_end(epoch, val["srcc"])
-    is_best = state.end_epoch(epoch, val, o.select_epoch, val_scores)
+    is_best = state.end_epoch(epoch, val, o.select_epoch, (val_scores, val_mos))
     stop_early = o.early_stopping_patience is not None and state.bad_epochs >= o.early_stopping_patience
     metrics = {
         "epoch": epoch + 1,  # epochs completed, as Tune's training_iteration counts
