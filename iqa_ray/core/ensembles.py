@@ -17,6 +17,10 @@ promises). The one loss without an anchor, the ranking loss at ``alpha = 1``, is
 offset, which shifts a weighted mean by a constant and changes none of its correlations.
 
 Ties are broken by the trial id (the smallest wins), whatever order the library is given in.
+
+The ensemble a search hands back is written as a manifest (:func:`manifest`, ``ensemble.json``:
+each member's trial folder and weight), which :func:`read_manifest` checks and
+:mod:`iqa_ray.evaluation.ensemble` loads as one model.
 """
 
 from __future__ import annotations
