@@ -75,6 +75,11 @@ def build_parser(study: str | None = None, prog: str | None = None) -> argparse.
                    help="hand back the selected trial's own weights (trained on training photos); by default, where the "
                         "selected config chooses nothing on validation (select_epoch = last, as the cpu recipe), one more "
                         "trial re-trains it on training and validation photos and that model is handed back and tested")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="hand back a weighted ensemble of the search's trials: K rounds of greedy ensemble selection "
+                        "with replacement over their validation predictions (Caruana et al. 2004), started from the "
+                        "selected trial; each member re-trained like the refit, their scores averaged by load_model, "
+                        "score and export-model (default 0: one trial, as today)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="leave a real dataset's bad rows out of every split instead of stopping: scores that are "
                         "missing or not valid, missing files, images that cannot be read (by default the search "

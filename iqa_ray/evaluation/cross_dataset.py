@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from iqa_ray.core.ensembles import ENSEMBLE_FILE, is_manifest
 from iqa_ray.core.paths import REFIT_DIR
 
 if TYPE_CHECKING:
@@ -68,8 +69,8 @@ class EvaluateError(Exception):
 class Source:
     """Where the model comes from."""
 
-    kind: str  # "experiment", "run" or "checkpoint"
-    checkpoint: Path  # a checkpoint file or a folder holding one (what model_from_checkpoint takes)
+    kind: str  # "experiment", "run", "trial", "checkpoint" or "ensemble"
+    checkpoint: Path  # a checkpoint file or a folder holding one (what model_from_checkpoint takes); an ensemble's manifest
     folder: Path  # the default output folder
     trial: str | None = None  # the handed-back model's trial folder (experiments): refit/<trial> or the selected trial's
 
@@ -103,6 +104,10 @@ def _experiment_source(folder: Path) -> Source:
     if not trial:
         raise EvaluateError(f"experiment {folder} has no selected trial ({SUMMARY_FILE} names no best_trial)")
     trial = str(trial)
+    if key == "model" and trial == ENSEMBLE_FILE:  # --ensemble K: the members averaged (iqa_ray.evaluation.ensemble)
+        if not (folder / trial).is_file():
+            raise EvaluateError(f"experiment {folder}: the ensemble it handed back, {folder / trial}, does not exist")
+        return Source("ensemble", folder / trial, folder, trial)
     parts = Path(trial).parts
     allowed = 2 if key == "model" and parts[:1] == (REFIT_DIR,) else 1  # refit/<trial folder>
     if len(parts) != allowed or Path(trial).is_absolute() or any(p in (".", "..") for p in parts):
@@ -129,6 +134,8 @@ def resolve_source(path: str | os.PathLike[str]) -> Source:
     if not p.exists():
         raise EvaluateError(f"no such file or folder: {p}; accepted: {ACCEPTED_FORMS}")
     from iqa_ray.training.checkpoints import CHECKPOINT_FILE  # imports torch: after the cheap check
+    if is_manifest(p):
+        return Source("ensemble", p, p.parent, p.name)
     if p.is_file():
         return Source("checkpoint", p, p.parent)
     if (p / SUMMARY_FILE).is_file():
@@ -307,6 +314,10 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
     from iqa_ray.core.options import ConfigError
     from iqa_ray.training.checkpoints import model_from_checkpoint
 
+    if source.kind == "ensemble":
+        raise EvaluateError(f"{source.checkpoint} is an ensemble (--ensemble): iqa-ray evaluate scores one model; "
+                            "evaluate one of its members' trial folders (listed in it), or score photos with it by "
+                            "iqa-ray score")
     device = _device(args.device)
     out = args.out if args.out is not None else source.folder
     if out.exists() and not out.is_dir():

@@ -147,7 +147,12 @@ def metadata(scorer: IQAScorer) -> dict[str, Any]:
         version = importlib.metadata.version("iqa-ray")
     except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
         version = "source tree"
+    from iqa_ray.evaluation.ensemble import EnsembleNetwork
+
+    ensemble = ({"members": len(scorer.model.members), "weights": [float(w) for w in scorer.model.weights]}
+                if isinstance(scorer.model, EnsembleNetwork) else None)  # family and backbone: its first member's
     return {"format": 1, "iqa_ray": version, "source": scorer.source, "family": m.family, "backbone": m.backbone,
+            **({"ensemble": ensemble} if ensemble else {}),
             "input": "uint8 (N, 3, H, W) RGB, upright (EXIF applied), every image of a batch the same size",
             "output": "float32 (N,): the label's scale, 0-100, higher is better",
             "label": d.label, "dataset": str(d.dataset),

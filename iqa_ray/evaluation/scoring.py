@@ -4,8 +4,10 @@
     >>> model(["a.jpg", "b.jpg"])                                 # doctest: +SKIP
     array([61.2, 34.7])
 
-``MODEL`` is an experiment folder (its selected trial), a trial folder (its newest checkpoint), a
-run folder holding ``checkpoint.pt``, or a checkpoint file. Scores are on the training label's
+``MODEL`` is an experiment folder (the model it handed back: its selected trial, refit, or the
+ensemble of ``--ensemble K``), a trial folder (its newest checkpoint), a run folder holding
+``checkpoint.pt``, a checkpoint file, or an ensemble manifest (``ensemble.json``,
+:mod:`iqa_ray.evaluation.ensemble`). Scores are on the training label's
 scale (MOS for real datasets, 0-100 higher is better for generated ones).
 
 Every input goes through exactly what evaluation does to a test image: decoded upright (EXIF
@@ -208,6 +210,14 @@ def load_model(model: str | os.PathLike[str], device: str | torch.device | None 
     except EvaluateError as exc:
         raise ScoreError(str(exc)) from None
     device = torch.device(device) if device is not None else best_device()
+    if source.kind == "ensemble":  # an ensemble manifest (a search run with --ensemble K)
+        from iqa_ray.evaluation.ensemble import EnsembleError, load_ensemble
+
+        try:
+            network, config, where = load_ensemble(source.checkpoint, device)
+        except EnsembleError as exc:
+            raise ScoreError(str(exc)) from None
+        return IQAScorer(network, config, device, source=where)
     try:
         network, config = model_from_checkpoint(source.checkpoint, device=device)
     except CheckpointError as exc:

@@ -51,6 +51,7 @@ search's own test result, which ``summary.json`` keeps beside this one.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -140,6 +141,67 @@ def retrain_trainable(settings: SearchSettings, decoded: Any, features: Any, *, 
 def refit_folder(result: Any) -> str:
     """The refit trial's folder relative to the experiment folder (``refit/<trial folder>``)."""
     return f"{REFIT_DIR}/{str(result.path).rstrip('/').rsplit('/', 1)[-1]}"
+
+
+@dataclass(frozen=True)
+class MemberConfigs:
+    """The trainable's ``resolve`` for the refit of an ensemble's members: a trial's config names its
+    member (``ensemble_member``: the search trial's id), which maps to that member's flat run config,
+    trained on training and validation photos."""
+
+    configs: Mapping[str, Mapping[str, Any]]
+
+    def __call__(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.configs[config["ensemble_member"]], "train_on_val": True}
+
+
+def hand_back_ensemble(settings: SearchSettings, members: Mapping[str, tuple[Any, dict[str, Any]]], decoded: Any,
+                       features: Any) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
+    """The models of an ensemble's members (``--ensemble``): each distinct member's configuration
+    re-trained on training and validation photos where none of them chooses on validation (one Tune
+    experiment in ``refit/``, the members as its trials, run side by side as resources allow), else
+    the members' own trials. A refit that fails hands back the members' own trials, with the error.
+
+    Args:
+        members: search trial id -> (its Tune result, its resolved flat config).
+
+    Returns:
+        Member id -> (the Tune result whose checkpoint is handed back, its folder relative to the
+        experiment folder), and ``summary.json``'s ``refit``.
+    """
+    own = {t: (result, str(result.path).rstrip("/").rsplit("/", 1)[-1]) for t, (result, _) in members.items()}
+    plans = {t: refit_plan(settings, TrainConfig.from_dict(resolved)) for t, (_, resolved) in members.items()}
+    declined = [why for planned, why in plans.values() if not planned]
+    report: dict[str, Any] = {"planned": not declined, "model": declined[0] if declined else (
+        f"each member's configuration re-trained on {REFIT_FIT_ON} (select_epoch = 'last' chooses nothing on validation)")}
+    if declined or any(result.checkpoint is None for result, _ in own.values()):
+        return own, report
+    from ray import tune
+
+    print(f"[refit] {report['model']}: {len(members)} more trials, the ensemble handed back", flush=True)
+    trainable = retrain_trainable(settings, decoded, features, gpus=min(settings.gpus_per_trial, 1.0),
+                                  resolve=MemberConfigs({t: resolved for t, (_, resolved) in members.items()}))
+    try:  # the search has finished: whatever the refits do, the members' own trials are kept
+        # The keys every member shares are in each trial's params.json (and trials.parquet); MemberConfigs adds the rest.
+        configs = [resolved for _, resolved in members.values()]
+        shared = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs[1:])}
+        space = {**shared, "train_on_val": True, "ensemble_member": tune.grid_search(sorted(members))}
+        results = experiment_tuner(settings, trainable, space,
+                                   name=REFIT_DIR, num_samples=1, max_concurrent_trials=settings.max_concurrent).fit()
+        refits = {r.config["ensemble_member"]: r for r in results}
+        failed = [f"{t}: {r.error}" if r.error is not None else f"{t}: no checkpoint"
+                  for t, r in sorted(refits.items()) if r.error is not None or r.checkpoint is None]
+        failed += [f"{t}: did not run" for t in sorted(set(members) - set(refits))]
+    except Exception as exc:  # noqa: BLE001 - printed and recorded in summary.json, not swallowed
+        failed = [f"{type(exc).__name__}: {exc}"]
+    if failed:
+        problem = "; ".join(failed)
+        print(f"[refit] failed ({problem}); the members' own trials are handed back", flush=True)
+        report.update(error=problem, model="the members' own trials (the refit failed)")
+        return own, report
+    handed = {t: (refits[t], refit_folder(refits[t])) for t in members}
+    report["trials"] = {t: folder for t, (_, folder) in sorted(handed.items())}
+    return handed, report
 
 
 # ----------------------------------------------------------------------------- --splits

@@ -28,6 +28,7 @@ from iqa_ray.search.cluster import (
     trial_workers,
 )
 from iqa_ray.search.encoders import prepare_encoders
+from iqa_ray.search.ensemble import check_ensemble
 from iqa_ray.search.mlflow_runs import log_summary, trial_runs
 from iqa_ray.search.phases import Phases
 from iqa_ray.search.settings import SearchSettings, default_dataset, resolve_gpus
@@ -109,6 +110,7 @@ def write_experiment_info(settings: SearchSettings, args: argparse.Namespace) ->
         "recipe": settings.recipe, "splits": settings.splits,
         "splits_train_on_val": settings.splits_train_on_val,
         "refit": settings.refit,
+        **({"ensemble": settings.ensemble} if settings.ensemble else {}),  # absent: one trial handed back
         # Where --mlflow tracks the search (its MLflow experiment is named like it); a resume keeps it.
         "mlflow": {"tracking_uri": settings.mlflow, "experiment": settings.name} if settings.mlflow else None,
         # What --resume continues: the flags as given, and the overrides they resolved into (for
@@ -132,6 +134,7 @@ def run_search(settings: SearchSettings, args: argparse.Namespace) -> int:
     A Ray instance this call started is shut down after it; one it joined (``--address``, or one
     this process had started already) is left running for its owner.
     """
+    check_ensemble(settings)
     if settings.local_experiment_dir() is not None and not args.resume:
         existing = settings.local_experiment_dir()
         if existing.exists() and any(existing.iterdir()):

@@ -67,6 +67,7 @@ class SearchSettings:
     splits: int = 0  # re-train the selected config on this many more random splits after the search
     splits_train_on_val: bool = True  # split runs train on train+val where the config chooses nothing on val
     refit: bool = True  # hand back the selected config re-trained on train+val where it chooses nothing on val
+    ensemble: int = 0  # greedy rounds of ensemble selection over the trials (0: hand back one trial)
     recipe: dict[str, Any] | None = None  # AppliedRecipe.record() of the recipe applied to the study
     recipe_lines: tuple[str, ...] = ()  # AppliedRecipe.describe(), printed at the start
     verbose: bool = False  # Ray's own console (trial tables, echoed worker logs) instead of ours
@@ -95,6 +96,8 @@ class SearchSettings:
             raise StudyError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.splits < 0:
             raise StudyError(f"splits must be >= 0, got {self.splits}")
+        if self.ensemble < 0:
+            raise StudyError(f"ensemble must be >= 0 greedy rounds (0: hand back one trial), got {self.ensemble}")
         study = self.effective_study  # the study's fixed values with the overrides (--set) on top
         if study.fixed.get("train_on_val") or any(p.name == "train_on_val" for p in study.params):
             raise StudyError("train_on_val trains on the validation photos a search selects its trials on; it is for "
@@ -224,6 +227,9 @@ def check_flag_values(args: argparse.Namespace) -> None:
             raise LaunchError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if getattr(args, "splits", None) is not None and args.splits < 0:
         raise LaunchError(f"--splits must be >= 0, got {args.splits}")
+    if getattr(args, "ensemble", None) is not None and args.ensemble < 0:
+        raise LaunchError(f"--ensemble must be a whole number of greedy rounds >= 0 (0: hand back one trial), "
+                          f"got {args.ensemble}")
     if args.reduction_factor is not None and args.reduction_factor < 2:
         raise LaunchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
     if getattr(args, "mlflow", None) is not None:
@@ -310,7 +316,7 @@ def settings_from_args(args: argparse.Namespace, study_name: str) -> SearchSetti
         overrides=tuple(sorted(overrides.items())), sets=tuple(sets.items()),
         splits=1 if args.smoke_test and splits else splits,
         splits_train_on_val=not getattr(args, "splits_train_only", False),
-        refit=not getattr(args, "no_refit", False),
+        refit=not getattr(args, "no_refit", False), ensemble=int(getattr(args, "ensemble", None) or 0),
         recipe=applied.record() if applied is not None else None,
         recipe_lines=(*(applied.describe() if applied is not None else ((note,) if note else ())),
                       *((family_note,) if family_note else ())),
@@ -386,7 +392,7 @@ def resume_settings(args: argparse.Namespace, study_name: str) -> SearchSettings
         workers_per_trial=int(args.workers_per_trial or 1), seed=record["seed"], max_failures=args.max_failures,
         overrides=tuple(sorted(record["overrides"].items())), sets=tuple(launch["set"].items()),
         splits=record.get("splits", 0), splits_train_on_val=record.get("splits_train_on_val", True),
-        refit=record.get("refit", True),
+        refit=record.get("refit", True), ensemble=record.get("ensemble", 0),
         recipe=applied.record() if applied is not None else None,
         recipe_lines=tuple(applied.describe()) if applied is not None else (),
         verbose=args.verbose, progress_every=args.progress_every, time_budget=record.get("time_budget"),
@@ -423,6 +429,8 @@ def changed_flags(args: argparse.Namespace, record: Mapping[str, Any], study: St
         differs.append("--splits-train-only (given now, not recorded)")
     if getattr(args, "no_refit", False) and record.get("refit", True):
         differs.append("--no-refit (given now, not recorded)")
+    if getattr(args, "ensemble", None) is not None and args.ensemble != record.get("ensemble", 0):
+        differs.append(f"--ensemble ({args.ensemble} now, {record.get('ensemble', 0)} recorded)")
     if getattr(args, "skip_bad_rows", False) and not record["overrides"].get("skip_bad_rows", False):
         differs.append("--skip-bad-rows (given now, not recorded)")
     if args.smoke_test != launch["smoke_test"]:

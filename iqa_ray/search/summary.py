@@ -17,6 +17,7 @@ from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.io import atomic_write_json, git_revision
 from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
 from iqa_ray.search.console import device_note
+from iqa_ray.search.ensemble import ensemble_hand_back, ensemble_lines, ensemble_summary, ensemble_test
 from iqa_ray.search.export import export_experiment
 from iqa_ray.search.phases import Phases, describe
 from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, refit_plan, run_splits, split_lines
@@ -49,8 +50,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     study = settings.effective_study
     errors = [r for r in results if r.error is not None]
     reports = trial_reports(results)
-    rule = study.selection_rule
-    best, rows = reports[selected_trial_id(settings, reports, errors)]
+    chosen = selected_trial_id(settings, reports, errors)
+    best, rows = reports[chosen]
     best_row = kept_report(rows) or max(rows, key=lambda row: _selection_value(row.get(study.metric), study.mode))
     # The split and refit runs train single-process trials: one GPU at most each.
     single = replace(settings, gpus_per_trial=min(settings.gpus_per_trial, 1.0), workers_per_trial=1)
@@ -61,15 +62,20 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     classical = (start_classical_baselines(decoded, cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0))
                  if overlap else None)
     with phases("refit"):
-        handed, refit = hand_back(single, best, resolved, decoded, features)
+        if settings.ensemble:  # --ensemble K: several trials handed back together (search/ensemble.py)
+            ensemble, handed, refit = ensemble_hand_back(single, reports, chosen, decoded, features)
+        else:
+            ensemble, (handed, refit) = None, hand_back(single, best, resolved, decoded, features)
     with phases("test"):
-        test, test_error = score_handed_back(settings, handed, decoded)
+        test, test_error = (ensemble_test(settings, ensemble, handed, decoded) if ensemble
+                            else score_handed_back(settings, handed, decoded))
     config = study.reported_config(best.config)
     baselines, baselines_error = {}, None
     with phases("baselines"):
         if test:
             baselines, baselines_error = baselines_beside(settings, train_config, decoded,
-                                                          features=features, refit=bool(refit.get("trial")),
+                                                          features=features,
+                                                          refit=bool(refit.get("trial") or refit.get("trials")),
                                                           classical=classical)
         elif classical is not None:
             cancel(classical)
@@ -91,17 +97,9 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
         "baselines": baselines,
     }
-    if study.multi_objective or study.select != "best":
-        summary.update(objectives=[list(o) for o in study.objectives], select=study.select,
-                       selection_rule=rule.describe(), pareto_front=pareto_front(reports, study.objectives))
-    if baselines.get(PROBE):
-        summary["versus_probe"] = test["srcc"] - baselines[PROBE]["srcc"]
-    if test_error:
-        summary["test_error"] = test_error
-    if baselines_error:
-        summary["baselines_error"] = baselines_error
-    if settings.skipped_rows:
-        summary["skipped_rows"] = list(settings.skipped_rows)
+    if ensemble:
+        summary.update(ensemble_summary(ensemble, test))
+    summary.update(optional_keys(settings, reports, test, baselines, test_error, baselines_error))
     if settings.splits and best.checkpoint is not None:
         with phases("splits"):
             summary["splits"] = run_splits(single, resolved, decoded, table, features=features)
@@ -110,6 +108,26 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     summary.update(phases=phases.record(), total_s=round(phases.total(), 1))
     write_summary_file(settings, summary)  # again, with the report phase's time
     return summary
+
+
+def optional_keys(settings: SearchSettings, reports: dict[str, tuple[Any, list[dict[str, Any]]]],
+                  test: dict[str, float], baselines: dict[str, Any], test_error: str | None,
+                  baselines_error: str | None) -> dict[str, Any]:
+    """``summary.json``'s keys that only some searches have: the selection rule and Pareto front of
+    multi-objective studies, the margin over the probe, errors, the rows left out."""
+    study, out = settings.effective_study, {}
+    if study.multi_objective or study.select != "best":
+        out.update(objectives=[list(o) for o in study.objectives], select=study.select,
+                   selection_rule=study.selection_rule.describe(), pareto_front=pareto_front(reports, study.objectives))
+    if baselines.get(PROBE):
+        out["versus_probe"] = test["srcc"] - baselines[PROBE]["srcc"]
+    if test_error:
+        out["test_error"] = test_error
+    if baselines_error:
+        out["baselines_error"] = baselines_error
+    if settings.skipped_rows:
+        out["skipped_rows"] = list(settings.skipped_rows)
+    return out
 
 
 def trained_record(settings: SearchSettings, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -402,8 +420,11 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
     if refit.get("model"):
         print(f"model handed back: {refit['model']}" + (f" ({refit['trial']})" if refit.get("trial") else ""))
     if s["test"]:
+        which = "the ensemble's" if s.get("ensemble") else "selected trial's"
         print(f"test (the model handed back, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
-              f"(selected trial's validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
+              f"({which} validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
+    for line in ensemble_lines(s.get("ensemble") or {}):
+        print(line)
     for line in baseline_lines(s):
         print(line)
     for line in split_lines(s.get("splits") or {}):

@@ -45,6 +45,11 @@ class TrainState:
         best_model: the kept weights (on the CPU), or ``None`` while none are kept.
         bad_epochs: epochs since the last one whose weights were kept (early stopping's count).
         kept_is_current: the last finished epoch's weights are the kept ones.
+        val_ids: the validation photos' image ids, in the order the feed scores them.
+        kept_val: the kept epoch's scores of those photos and their MOS (float64, the very values its
+            reported validation metrics were computed from), or ``None`` while none are kept. A
+            search's ensemble selection (:func:`iqa_ray.core.ensembles.caruana_select`) reads them
+            from the trials' checkpoints instead of scoring every trial again.
     """
 
     model: IQAModel
@@ -58,17 +63,23 @@ class TrainState:
     best_model: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     kept_is_current: bool = False
+    val_ids: list[str] = field(default_factory=list)
+    kept_val: tuple[np.ndarray, np.ndarray] | None = None
 
-    def end_epoch(self, epoch: int, val: dict[str, float], select_epoch: str) -> bool:
+    def end_epoch(self, epoch: int, val: dict[str, float], select_epoch: str,
+                  val_predictions: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
         """Record that ``epoch`` finished with validation metrics ``val``; whether its weights are kept.
 
         ``"best"``: the epoch with the best validation SRCC so far; ``"last"``: every finite epoch
-        replaces the kept weights, so the run hands back its final weights.
+        replaces the kept weights, so the run hands back its final weights. ``val_predictions``: the
+        epoch's validation scores and MOS, kept with its weights.
         """
         kept = bool(np.isfinite(val["srcc"]) and (select_epoch == "last" or val["srcc"] > self.best_val["srcc"]))
         if kept:
             self.best_epoch, self.best_val = epoch, dict(val)
             self.best_model = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+            self.kept_val = (None if val_predictions is None
+                             else tuple(np.asarray(v, dtype=np.float64).copy() for v in val_predictions))
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
@@ -87,6 +98,9 @@ class TrainState:
             "rng": rng_state(), "history": json.dumps(self.history), "best_epoch": self.best_epoch,
             "best_val": json.dumps(self.best_val), "best_model": None if self.kept_is_current else self.best_model,
             "bad_epochs": self.bad_epochs,
+            "kept_val": None if self.kept_val is None else {
+                "image_id": list(self.val_ids), "score": torch.from_numpy(self.kept_val[0]),
+                "mos": torch.from_numpy(self.kept_val[1])},
         }
 
     def save(self, directory: str | os.PathLike[str], config: TrainConfig) -> Path:
@@ -116,6 +130,8 @@ class TrainState:
         if self.kept_is_current:  # the kept weights were this checkpoint's own
             self.best_model = {k: v.detach().clone().cpu() for k, v in checkpoint["model"].items()}
         self.bad_epochs = int(checkpoint["bad_epochs"])
+        kept_val = checkpoint.get("kept_val")  # checkpoints written before it: none kept
+        self.kept_val = None if not kept_val else (kept_val["score"].numpy().copy(), kept_val["mos"].numpy().copy())
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
 
@@ -152,6 +168,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != "iqa-ray" or "model" not in state:
         raise CheckpointError(f"{path} is not an iqa-ray checkpoint (missing format marker or model weights)")
     return state
+
+
+def kept_val_predictions(checkpoint: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray, int] | None:
+    """The validation photos' ids, the kept epoch's scores of them, their MOS as the run read them,
+    and that epoch (from 1); ``None`` for a checkpoint that kept none (or was written before them)."""
+    kept_val = checkpoint.get("kept_val")
+    if not kept_val:
+        return None
+    return (list(kept_val["image_id"]), kept_val["score"].numpy().astype(np.float64),
+            kept_val["mos"].numpy().astype(np.float64), int(checkpoint["best_epoch"]) + 1)
 
 
 def best_model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -218,7 +218,8 @@ def _prepare(config: TrainConfig, decoded: DecodedImages, features: Any, device:
     model = build(config, device)
     model.set_label_stats(float(feed.train_mos.mean()), float(max(feed.train_mos.std(), 1e-3)))
     optimizer = build_optimizer(config, model)
-    state = TrainState(model, optimizer, Schedule(config, optimizer, feed.steps_per_epoch), scaler)
+    state = TrainState(model, optimizer, Schedule(config, optimizer, feed.steps_per_epoch), scaler,
+                       val_ids=decoded.table["image_id"].iloc[decoded.split_indices("val")].astype(str).tolist())
     if resume is not None:
         state.restore(resume if isinstance(resume, dict) else load_checkpoint(resume), config)
     return state, feed
@@ -250,9 +251,10 @@ def _run_epoch(state: TrainState, feed: ImageFeed | CachedFeed, module: nn.Modul
     started = time.perf_counter()
     sums, n_images = _train_steps(state, feed, module, config, epoch, device, data_parallel)
     train_seconds = time.perf_counter() - started
-    val = all_metrics(*feed.predict(model, "val"))
+    val_scores, val_mos = feed.predict(model, "val")
+    val = all_metrics(val_scores, val_mos)
     state.schedule.epoch_end(epoch, val["srcc"])
-    is_best = state.end_epoch(epoch, val, o.select_epoch)
+    is_best = state.end_epoch(epoch, val, o.select_epoch, (val_scores, val_mos))
     stop_early = o.early_stopping_patience is not None and state.bad_epochs >= o.early_stopping_patience
     metrics = {
         "epoch": epoch + 1,  # epochs completed, as Tune's training_iteration counts

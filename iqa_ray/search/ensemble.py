@@ -1,0 +1,255 @@
+"""``--ensemble K``: the search hands back a weighted ensemble of its trials instead of one trial.
+
+After the search, :func:`choose_ensemble` reads every trial's validation predictions at the epoch
+whose weights it keeps (the engine keeps them in each checkpoint: the very scores its reported
+validation metrics were computed from, checked here against the reported SRCC) and runs greedy
+ensemble selection with replacement over them for K rounds
+(:func:`iqa_ray.core.ensembles.caruana_select`, started from the selected trial, maximising the
+study's metric). Test photos play no part in it. Trials that left no predictions, whose predictions
+disagree with their reports, that diverged, or that prepare photos unlike the selected trial
+(:func:`iqa_ray.evaluation.ensemble.scoring_key`) are left out of the library, each with its reason.
+
+Each distinct member is then re-trained on training and validation photos where the configuration
+chooses nothing on validation (:func:`iqa_ray.search.retrain.hand_back_ensemble`), else its own
+trial is used; ``ensemble.json`` in the experiment folder names the members' trial folders and
+weights (what ``summary.json``'s ``model`` names, and what ``load_model`` / ``iqa-ray score`` /
+``export-model`` read), and the ensemble is scored on the test split once
+(:func:`score_ensemble`), beside the selected trial's own model scored on the same photos.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from iqa_ray.core.ensembles import ENSEMBLE_FILE, ENSEMBLE_METRICS, caruana_select, ensemble_predictions, manifest
+from iqa_ray.core.errors import LaunchError
+from iqa_ray.core.io import atomic_write_json
+from iqa_ray.core.metrics import all_metrics, srcc
+from iqa_ray.core.selection import kept_report
+from iqa_ray.search.settings import SearchSettings
+from iqa_ray.trainables.placement import worker_device
+
+Reports = Mapping[str, tuple[Any, list[dict[str, Any]]]]
+
+
+def check_ensemble(settings: SearchSettings) -> None:
+    """``--ensemble K``: what an ensemble of trials cannot be combined with (each refusal names both),
+    refused before Ray starts (:func:`iqa_ray.search.run.run_search`).
+
+    Raises:
+        LaunchError: ``--splits``, a selection rule other than ``best``, a metric ensemble selection
+            cannot maximise, or remote storage.
+    """
+    k = settings.ensemble
+    if not k:
+        return
+    study = settings.study
+    if settings.splits:
+        raise LaunchError(f"--ensemble {k} with --splits {settings.splits}: the split runs re-train one configuration, "
+                          "not an ensemble's members; use --splits 0 with --ensemble (or drop --ensemble)")
+    if study.multi_objective or study.select != "best":
+        raise LaunchError(f"--ensemble {k} with --select {study.select}: an ensemble adds its members' costs, which a "
+                          "cost budget or the Pareto knee would not see; drop --ensemble or select 'best'")
+    if study.metric not in ENSEMBLE_METRICS:
+        raise LaunchError(f"--ensemble {k}: study {study.name!r} selects on {study.metric}; ensemble selection "
+                          f"maximises one of {', '.join(ENSEMBLE_METRICS)}")
+    if settings.is_remote_storage():
+        raise LaunchError(f"--ensemble {k} with --storage {settings.storage}: the ensemble's manifest is written beside "
+                          "its members in a local experiment folder; use local storage")
+
+
+def trial_predictions(result: Any) -> tuple[list[str], np.ndarray, np.ndarray, int] | None:
+    """A trial's kept validation predictions from its newest checkpoint (ids, scores, MOS, kept epoch), or ``None``."""
+    from iqa_ray.training.checkpoints import kept_val_predictions, load_checkpoint
+
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as directory:
+        return kept_val_predictions(load_checkpoint(directory))
+
+
+def trial_library(settings: SearchSettings, reports: Reports, best_id: str) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, str]]:
+    """The library ensemble selection chooses from: trial id -> its kept validation predictions, the
+    validation photos' MOS (in the same order), and the trials left out -> why.
+
+    Raises:
+        LaunchError: the selected trial itself cannot be in the library (the reason named).
+    """
+    from iqa_ray.evaluation.ensemble import scoring_key
+    from iqa_ray.training.config import TrainConfig
+
+    study = settings.effective_study
+    key = scoring_key(TrainConfig.from_dict(study.resolve(reports[best_id][0].config)))
+    library, left_out, ids, mos = {}, {}, None, None
+    for trial_id in [best_id, *sorted(k for k in reports if k != best_id)]:
+        result, rows = reports[trial_id]
+        found = trial_predictions(result)
+        why = _left_out_why(found, kept_report(rows), ids, mos)
+        if why is None and scoring_key(TrainConfig.from_dict(study.resolve(result.config))) != key:
+            why = "it prepares photos unlike the selected trial (resize, patches or label)"
+        if why is None:
+            ids, library[trial_id], mos = found[0], found[1], found[2]
+        elif trial_id == best_id:
+            raise LaunchError(f"--ensemble: the selected trial {best_id} cannot start the ensemble: {why}")
+        else:
+            left_out[trial_id] = why
+    return library, mos, left_out
+
+
+def _left_out_why(found: tuple[list[str], np.ndarray, np.ndarray, int] | None, kept: Mapping[str, Any] | None,
+                  ids: list[str] | None, mos: np.ndarray | None) -> str | None:
+    """Why a trial's recorded predictions cannot join the library, or ``None`` when they can: they must
+    be of the epoch its reports keep, finite, of the same photos as the others', and the very
+    predictions its reported validation SRCC was computed from."""
+    if kept is None:
+        return "it kept no epoch"
+    if found is None:
+        return "its newest checkpoint holds no validation predictions"
+    trial_ids, scores, trial_mos, epoch = found
+    if ids is not None and (trial_ids != ids or not np.array_equal(trial_mos, mos)):
+        return "it scored other validation photos"
+    if epoch != kept.get("epoch"):
+        return f"its newest checkpoint keeps epoch {epoch}, its reports epoch {kept.get('epoch')}"
+    if not np.isfinite(scores).all():
+        return "its validation predictions are not finite"
+    recorded = srcc(scores, trial_mos)
+    if not np.isclose(recorded, float(kept.get("val_srcc", np.nan)), rtol=0, atol=1e-9):
+        return f"its recorded predictions give SRCC {recorded:.6f}, it reported {kept.get('val_srcc')}"
+    return None
+
+
+def choose_ensemble(settings: SearchSettings, reports: Reports, best_id: str) -> dict[str, Any]:
+    """Greedy ensemble selection on validation (``settings.ensemble`` rounds); ``summary.json``'s
+    ``ensemble`` so far: the members (trial id, weight, validation SRCC), the ensemble's validation
+    SRCC and PLCC on the trials' reported predictions, the selected trial's, the trials left out."""
+    library, mos, left_out = trial_library(settings, reports, best_id)
+    metric = settings.effective_study.metric
+    weights = caruana_select(library, mos, settings.ensemble, metric=ENSEMBLE_METRICS[metric])
+    ensemble = ensemble_predictions(library, weights)
+    members = [{"trial_id": t, "weight": w, "val_srcc": srcc(library[t], mos),
+                "search_trial": _folder(reports[t][0])}
+               for t, w in sorted(weights.items(), key=lambda item: (-item[1], item[0]))]
+    val = all_metrics(ensemble, mos)
+    return {"rounds": settings.ensemble, "metric": metric, "library": len(library), "left_out": left_out,
+            "members": members, "val_srcc": val["srcc"], "val_plcc": val["plcc"], "best_trial": best_id,
+            "best_trial_val_srcc": srcc(library[best_id], mos), "n_val": len(mos)}
+
+
+def _folder(result: Any) -> str | None:
+    return str(result.path).rstrip("/").rsplit("/", 1)[-1] if result.path else None
+
+
+def write_ensemble(settings: SearchSettings, record: dict[str, Any]) -> str:
+    """``ensemble.json`` in the experiment folder (members' trial folders and weights); its name,
+    which ``summary.json``'s ``model`` takes."""
+    local = settings.local_experiment_dir()
+    members = [{"model": m["model"], "weight": m["weight"], "trial_id": m["trial_id"]} for m in record["members"]]
+    atomic_write_json(local / ENSEMBLE_FILE, manifest(members, rounds=record["rounds"], metric=record["metric"],
+                                                      selected_trial=record["best_trial"]))
+    return ENSEMBLE_FILE
+
+
+def _member_test(checkpoint: Any, decoded: Any, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """One member's kept weights' predictions of the test photos, and their MOS."""
+    from iqa_ray.training.checkpoints import model_from_checkpoint
+    from iqa_ray.training.device import autocast_dtype, to_float
+    from iqa_ray.training.inference import predict, ready_for_inference
+    from iqa_ray.training.loaders import eval_dataset, eval_loader
+
+    device = worker_device(threads)
+    with checkpoint.as_directory() as directory:
+        model, config = model_from_checkpoint(directory, device=device)
+    layout, verify = ready_for_inference(model, config)
+    loader = eval_loader(config, eval_dataset(config, decoded, "test"))
+    verify(to_float(loader.dataset[0]["image"][:1], device))
+    return predict(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk,
+                   memory_format=layout)
+
+
+def _ensemble_test(checkpoints: dict[str, Any], weights: dict[str, float], best_id: str, decoded: Any,
+                   threads: int) -> dict[str, dict[str, float]]:
+    if not bool((decoded.table["split"] == "test").any()):
+        return {}
+    predictions, mos = {}, None
+    for trial_id, checkpoint in checkpoints.items():
+        predictions[trial_id], mos = _member_test(checkpoint, decoded, threads)
+    n = {"n": len(mos)}
+    return {"ensemble": {**all_metrics(ensemble_predictions(predictions, weights), mos), **n},
+            "best_trial": {**all_metrics(predictions[best_id], mos), **n}}
+
+
+def score_ensemble(settings: SearchSettings, checkpoints: dict[str, Any], weights: dict[str, float], best_id: str,
+                   decoded: Any) -> dict[str, dict[str, float]]:
+    """The ensemble handed back scored on the test split once (the members' test predictions
+    averaged with their weights), and the selected trial's model (a member) on the same photos.
+    One Ray task with one trial's resources, reading the dataset's object-store copy."""
+    import ray
+
+    cpus, gpus = settings.cpus_per_trial, min(settings.gpus_per_trial, 1.0)
+    task = ray.remote(_ensemble_test).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    return ray.get(task.remote(checkpoints, weights, best_id, decoded, int(cpus)))
+
+
+def ensemble_lines(record: Mapping[str, Any]) -> list[str]:
+    """The summary's lines for an ensemble: its members, its validation and test SRCC beside the selected trial's."""
+    if not record:
+        return []
+    lines = [f"ensemble handed back ({ENSEMBLE_FILE}): {len(record['members'])} trials by {record['rounds']} greedy "
+             f"rounds of ensemble selection on validation {record['metric']} (library of {record['library']} trials"
+             + (f", {len(record['left_out'])} left out" if record.get("left_out") else "") + "):"]
+    for m in record["members"]:
+        where = f" -> {m['model']}" if m.get("model") and m["model"] != m.get("search_trial") else ""
+        lines.append(f"  {m['trial_id']}  weight {m['weight']:.3f}  validation SRCC {m['val_srcc']:.4f}{where}")
+    test, best_test = record.get("test") or {}, record.get("best_trial_test") or {}
+    lines.append(f"  validation SRCC: ensemble {record['val_srcc']:.4f}, selected trial {record['best_trial']} "
+                 f"{record['best_trial_val_srcc']:.4f}")
+    if test and best_test:
+        lines.append(f"  test SRCC: ensemble {test['srcc']:.4f}, selected trial's own model {best_test['srcc']:.4f} "
+                     f"({test['srcc'] - best_test['srcc']:+.4f}, same {test['n']} photos)")
+    return lines
+
+
+def ensemble_hand_back(settings: SearchSettings, reports: Reports, best_id: str, decoded: Any,
+                       features: Any) -> tuple[dict[str, Any], dict[str, tuple[Any, str]], dict[str, Any]]:
+    """Select the ensemble on validation (:func:`choose_ensemble`), re-train its members
+    (:func:`~iqa_ray.search.retrain.hand_back_ensemble`) and write ``ensemble.json``.
+
+    Returns:
+        ``summary.json``'s ``ensemble`` (each member with the folder of its model handed back), each
+        member's Tune result and folder, and ``summary.json``'s ``refit``.
+    """
+    from iqa_ray.search.retrain import hand_back_ensemble
+
+    record = choose_ensemble(settings, reports, best_id)
+    study = settings.effective_study
+    chosen = {m["trial_id"]: (reports[m["trial_id"]][0], study.resolve(reports[m["trial_id"]][0].config))
+              for m in record["members"]}
+    print(f"[ensemble] {len(chosen)} trials chosen on validation: validation {record['metric']} "
+          f"{record['val_srcc']:.4f} (selected trial {record['best_trial_val_srcc']:.4f})", flush=True)
+    handed, refit = hand_back_ensemble(settings, chosen, decoded, features)
+    for member in record["members"]:
+        member["model"] = handed[member["trial_id"]][1]
+    write_ensemble(settings, record)
+    return record, handed, refit
+
+
+def ensemble_test(settings: SearchSettings, record: dict[str, Any], handed: Mapping[str, tuple[Any, str]],
+                  decoded: Any) -> tuple[dict[str, float], str | None]:
+    """The ensemble scored on test once (:func:`score_ensemble`), recorded in ``record`` beside the
+    selected trial's model; its test metrics, and why there are none (or ``None``)."""
+    weights = {m["trial_id"]: m["weight"] for m in record["members"]}
+    scored = score_ensemble(settings, {t: result.checkpoint for t, (result, _) in handed.items()}, weights,
+                            record["best_trial"], decoded)
+    record.update(test=scored.get("ensemble"), best_trial_test=scored.get("best_trial"))
+    return scored.get("ensemble", {}), None if scored else "the dataset has no test split"
+
+
+def ensemble_summary(record: dict[str, Any], test: Mapping[str, float]) -> dict[str, Any]:
+    """What an ensemble changes in ``summary.json``: the model handed back, its test source and gap, ``ensemble``."""
+    return {"model": ENSEMBLE_FILE, "ensemble": record,
+            "test_source": f"the ensemble of {ENSEMBLE_FILE} (each member's final weights, scores averaged with its "
+                           "weight), scored once after the search",
+            # the ensemble's validation SRCC (on the trials' reported predictions) minus its test SRCC
+            "val_test_gap": record["val_srcc"] - test["srcc"] if test else None}
