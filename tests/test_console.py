@@ -88,12 +88,50 @@ def test_search_console_has_no_fatal_error(tmp_path, tiny_dataset):
     """A short real search (trials stopped by ASHA at its rung and at the last epoch) prints no crash.
 
     With ``--verbose``: Ray's own console, where every worker's log is echoed, so a worker's abort
-    would show (the default console keeps worker logs in Ray's files)."""
+    would show (the default console keeps worker logs in Ray's files).
+
+    The search hands back an ensemble (``--ensemble 3``, issue 36), so the crash check covers the
+    members' refit too, and the same search checks the ensemble end to end: selection on the trials'
+    reported validation predictions, each member re-trained in refit/, ensemble.json, the test
+    scored once, ``load_model`` reading it (one search for both: each costs about two minutes)."""
     rc, out = run([sys.executable, str(ROOT / "launch" / "tune_ranking.py"), "--num-samples", "4", "--max-epochs", "2",
                    "--dataset", str(tiny_dataset.path), "--set", "crop_size=64", "--set", "eval_patches=1",
-                   "--cpus-per-trial", "1", "--verbose", "--storage", str(tmp_path), "--name", "console"], timeout=900)
+                   "--cpus-per-trial", "1", "--verbose", "--ensemble", "3", "--storage", str(tmp_path),
+                   "--name", "console"], timeout=900)
     assert rc == 0, out[-4000:]
     assert "study ranking: 4 trials (0 errored)" in out, out[-4000:]
     assert "Checkpoint successfully created" in out  # worker logs reached this console
     crashes = crash_lines(out)
     assert not crashes, f"{len(crashes)} crash lines on the console, e.g.:\n" + "\n".join(crashes[:20])
+    check_ensemble_handed_back(tmp_path / "console", trials=4, rounds=3, out=out)
+
+
+def check_ensemble_handed_back(experiment: Path, *, trials: int, rounds: int, out: str) -> None:
+    """What a search run with ``--ensemble ROUNDS`` over ``trials`` trials leaves behind (issue 36)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    import iqa_ray
+
+    summary = json.loads((experiment / "summary.json").read_text())
+    record = summary["ensemble"]
+    assert summary["model"] == "ensemble.json" and record["rounds"] == rounds
+    assert record["library"] >= 1 and record["library"] + len(record["left_out"]) == trials
+    members = record["members"]
+    assert sum(m["weight"] for m in members) == pytest.approx(1.0)
+    assert record["best_trial"] == summary["best_trial_id"] in {m["trial_id"] for m in members}
+    assert record["val_srcc"] >= record["best_trial_val_srcc"] == pytest.approx(summary["best_val"]["srcc"])
+    # each member re-trained on training and validation photos, in refit/, and named by the manifest
+    every = pd.read_parquet(experiment / "trials.parquet")
+    assert (every["kind"] == "refit").sum() == len(members)
+    manifest = json.loads((experiment / "ensemble.json").read_text())
+    assert [m["model"] for m in manifest["members"]] == [m["model"] for m in members]
+    assert all(m["model"].startswith("refit/") for m in members) and summary["refit"]["trials"]
+    assert summary["test"] == record["test"] and np.isfinite(record["best_trial_test"]["srcc"])
+    assert "ensemble handed back (ensemble.json)" in out and "test SRCC: ensemble" in out
+    scorer = iqa_ray.load_model(experiment, device="cpu")
+    assert f"{len(members)} members" in repr(scorer)
+    photos = list(np.random.default_rng(0).integers(0, 256, size=(2, 96, 128, 3), dtype=np.uint8))
+    assert np.isfinite(scorer(photos)).all()

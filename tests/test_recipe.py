@@ -375,35 +375,3 @@ def test_the_summary_prints_and_records_the_model_that_trained(capsys):
             "recipe cpu") in out
     assert "HyperIQA" not in out
 
-
-@pytest.mark.slow
-def test_an_ensemble_search_hands_back_its_members_averaged_end_to_end(small_livec, tmp_path, capsys, shared_ray):
-    """Issue 36: --ensemble K selects trials on their reported validation predictions, re-trains each
-    member in refit/, writes ensemble.json, scores it on test once and load_model reads it."""
-    import iqa_ray
-
-    storage = tmp_path / "results"
-    code = main(["--dataset", f"livec:{small_livec}", "--smoke-test", "--ensemble", "3", "--name", "ens",
-                 "--storage", str(storage), "--gpus", "0"], study="ranking")
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
-    experiment = storage / "ens"
-    summary = json.loads((experiment / "summary.json").read_text())
-    record = summary["ensemble"]
-    assert summary["model"] == "ensemble.json" and record["rounds"] == 3 and record["library"] == 2
-    members = record["members"]
-    assert sum(m["weight"] for m in members) == pytest.approx(1.0)
-    assert record["best_trial"] == summary["best_trial_id"] in {m["trial_id"] for m in members}
-    assert record["val_srcc"] >= record["best_trial_val_srcc"] == pytest.approx(summary["best_val"]["srcc"])
-    # each member re-trained on training and validation photos, in refit/, and named by the manifest
-    trials = pd.read_parquet(experiment / "trials.parquet")
-    assert (trials["kind"] == "refit").sum() == len(members)
-    manifest = json.loads((experiment / "ensemble.json").read_text())
-    assert [m["model"] for m in manifest["members"]] == [m["model"] for m in members]
-    assert all(m["model"].startswith("refit/") for m in members) and summary["refit"]["trials"]
-    assert summary["test"] == record["test"] and np.isfinite(record["best_trial_test"]["srcc"])
-    assert "ensemble handed back (ensemble.json)" in out and "test SRCC: ensemble" in out
-    scorer = iqa_ray.load_model(experiment, device="cpu")
-    assert f"{len(members)} members" in repr(scorer)
-    photos = sorted((small_livec / "Images").glob("*.bmp"))[:2] or sorted((small_livec / "Images").iterdir())[:2]
-    assert np.isfinite(scorer(photos)).all()
