@@ -217,39 +217,54 @@ def test_loader_workers_are_sized_from_the_cpu_share_on_a_gpu(tiny_dataset):
         TrainConfig.from_dict({"num_workers": -1})
 
 
+def exclusive_bytes(array: np.ndarray) -> int:
+    """Bytes of ``array``'s pages that this process alone maps (/proc/self/pagemap: present and
+    "exclusively mapped", bit 56): pages it owns, as opposed to pages it shares with its parent
+    since the fork.
+
+    Counted over the array's own pages only. The whole process's unique memory (USS) is not a
+    measure of them: a page shared since the fork becomes unique to the worker as soon as the parent
+    writes to its own copy of it (its heap, the garbage collector), and under pytest-xdist the parent
+    is a worker that has run hundreds of tests; that made the USS figure grow by 22 MB with no image
+    copied."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = array.ctypes.data // page
+    end = (array.ctypes.data + array.nbytes + page - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start * 8)
+        entries = np.frombuffer(f.read((end - start) * 8), dtype=np.uint64)
+    present, exclusive = np.uint64(1 << 63), np.uint64(1 << 56)
+    return int(np.count_nonzero((entries & present != 0) & (entries & exclusive != 0))) * page
+
+
 class _MemoryProbe(IQADataset):
-    """IQADataset that reports the worker's pid and unique memory (USS: pages no other process
-    shares); ``copy_cache`` makes the worker copy the decoded images, as a pickled dataset would."""
+    """IQADataset that reports the worker's pid and, at the last item of each batch of 5, how many
+    bytes of the decoded images it owns (:func:`exclusive_bytes`); ``copy_cache`` makes the worker
+    hold a copy of them, as a pickled dataset would, and counts the copy's pages instead."""
 
     copy_cache = False
 
     def __getitem__(self, i):
-        import psutil
-
-        process = psutil.Process()
-        if not hasattr(self, "_base"):  # this worker's first item: its memory before reading any image
-            self._base = process.memory_full_info().uss
-            if self.copy_cache:
-                self._copy = np.array(self.decoded.images)
+        if self.copy_cache and not hasattr(self, "_copy"):
+            self._copy = np.array(self.decoded.images)
+        source = self._copy if self.copy_cache else self.decoded.images
         item = super().__getitem__(i)
-        return {**item, "pid": os.getpid(), "uss": process.memory_full_info().uss - self._base}
+        owned = exclusive_bytes(source) if i % 5 == 4 else 0  # a pagemap read per batch, not per image
+        return {**item, "pid": os.getpid(), "owned": owned}
 
 
-def worker_uss_growth(decoded, n, copy_cache):
+def worker_owned_bytes(decoded, n, copy_cache):
     config = TrainConfig.from_dict({"num_workers": 2, "crop_size": 32, "whole_image": True})
     kw = loader_kwargs(config, CPU)
     assert kw["num_workers"] == 2 and kw["persistent_workers"]
     dataset = _MemoryProbe(decoded, np.arange(n), train=False, crop_size=32, whole_image=True)
     dataset.copy_cache = copy_cache
-    # Small batches: a worker's own memory also holds the batches it has prepared and not yet handed
-    # over (prefetch_factor of them, in shared memory it created); at 20 images of 110 KB with
-    # prefetch 4 that alone was ~9 MB, a tenth of the cache. The cache's pages are what is measured.
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=False, **kw)
     growth, seen = {}, []
     for batch in loader:
         seen.append(batch["image"][:, 0])
-        for pid, uss in zip(batch["pid"].tolist(), batch["uss"].tolist()):
-            growth[pid] = max(growth.get(pid, 0), uss)
+        for pid, owned in zip(batch["pid"].tolist(), batch["owned"].tolist()):
+            growth[pid] = max(growth.get(pid, 0), owned)
     # the workers delivered every image, intact
     assert torch.equal(torch.cat(seen), torch.from_numpy(decoded.images).permute(0, 3, 1, 2))
     assert len(growth) == 2
@@ -263,10 +278,10 @@ def test_loader_workers_read_the_decoded_images_without_copying_them():
     table = pd.DataFrame({"split": ["val"] * n, "mos": rng.uniform(0, 100, n), "group": np.arange(n).astype(str)})
     decoded = DecodedImages(images=images, table=table)
     # The workers own almost none of the images: they read the parent's pages in place.
-    for pid, growth in worker_uss_growth(decoded, n, copy_cache=False).items():
+    for pid, growth in worker_owned_bytes(decoded, n, copy_cache=False).items():
         assert growth < 0.1 * images.nbytes, (pid, growth)
     # The measure sees a copy when there is one.
-    for pid, growth in worker_uss_growth(decoded, n, copy_cache=True).items():
+    for pid, growth in worker_owned_bytes(decoded, n, copy_cache=True).items():
         assert growth > 0.9 * images.nbytes, (pid, growth)
 
 
