@@ -28,6 +28,7 @@ from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.io import atomic_write_json
 from iqa_ray.core.metrics import all_metrics, srcc
 from iqa_ray.core.selection import kept_report
+from iqa_ray.search.retrain import trial_folder
 from iqa_ray.search.settings import SearchSettings
 from iqa_ray.trainables.placement import worker_device
 
@@ -129,16 +130,12 @@ def choose_ensemble(settings: SearchSettings, reports: Reports, best_id: str) ->
     weights = caruana_select(library, mos, settings.ensemble, metric=ENSEMBLE_METRICS[metric])
     ensemble = ensemble_predictions(library, weights)
     members = [{"trial_id": t, "weight": w, "val_srcc": srcc(library[t], mos),
-                "search_trial": _folder(reports[t][0])}
+                "search_trial": trial_folder(reports[t][0]) if reports[t][0].path else None}
                for t, w in sorted(weights.items(), key=lambda item: (-item[1], item[0]))]
     val = all_metrics(ensemble, mos)
     return {"rounds": settings.ensemble, "metric": metric, "library": len(library), "left_out": left_out,
             "members": members, "val_srcc": val["srcc"], "val_plcc": val["plcc"], "best_trial": best_id,
             "best_trial_val_srcc": srcc(library[best_id], mos), "n_val": len(mos)}
-
-
-def _folder(result: Any) -> str | None:
-    return str(result.path).rstrip("/").rsplit("/", 1)[-1] if result.path else None
 
 
 def write_ensemble(settings: SearchSettings, record: dict[str, Any]) -> str:
@@ -151,16 +148,18 @@ def write_ensemble(settings: SearchSettings, record: dict[str, Any]) -> str:
     return ENSEMBLE_FILE
 
 
-def _member_test(checkpoint: Any, decoded: Any, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """One member's kept weights' predictions of the test photos, and their MOS."""
+def test_predictions(checkpoint: Any, decoded: Any, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint's kept weights' predictions of the test photos, and their MOS (the search's test
+    scoring of the model handed back, one model or each member of an ensemble)."""
     from iqa_ray.training.checkpoints import model_from_checkpoint
     from iqa_ray.training.device import autocast_dtype, to_float
     from iqa_ray.training.inference import predict, ready_for_inference
     from iqa_ray.training.loaders import eval_dataset, eval_loader
 
     device = worker_device(threads)
-    with checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
         model, config = model_from_checkpoint(directory, device=device)
+    # Inference only: the feature pass's speed-ups, checked on the first test image (its first patch).
     layout, verify = ready_for_inference(model, config)
     loader = eval_loader(config, eval_dataset(config, decoded, "test"))
     verify(to_float(loader.dataset[0]["image"][:1], device))
@@ -174,7 +173,7 @@ def _ensemble_test(checkpoints: dict[str, Any], weights: dict[str, float], best_
         return {}
     predictions, mos = {}, None
     for trial_id, checkpoint in checkpoints.items():
-        predictions[trial_id], mos = _member_test(checkpoint, decoded, threads)
+        predictions[trial_id], mos = test_predictions(checkpoint, decoded, threads)
     n = {"n": len(mos)}
     return {"ensemble": {**all_metrics(ensemble_predictions(predictions, weights), mos), **n},
             "best_trial": {**all_metrics(predictions[best_id], mos), **n}}

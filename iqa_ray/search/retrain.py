@@ -138,9 +138,14 @@ def retrain_trainable(settings: SearchSettings, decoded: Any, features: Any, *, 
     )
 
 
+def trial_folder(result: Any) -> str:
+    """A Tune result's trial folder name (the last part of its path)."""
+    return str(result.path).rstrip("/").rsplit("/", 1)[-1]
+
+
 def refit_folder(result: Any) -> str:
     """The refit trial's folder relative to the experiment folder (``refit/<trial folder>``)."""
-    return f"{REFIT_DIR}/{str(result.path).rstrip('/').rsplit('/', 1)[-1]}"
+    return f"{REFIT_DIR}/{trial_folder(result)}"
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ def hand_back_ensemble(settings: SearchSettings, members: Mapping[str, tuple[Any
         Member id -> (the Tune result whose checkpoint is handed back, its folder relative to the
         experiment folder), and ``summary.json``'s ``refit``.
     """
-    own = {t: (result, str(result.path).rstrip("/").rsplit("/", 1)[-1]) for t, (result, _) in members.items()}
+    own = {t: (result, trial_folder(result)) for t, (result, _) in members.items()}
     plans = {t: refit_plan(settings, TrainConfig.from_dict(resolved)) for t, (_, resolved) in members.items()}
     declined = [why for planned, why in plans.values() if not planned]
     report: dict[str, Any] = {"planned": not declined, "model": declined[0] if declined else (

@@ -17,7 +17,13 @@ from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.io import atomic_write_json, git_revision
 from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
 from iqa_ray.search.console import device_note
-from iqa_ray.search.ensemble import ensemble_hand_back, ensemble_lines, ensemble_summary, ensemble_test
+from iqa_ray.search.ensemble import (
+    ensemble_hand_back,
+    ensemble_lines,
+    ensemble_summary,
+    ensemble_test,
+    test_predictions,
+)
 from iqa_ray.search.export import export_experiment
 from iqa_ray.search.phases import Phases, describe
 from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, refit_plan, run_splits, split_lines
@@ -251,23 +257,12 @@ def _selection_value(value: Any, mode: str) -> float:
 
 def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
     """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
-    from iqa_ray.training.checkpoints import model_from_checkpoint
-    from iqa_ray.training.device import autocast_dtype, to_float
-    from iqa_ray.training.inference import evaluate, ready_for_inference
-    from iqa_ray.training.loaders import eval_dataset, eval_loader
+    from iqa_ray.core.metrics import all_metrics
 
-    device = worker_device(threads)
     if not has_test(decoded.table):
         return {}
-    with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
-        model, config = model_from_checkpoint(directory, device=device)
-    # Inference only: the feature pass's speed-ups, checked on the first test image (its first patch).
-    layout, verify = ready_for_inference(model, config)
-    loader = eval_loader(config, eval_dataset(config, decoded, "test"))
-    verify(to_float(loader.dataset[0]["image"][:1], device))
-    metrics = evaluate(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk,
-                       memory_format=layout)
-    return {**metrics, "n": len(loader.dataset)}
+    pred, mos = test_predictions(checkpoint, decoded, threads)
+    return {**all_metrics(pred, mos), "n": len(mos)}
 
 
 def _score_baseline(name: str, config: TrainConfig | None, decoded: Any, threads: int, features: Any = None,
