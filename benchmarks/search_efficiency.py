@@ -114,7 +114,7 @@ def run_method(method: str, seed: int, study: Any, scale: dict, decoded: Any, st
     if best_result.checkpoint is not None:  # trials report validation only: score the selected one once
         from iqa_ray.search.summary import score_test_split
 
-        test = score_test_split(best_result.checkpoint, decoded, cpus=1, gpus=0)
+        test, _ = score_test_split(best_result.checkpoint, decoded, cpus=1, gpus=0)
     return {"method": method, "seed": seed, "budget": budget, "epochs": len(curve), "curve": curve,
             "best_val_srcc": best, "test_srcc": test.get("srcc"), "test_plcc": test.get("plcc"),
             # trials that trained at least one epoch (random/grid pre-sample num_samples trials, and

@@ -129,3 +129,32 @@ def test_bad_values_are_refused_naming_the_key(tiny_dataset, bad, message):
 def test_pooling_applies_to_the_mlp_family_only(tiny_dataset):
     with pytest.raises(ConfigError, match="pooling"):
         TrainConfig.from_dict({"family": "hyperiqa", "pooling": "stages"})
+
+
+def test_the_search_scores_test_photos_from_the_cache_checked_against_the_whole_network(tiny_dataset, decoded,
+                                                                                          features, tmp_path):
+    """search/ensemble.test_predictions: the head on the cached features gives the whole network's
+    test scores; a cache that disagrees with the whole network, or was computed for another config,
+    is not used."""
+    from dataclasses import replace
+
+    from ray.tune import Checkpoint
+
+    from iqa_ray.search.ensemble import RAW_CHECK, RAW_CHECK_ATOL, test_predictions
+
+    config = cached(tiny_dataset, epochs=2)
+    fit(config, decoded, features=features, on_epoch_end=lambda e: e.save(tmp_path))
+    checkpoint = Checkpoint.from_directory(str(tmp_path))
+    images, mos, how = test_predictions(checkpoint, decoded, 1)
+    assert how == {"source": "images"} and len(mos) == len(decoded.split_indices("test")) > 0
+    pred, cached_mos, how = test_predictions(checkpoint, decoded, 1, features)
+    assert how["source"] == "feature cache" and how["checked"] == min(RAW_CHECK, len(mos))
+    assert how["max_abs_diff"] <= RAW_CHECK_ATOL
+    np.testing.assert_allclose(pred, images, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(cached_mos, mos)
+    # Features that are not the whole network's: every test photo goes through the whole network.
+    wrong, _, how = test_predictions(checkpoint, decoded, 1, replace(features, plain=features.plain * 3.0 + 1.0))
+    assert how["source"] == "images" and how["max_abs_diff"] > RAW_CHECK_ATOL
+    np.testing.assert_array_equal(wrong, images)
+    # A cache computed for another config is not read at all.
+    assert test_predictions(checkpoint, decoded, 1, replace(features, key=("another",)))[2] == {"source": "images"}

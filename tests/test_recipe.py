@@ -295,6 +295,10 @@ def test_the_cpu_recipe_searches_scores_baselines_and_reports_splits_end_to_end(
     assert len(refit_rows) == 1 and refit_rows["test_srcc"].iloc[0] == pytest.approx(summary["test"]["srcc"])
     assert trials[trials["selected"]]["test_srcc"].isna().all()
     assert summary["baselines"]["linear_probe"]["refit"] is True and "model handed back" in out
+    # The test photos were scored from the feature cache, the whole network checked against it on some.
+    scoring = summary["test_scoring"]
+    assert scoring["source"] == "feature cache" and 1 <= scoring["checked"] <= summary["test"]["n"]
+    assert f"scored {summary['test']['n']} test photos from the feature cache" in out
     assert resolve_source(experiment).trial == summary["model"]
     # The run report's table of the split re-runs, with their median and mean +- std.
     from test_notebooks import run_notebook

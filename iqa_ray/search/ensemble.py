@@ -148,47 +148,106 @@ def write_ensemble(settings: SearchSettings, record: dict[str, Any]) -> str:
     return ENSEMBLE_FILE
 
 
-def test_predictions(checkpoint: Any, decoded: Any, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """A checkpoint's kept weights' predictions of the test photos, and their MOS (the search's test
-    scoring of the model handed back, one model or each member of an ensemble)."""
+# The test photos' scores from the search's feature cache when it holds them: the model handed back is
+# the whole network, and its head on the cached features of the same frozen backbone gives the scores
+# the whole network gives the photos (float32 rounding apart: tests/test_feature_cache.py). Each
+# scoring checks it: the whole network scores the first RAW_CHECK test photos too, and any of them
+# further than RAW_CHECK_ATOL MOS points from its cached score sends every test photo through the
+# whole network instead (the cache saves a backbone pass per test photo: 20 s of `make tune`'s 5 min).
+RAW_CHECK = 8
+RAW_CHECK_ATOL = 1e-2
+
+
+def test_predictions(checkpoint: Any, decoded: Any, threads: int,
+                     features: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A checkpoint's kept weights' predictions of the test photos, their MOS, and how they were
+    computed (the search's test scoring of the model handed back, one model or each member of an
+    ensemble): ``{"source": "feature cache" | "images", "checked": n, "max_abs_diff": d}`` (the
+    whole network on ``n`` photos against their cached scores; ``source`` "images" with a
+    ``max_abs_diff`` means they disagreed and every photo went through the whole network).
+
+    Args:
+        features: the search's :class:`~iqa_ray.training.features.FeatureCache`; used when it was
+            computed for this checkpoint's config in float32 (else every photo goes through the whole network).
+    """
+    import torch
+
     from iqa_ray.training.checkpoints import model_from_checkpoint
     from iqa_ray.training.device import autocast_dtype, to_float
+    from iqa_ray.training.features import cache_key
     from iqa_ray.training.inference import predict, ready_for_inference
     from iqa_ray.training.loaders import eval_dataset, eval_loader
 
     device = worker_device(threads)
     with checkpoint.as_directory() as directory:  # local folder or a download from remote storage
         model, config = model_from_checkpoint(directory, device=device)
+    rows = decoded.split_indices("test")
+    cached = None
+    if (features is not None and config.data.feature_cache and config.optim.feature_dtype == "float32"
+            and features.key == cache_key(config) and len(features.plain) == len(decoded.table)):
+        model.eval()
+        with torch.no_grad():
+            pooled = torch.from_numpy(np.array(features.plain[rows], dtype=np.float32)).to(device)
+            cached = model.forward_pooled(pooled)["score"].float().cpu().numpy().astype(np.float64)
     # Inference only: the feature pass's speed-ups, checked on the first test image (its first patch).
     layout, verify = ready_for_inference(model, config)
-    loader = eval_loader(config, eval_dataset(config, decoded, "test"))
-    verify(to_float(loader.dataset[0]["image"][:1], device))
-    return predict(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk,
-                   memory_format=layout)
+
+    def whole_network(which: Any) -> tuple[np.ndarray, np.ndarray]:
+        loader = eval_loader(config, eval_dataset(config, decoded, which))
+        verify(to_float(loader.dataset[0]["image"][:1], device))
+        return predict(model, loader, device, autocast_dtype(config.optim.amp, device), chunk=config.data.eval_chunk,
+                       memory_format=layout)
+
+    if cached is not None:
+        check = min(RAW_CHECK, len(rows))
+        raw, _ = whole_network(rows[:check])
+        diff = float(np.max(np.abs(raw - cached[:check]))) if check else 0.0
+        if diff <= RAW_CHECK_ATOL:
+            mos = decoded.table["mos"].to_numpy(np.float32)[rows].astype(np.float64)  # as the image loader gives them
+            return cached, mos, {"source": "feature cache", "checked": check, "max_abs_diff": diff}
+        print(f"[test] the whole network's scores of {check} test photos are up to {diff:.4g} MOS points from their "
+              f"cached scores (at most {RAW_CHECK_ATOL:g} expected): every test photo goes through the whole network",
+              flush=True)
+        pred, mos = whole_network("test")
+        return pred, mos, {"source": "images", "checked": check, "max_abs_diff": diff}
+    pred, mos = whole_network("test")
+    return pred, mos, {"source": "images"}
+
+
+def merge_scoring(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``test_scoring`` record for several models scored on the same photos (an ensemble's members)."""
+    sources = {r["source"] for r in records}
+    out: dict[str, Any] = {"source": sources.pop() if len(sources) == 1 else "mixed"}
+    diffs = [r["max_abs_diff"] for r in records if "max_abs_diff" in r]
+    if diffs:
+        out.update(checked=max(r["checked"] for r in records), max_abs_diff=max(diffs))
+    return out
 
 
 def _ensemble_test(checkpoints: dict[str, Any], weights: dict[str, float], best_id: str, decoded: Any,
-                   threads: int) -> dict[str, dict[str, float]]:
+                   threads: int, features: Any = None) -> dict[str, dict[str, Any]]:
     if not bool((decoded.table["split"] == "test").any()):
         return {}
-    predictions, mos = {}, None
+    predictions, mos, scoring = {}, None, []
     for trial_id, checkpoint in checkpoints.items():
-        predictions[trial_id], mos = test_predictions(checkpoint, decoded, threads)
+        predictions[trial_id], mos, how = test_predictions(checkpoint, decoded, threads, features)
+        scoring.append(how)
     n = {"n": len(mos)}
     return {"ensemble": {**all_metrics(ensemble_predictions(predictions, weights), mos), **n},
-            "best_trial": {**all_metrics(predictions[best_id], mos), **n}}
+            "best_trial": {**all_metrics(predictions[best_id], mos), **n}, "scoring": merge_scoring(scoring)}
 
 
 def score_ensemble(settings: SearchSettings, checkpoints: dict[str, Any], weights: dict[str, float], best_id: str,
-                   decoded: Any) -> dict[str, dict[str, float]]:
+                   decoded: Any, features: Any = None) -> dict[str, dict[str, Any]]:
     """The ensemble handed back scored on the test split once (the members' test predictions
-    averaged with their weights), and the selected trial's model (a member) on the same photos.
-    One Ray task with one trial's resources, reading the dataset's object-store copy."""
+    averaged with their weights), and the selected trial's model (a member) on the same photos, and
+    how they were computed (``scoring``, :func:`test_predictions`). One Ray task with one trial's
+    resources, reading the dataset's object-store copy (and the search's feature cache)."""
     import ray
 
     cpus, gpus = settings.cpus_per_trial, min(settings.gpus_per_trial, 1.0)
     task = ray.remote(_ensemble_test).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    return ray.get(task.remote(checkpoints, weights, best_id, decoded, int(cpus)))
+    return ray.get(task.remote(checkpoints, weights, best_id, decoded, int(cpus), features))
 
 
 def ensemble_lines(record: Mapping[str, Any]) -> list[str]:
@@ -235,14 +294,14 @@ def ensemble_hand_back(settings: SearchSettings, reports: Reports, best_id: str,
 
 
 def ensemble_test(settings: SearchSettings, record: dict[str, Any], handed: Mapping[str, tuple[Any, str]],
-                  decoded: Any) -> tuple[dict[str, float], str | None]:
+                  decoded: Any, features: Any = None) -> tuple[dict[str, float], str | None, dict[str, Any]]:
     """The ensemble scored on test once (:func:`score_ensemble`), recorded in ``record`` beside the
-    selected trial's model; its test metrics, and why there are none (or ``None``)."""
+    selected trial's model; its test metrics, why there are none (or ``None``), and how they were computed."""
     weights = {m["trial_id"]: m["weight"] for m in record["members"]}
     scored = score_ensemble(settings, {t: result.checkpoint for t, (result, _) in handed.items()}, weights,
-                            record["best_trial"], decoded)
+                            record["best_trial"], decoded, features)
     record.update(test=scored.get("ensemble"), best_trial_test=scored.get("best_trial"))
-    return scored.get("ensemble", {}), None if scored else "the dataset has no test split"
+    return scored.get("ensemble", {}), None if scored else "the dataset has no test split", scored.get("scoring", {})
 
 
 def ensemble_summary(record: dict[str, Any], test: Mapping[str, float]) -> dict[str, Any]:

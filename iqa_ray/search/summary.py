@@ -73,8 +73,8 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         else:
             ensemble, (handed, refit) = None, hand_back(single, best, resolved, decoded, features)
     with phases("test"):
-        test, test_error = (ensemble_test(settings, ensemble, handed, decoded) if ensemble
-                            else score_handed_back(settings, handed, decoded))
+        test, test_error, scoring = (ensemble_test(settings, ensemble, handed, decoded, features) if ensemble
+                                     else score_handed_back(settings, handed, decoded, features))
     config = study.reported_config(best.config)
     baselines, baselines_error = {}, None
     with phases("baselines"):
@@ -99,6 +99,9 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
         # trial folder, or the selected trial's.
         "model": refit.get("trial") or (best.path.rsplit("/", 1)[-1] if best.path else None),
         "trained": trained_record(settings, resolved), "refit": refit, "test": test, "test_source": test_source(refit),
+        # How the test scores were computed: the head on the feature cache, checked against the whole
+        # network on a few photos, or the whole network on every photo (search/ensemble.test_predictions).
+        "test_scoring": scoring,
         # Validation SRCC of the selected epoch minus its test SRCC: how much the pick flatters itself.
         "val_test_gap": float(best_row["val_srcc"]) - test["srcc"] if test else None,
         "baselines": baselines,
@@ -220,13 +223,15 @@ def write_summary_file(settings: SearchSettings, summary: dict[str, Any]) -> Non
         atomic_write_json(local / "summary.json", summary)
 
 
-def score_handed_back(settings: SearchSettings, handed: Any, decoded: Any) -> tuple[dict[str, float], str | None]:
-    """The model handed back scored on the test split once, and why there is no score (or ``None``)."""
+def score_handed_back(settings: SearchSettings, handed: Any, decoded: Any,
+                      features: Any = None) -> tuple[dict[str, float], str | None, dict[str, Any]]:
+    """The model handed back scored on the test split once, why there is no score (or ``None``), and
+    how the scores were computed (:func:`~iqa_ray.search.ensemble.test_predictions`)."""
     if handed.checkpoint is None:
-        return {}, "the selected trial left no checkpoint"
-    test = score_test_split(handed.checkpoint, decoded, cpus=settings.cpus_per_trial,
-                            gpus=min(settings.gpus_per_trial, 1.0))
-    return test, None if test else "the dataset has no test split"
+        return {}, "the selected trial left no checkpoint", {}
+    test, scoring = score_test_split(handed.checkpoint, decoded, cpus=settings.cpus_per_trial,
+                                     gpus=min(settings.gpus_per_trial, 1.0), features=features)
+    return test, None if test else "the dataset has no test split", scoring
 
 
 def baselines_beside(settings: SearchSettings, config: TrainConfig, decoded: Any, *, features: Any,
@@ -255,14 +260,16 @@ def _selection_value(value: Any, mode: str) -> float:
     return float(value) if mode == "max" else -float(value)
 
 
-def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int) -> dict[str, float]:
-    """The best-by-validation weights of a checkpoint, scored on test (empty without a test split)."""
+def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int,
+                      features: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """The best-by-validation weights of a checkpoint, scored on test (empty without a test split),
+    and how (:func:`~iqa_ray.search.ensemble.test_predictions`)."""
     from iqa_ray.core.metrics import all_metrics
 
     if not has_test(decoded.table):
-        return {}
-    pred, mos = test_predictions(checkpoint, decoded, threads)
-    return {**all_metrics(pred, mos), "n": len(mos)}
+        return {}, {}
+    pred, mos, scoring = test_predictions(checkpoint, decoded, threads, features)
+    return {**all_metrics(pred, mos), "n": len(mos)}, scoring
 
 
 def _score_baseline(name: str, config: TrainConfig | None, decoded: Any, threads: int, features: Any = None,
@@ -320,8 +327,11 @@ def cancel(tasks: dict[str, Any]) -> None:
         ray.cancel(ref)
 
 
-def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float) -> dict[str, float]:
-    """Score the selected trial's best-by-validation weights on the test split, once.
+def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float,
+                     features: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Score the selected trial's best-by-validation weights on the test split, once; its metrics,
+    and how they were computed (from the search's feature cache where it fits the checkpoint,
+    checked against the whole network on a few photos: :func:`~iqa_ray.search.ensemble.test_predictions`).
 
     Runs as a Ray task with one trial's resources (its GPU share on a GPU cluster), reading the
     dataset the trials read from the object store (pass its reference: no second copy).
@@ -329,7 +339,18 @@ def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float)
     import ray
 
     task = ray.remote(_score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-    return ray.get(task.remote(checkpoint, decoded, int(cpus)))
+    return ray.get(task.remote(checkpoint, decoded, int(cpus), features))
+
+
+def scoring_line(scoring: dict[str, Any], n: int) -> str:
+    """How the test scores were computed, in words (``summary.json``'s ``test_scoring``)."""
+    if scoring["source"] == "feature cache":
+        return (f"scored {n} test photos from the feature cache; the whole network scored {scoring['checked']} of them "
+                f"within {scoring['max_abs_diff']:.1g} MOS points of it")
+    if "max_abs_diff" in scoring:
+        return (f"scored {n} test photos through the whole network: on {scoring['checked']} of them its scores were "
+                f"up to {scoring['max_abs_diff']:.3g} MOS points from the feature cache's")
+    return f"scored {n} test photos through the whole network"
 
 
 def baseline_lines(s: dict[str, Any]) -> list[str]:
@@ -418,6 +439,8 @@ def print_summary(settings: SearchSettings, s: dict[str, Any]) -> None:
         which = "the ensemble's" if s.get("ensemble") else "selected trial's"
         print(f"test (the model handed back, held-out photos): SRCC {s['test']['srcc']:.4f}  PLCC {s['test']['plcc']:.4f}  "
               f"({which} validation SRCC - test SRCC = {s['val_test_gap']:+.4f})")
+        if s.get("test_scoring"):
+            print(f"  {scoring_line(s['test_scoring'], s['test']['n'])}")
     for line in ensemble_lines(s.get("ensemble") or {}):
         print(line)
     for line in baseline_lines(s):
