@@ -65,7 +65,7 @@ def summarise(settings: SearchSettings, results: Any, decoded: Any, elapsed: flo
     train_config = TrainConfig.from_dict(resolved)
     # PIQE and BRISQUE read only the test photos: they run while a refit trains.
     overlap = refit_plan(single, train_config)[0] and table is not None and has_test(table)
-    classical = (start_classical_baselines(decoded, cpus=settings.cpus_per_trial, gpus=min(settings.gpus_per_trial, 1.0))
+    classical = (start_classical_baselines(decoded, cpus=settings.cpus_per_trial)
                  if overlap else None)
     with phases("refit"):
         if settings.ensemble:  # --ensemble K: several trials handed back together (search/ensemble.py)
@@ -298,20 +298,31 @@ def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: flo
 
     task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     probe = task.remote(PROBE, config, decoded, int(cpus), features, refit)
-    classical = classical if classical is not None else start_classical_baselines(decoded, cpus=cpus, gpus=gpus)
+    classical = classical if classical is not None else start_classical_baselines(decoded, cpus=cpus)
     names = [PROBE, *classical]
     return dict(zip(names, ray.get([probe, *classical.values()])))
 
 
-def start_classical_baselines(decoded: Any, *, cpus: float, gpus: float) -> dict[str, Any]:
-    """PIQE's and BRISQUE's Ray tasks on the test photos of ``decoded`` (its object-store reference),
-    started now with one trial's resources: name -> the reference of its result."""
+def _score_classical(decoded: Any, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    from iqa_ray.evaluation.baselines import classical_baseline
+
+    return tuple(classical_baseline(decoded, name) for name in names)
+
+
+def start_classical_baselines(decoded: Any, *, cpus: float) -> dict[str, Any]:
+    """PIQE's and BRISQUE's scores of the test photos of ``decoded`` (its object-store reference),
+    started now: name -> the reference of its result. One Ray task computes them one after the
+    other (they use one thread), so that while they run a trial's worth of CPUs stays free for the
+    refit: two tasks took both of a 2-core machine's CPUs and the refit waited for them."""
     import ray
 
     from iqa_ray.evaluation.baselines import BASELINES
 
-    task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-    return {name: task.remote(name, None, decoded, int(cpus)) for name in BASELINES}
+    names = tuple(BASELINES)
+    task = ray.remote(_score_classical).options(num_cpus=min(cpus, 1.0), num_gpus=0, max_retries=0,
+                                                num_returns=len(names))
+    refs = task.remote(decoded, names)
+    return dict(zip(names, refs if isinstance(refs, list) else [refs]))
 
 
 def has_test(table: Any) -> bool:
