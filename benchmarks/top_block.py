@@ -43,9 +43,9 @@ from frozen_features import CV_FOLDS, cv_folds, paired, recipe_config  # noqa: E
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cache_with_top_maps(images: list[np.ndarray], config: Any) -> tuple[np.ndarray, np.ndarray, Any, int]:
+def cache_with_top_maps(images: list[np.ndarray], config: Any) -> tuple[np.ndarray, list[Any], Any, int]:
     """The recipe's pooled features of ``images`` (as the feature cache holds them), the maps entering
-    the last block for each photo and its pseudo-reference ((N, 2, C, H, W) float32), that block (a
+    the last block for each photo and its pseudo-reference (one (2, C, H, W) float32 tensor per photo: photos differ in size), that block (a
     copy, the BatchNorms folded as the feature pass runs it) and its output channels."""
     import torch
 
@@ -68,13 +68,13 @@ def cache_with_top_maps(images: list[np.ndarray], config: Any) -> tuple[np.ndarr
             seen.clear()
             pooled.append(model.pool_images(batch.contiguous(memory_format=torch.channels_last)).numpy())
             blurred, photo = seen  # the pseudo-reference goes through the backbone first
-            maps.append(torch.cat([photo, blurred]).numpy())
+            maps.append(torch.cat([photo, blurred]).clone())
             if (i + 1) % 100 == 0:
                 print(f"[features] {i + 1}/{len(images)}", flush=True)
     hook.remove()
     block = copy.deepcopy(last)
     out_channels = int(model.backbone.tap_channels[-1])
-    return np.concatenate(pooled), np.stack(maps), block, out_channels
+    return np.concatenate(pooled), maps, block, out_channels
 
 
 def split_columns(x: np.ndarray, c_last: int) -> np.ndarray:
@@ -93,7 +93,23 @@ def top_features(block: Any, maps: Any) -> Any:
     return torch.cat([stats[:, 0], stats[:, 0] - stats[:, 1]], 1)
 
 
-def run_fold(frozen: np.ndarray, maps: np.ndarray, block0: Any, mos: np.ndarray, train: np.ndarray,
+def top_rows(block: Any, maps: list[Any], idx: Any) -> Any:
+    """:func:`top_features` of rows ``idx`` of ``maps``, the rows of each map size in one batch."""
+    import torch
+
+    idx = [int(i) for i in idx]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for pos, i in enumerate(idx):
+        groups.setdefault(tuple(maps[i].shape), []).append(pos)
+    out: list[Any] = [None] * len(idx)
+    for positions in groups.values():
+        feats = top_features(block, torch.stack([maps[idx[p]] for p in positions]))
+        for j, p in enumerate(positions):
+            out[p] = feats[j]
+    return torch.stack(out)
+
+
+def run_fold(frozen: np.ndarray, maps: list[Any], block0: Any, mos: np.ndarray, train: np.ndarray,
              test: np.ndarray, seed: int, *, passes: int, lr: float, block_lr_mults: list[float]) -> dict[str, float]:
     """Held-out SRCC of the three variants on one fold (see the module docstring)."""
     import torch
@@ -104,11 +120,11 @@ def run_fold(frozen: np.ndarray, maps: np.ndarray, block0: Any, mos: np.ndarray,
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     f0 = torch.from_numpy(frozen.astype(np.float32))
-    m = torch.from_numpy(maps)
+    m = maps
     target = torch.from_numpy(mos.astype(np.float32))
     block = copy.deepcopy(block0).eval()
     with torch.no_grad():
-        top0 = torch.cat([top_features(block, m[i:i + 32]) for i in range(0, len(m), 32)])
+        top0 = torch.cat([top_rows(block, m, range(i, min(i + 32, len(m)))) for i in range(0, len(m), 32)])
     feats = torch.cat([f0, top0], 1)
     tr = torch.from_numpy(train)
     mean, std = feats[tr].mean(0), feats[tr].std(0, correction=0).clamp_min(1e-6)
@@ -131,7 +147,7 @@ def run_fold(frozen: np.ndarray, maps: np.ndarray, block0: Any, mos: np.ndarray,
             x = feats[torch.from_numpy(test)]
             if of_block:
                 block.eval()
-                x = torch.cat([x[:, :n_frozen], torch.cat([top_features(block, m[torch.from_numpy(test[i:i + 32])])
+                x = torch.cat([x[:, :n_frozen], torch.cat([top_rows(block, m, test[i:i + 32])
                                                            for i in range(0, len(test), 32)])], 1)
             out = head((x - mean) / std).squeeze(1).numpy().astype(np.float64)
         head.train()
@@ -171,14 +187,14 @@ def run_fold(frozen: np.ndarray, maps: np.ndarray, block0: Any, mos: np.ndarray,
                 idx = order[step * batch:(step + 1) * batch]
                 x = feats[idx]
                 if with_block:
-                    x = torch.cat([x[:, :n_frozen], top_features(block, m[idx])], 1)
+                    x = torch.cat([x[:, :n_frozen], top_rows(block, m, idx)], 1)
                 loss = loss_of(head((x - mean) / std).squeeze(1), idx)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         out[name] = float(srcc(scores(with_block), mos[test]))
         if with_block:  # how far the block moved: its weights' largest relative change
-            moved = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+            moved = max(float((a.detach() - b).abs().max() / b.abs().max().clamp_min(1e-12))
                         for a, b in zip(block.parameters(), block0.parameters()))
             out[f"{name} moved"] = moved
     return out
@@ -215,13 +231,14 @@ def main() -> None:
     pooled, maps, block, c_last = cache_with_top_maps([decoded.images[i] for i in rows], config)
     feature_s = time.perf_counter() - t0
     frozen = split_columns(pooled, c_last)
+    maps_mb = sum(x.numel() * x.element_size() for x in maps) / 1e6
     # the block on the cached maps gives back the cache's own columns: the maps are the right ones
     with torch.no_grad():
-        again = top_features(copy.deepcopy(block).eval(), torch.from_numpy(maps[:8])).numpy()
+        again = top_rows(copy.deepcopy(block).eval(), maps, range(8)).numpy()
     half = pooled.shape[1] // 2
     expected = np.concatenate([pooled[:8, half - 2 * c_last:half], pooled[:8, 2 * half - 2 * c_last:]], axis=1)
     gap = float(np.max(np.abs(again - expected)) / max(1e-12, float(np.max(np.abs(expected)))))
-    print(f"[features] {len(pooled)} photos in {feature_s:.0f} s; maps {maps.nbytes / 1e6:.0f} MB; "
+    print(f"[features] {len(pooled)} photos in {feature_s:.0f} s; maps {maps_mb:.0f} MB ({len({tuple(x.shape) for x in maps})} sizes); "
           f"last block recomputed from them: largest difference {gap:.1e} of the largest value", flush=True)
     if gap > 1e-3:
         raise SystemExit(f"the last block on the cached maps does not give the cache's features (difference {gap:.1e})")
@@ -252,7 +269,7 @@ def main() -> None:
         print(f"| {name} | {r['mean']:.4f} | {diff} | {d['wins'] if d else ''}{'/' + str(d['folds']) if d else ''} |")
     atomic_write_json(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                   "machine": platform.processor() or platform.machine(), "feature_s": feature_s,
-                                  "maps_mb": maps.nbytes / 1e6, "fold_seconds": seconds, "per_fold": scores,
+                                  "maps_mb": maps_mb, "fold_seconds": seconds, "per_fold": scores,
                                   "block_moved": moved,
                                   "result": result})
     print(f"\nwritten {args.json}")
