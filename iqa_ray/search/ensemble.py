@@ -174,7 +174,7 @@ def test_predictions(checkpoint: Any, decoded: Any, threads: int,
 
     from iqa_ray.training.checkpoints import model_from_checkpoint
     from iqa_ray.training.device import autocast_dtype, to_float
-    from iqa_ray.training.features import cache_key
+    from iqa_ray.training.feeds import pooled_scores
     from iqa_ray.training.inference import predict, ready_for_inference
     from iqa_ray.training.loaders import eval_dataset, eval_loader
 
@@ -184,11 +184,8 @@ def test_predictions(checkpoint: Any, decoded: Any, threads: int,
     rows = decoded.split_indices("test")
     cached = None
     if (features is not None and config.data.feature_cache and config.optim.feature_dtype == "float32"
-            and features.key == cache_key(config) and len(features.plain) == len(decoded.table)):
-        model.eval()
-        with torch.no_grad():
-            pooled = torch.from_numpy(np.array(features.plain[rows], dtype=np.float32)).to(device)
-            cached = model.forward_pooled(pooled)["score"].float().cpu().numpy().astype(np.float64)
+            and features.fits(config, len(decoded.table))):
+        cached = pooled_scores(model, torch.from_numpy(np.array(features.plain[rows], dtype=np.float32)).to(device))
     # Inference only: the feature pass's speed-ups, checked on the first test image (its first patch).
     layout, verify = ready_for_inference(model, config)
 

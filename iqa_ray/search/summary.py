@@ -272,16 +272,13 @@ def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int,
     return {**all_metrics(pred, mos), "n": len(mos)}, scoring
 
 
-def _score_baseline(name: str, config: TrainConfig | None, decoded: Any, threads: int, features: Any = None,
-                    refit: bool = False) -> dict[str, Any]:
-    from iqa_ray.evaluation.baselines import classical_baseline, probe_baseline
+def _score_probe(config: TrainConfig, decoded: Any, threads: int, features: Any = None,
+                 refit: bool = False) -> dict[str, Any]:
+    from iqa_ray.evaluation.baselines import probe_baseline
 
-    device = worker_device(threads)
-    if name != PROBE:
-        return classical_baseline(decoded, name)
     m = config.model
     return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
-                          img_size=m.img_size or config.data.crop_size, device=device,
+                          img_size=m.img_size or config.data.crop_size, device=worker_device(threads),
                           features=probe_features(features, config), refit=refit)
 
 
@@ -290,14 +287,14 @@ def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: flo
     """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split
     (``refit``: the probe fitted again on training and validation photos, beside a refit model).
 
-    One Ray task per baseline, side by side, each with one trial's resources and reading the
-    dataset's object-store copy, like :func:`score_test_split`; ``classical``: PIQE's and BRISQUE's
-    tasks, already started (:func:`start_classical_baselines`).
+    The probe's Ray task with one trial's resources beside PIQE's and BRISQUE's task, both reading
+    the dataset's object-store copy, like :func:`score_test_split`; ``classical``: PIQE's and
+    BRISQUE's results, already started (:func:`start_classical_baselines`).
     """
     import ray
 
-    task = ray.remote(_score_baseline).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-    probe = task.remote(PROBE, config, decoded, int(cpus), features, refit)
+    task = ray.remote(_score_probe).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    probe = task.remote(config, decoded, int(cpus), features, refit)
     classical = classical if classical is not None else start_classical_baselines(decoded, cpus=cpus)
     names = [PROBE, *classical]
     return dict(zip(names, ray.get([probe, *classical.values()])))

@@ -86,8 +86,12 @@ class FeatureCache:
                              f"'stages', 'blocks' or 'every_block' pooling); this one's key is {self.key!r}")
         return self.plain[:, np.asarray(self.stage_columns, dtype=np.int64)].astype(np.float64)
 
+    def fits(self, config: Any, n_rows: int) -> bool:
+        """Whether this cache was computed for ``config`` and holds a dataset of ``n_rows`` rows."""
+        return self.key == cache_key(config) and len(self.plain) == n_rows
+
     def check(self, config: Any, n_rows: int) -> None:
-        """Raise ``ValueError`` unless this cache fits ``config`` and a dataset of ``n_rows`` rows."""
+        """Raise ``ValueError`` unless this cache :meth:`fits` ``config`` and a dataset of ``n_rows`` rows."""
         if self.key != cache_key(config):
             raise ValueError(f"feature cache computed for {self.key}, not for this run's {cache_key(config)}")
         if len(self.plain) != n_rows:

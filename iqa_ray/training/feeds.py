@@ -26,7 +26,7 @@ from iqa_ray.training.inference import predict
 from iqa_ray.training.loaders import SplitLoaders, make_loaders, train_indices
 from iqa_ray.training.parallel import DataParallel
 
-__all__ = ["CachedFeed", "ImageFeed", "PooledForward", "open_feed"]
+__all__ = ["CachedFeed", "ImageFeed", "PooledForward", "open_feed", "pooled_scores"]
 
 
 def open_feed(config: TrainConfig, decoded: DecodedImages, *, features: Any, device: torch.device,
@@ -40,6 +40,18 @@ def open_feed(config: TrainConfig, decoded: DecodedImages, *, features: Any, dev
         return CachedFeed(config, decoded, features, device, with_test=with_test)
     loaders = make_loaders(config, decoded, with_test=with_test, device=device, cpus=cpus)
     return ImageFeed(loaders, device, amp, config.data.eval_chunk, memory_format(config, device))
+
+
+@torch.no_grad()
+def pooled_scores(model: IQAModel, features: torch.Tensor) -> np.ndarray:
+    """The model's scores of pooled features (its head, in eval mode; the mode is restored), float64."""
+    was_training = model.training
+    model.eval()
+    try:
+        scores = model.forward_pooled(features)["score"].float()
+    finally:
+        model.train(was_training)
+    return scores.cpu().numpy().astype(np.float64)
 
 
 class PooledForward(nn.Module):
@@ -152,16 +164,9 @@ class CachedFeed:
     def forward(self, module: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return module(inputs)
 
-    @torch.no_grad()
     def predict(self, model: IQAModel, split: str) -> tuple[np.ndarray, np.ndarray]:
         rows = self.rows[split].to(self.plain.device)
-        was_training = model.training
-        model.eval()
-        try:
-            scores = model.forward_pooled(self.plain[rows])["score"].float()
-        finally:
-            model.train(was_training)
-        return scores.cpu().numpy().astype(np.float64), self.mos[rows].cpu().numpy().astype(np.float64)
+        return pooled_scores(model, self.plain[rows]), self.mos[rows].cpu().numpy().astype(np.float64)
 
     def has(self, split: str) -> bool:
         return len(self.rows[split]) > 0
