@@ -209,6 +209,14 @@ def paired(scores: dict[str, list[float]], richer: str, base: str) -> dict[str, 
             "diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff))), "wins": int((diff > 0).sum()), "folds": int(len(diff))}
 
 
+def fold_summary(scores: dict[str, list[float]], base: str, key: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each variant's mean over the folds and (except ``base``) its :func:`paired` difference from
+    ``base`` under ``key`` (``vs_<base>`` by default)."""
+    key = key or f"vs_{base}"
+    return {name: {"mean": float(np.mean(s)), **({} if name == base else {key: paired(scores, name, base)})}
+            for name, s in scores.items()}
+
+
 def cv_folds(rows: np.ndarray, seed: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """``(k, rest, held_out)`` for each of the ``CV_FOLDS`` folds of ``rows`` permuted by fold seed ``seed``."""
     folds = np.array_split(np.random.default_rng(seed).permutation(rows), CV_FOLDS)
@@ -232,8 +240,7 @@ def head_cv(variants: dict[str, dict[str, Any]], mos: np.ndarray, rows: np.ndarr
                 scores[name].append(head_srcc(v["x"], mos, rest, held, seed=100 * seed + k,
                                               weights=v.get("weights"), flipped=v.get("flipped")))
             print(f"[cv] fold seed {seed} fold {k}: " + "  ".join(f"{n} {s[-1]:.4f}" for n, s in scores.items()), flush=True)
-    result = {name: {"mean": float(np.mean(s)), **({} if name == base else {f"vs_{base}": paired(scores, name, base)})}
-              for name, s in scores.items()}
+    result = fold_summary(scores, base)
     return scores, result
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frozen_features import CV_FOLDS, CV_SEEDS, cv_folds, head_predict, paired, recipe_config  # noqa: E402
+from frozen_features import CV_FOLDS, CV_SEEDS, cv_folds, fold_summary, head_predict, recipe_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,8 +84,7 @@ def main() -> None:
                 if args.heads > 1:
                     scores[f"{name}, {args.heads} heads"].append(float(srcc(np.mean(preds, axis=0), mos[held])))
             print(f"[cv] fold seed {seed} fold {k}: " + "  ".join(f"{n} {s[-1]:.4f}" for n, s in scores.items()), flush=True)
-    result = {n: {"mean": float(np.mean(s)), **({} if n == "one scale" else {"vs_one_scale": paired(scores, n, "one scale")})}
-              for n, s in scores.items()}
+    result = fold_summary(scores, "one scale", key="vs_one_scale")
     print(f"\nThe recipe's MLP head, {CV_FOLDS}-fold cross-validation over the seed-0 split's {len(rows)} train+val "
           f"photos, fold seeds {args.seeds}:\n")
     print("| variant | features | mean SRCC | vs one scale, per fold | wins |")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frozen_features import CV_FOLDS, cv_folds, paired, recipe_config  # noqa: E402
+from frozen_features import CV_FOLDS, cv_folds, fold_summary, recipe_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -257,8 +257,7 @@ def main() -> None:
                 (moved if name.endswith(" moved") else scores).setdefault(name, []).append(v)
             print(f"[cv] fold seed {seed} fold {k}: " + "  ".join(f"{n} {v:.4g}" for n, v in fold.items())
                   + f"  ({seconds[-1]:.0f} s)", flush=True)
-    result = {name: {"mean": float(np.mean(s)), **({} if name == "frozen" else {"vs_frozen": paired(scores, name, "frozen")})}
-              for name, s in scores.items()}
+    result = fold_summary(scores, "frozen")
     print(f"\n{CV_FOLDS}-fold cross-validation over the seed-0 split's {len(rows)} train+val photos, fold seeds "
           f"{args.seeds}; {args.passes} extra passes at lr {args.lr:g}:\n")
     print("| variant | mean SRCC | vs frozen, per fold | wins |")
