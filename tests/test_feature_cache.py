@@ -132,7 +132,8 @@ def test_pooling_applies_to_the_mlp_family_only(tiny_dataset):
 
 
 def test_the_search_scores_test_photos_from_the_cache_checked_against_the_whole_network(tiny_dataset, decoded,
-                                                                                          features, tmp_path):
+                                                                                          features, tmp_path,
+                                                                                          one_torch_thread):
     """search/ensemble.test_predictions: the head on the cached features gives the whole network's
     test scores; a cache that disagrees with the whole network, or was computed for another config,
     is not used."""
@@ -158,3 +159,6 @@ def test_the_search_scores_test_photos_from_the_cache_checked_against_the_whole_
     np.testing.assert_array_equal(wrong, images)
     # A cache computed for another config is not read at all.
     assert test_predictions(checkpoint, decoded, 1, replace(features, key=("another",)))[2] == {"source": "images"}
+    import ray
+
+    assert not ray.is_initialized(), "scoring outside Ray started a Ray instance"

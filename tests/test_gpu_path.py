@@ -346,7 +346,8 @@ def test_a_gpu_share_without_cuda_computes_on_the_cpu_and_says_so(monkeypatch):
 
     from iqa_ray.trainables.placement import device_report, worker_device
 
-    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])  # what Ray gives a trial holding a share of GPU 1
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # in a Ray worker,
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [1])  # a trial holding a share of GPU 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device = worker_device(1)

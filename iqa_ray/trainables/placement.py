@@ -18,10 +18,16 @@ def worker_device(threads: float) -> torch.device:
     Args:
         threads: the worker's CPU share (``cpus_per_trial``); fractions round down, at least 1.
     """
+    torch.set_num_threads(max(1, int(threads)))
+    return torch.device("cuda") if _gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _gpu_ids() -> list:
+    """Ray's GPU ids for this process; none outside Ray (a test, a user's script), where
+    ``ray.get_gpu_ids()`` would start a whole local Ray instance to answer."""
     import ray
 
-    torch.set_num_threads(max(1, int(threads)))
-    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    return ray.get_gpu_ids() if ray.is_initialized() else []
 
 
 def device_report(device: torch.device) -> dict[str, str]:
@@ -30,7 +36,5 @@ def device_report(device: torch.device) -> dict[str, str]:
     empty without a GPU share) and ``cuda_visible_devices`` (the variable as this process sees it).
     A report with ``gpu_ids`` and ``device`` ``cpu`` is a trial that held a GPU share and found no
     CUDA (:func:`iqa_ray.search.console.device_note`)."""
-    import ray
-
-    return {"device": str(device), "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),
+    return {"device": str(device), "gpu_ids": ",".join(str(i) for i in _gpu_ids()),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
