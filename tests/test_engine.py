@@ -31,9 +31,22 @@ def decoded(tiny_dataset):
     return load_decoded(TrainConfig.from_dict({"dataset": str(tiny_dataset.path), "crop_size": 48}))
 
 
-def test_training_loss_falls_and_every_epoch_reports_the_metrics(tiny_dataset, decoded):
+@pytest.fixture(scope="module")
+def four_epochs(tiny_dataset, decoded):
+    """One 4-epoch run of the small config on one thread: its config, result and the epochs its
+    callback saw (the two tests below read the same run; neither changes it)."""
+    config = small(tiny_dataset, epochs=4)
     seen = []
-    result = fit(small(tiny_dataset, epochs=4), decoded, on_epoch_end=seen.append)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return config, fit(config, decoded, on_epoch_end=seen.append), seen
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_training_loss_falls_and_every_epoch_reports_the_metrics(four_epochs):
+    _, result, seen = four_epochs
     assert [e.epoch for e in seen] == [0, 1, 2, 3]
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < first["train_loss"]
@@ -42,9 +55,8 @@ def test_training_loss_falls_and_every_epoch_reports_the_metrics(tiny_dataset, d
         assert key in last and np.isfinite(last[key]), key
 
 
-def test_model_selection_uses_validation_and_test_is_scored_once_for_the_best(tiny_dataset, decoded):
-    config = small(tiny_dataset, epochs=4)
-    result = fit(config, decoded)
+def test_model_selection_uses_validation_and_test_is_scored_once_for_the_best(four_epochs, decoded):
+    config, result, _ = four_epochs
     vals = [h["val_srcc"] for h in result.history]
     assert result.best_epoch == int(np.argmax(vals)) + 1
     assert result.best_val["srcc"] == pytest.approx(max(vals))
