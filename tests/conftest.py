@@ -13,6 +13,15 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 E2E_GROUP = "e2e"
+MAX_AUTO_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many workers ``-n auto`` starts (plain ``pytest`` passes it, see pyproject.toml): one per
+    CPU this process may run on, at most ``MAX_AUTO_WORKERS``. Each worker imports torch and builds
+    the session fixtures again, so more workers than that cost memory and no longer save time."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, MAX_AUTO_WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,13 +39,20 @@ def pytest_collection_modifyitems(config, items):
     node id is ``item._id``), so its ``xdist_group`` marker does nothing here and the end-to-end
     tests were spread over both workers, two at a time; the suffix is set here instead
     (tests/test_conftest_guard.py checks that they share one worker).
+
+    The other tests of a module form a group of their own (the suffix ``@<module>``), as
+    ``--dist loadscope`` would make them: spread test by test, a module-scoped fixture (a training
+    run several tests read) was built again on each worker that ran one of its tests.
     """
     in_groups = bool(config.getvalue("loadgroup")) if hasattr(config.option, "loadgroup") else False
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("in_process") is None:
-            item.add_marker(pytest.mark.xdist_group(E2E_GROUP))
-            if in_groups and not item.nodeid.endswith(f"@{E2E_GROUP}"):
-                _suffix_node_id(item, f"@{E2E_GROUP}")
+            group = E2E_GROUP
+        else:
+            group = item.path.stem  # a module's other tests on one worker: its module fixtures built once
+        item.add_marker(pytest.mark.xdist_group(group))
+        if in_groups and not item.nodeid.endswith(f"@{group}"):
+            _suffix_node_id(item, f"@{group}")
 
 
 def _suffix_node_id(item, suffix: str) -> None:

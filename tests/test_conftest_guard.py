@@ -68,3 +68,38 @@ def test_the_end_to_end_tests_run_on_one_worker_under_make_test(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     workers = {path.read_text() for path in tmp_path.glob("e2e-*")}
     assert len(list(tmp_path.glob("e2e-*"))) == 6 and len(workers) == 1, workers
+
+
+def test_plain_pytest_runs_the_fast_tests_on_a_worker_per_cpu_a_module_on_one(tmp_path):
+    """Plain ``pytest`` (the repository's pytest options, nothing on the command line) skips the
+    slow tests and spreads the others over xdist workers, one per CPU (capped by conftest.py), a
+    module's tests on one worker (its module fixtures built once)."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    shutil.copy(root / "pyproject.toml", tmp_path / "pyproject.toml")
+    probes = []
+    for module in ("a", "b"):
+        probes.append(tmp_path / f"test_probe_{module}.py")
+        probes[-1].write_text(E2E_PROBE.replace(
+            "def test_fast(i):\n    pass",
+            "def test_fast(i):\n"
+            f"    with open(os.path.join(os.environ[\"PROBE_DIR\"], f\"fast-{module}-{{i}}\"), \"w\") as f:\n"
+            "        f.write(os.environ.get(\"PYTEST_XDIST_WORKER\", \"none\") + \" of \" +"
+            " os.environ.get(\"PYTEST_XDIST_WORKER_COUNT\", \"none\"))"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                           str(tmp_path / "base"), *map(str, probes)],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PROBE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not list(tmp_path.glob("e2e-*")), "plain pytest ran a slow test"
+    cpus = len(os.sched_getaffinity(0))
+    for module in ("a", "b"):
+        seen = [path.read_text().split(" of ") for path in tmp_path.glob(f"fast-{module}-*")]
+        assert len(seen) == 12 and all("none" not in pair for pair in seen), seen
+        assert {count for _, count in seen} == {str(min(cpus, 8))}, seen  # 8: conftest.MAX_AUTO_WORKERS
+        assert len({worker for worker, _ in seen}) == 1, seen
