@@ -122,15 +122,27 @@ def shared_ray_session():
     yield
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Torch computes on one thread for the test (deterministic, and fair to the other xdist worker)."""
+def _one_torch_thread():
     import torch
 
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch computes on one thread for the test (deterministic, and fair to the other xdist worker)."""
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """:func:`one_torch_thread` for module fixtures (a training run that several tests read)."""
+    yield from _one_torch_thread()
 
 
 TINY_TYPES = ("gaussian_blur", "jpeg", "gaussian_noise", "saturation", "contrast")

@@ -32,17 +32,12 @@ def decoded(tiny_dataset):
 
 
 @pytest.fixture(scope="module")
-def four_epochs(tiny_dataset, decoded):
+def four_epochs(tiny_dataset, decoded, one_torch_thread_module):
     """One 4-epoch run of the small config on one thread: its config, result and the epochs its
     callback saw (the two tests below read the same run; neither changes it)."""
     config = small(tiny_dataset, epochs=4)
     seen = []
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return config, fit(config, decoded, on_epoch_end=seen.append), seen
-    finally:
-        torch.set_num_threads(saved)
+    return config, fit(config, decoded, on_epoch_end=seen.append), seen
 
 
 def test_training_loss_falls_and_every_epoch_reports_the_metrics(four_epochs):

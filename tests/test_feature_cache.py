@@ -139,6 +139,7 @@ def test_the_search_scores_test_photos_from_the_cache_checked_against_the_whole_
     is not used."""
     from dataclasses import replace
 
+    import ray
     from ray.tune import Checkpoint
 
     from iqa_ray.search.ensemble import RAW_CHECK, RAW_CHECK_ATOL, test_predictions
@@ -159,6 +160,4 @@ def test_the_search_scores_test_photos_from_the_cache_checked_against_the_whole_
     np.testing.assert_array_equal(wrong, images)
     # A cache computed for another config is not read at all.
     assert test_predictions(checkpoint, decoded, 1, replace(features, key=("another",)))[2] == {"source": "images"}
-    import ray
-
     assert not ray.is_initialized(), "scoring outside Ray started a Ray instance"
