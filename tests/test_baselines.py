@@ -156,3 +156,33 @@ def test_the_summary_line_of_a_baseline_never_prints_nan():
     assert ("  BRISQUE: no SRCC or PLCC: a correlation needs at least 3 scored photos, 2 were scored; "
             "3 of 5 test photos gave BRISQUE no finite score: 3 x flat image (one colour throughout)") in text
     assert "cannot be compared with the probe" in text and "nan" not in text.lower()
+
+
+_CLASSICAL_IN_A_FRESH_PROCESS = """
+import json, sys
+import numpy as np, pandas as pd
+from iqa_ray.data.decoded import DecodedImages
+from iqa_ray.search.tasks import score_classical
+
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, size=(6, 48, 48, 3), dtype=np.uint8)
+table = pd.DataFrame({"image_id": [f"p{i}.jpg" for i in range(6)], "split": "test", "mos": np.arange(6.0)})
+piqe, brisque = score_classical(DecodedImages(images=images, table=table), ("piqe", "brisque"))
+heavy = ("ray.tune", "timm", "iqa_ray.search.summary", "iqa_ray.search.run", "iqa_ray.models.registry")
+print(json.dumps({"n": [piqe["n"], brisque["n"]], "loaded": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def test_a_worker_scoring_piqe_and_brisque_imports_neither_the_search_layer_nor_the_models():
+    """Ray runs a task by importing the module of its function: the classical baselines' task
+    (iqa_ray/search/tasks.py) costs a worker PIQE's and BRISQUE's imports, not Ray Tune's, timm's
+    and the search layer's (about 5 s of CPU per worker when it lived in search/summary.py)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CLASSICAL_IN_A_FRESH_PROCESS], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"n": [6, 6], "loaded": []}, result

@@ -17,23 +17,16 @@ from iqa_ray.core.errors import LaunchError
 from iqa_ray.core.io import atomic_write_json, git_revision
 from iqa_ray.core.selection import kept_report, objective_values, pareto_flags, select_by_rule
 from iqa_ray.search.console import device_note
-from iqa_ray.search.ensemble import (
-    ensemble_hand_back,
-    ensemble_lines,
-    ensemble_summary,
-    ensemble_test,
-    test_predictions,
-)
+from iqa_ray.search.ensemble import ensemble_hand_back, ensemble_lines, ensemble_summary, ensemble_test
 from iqa_ray.search.export import export_experiment
 from iqa_ray.search.phases import Phases, describe
 from iqa_ray.search.retrain import REFIT_FIT_ON, hand_back, refit_plan, run_splits, split_lines
 from iqa_ray.search.settings import SearchSettings, experiment_dir_hint
 from iqa_ray.search.study import describe_model, model_record
+from iqa_ray.search.tasks import has_test, score_checkpoint, score_classical, score_probe
 from iqa_ray.search.tensorboard import tensorboard_command
 from iqa_ray.search.tuner import close_orphaned_optuna_trials
-from iqa_ray.trainables.placement import worker_device
 from iqa_ray.training.config import TrainConfig
-from iqa_ray.training.features import probe_features
 
 PROBE = "linear_probe"  # the summary's name for the frozen-feature linear probe baseline
 
@@ -260,26 +253,8 @@ def _selection_value(value: Any, mode: str) -> float:
     return float(value) if mode == "max" else -float(value)
 
 
-def _score_checkpoint(checkpoint: Any, decoded: Any, threads: int,
-                      features: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """The best-by-validation weights of a checkpoint, scored on test (empty without a test split),
-    and how (:func:`~iqa_ray.search.ensemble.test_predictions`)."""
-    from iqa_ray.core.metrics import all_metrics
-
-    if not has_test(decoded.table):
-        return {}, {}
-    pred, mos, scoring = test_predictions(checkpoint, decoded, threads, features)
-    return {**all_metrics(pred, mos), "n": len(mos)}, scoring
 
 
-def _score_probe(config: TrainConfig, decoded: Any, threads: int, features: Any = None,
-                 refit: bool = False) -> dict[str, Any]:
-    from iqa_ray.evaluation.baselines import probe_baseline
-
-    m = config.model
-    return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
-                          img_size=m.img_size or config.data.crop_size, device=worker_device(threads),
-                          features=probe_features(features, config), refit=refit)
 
 
 def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float, features: Any = None,
@@ -293,17 +268,13 @@ def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: flo
     """
     import ray
 
-    task = ray.remote(_score_probe).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    task = ray.remote(score_probe).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
     probe = task.remote(config, decoded, int(cpus), features, refit)
     classical = classical if classical is not None else start_classical_baselines(decoded, cpus=cpus)
     names = [PROBE, *classical]
     return dict(zip(names, ray.get([probe, *classical.values()])))
 
 
-def _score_classical(decoded: Any, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
-    from iqa_ray.evaluation.baselines import classical_baseline
-
-    return tuple(classical_baseline(decoded, name) for name in names)
 
 
 def start_classical_baselines(decoded: Any, *, cpus: float) -> dict[str, Any]:
@@ -316,15 +287,12 @@ def start_classical_baselines(decoded: Any, *, cpus: float) -> dict[str, Any]:
     from iqa_ray.evaluation.baselines import BASELINES
 
     names = tuple(BASELINES)
-    task = ray.remote(_score_classical).options(num_cpus=min(cpus, 1.0), num_gpus=0, max_retries=0,
+    task = ray.remote(score_classical).options(num_cpus=min(cpus, 1.0), num_gpus=0, max_retries=0,
                                                 num_returns=len(names))
     refs = task.remote(decoded, names)
     return dict(zip(names, refs if isinstance(refs, list) else [refs]))
 
 
-def has_test(table: Any) -> bool:
-    """Whether a decoded dataset's label table has test rows."""
-    return bool((table["split"] == "test").any())
 
 
 def cancel(tasks: dict[str, Any]) -> None:
@@ -346,7 +314,7 @@ def score_test_split(checkpoint: Any, decoded: Any, *, cpus: float, gpus: float,
     """
     import ray
 
-    task = ray.remote(_score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    task = ray.remote(score_checkpoint).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     return ray.get(task.remote(checkpoint, decoded, int(cpus), features))
 
 
