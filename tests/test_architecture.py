@@ -144,3 +144,23 @@ def test_the_checker_sees_cycles_through_function_level_imports(tmp_path, monkey
     assert layer_of("iqa_ray.training.engine") > layer_of("iqa_ray.core.metrics")
     with pytest.raises(AssertionError, match="iqa_ray.core.metrics \\(core\\) -> iqa_ray.training.engine \\(training\\)"):
         test_no_module_imports_a_layer_above_its_own()
+
+
+def test_reading_a_config_or_starting_a_trial_imports_no_model_library_until_a_model_is_built():
+    """Every Ray worker imports the modules of what it runs: a config, the trainable. timm (with
+    torchvision and torch._dynamo, about 2 s per process) and scikit-learn's mixtures load when a
+    backbone or a GMM is built, so a process that only reads configs (the launcher, the probe on a
+    feature cache, PIQE and BRISQUE) never pays them."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "import iqa_ray.training.config, iqa_ray.trainables.iqa, iqa_ray.search.tasks\n"
+            "before = [m for m in ('timm', 'torchvision', 'sklearn.mixture') if m in sys.modules]\n"
+            "from iqa_ray.models.backbones import create_backbone\n"
+            "create_backbone('efficientnet_lite0', pretrained='none')\n"
+            "print(json.dumps([before, 'timm' in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], True]

@@ -21,7 +21,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -260,6 +259,8 @@ def create_backbone(
         FileNotFoundError: ``pretrained`` names a file that does not exist.
         RuntimeError: ``"hub"`` without network access, or a weights file whose keys do not match.
     """
+    import timm
+
     _check_backbone_name(name)
     source = weight_source(pretrained)
     default_cfg = timm.get_pretrained_cfg(name)
@@ -284,6 +285,8 @@ def create_backbone(
 def _check_backbone_name(name: str) -> None:
     if name in SUPPORTED_BACKBONES:
         return
+    import timm
+
     valid = ", ".join(SUPPORTED_BACKBONES)
     if timm.is_model(name):
         raise ValueError(

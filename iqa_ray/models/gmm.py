@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
 from iqa_ray.core.options import Options, finite, positive_int, require
@@ -269,6 +268,8 @@ class GMMIQA(IQAModel):
         # Regularise covariances relative to the features' own scale: a fixed reg_covar is either
         # negligible or dominant depending on how large the projected features happen to be.
         reg_covar = 1e-3 * float(np.mean(features.var(axis=0))) + 1e-8
+        from sklearn.mixture import GaussianMixture  # here, not at the top: every trial's process imports this module
+
         mixture = GaussianMixture(
             n_components=self.n_clusters,
             covariance_type="diag",

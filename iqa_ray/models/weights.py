@@ -23,7 +23,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -88,6 +87,8 @@ def load_body(name: str, source: str, kwargs: dict[str, Any]) -> nn.Module:
         FileNotFoundError: ``source`` names a file that does not exist.
         RuntimeError: ``"hub"`` without network access, or a weights file whose keys do not match.
     """
+    import timm
+
     if source == "none":
         return timm.create_model(name, pretrained=False, features_only=True, **kwargs)
     if source == "hub":
@@ -204,6 +205,8 @@ def create_classifier_efficientnet_lite0_offline(variant: str = "efficientnet_li
     Returns:
         The classifier. Feed it ``(x * 255 - 127) / 128`` for 0-255 RGB ``x``.
     """
+    import timm
+
     if variant not in _OFFLINE_ARCHITECTURES:
         raise ValueError(f"variant must be one of {_OFFLINE_ARCHITECTURES}, got {variant!r}")
     model = timm.create_model(variant, pretrained=False)
@@ -249,6 +252,8 @@ def _mismatch_message(
 
 def _load_local_weights(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
     """Build the features model for ``name`` from a local state_dict file, refusing partial loads."""
+    import timm
+
     state = _read_state_dict(path)
     body = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
     # A file saved from a Backbone's body (a features_only model) loads directly.
@@ -293,6 +298,8 @@ def _load_checked(module: nn.Module, state: Mapping[str, Tensor], path: Path, na
 
 def _features_from_state_dict(name: str, state: Mapping[str, Tensor], kwargs: dict[str, Any]) -> nn.Module:
     """Let timm build the features model from a full-model state_dict (it maps the key names)."""
+    import timm
+
     # timm loads features_only weights non-strictly and logs the head keys the feature model
     # lacks as "unexpected"; the caller has already checked the keys strictly, so mute that.
     builder_log = logging.getLogger("timm.models._builder")
@@ -338,6 +345,8 @@ def weights_needed(backbone: str) -> str | None:
     ``model.safetensors`` can be copied to an offline machine and passed as
     ``pretrained=/path/to/model.safetensors``); ``None`` when timm knows no weights for it.
     """
+    import timm
+
     try:
         cfg = timm.get_pretrained_cfg(backbone)
     except Exception:  # noqa: BLE001 - an unknown name simply has no known weights
