@@ -21,6 +21,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+# timm is imported in the functions that build a model: importing it (with torchvision and
+# torch._dynamo) costs a process about 2 s, which one that only reads configs need not pay
+# (tests/test_architecture.py checks it).
 import torch
 from torch import Tensor, nn
 

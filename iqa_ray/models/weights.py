@@ -23,6 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+# timm is imported in the functions that build a model: importing it (with torchvision and
+# torch._dynamo) costs a process about 2 s, which one that only reads configs need not pay
+# (tests/test_architecture.py checks it).
 import torch
 from torch import Tensor, nn
 

@@ -253,10 +253,6 @@ def _selection_value(value: Any, mode: str) -> float:
     return float(value) if mode == "max" else -float(value)
 
 
-
-
-
-
 def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: float, features: Any = None,
                     refit: bool = False, classical: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """PIQE, BRISQUE and the linear probe on the frozen backbone of ``config``, on the test split
@@ -275,8 +271,6 @@ def score_baselines(config: TrainConfig, decoded: Any, *, cpus: float, gpus: flo
     return dict(zip(names, ray.get([probe, *classical.values()])))
 
 
-
-
 def start_classical_baselines(decoded: Any, *, cpus: float) -> dict[str, Any]:
     """PIQE's and BRISQUE's scores of the test photos of ``decoded`` (its object-store reference),
     started now: name -> the reference of its result. One Ray task computes them one after the
@@ -291,8 +285,6 @@ def start_classical_baselines(decoded: Any, *, cpus: float) -> dict[str, Any]:
                                                 num_returns=len(names))
     refs = task.remote(decoded, names)
     return dict(zip(names, refs if isinstance(refs, list) else [refs]))
-
-
 
 
 def cancel(tasks: dict[str, Any]) -> None:

@@ -36,16 +36,12 @@ def score_probe(config: Any, decoded: Any, threads: int, features: Any = None, r
     features (:func:`~iqa_ray.training.features.probe_features`), else on features it computes."""
     from iqa_ray.evaluation.baselines import probe_baseline
     from iqa_ray.trainables.placement import worker_device
+    from iqa_ray.training.features import probe_features
 
-    stage_means = None
-    if features is not None:
-        from iqa_ray.training.features import probe_features
-
-        stage_means = probe_features(features, config)
     m = config.model
     return probe_baseline(decoded, backbone=m.backbone, pretrained=str(m.pretrained),
                           img_size=m.img_size or config.data.crop_size, device=worker_device(threads),
-                          features=stage_means, refit=refit)
+                          features=probe_features(features, config), refit=refit)
 
 
 def score_classical(decoded: Any, names: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
