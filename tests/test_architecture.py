@@ -164,3 +164,22 @@ def test_reading_a_config_or_starting_a_trial_imports_no_model_library_until_a_m
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[], True]
+
+
+def test_importing_ray_in_the_installed_environment_builds_no_grammar():
+    """Ray imports jsonschema in every process it starts (each daemon, task worker and trial actor).
+    jsonschema imports rfc3987-syntax where it is installed, which builds an Earley parser with lark
+    at import: about 2.5 s of CPU per process, 3x the CPU of a whole ``ray.init``
+    (benchmarks/process_start.py). JupyterLab brings it (jupyter-events), so JupyterLab is the
+    ``lab`` extra, outside ``dev``: this fails if a dependency brings it back."""
+    import subprocess
+    import sys
+
+    code = "import sys, ray\nprint(sorted(m for m in ('lark', 'rfc3987_syntax') if m in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert loaded == "[]", (
+        f"`import ray` loaded {loaded}: rfc3987-syntax is installed here (JupyterLab's jupyter-events brings it), "
+        "and every process Ray starts pays about 2.5 s of CPU for it. Install JupyterLab in an environment of its "
+        "own (`pip install -e \".[lab]\"` there, docs/RESULTS.md), or `pip uninstall rfc3987-syntax lark` here.")
