@@ -169,7 +169,7 @@ def test_reading_a_config_or_starting_a_trial_imports_no_model_library_until_a_m
 def test_importing_ray_in_the_installed_environment_builds_no_grammar():
     """Ray imports jsonschema in every process it starts (each daemon, task worker and trial actor).
     jsonschema imports rfc3987-syntax where it is installed, which builds an Earley parser with lark
-    at import: about 2.5 s of CPU per process, 3x the CPU of a whole ``ray.init``
+    at import: about 2.5 s of CPU per process, and a ``ray.init`` took 3x the CPU with it
     (benchmarks/process_start.py). JupyterLab brings it (jupyter-events), so JupyterLab is the
     ``lab`` extra, outside ``dev``: this fails if a dependency brings it back."""
     import subprocess
